@@ -1,0 +1,10 @@
+"""Fused kernels for PiNI: reparameterized Gaussian noise injection and noisy CLIP logits/loss.
+
+Public API (SPEC.md): ``noise``, ``fused_inject``, ``available_backends``.
+"""
+
+from .backends import available_backends
+from .functional import fused_inject, noise
+
+__all__ = ["available_backends", "fused_inject", "noise"]
+__version__ = "0.1.0"

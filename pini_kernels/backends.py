@@ -1,0 +1,102 @@
+"""Which backends exist in this process, and which one a call uses (SPEC.md, "Public API").
+
+- ``"triton"``: the fused Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
+  was set before the kernels were imported (Triton's interpreter, for tests).
+- ``"cuda"`` / ``"cpu"``: the compiled kernels of the native extension, when it was built.
+- ``"reference"``: pure PyTorch, any device, float64 too.
+
+``backend=None`` picks ``PINI_KERNELS_BACKEND`` when set, else ``"triton"`` for CUDA tensors and
+``"cpu"`` for CPU tensors, falling back to ``"reference"`` where those are not available.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend"]
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+ENV_VAR = "PINI_KERNELS_BACKEND"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_missing_reason() -> str | None:
+    """None when Triton can be imported, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as error:  # an incompatible install fails in many ways
+        return f"importing triton failed: {error}"
+    return None
+
+
+def _native_missing_reason(backend: str) -> str:
+    return (
+        f"the native extension (pini_kernels._C) with the {backend!r} kernels was not built; "
+        "reinstall with a C++ compiler (and nvcc for 'cuda'): pip install -e . --no-build-isolation"
+    )
+
+
+def _unavailable_reason(backend: str, device: torch.device | None) -> str | None:
+    """None when ``backend`` can run on ``device`` (any device when None), else why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        missing = _triton_missing_reason()
+        if missing is not None:
+            return missing
+        if device is None:
+            if torch.cuda.is_available() or triton_interpreting():
+                return None
+            return "no CUDA GPU is available (set TRITON_INTERPRET=1 to run it on CPU tensors)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        if device.type == "cpu":
+            return (
+                "it needs CUDA tensors, got CPU tensors (set TRITON_INTERPRET=1 before importing "
+                "pini_kernels to run Triton's interpreter on the CPU)"
+            )
+        return f"it does not run on {device.type} tensors"
+    if backend in ("cpu", "cuda"):
+        reason = _native_missing_reason(backend)
+        if device is not None and device.type != backend:
+            return f"it runs on {backend} tensors, got {device.type} tensors"
+        return reason
+    return f"unknown backend; expected one of {BACKENDS}"
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this process, in order of preference, e.g. ["triton", "reference"]."""
+    return [name for name in BACKENDS if _unavailable_reason(name, None) is None]
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend a call on tensors of ``device`` runs on; raises if it cannot run there."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"{ENV_VAR}"
+    if backend is None:
+        preferred = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        for name in preferred:
+            if _unavailable_reason(name, device) is None:
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return backend
