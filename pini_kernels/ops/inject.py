@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._layout import BroadcastLayout, broadcast_layout, reduce_partial_sums
-from .launch import elementwise_config
+from .launch import elementwise_config, new_buffer
 from .noise import normal_tile
 
 
@@ -120,7 +120,7 @@ def inject_forward(
 ) -> torch.Tensor:
     """x: (*S); mu, sigma: broadcastable to S. Returns (num_samples, *S) in the promoted dtype."""
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), sigma.dtype)
-    out = torch.empty((num_samples, *x.shape), dtype=out_dtype, device=x.device)
+    out = new_buffer((num_samples, *x.shape), out_dtype, x.device)
     numel = x.numel()
     if numel == 0:
         return out
@@ -151,18 +151,17 @@ def inject_backward(
     and dtypes, None for the ones not asked for."""
     numel = x.numel()
     layout, param_shape, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x_grad else None
+    grad_x = new_buffer(x.shape, x.dtype, x.device) if need_x_grad else None
     if numel == 0:
         if grad_x is None and not need_param_grad:
             return None, None, None
-        zeros = torch.zeros(param_shape, dtype=torch.float32, device=x.device)
-        return _finish(grad_x, zeros, zeros, mu, sigma, need_param_grad)
+        mu_grad = torch.zeros(param_shape, dtype=torch.float32, device=x.device)
+        return _finish(grad_x, mu_grad, torch.zeros_like(mu_grad), mu, sigma, need_param_grad)
     config = elementwise_config(layout.width, layout.rows, x.device)
     if need_param_grad:
-        partial_mu = torch.empty(
-            (config.row_chunks, layout.width), dtype=torch.float32, device=x.device
-        )
-        partial_sigma = torch.empty_like(partial_mu)
+        partial_shape = (config.row_chunks, layout.width)
+        partial_mu = new_buffer(partial_shape, torch.float32, x.device)
+        partial_sigma = new_buffer(partial_shape, torch.float32, x.device)
     else:
         partial_mu = partial_sigma = mu_flat  # not written; any pointer will do
     _inject_backward_kernel[config.grid](

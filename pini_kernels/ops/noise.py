@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config
+from .launch import elementwise_config, new_buffer
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def noise_forward(
 
     ``start`` exists for tests of the counter arithmetic past 2^32 without a huge tensor.
     """
-    out = torch.empty(numel, dtype=dtype, device=device)
+    out = new_buffer(numel, dtype, device)
     if numel == 0:
         return out
     config = elementwise_config(width=numel, rows=1, device=device)

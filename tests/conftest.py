@@ -1,0 +1,47 @@
+"""Test set-up: Triton's interpreter on machines without a GPU, NaN-poisoned kernel outputs."""
+
+import os
+
+import torch
+
+# Both must be set before pini_kernels (and so triton.jit) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PINI_KERNELS_POISON", "1")
+
+import pytest  # noqa: E402
+
+import pini_kernels  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FUSED_BACKENDS = [name for name in pini_kernels.available_backends() if name != "reference"]
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's tests put their tensors."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend in ("cuda", "triton"):
+        return DEVICE
+    return DEVICE
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from helpers import worst_errors
+
+    errors = worst_errors()
+    if not errors:
+        return
+    terminalreporter.section("largest error against the reference")
+    for key in sorted(errors):
+        terminalreporter.write_line(f"{key:<48} {errors[key]:.3g}")
