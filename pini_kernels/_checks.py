@@ -64,12 +64,13 @@ def check_num_samples(num_samples, *, allow_none: bool) -> int | None:
         if allow_none:
             return None
         raise TypeError("num_samples must be an int >= 1, got None")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-        try:
-            num_samples = operator.index(num_samples)
-        except TypeError:
-            expected = "None or an int >= 1" if allow_none else "an int >= 1"
-            raise TypeError(f"num_samples must be {expected}, got {describe(num_samples)}") from None
+    expected = "None or an int >= 1" if allow_none else "an int >= 1"
+    if isinstance(num_samples, bool):
+        raise TypeError(f"num_samples must be {expected}, got {describe(num_samples)}")
+    try:
+        num_samples = operator.index(num_samples)
+    except TypeError:
+        raise TypeError(f"num_samples must be {expected}, got {describe(num_samples)}") from None
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return num_samples

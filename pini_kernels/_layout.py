@@ -3,13 +3,13 @@
 Every pattern that matters in practice has the parameter index of flat element ``i`` equal to
 ``(i % width) // inner`` for a row-major view of ``x`` as ``rows x width``:
 
-| parameter vs ``x``                   | example                               | rows | width | inner |
-|--------------------------------------|---------------------------------------|------|-------|-------|
-| same shape                           | ``(B, D)`` vs ``(B, D)``              | 1    | N     | 1     |
-| trailing dims (shared over leading)  | ``(D,)``, ``(L, D)``, ``(3, H, W)``   | lead | trail | 1     |
-| leading dims (shared over trailing)  | ``(B, 1)`` vs ``(B, D)``              | 1    | N     | trail |
-| a middle run                         | ``(3, 1, 1)`` vs ``(B, 3, H, W)``     | B    | 3HW   | HW    |
-| a scalar                             | ``()``                                | 1    | N     | N     |
+| parameter vs ``x``        | example                             | rows | width | inner |
+|---------------------------|-------------------------------------|------|-------|-------|
+| same shape                | ``(B, D)`` vs ``(B, D)``            | 1    | N     | 1     |
+| trailing dims (shared)    | ``(D,)``, ``(L, D)``, ``(3, H, W)`` | lead | trail | 1     |
+| leading dims (per row)    | ``(B, 1)`` vs ``(B, D)``            | 1    | N     | trail |
+| a middle run              | ``(3, 1, 1)`` vs ``(B, 3, H, W)``   | B    | 3HW   | HW    |
+| a scalar                  | ``()``                              | 1    | N     | N     |
 
 Any other pattern (e.g. ``(B, 1, D)`` vs ``(B, L, D)``) is handled by expanding the parameters to
 ``x``'s shape first (``expand=True``); their gradients are summed back to the given shapes.

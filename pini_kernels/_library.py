@@ -24,7 +24,9 @@ def _backend_module(backend: str):
     try:
         return importlib.import_module(_BACKEND_MODULES[backend])
     except KeyError:
-        raise RuntimeError(f"backend {backend!r} has no fused implementation in this build") from None
+        raise RuntimeError(
+            f"backend {backend!r} has no fused implementation in this build"
+        ) from None
 
 
 def _promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:

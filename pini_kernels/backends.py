@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -27,13 +26,22 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_triton_probe: list[str | None] = []  # filled once by _triton_missing_reason
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it eagerly instead of tracing it
 def _triton_missing_reason() -> str | None:
-    """None when Triton can be imported, else why not."""
+    """None when Triton can be imported, else why not (probed once per process)."""
+    if not _triton_probe:
+        _triton_probe.append(_probe_triton())
+    return _triton_probe[0]
+
+
+def _probe_triton() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as error:  # an incompatible install fails in many ways
         return f"importing triton failed: {error}"

@@ -28,7 +28,9 @@ def noise(
     try:
         shape = torch.Size(shape)
     except (TypeError, ValueError):
-        raise TypeError(f"shape must be a sequence of ints, got {_checks.describe(shape)}") from None
+        raise TypeError(
+            f"shape must be a sequence of ints, got {_checks.describe(shape)}"
+        ) from None
     if any(size < 0 for size in shape):
         raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
     if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point):
@@ -55,7 +57,7 @@ def fused_inject(
     seed: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Inject reparameterized Gaussian noise: ``x + (mu + sigma * eps)`` or ``x * (mu + sigma * eps)``.
+    """Inject reparameterized Gaussian noise: ``x + (mu + sigma*eps)`` or ``x * (mu + sigma*eps)``.
 
     x: (*S) float tensor. mu, sigma: tensors (or numbers) broadcastable to S, e.g. a per-feature
     (D,), a per-row (B, D), or embeddings (L, D) shared by every leading index.

@@ -64,16 +64,14 @@ def philox4x32(
 
 
 def _uniform(word: torch.Tensor) -> torch.Tensor:
-    """A uint32 word (in int64) to a float32 uniform in [0, 1), as Triton's uint_to_uniform_float."""
+    """A uint32 word (in int64) to a float32 uniform in [0, 1) (Triton's uint_to_uniform_float)."""
     # Reinterpreted as int32, a word >= 2^31 is negative and is replaced by its complement ~v.
     magnitude = torch.where(word >= (1 << 31), MASK32 - word, word)
     scale = torch.tensor(UINT32_TO_UNIFORM, dtype=torch.float32, device=word.device)
     return magnitude.to(torch.float32) * scale
 
 
-def _box_muller(
-    u_radius: torch.Tensor, u_angle: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _box_muller(u_radius: torch.Tensor, u_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     floor = torch.tensor(UNIFORM_FLOOR, dtype=torch.float32, device=u_radius.device)
     two_pi = torch.tensor(TWO_PI, dtype=torch.float32, device=u_radius.device)
     radius = torch.sqrt(-2.0 * torch.log(torch.maximum(floor, u_radius)))
@@ -82,7 +80,7 @@ def _box_muller(
 
 
 def _normal_quads(seed: int, first_quad: int, num_quads: int, device) -> torch.Tensor:
-    """(num_quads, 4) float32: lanes 0..3 of tl.randn4x(seed, q) for q in [first_quad, +num_quads)."""
+    """(num_quads, 4) float32: lanes 0..3 of tl.randn4x(seed, q) for num_quads q from first_quad."""
     quad = torch.arange(first_quad, first_quad + num_quads, dtype=torch.int64, device=device)
     zero = torch.zeros_like(quad)
     words = philox4x32((quad & MASK32, quad >> 32, zero, zero), (seed & MASK32, seed >> 32))

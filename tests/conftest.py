@@ -9,9 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PINI_KERNELS_POISON", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import pini_kernels  # noqa: E402
+import pini_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED_BACKENDS = [name for name in pini_kernels.available_backends() if name != "reference"]

@@ -24,13 +24,16 @@ def worst_errors() -> dict[str, float]:
     return dict(_worst_errors)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
-                 name: str = "tensor") -> float:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "tensor"
+) -> float:
     """Like torch.testing.assert_close, but reports the worst element and NaN/inf mismatches.
 
     Returns the largest absolute error (0 for empty tensors).
     """
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     if actual.numel() == 0:
         return 0.0
@@ -46,8 +49,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
     inf_mismatch = torch.isinf(a) & (a != e)
     if inf_mismatch.any():
         index = tuple(int(i) for i in inf_mismatch.nonzero()[0])
-        raise AssertionError(f"{name}: inf mismatch at {index}: got {a[index].item()}, "
-                             f"expected {e[index].item()}")
+        raise AssertionError(
+            f"{name}: inf mismatch at {index}: got {a[index].item()}, expected {e[index].item()}"
+        )
     finite = torch.isfinite(a) & torch.isfinite(e)
     error = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
     allowed = atol + rtol * e.abs()

@@ -48,8 +48,9 @@ def _compare(backend, x, mu, sigma, *, mode, num_samples, seed=1234, key=""):
     grad_weights = torch.randn(out_shape, device=x.device)
     kwargs = dict(mode=mode, num_samples=num_samples, seed=seed)
     got = _run(pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend=backend, **kwargs)
-    want = _run(pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend="reference",
-                **kwargs)
+    want = _run(
+        pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend="reference", **kwargs
+    )
     assert got[0].shape == out_shape
     names = ("out", "grad_x", "grad_mu", "grad_sigma")
     for name, actual, expected in zip(names, got, want, strict=True):
@@ -94,8 +95,9 @@ def test_equals_x_plus_mu_plus_sigma_times_noise(fused_backend):
     x, mu, sigma = _inputs((5, 12), (12,), (12,), torch.float32, device)
     eps = pini_kernels.noise((4, 5, 12), seed=77, device=device, backend=fused_backend)
     added = pini_kernels.fused_inject(x, mu, sigma, num_samples=4, seed=77, backend=fused_backend)
-    multiplied = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=4, seed=77,
-                                           backend=fused_backend)
+    multiplied = pini_kernels.fused_inject(
+        x, mu, sigma, mode="mul", num_samples=4, seed=77, backend=fused_backend
+    )
     assert_close(added, x + (mu + sigma * eps), atol=1e-6, rtol=1e-6, name="add")
     assert_close(multiplied, x * (mu + sigma * eps), atol=1e-6, rtol=1e-6, name="mul")
 
@@ -146,10 +148,28 @@ def test_backward_is_deterministic(fused_backend):
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs((16, 8), (8,), (8,), torch.float32, device)
     weights = torch.randn(3, 16, 8, device=device)
-    first = _run(pini_kernels.fused_inject, x, mu, sigma, weights, mode="mul", num_samples=3,
-                 seed=4, backend=fused_backend)
-    second = _run(pini_kernels.fused_inject, x, mu, sigma, weights, mode="mul", num_samples=3,
-                  seed=4, backend=fused_backend)
+    first = _run(
+        pini_kernels.fused_inject,
+        x,
+        mu,
+        sigma,
+        weights,
+        mode="mul",
+        num_samples=3,
+        seed=4,
+        backend=fused_backend,
+    )
+    second = _run(
+        pini_kernels.fused_inject,
+        x,
+        mu,
+        sigma,
+        weights,
+        mode="mul",
+        num_samples=3,
+        seed=4,
+        backend=fused_backend,
+    )
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -162,10 +182,13 @@ def test_partial_requires_grad(fused_backend, needs):
     mu.requires_grad_(needs in ("params-only", "mu-only"))
     sigma.requires_grad_(needs == "params-only")
     for mode in ("add", "mul"):
-        out = pini_kernels.fused_inject(x, mu, sigma, mode=mode, num_samples=2, seed=1,
-                                        backend=fused_backend)
+        out = pini_kernels.fused_inject(
+            x, mu, sigma, mode=mode, num_samples=2, seed=1, backend=fused_backend
+        )
         grads = torch.autograd.grad(out.sum(), [t for t in (x, mu, sigma) if t.requires_grad])
-        want_out = reference.fused_inject(x, mu, sigma, seed=1, num_samples=2, multiply=mode == "mul")
+        want_out = reference.fused_inject(
+            x, mu, sigma, seed=1, num_samples=2, multiply=mode == "mul"
+        )
         want = torch.autograd.grad(want_out.sum(), [t for t in (x, mu, sigma) if t.requires_grad])
         for got, expected in zip(grads, want, strict=True):
             assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -178,8 +201,9 @@ def test_empty_batch(fused_backend, num_samples):
     x = torch.randn(0, 8, device=device, requires_grad=True)
     mu = torch.randn(8, device=device, requires_grad=True)
     sigma = torch.rand(8, device=device, requires_grad=True)
-    out = pini_kernels.fused_inject(x, mu, sigma, num_samples=num_samples, seed=1,
-                                    backend=fused_backend)
+    out = pini_kernels.fused_inject(
+        x, mu, sigma, num_samples=num_samples, seed=1, backend=fused_backend
+    )
     assert out.shape == ((0, 8) if num_samples is None else (2, 0, 8))
     out.sum().backward()
     assert x.grad.shape == (0, 8)

@@ -1,4 +1,4 @@
-"""fused_inject in Triton: ``out[s] = x (+ or *) (mu + sigma * eps[s])`` for ``num_samples`` samples.
+"""fused_inject in Triton: ``out[s] = x (+ or *) (mu + sigma * eps[s])`` for each noise sample.
 
 Forward reads ``x``, ``mu`` and ``sigma`` once and writes every sample; ``eps`` is generated in
 registers from the seed and never stored. Backward regenerates ``eps`` from the same seed and
@@ -88,9 +88,7 @@ def _inject_backward_kernel(
                     sigma_grad += grad * eps
             first += numel
         if NEED_X_GRAD:
-            tl.store(
-                grad_x_ptr + base + lanes, x_grad.to(grad_x_ptr.dtype.element_ty), mask=mask
-            )
+            tl.store(grad_x_ptr + base + lanes, x_grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if NEED_PARAM_GRAD:
         partial_offsets = row_chunk * width + columns
         tl.store(partial_mu_ptr + partial_offsets, mu_grad, mask=mask)

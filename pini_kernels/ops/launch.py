@@ -73,10 +73,8 @@ def elementwise_config(width: int, rows: int, device: torch.device) -> Elementwi
             f"a row of {width} elements needs {column_blocks} blocks of {block}, more than the "
             f"grid limit of {MAX_COLUMN_BLOCKS}"
         )
-    if on_gpu:
-        target_programs = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0)
-    else:
-        target_programs = 1
+    # The interpreter runs programs one by one: one program per column block is enough.
+    target_programs = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0) if on_gpu else 1
     wanted_chunks = max(1, min(rows, triton.cdiv(target_programs, column_blocks)))
     rows_per_program = max(triton.cdiv(rows, wanted_chunks), triton.cdiv(rows, MAX_ROW_CHUNKS))
     row_chunks = triton.cdiv(rows, rows_per_program)
