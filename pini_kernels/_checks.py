@@ -121,3 +121,85 @@ def check_total_elements(num_samples: int, numel: int) -> None:
             f"num_samples * x.numel() = {num_samples * numel} exceeds the noise stream's 2^63 "
             "counter range"
         )
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_features(image_features, text_features) -> None:
+    check_float_tensor("image_features", image_features, allow_float64=True)
+    check_float_tensor("text_features", text_features, allow_float64=True)
+    for name, features, rows in (("image_features", image_features, "B"),
+                                 ("text_features", text_features, "C")):  # fmt: skip
+        if features.dim() != 2:
+            raise ValueError(f"{name} must be 2-D ({rows}, D), got shape {tuple(features.shape)}")
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            f"image_features and text_features must have the same feature dimension D, got "
+            f"{image_features.shape[1]} and {text_features.shape[1]}"
+        )
+
+
+def check_noise_pair(name: str, pair, features: torch.Tensor, target: str):
+    """None, or a (mu, sigma) pair broadcastable to ``features``; returns tensors."""
+    if pair is None:
+        return None
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name} must be None or a (mu, sigma) pair, got {describe(pair)}")
+    mu = as_tensor_like(f"{name}[0] (mu)", pair[0], features)
+    sigma = as_tensor_like(f"{name}[1] (sigma)", pair[1], features)
+    for label, tensor in ((f"{name}[0] (mu)", mu), (f"{name}[1] (sigma)", sigma)):
+        check_float_tensor(label, tensor, allow_float64=True)
+        check_broadcast_to(label, tensor, features.shape, target)
+    return mu, sigma
+
+
+def check_logit_scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
+    """A Python number or a 0-d (or one-element) float tensor; returns a 0-d tensor."""
+    if isinstance(logit_scale, torch.Tensor):
+        check_float_tensor("logit_scale", logit_scale, allow_float64=True)
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale must be a scalar (0-d tensor), got shape {tuple(logit_scale.shape)}"
+            )
+        return logit_scale.reshape(())
+    if isinstance(logit_scale, Real) and not isinstance(logit_scale, bool):
+        return torch.full((), float(logit_scale), dtype=torch.float32, device=like.device)
+    raise TypeError(f"logit_scale must be a float or a 0-d tensor, got {describe(logit_scale)}")
+
+
+def check_target(target, batch: int) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor of class indices, got {describe(target)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must be an integer tensor of class indices (class probabilities are not "
+            f"supported), got dtype {target.dtype}"
+        )
+    if tuple(target.shape) != (batch,):
+        raise ValueError(f"target must have shape (B,) = ({batch},), got {tuple(target.shape)}")
+
+
+def check_target_values(target: torch.Tensor, classes: int) -> None:
+    """Class indices in [0, classes). On a GPU this reads back one flag (a device sync)."""
+    if target.numel() == 0:
+        return
+    out_of_range = (target < 0) | (target >= classes)
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"target must hold class indices in [0, {classes}), got values in "
+            f"[{int(target.min())}, {int(target.max())}]"
+        )
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_label_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
+        raise TypeError(f"label_smoothing must be a float, got {describe(label_smoothing)}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)

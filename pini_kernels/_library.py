@@ -13,6 +13,8 @@ import importlib
 
 import torch
 
+from . import _checks
+
 _NAMESPACE = "pini_kernels"
 
 # Backend name -> module with inject_forward / inject_backward (imported on first use, so that a
@@ -113,3 +115,227 @@ def _inject_autograd(ctx, grad_out):
 
 
 inject.register_autograd(_inject_autograd, setup_context=_inject_setup_context)
+
+
+# --- noisy cosine logits and the PiNI loss ------------------------------------------------------
+
+_COSINE_MODULES = {"triton": "pini_kernels.ops.cosine"}
+
+
+def _cosine_module(backend: str):
+    try:
+        return importlib.import_module(_COSINE_MODULES[backend])
+    except KeyError:
+        raise RuntimeError(
+            f"backend {backend!r} has no fused implementation in this build"
+        ) from None
+
+
+def _optional_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    return _promoted_dtype(*(t for t in tensors if t is not None))
+
+
+def _gradients_or_empty(grads, like: torch.Tensor) -> list[torch.Tensor]:
+    """Custom ops return tensors: an empty one stands for a gradient not asked for."""
+    return [like.new_empty(0) if grad is None else grad for grad in grads]
+
+
+def _fake_gradients(needs, tensors) -> list[torch.Tensor]:
+    like = tensors[0]
+    return [
+        torch.empty_like(tensor) if needed and tensor is not None else like.new_empty(0)
+        for needed, tensor in zip(needs, tensors, strict=True)
+    ]
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::noisy_cosine_logits", mutates_args=())
+def noisy_cosine_logits(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_mu: torch.Tensor | None,
+    image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None,
+    text_sigma: torch.Tensor | None,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    backend: str,
+) -> torch.Tensor:
+    """(num_samples, B, C) logits of noisy, normalized features; logit_scale is 0-d."""
+    return _cosine_module(backend).cosine_logits_forward(
+        image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, int(seed),
+        num_samples, multiply,
+    )  # fmt: skip
+
+
+@noisy_cosine_logits.register_fake
+def _noisy_cosine_logits_fake(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
+    multiply, backend,
+):  # fmt: skip
+    dtype = _optional_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    return image.new_empty((num_samples, image.shape[0], text.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::noisy_cosine_logits_backward", mutates_args=())
+def noisy_cosine_logits_backward(
+    grad_logits: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_mu: torch.Tensor | None,
+    image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None,
+    text_sigma: torch.Tensor | None,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    backend: str,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    grads = _cosine_module(backend).cosine_logits_backward(
+        grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma,
+        int(seed), num_samples, multiply, needs,
+    )  # fmt: skip
+    return _gradients_or_empty(grads, image)
+
+
+@noisy_cosine_logits_backward.register_fake
+def _noisy_cosine_logits_backward_fake(
+    grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
+    num_samples, multiply, backend, needs,
+):  # fmt: skip
+    return _fake_gradients(needs, (image, text, logit_scale, image_mu, image_sigma, text_mu,
+                                   text_sigma))  # fmt: skip
+
+
+def _needs(ctx) -> list[bool]:
+    """Which of (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma) need grad."""
+    flags = ctx.needs_input_grad
+    return [bool(flags[i]) for i in ctx.differentiable_inputs]
+
+
+def _as_input_grads(ctx, grads, total_inputs: int):
+    out = [None] * total_inputs
+    for index, needed, grad in zip(ctx.differentiable_inputs, _needs(ctx), grads, strict=True):
+        out[index] = grad if needed else None
+    return tuple(out)
+
+
+def _logits_setup_context(ctx, inputs, output):
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed = inputs[:8]
+    ctx.save_for_backward(
+        image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed
+    )
+    ctx.num_samples, ctx.multiply, ctx.backend = inputs[8:11]
+    ctx.differentiable_inputs = (0, 1, 2, 3, 4, 5, 6)
+
+
+def _logits_autograd(ctx, grad_logits):
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed = ctx.saved_tensors
+    grads = noisy_cosine_logits_backward(
+        grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
+        ctx.num_samples, ctx.multiply, ctx.backend, _needs(ctx),
+    )  # fmt: skip
+    return _as_input_grads(ctx, grads, 11)
+
+
+noisy_cosine_logits.register_autograd(_logits_autograd, setup_context=_logits_setup_context)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::noisy_cross_entropy", mutates_args=())
+def noisy_cross_entropy(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    target: torch.Tensor,
+    image_mu: torch.Tensor | None,
+    image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None,
+    text_sigma: torch.Tensor | None,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    reduction: str,
+    label_smoothing: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse): the float32 loss and the (num_samples, B) log-sum-exp saved for backward."""
+    _checks.check_target_values(target, text.shape[0])
+    return _cosine_module(backend).cross_entropy_forward(
+        image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, int(seed),
+        num_samples, multiply, reduction, label_smoothing,
+    )  # fmt: skip
+
+
+@noisy_cross_entropy.register_fake
+def _noisy_cross_entropy_fake(
+    image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, seed,
+    num_samples, multiply, reduction, label_smoothing, backend,
+):  # fmt: skip
+    rows = image.shape[0]
+    loss_shape = (num_samples, rows) if reduction == "none" else ()
+    lse = image.new_empty((num_samples, rows), dtype=torch.float32)
+    return image.new_empty(loss_shape, dtype=torch.float32), lse
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::noisy_cross_entropy_backward", mutates_args=())
+def noisy_cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    target: torch.Tensor,
+    image_mu: torch.Tensor | None,
+    image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None,
+    text_sigma: torch.Tensor | None,
+    lse: torch.Tensor,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    reduction: str,
+    label_smoothing: float,
+    backend: str,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    grads = _cosine_module(backend).cross_entropy_backward(
+        grad_loss, image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma,
+        lse, int(seed), num_samples, multiply, reduction, label_smoothing, needs,
+    )  # fmt: skip
+    return _gradients_or_empty(grads, image)
+
+
+@noisy_cross_entropy_backward.register_fake
+def _noisy_cross_entropy_backward_fake(
+    grad_loss, image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, lse,
+    seed, num_samples, multiply, reduction, label_smoothing, backend, needs,
+):  # fmt: skip
+    return _fake_gradients(needs, (image, text, logit_scale, image_mu, image_sigma, text_mu,
+                                   text_sigma))  # fmt: skip
+
+
+def _loss_setup_context(ctx, inputs, output):
+    image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, seed = inputs[:9]
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(
+        image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, lse, seed
+    )
+    ctx.num_samples, ctx.multiply, ctx.reduction, ctx.label_smoothing, ctx.backend = inputs[9:14]
+    ctx.differentiable_inputs = (0, 1, 2, 4, 5, 6, 7)
+
+
+def _loss_autograd(ctx, grad_loss, grad_lse):
+    (image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, lse,
+     seed) = ctx.saved_tensors  # fmt: skip
+    grads = noisy_cross_entropy_backward(
+        grad_loss, image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma,
+        lse, seed, ctx.num_samples, ctx.multiply, ctx.reduction, ctx.label_smoothing,
+        ctx.backend, _needs(ctx),
+    )  # fmt: skip
+    return _as_input_grads(ctx, grads, 14)
+
+
+noisy_cross_entropy.register_autograd(_loss_autograd, setup_context=_loss_setup_context)

@@ -6,9 +6,11 @@ import torch
 
 from . import _checks, reference
 from ._library import inject as _inject_op
+from ._library import noisy_cosine_logits as _logits_op
+from ._library import noisy_cross_entropy as _loss_op
 from .backends import resolve_backend
 
-__all__ = ["fused_inject", "noise"]
+__all__ = ["fused_inject", "noise", "noisy_cosine_logits", "noisy_cross_entropy"]
 
 
 def noise(
@@ -35,9 +37,7 @@ def noise(
         raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
     if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    seed = _checks.check_seed(seed)
-    if seed is None:
-        seed = int(_checks.seed_tensor(None))
+    seed = _drawn(_checks.check_seed(seed))
     device = torch.device("cpu") if device is None else torch.device(device)
     chosen = resolve_backend(backend, device)
     if chosen == "triton" and dtype != torch.float64:
@@ -82,12 +82,143 @@ def fused_inject(
     seed = _checks.check_seed(seed)
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
-        if seed is None:
-            seed = int(_checks.seed_tensor(None))
         return reference.fused_inject(
-            x, mu, sigma, seed=seed, num_samples=samples, multiply=multiply
+            x, mu, sigma, seed=_drawn(seed), num_samples=samples, multiply=multiply
         )
     for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
         _checks.check_float_tensor(name, tensor, allow_float64=False)
     out = _inject_op(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
     return out.view(x.shape) if samples is None else out
+
+
+NoisePair = tuple[torch.Tensor | float, torch.Tensor | float]
+
+
+def _prepare_logits_call(
+    image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples, seed,
+    backend,
+):  # fmt: skip
+    """Checks shared by the two logits ops; returns what the op needs."""
+    _checks.check_features(image_features, text_features)
+    image_pair = _checks.check_noise_pair("image_noise", image_noise, image_features,
+                                          "image_features")  # fmt: skip
+    text_pair = _checks.check_noise_pair("text_noise", text_noise, text_features,
+                                         "text_features")  # fmt: skip
+    scale = _checks.check_logit_scale(logit_scale, image_features)
+    multiply = _checks.check_mode(mode)
+    samples = _checks.check_num_samples(num_samples, allow_none=False)
+    named = {"image_features": image_features, "text_features": text_features,
+             "logit_scale": scale}  # fmt: skip
+    for side, pair in (("image_noise", image_pair), ("text_noise", text_pair)):
+        if pair is not None:
+            named[f"{side}[0] (mu)"], named[f"{side}[1] (sigma)"] = pair
+    _checks.check_same_device(**named)
+    rows = max(image_features.shape[0], text_features.shape[0]) * image_features.shape[1]
+    _checks.check_total_elements(samples, rows)
+    seed = _checks.check_seed(seed)
+    chosen = resolve_backend(backend, image_features.device)
+    if chosen != "reference":
+        for name, tensor in named.items():
+            _checks.check_float_tensor(name, tensor, allow_float64=False)
+    return image_pair, text_pair, scale, multiply, samples, seed, chosen
+
+
+def _op_noise_args(image_pair, text_pair):
+    image_mu, image_sigma = image_pair or (None, None)
+    text_mu, text_sigma = text_pair or (None, None)
+    return image_mu, image_sigma, text_mu, text_sigma
+
+
+def noisy_cosine_logits(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    image_noise: NoisePair | None = None,
+    text_noise: NoisePair | None = None,
+    mode: str = "add",
+    num_samples: int = 1,
+    seed: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """CLIP's logits between noisy features: ``logit_scale * <z/|z|, t/|t|>`` per noise sample.
+
+    image_features: (B, D); text_features: (C, D). image_noise / text_noise: None (no noise on that
+    side) or a (mu, sigma) pair broadcastable to (B, D) / (C, D); the image noise is drawn from the
+    stream of ``seed`` over (num_samples, B, D), the text noise from ``seed + 1`` over
+    (num_samples, C, D). logit_scale: the already-exponentiated scale, a float or 0-d tensor.
+    Returns (num_samples, B, C) in the inputs' promoted dtype. Differentiable in every tensor.
+    """
+    image_pair, text_pair, scale, multiply, samples, seed, chosen = _prepare_logits_call(
+        image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
+        seed, backend,
+    )  # fmt: skip
+    if chosen == "reference":
+        return reference.noisy_cosine_logits(
+            image_features, text_features, scale, image_noise=image_pair, text_noise=text_pair,
+            multiply=multiply, num_samples=samples, seed=_drawn(seed),
+            out_dtype=_logits_dtype(image_features, text_features, image_pair, text_pair),
+        )  # fmt: skip
+    return _logits_op(
+        image_features, text_features, scale, *_op_noise_args(image_pair, text_pair),
+        _checks.seed_tensor(seed), samples, multiply, chosen,
+    )  # fmt: skip
+
+
+def noisy_cross_entropy(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    target: torch.Tensor,
+    *,
+    image_noise: NoisePair | None = None,
+    text_noise: NoisePair | None = None,
+    mode: str = "add",
+    num_samples: int = 1,
+    seed: int | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """PiNI's loss, Eq. (13): cross-entropy over the noisy cosine logits, for every noise sample.
+
+    Equals ``F.cross_entropy`` of ``noisy_cosine_logits(...)`` (same arguments and seed) with the
+    (num_samples, B, C) logits flattened to rows and ``target`` (B,) repeated per sample:
+    "mean" averages over samples and batch, "sum" sums, "none" gives (num_samples, B). The fused
+    backends never store the logits or ``eps``: backward keeps one log-sum-exp per row and
+    recomputes the rest from the seed. Returns float32 (float64 for float64 inputs on
+    ``backend="reference"``).
+
+    Targets outside [0, C) raise ValueError; on a GPU that check reads back one flag.
+    """
+    image_pair, text_pair, scale, multiply, samples, seed, chosen = _prepare_logits_call(
+        image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
+        seed, backend,
+    )  # fmt: skip
+    _checks.check_target(target, image_features.shape[0])
+    _checks.check_same_device(image_features=image_features, target=target)
+    _checks.check_reduction(reduction)
+    smoothing = _checks.check_label_smoothing(label_smoothing)
+    if chosen == "reference":
+        _checks.check_target_values(target, text_features.shape[0])
+        return reference.noisy_cross_entropy(
+            image_features, text_features, scale, target, image_noise=image_pair,
+            text_noise=text_pair, multiply=multiply, num_samples=samples, seed=_drawn(seed),
+            reduction=reduction, label_smoothing=smoothing,
+        )  # fmt: skip
+    loss, _ = _loss_op(
+        image_features, text_features, scale, target, *_op_noise_args(image_pair, text_pair),
+        _checks.seed_tensor(seed), samples, multiply, reduction, smoothing, chosen,
+    )  # fmt: skip
+    return loss
+
+
+def _drawn(seed: int | None) -> int:
+    return int(_checks.seed_tensor(None)) if seed is None else seed
+
+
+def _logits_dtype(image_features, text_features, image_pair, text_pair) -> torch.dtype:
+    dtype = torch.promote_types(image_features.dtype, text_features.dtype)
+    for tensor in (*(image_pair or ()), *(text_pair or ())):
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype

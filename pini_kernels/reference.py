@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fused_inject", "noise", "normal_stream", "philox4x32"]
+__all__ = [
+    "fused_inject",
+    "noise",
+    "noisy_cosine_logits",
+    "noisy_cross_entropy",
+    "normal_stream",
+    "philox4x32",
+]
 
 # Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), exactly as
 # Triton's tl.randint4x runs it.
@@ -25,6 +32,8 @@ UINT32_TO_UNIFORM = 4.6566127342e-10
 # Box-Muller clamps u away from 0 so that log(u) stays finite.
 UNIFORM_FLOOR = 1.0e-7
 TWO_PI = 6.283185307179586
+# Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR) (its default eps).
+NORM_FLOOR = 1e-12
 
 # Quads generated per step of `normal_stream`, to bound the int64 temporaries (~100 MB).
 _QUADS_PER_CHUNK = 1 << 20
@@ -143,3 +152,96 @@ def fused_inject(
     out = x.to(compute) * sample_noise if multiply else x.to(compute) + sample_noise
     out = out.to(out_dtype)
     return out[0] if num_samples is None else out
+
+
+def _noisy_features(
+    features: torch.Tensor,
+    noise_params: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    seed: int,
+    num_samples: int,
+    multiply: bool,
+    compute: torch.dtype,
+) -> torch.Tensor:
+    """(num_samples, N, D) noisy features in ``compute`` dtype (a broadcast view without noise)."""
+    if noise_params is None:
+        return features.to(compute).expand(num_samples, *features.shape)
+    mu, sigma = noise_params
+    eps = noise((num_samples, *features.shape), seed=seed, device=features.device).to(compute)
+    sample_noise = mu.to(compute) + sigma.to(compute) * eps
+    return features.to(compute) * sample_noise if multiply else features.to(compute) + sample_noise
+
+
+def _normalize(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalize the last dim like F.normalize: v / max(|v|, 1e-12)."""
+    return features / features.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
+
+
+def noisy_cosine_logits(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    image_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    text_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    multiply: bool = False,
+    num_samples: int = 1,
+    seed: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(num_samples, B, C) logits ``logit_scale * <z/|z|, t/|t|>`` of noisy features.
+
+    image_features: (B, D), noise broadcastable to (B, D), drawn from the stream of ``seed``.
+    text_features: (C, D), noise broadcastable to (C, D), drawn from the stream of ``seed + 1``.
+    Computed in float32 (float64 if any input is), returned in ``out_dtype``.
+    """
+    tensors = [image_features, text_features]
+    for pair in (image_noise, text_noise):
+        tensors += list(pair or ())
+    compute = _compute_dtype(*tensors)
+    image = _noisy_features(
+        image_features, image_noise, seed=seed, num_samples=num_samples, multiply=multiply,
+        compute=compute,
+    )  # fmt: skip
+    text = _noisy_features(
+        text_features, text_noise, seed=seed + 1, num_samples=num_samples, multiply=multiply,
+        compute=compute,
+    )  # fmt: skip
+    if isinstance(logit_scale, torch.Tensor):
+        logit_scale = logit_scale.to(compute)
+    logits = logit_scale * (_normalize(image) @ _normalize(text).transpose(-1, -2))
+    return logits.to(out_dtype or image_features.dtype)
+
+
+def noisy_cross_entropy(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    target: torch.Tensor,
+    *,
+    image_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    text_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    multiply: bool = False,
+    num_samples: int = 1,
+    seed: int,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """PiNI's loss (Eq. 13): F.cross_entropy over the noisy cosine logits of every sample.
+
+    target: (B,) class indices. Returns a float32 scalar for "mean" (over samples and batch) and
+    "sum", or (num_samples, B) for "none" (float64 if any input is float64).
+    """
+    logits = noisy_cosine_logits(
+        image_features, text_features, logit_scale, image_noise=image_noise,
+        text_noise=text_noise, multiply=multiply, num_samples=num_samples, seed=seed,
+        out_dtype=torch.float64 if image_features.dtype == torch.float64 else torch.float32,
+    )  # fmt: skip
+    samples, batch, classes = logits.shape
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(samples * batch, classes),
+        target.long().repeat(samples),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.view(samples, batch) if reduction == "none" else loss
