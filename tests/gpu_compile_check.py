@@ -29,8 +29,15 @@ def compile_kernel(kernel, types: dict, constants: dict, target) -> None:
 
 
 def variants():
-    sizes = dict(seed="i64", num_samples="i32", numel="i64", rows="i32", width="i32",
-                 inner="i32", rows_per_program="i32")  # fmt: skip
+    sizes = dict(
+        seed="i64",
+        num_samples="i32",
+        numel="i64",
+        rows="i32",
+        width="i32",
+        inner="i32",
+        rows_per_program="i32",
+    )
     for dtype, (multiply, aligned, has_inner) in itertools.product(
         ("fp32", "bf16", "fp16"), itertools.product((False, True), repeat=3)
     ):
@@ -41,8 +48,14 @@ def variants():
         pointers = dict(grad_out_ptr="*bf16", x_ptr="*bf16", grad_x_ptr="*bf16")
         for name in ("mu_ptr", "sigma_ptr", "partial_mu_ptr", "partial_sigma_ptr"):
             pointers[name] = "*fp32"
-        flags = dict(HAS_INNER=aligned, MULTIPLY=multiply, ALIGNED=aligned,
-                     NEED_X_GRAD=need_x, NEED_PARAM_GRAD=need_params, BLOCK=1024)  # fmt: skip
+        flags = dict(
+            HAS_INNER=aligned,
+            MULTIPLY=multiply,
+            ALIGNED=aligned,
+            NEED_X_GRAD=need_x,
+            NEED_PARAM_GRAD=need_params,
+            BLOCK=1024,
+        )
         yield "inject_backward", inject._inject_backward_kernel, {**pointers, **sizes}, flags
     for aligned in (False, True):
         types = dict(out_ptr="*fp32", seed="i64", start="i64", numel="i64")

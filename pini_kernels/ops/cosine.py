@@ -26,13 +26,18 @@ import triton.language as tl
 
 from ..backends import triton_interpreting
 from .launch import MIN_BLOCK, new_buffer
-from .noise import normal_tile
+from .noise import normal_rows
 
 # Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR).
 NORM_FLOOR = 1e-12
 # One program holds a whole feature row; CLIP widths are 512-1024. Past this, a row no longer fits
 # in registers and the kernel would need a loop over D.
 MAX_FEATURE_DIM = 16384
+# Row-wise kernels (noise + normalization) work on tiles of whole rows of about this many
+# elements: 4 rows of a 512-wide CLIP feature per program with 4 warps on a GPU (a row per warp);
+# under the interpreter, wide tiles cut the per-program overhead.
+ROW_TILE_ELEMENTS = 16384 if triton_interpreting() else 2048
+ROW_TILE_WARPS = 4
 # Logits tiles for tl.dot: 64 x 64 outputs, 32-wide steps over D (fp32: 16 KB per operand tile).
 BLOCK_ROWS = 64
 BLOCK_CLASSES = 64
@@ -48,26 +53,30 @@ LOSS_PROGRAMS_PER_SM = 2
 def _noisy_normalize_kernel(
     x_ptr, x_row_stride,
     mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
-    unit_ptr, norm_ptr, seed, stream_offset, dim,
-    HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    unit_ptr, norm_ptr, seed, stream_offset, rows, dim,
+    HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """unit[row] = v / max(|v|, floor), v = x[row] (+ or *) (mu + sigma * eps); norm[row] = |v|."""
-    row = tl.program_id(0).to(tl.int64)
+    """For ROWS rows: unit = v / max(|v|, floor), v = x (+ or *) (mu + sigma * eps); norm = |v|."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = row < rows
     columns = tl.arange(0, BLOCK)
-    mask = columns < dim
-    value = tl.load(x_ptr + row * x_row_stride + columns, mask=mask, other=0.0).to(tl.float32)
+    mask = row_mask[:, None] & (columns < dim)[None, :]
+    x_offsets = row[:, None] * x_row_stride + columns[None, :]
+    value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
-        mu_offsets = row * mu_row_stride + columns * mu_col_stride
-        sigma_offsets = row * sigma_row_stride + columns * sigma_col_stride
+        mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
+        sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
         mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
         sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
-        eps = normal_tile(seed, stream_offset + row * dim, ALIGNED, BLOCK)
+        eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
         sample_noise = mu + sigma * eps
         value = value * sample_noise if MULTIPLY else value + sample_noise
         value = tl.where(mask, value, 0.0)
-    norm = tl.sqrt(tl.sum(value * value, axis=0))
-    tl.store(unit_ptr + row * dim + columns, value / tl.maximum(norm, 1e-12), mask=mask)
-    tl.store(norm_ptr + row, norm)
+    norm = tl.sqrt(tl.sum(value * value, axis=1))
+    unit = value / tl.maximum(norm, 1e-12)[:, None]
+    tl.store(unit_ptr + row[:, None] * dim + columns[None, :], unit, mask=mask)
+    tl.store(norm_ptr + row, norm, mask=row_mask)
 
 
 @triton.jit
@@ -75,28 +84,30 @@ def _noisy_normalize_backward_kernel(
     x_ptr, x_row_stride,
     mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
     unit_ptr, norm_ptr, grad_unit_ptr, grad_x_ptr, grad_mu_ptr, grad_sigma_ptr,
-    seed, stream_offset, dim,
+    seed, stream_offset, rows, dim,
     HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr,
-    NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Adds this sample's gradients for x, mu, sigma (fp32 (rows, D) accumulators) given the
-    gradient of the normalized row."""
-    row = tl.program_id(0).to(tl.int64)
+    gradient of the normalized rows."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = row < rows
     columns = tl.arange(0, BLOCK)
-    mask = columns < dim
-    offsets = row * dim + columns
+    mask = row_mask[:, None] & (columns < dim)[None, :]
+    offsets = row[:, None] * dim + columns[None, :]
     unit = tl.load(unit_ptr + offsets, mask=mask, other=0.0)
     grad_unit = tl.load(grad_unit_ptr + offsets, mask=mask, other=0.0)
-    norm = tl.load(norm_ptr + row)
+    norm = tl.load(norm_ptr + row, mask=row_mask, other=1.0)[:, None]
     # d(v / max(|v|, floor)) / dv: project out the radial part, unless the floor was active.
-    radial = tl.sum(unit * grad_unit, axis=0)
+    radial = tl.sum(unit * grad_unit, axis=1)[:, None]
     grad_value = tl.where(norm > 1e-12, (grad_unit - unit * radial) / norm, grad_unit / 1e-12)
     if HAS_NOISE and (MULTIPLY or NEED_PARAM_GRAD):
-        eps = normal_tile(seed, stream_offset + row * dim, ALIGNED, BLOCK)
+        eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
     if NEED_X_GRAD:
         if HAS_NOISE and MULTIPLY:
-            mu_offsets = row * mu_row_stride + columns * mu_col_stride
-            sigma_offsets = row * sigma_row_stride + columns * sigma_col_stride
+            mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
+            sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
             mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
             sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
             x_grad = grad_value * (mu + sigma * eps)
@@ -106,8 +117,9 @@ def _noisy_normalize_backward_kernel(
         tl.store(grad_x_ptr + offsets, previous + x_grad, mask=mask)
     if HAS_NOISE and NEED_PARAM_GRAD:
         if MULTIPLY:
-            x = tl.load(x_ptr + row * x_row_stride + columns, mask=mask, other=0.0)
-            mu_grad = grad_value * x.to(tl.float32)
+            x_offsets = row[:, None] * x_row_stride + columns[None, :]
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+            mu_grad = grad_value * x
         else:
             mu_grad = grad_value
         previous_mu = tl.load(grad_mu_ptr + offsets, mask=mask, other=0.0)
@@ -219,6 +231,10 @@ class _Side:
     def block(self) -> int:
         return max(triton.next_power_of_2(self.features.shape[1]), MIN_BLOCK)
 
+    @property
+    def rows_per_program(self) -> int:
+        return max(1, ROW_TILE_ELEMENTS // self.block)
+
     def _param_args(self):
         if not self.has_noise:
             return (self.features, 0, 0, self.features, 0, 0)
@@ -232,11 +248,11 @@ class _Side:
         rows, dim = self.features.shape
         if rows == 0:
             return
-        _noisy_normalize_kernel[(rows,)](
+        _noisy_normalize_kernel[(triton.cdiv(rows, self.rows_per_program),)](
             self.features, self.features.stride(0), *self._param_args(),
-            self.unit, self.norm, self.seed, sample * rows * dim, dim,
+            self.unit, self.norm, self.seed, sample * rows * dim, rows, dim,
             HAS_NOISE=self.has_noise, MULTIPLY=self.multiply, ALIGNED=dim % 4 == 0,
-            BLOCK=self.block, num_warps=_row_warps(self.block),
+            ROWS=self.rows_per_program, BLOCK=self.block, num_warps=_row_warps(),
         )  # fmt: skip
 
     def backward(self, sample: int, grad_unit: torch.Tensor, grads: _SideGrads) -> None:
@@ -245,16 +261,16 @@ class _Side:
         if rows == 0 or not (grads.need_x or grads.need_params):
             return
         dummy = self.unit
-        _noisy_normalize_backward_kernel[(rows,)](
+        _noisy_normalize_backward_kernel[(triton.cdiv(rows, self.rows_per_program),)](
             self.features, self.features.stride(0), *self._param_args(),
             self.unit, self.norm, grad_unit,
             grads.x if grads.need_x else dummy,
             grads.mu if grads.need_params else dummy,
             grads.sigma if grads.need_params else dummy,
-            self.seed, sample * rows * dim, dim,
+            self.seed, sample * rows * dim, rows, dim,
             HAS_NOISE=self.has_noise, MULTIPLY=self.multiply, ALIGNED=dim % 4 == 0,
             NEED_X_GRAD=grads.need_x, NEED_PARAM_GRAD=grads.need_params and self.has_noise,
-            BLOCK=self.block, num_warps=_row_warps(self.block),
+            ROWS=self.rows_per_program, BLOCK=self.block, num_warps=_row_warps(),
         )  # fmt: skip
 
 
@@ -276,10 +292,8 @@ class _SideGrads:
         return cls(need_x, need_params, make(need_x), make(need_params), make(need_params))
 
 
-def _row_warps(block: int) -> int:
-    if triton_interpreting():
-        return 1
-    return max(1, min(8, block // 256))
+def _row_warps() -> int:
+    return 1 if triton_interpreting() else ROW_TILE_WARPS
 
 
 def _make_side(features, mu, sigma, seed, multiply) -> _Side:

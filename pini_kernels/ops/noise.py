@@ -45,6 +45,18 @@ def normal_tile(seed, first, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def normal_rows(seed, first, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """(ROWS, BLOCK) stream elements ``first[r] .. first[r] + BLOCK - 1`` for an int64 (ROWS,)
+    tensor ``first``; ``ALIGNED`` promises every ``first[r] % 4 == 0``."""
+    if ALIGNED:
+        quad = first[:, None] // 4 + tl.arange(0, BLOCK // 4)[None, :]
+        n0, n1, n2, n3 = tl.randn4x(seed, quad)
+        return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+    else:
+        return normal_at(seed, first[:, None] + tl.arange(0, BLOCK)[None, :])
+
+
+@triton.jit
 def _noise_kernel(out_ptr, seed, start, numel, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offsets = block_start + tl.arange(0, BLOCK)
