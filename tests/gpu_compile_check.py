@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pini_kernels.ops import inject, noise  # noqa: E402
+from pini_kernels.ops import cosine, inject, noise  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 
@@ -60,6 +60,69 @@ def variants():
     for aligned in (False, True):
         types = dict(out_ptr="*fp32", seed="i64", start="i64", numel="i64")
         yield "noise", noise._noise_kernel, types, dict(ALIGNED=aligned, BLOCK=1024)
+    yield from cosine_variants()
+
+
+def cosine_variants():
+    row_types = dict(
+        x_ptr="*bf16", x_row_stride="i64", seed="i64", stream_offset="i64", rows="i32", dim="i32"
+    )
+    for name in ("mu_row_stride", "mu_col_stride", "sigma_row_stride", "sigma_col_stride"):
+        row_types[name] = "i64"
+    for name in (
+        "mu_ptr",
+        "sigma_ptr",
+        "unit_ptr",
+        "norm_ptr",
+        "grad_unit_ptr",
+        "grad_x_ptr",
+        "grad_mu_ptr",
+        "grad_sigma_ptr",
+    ):
+        row_types[name] = "*fp32"
+    for has_noise, multiply, aligned in itertools.product((False, True), repeat=3):
+        flags = dict(HAS_NOISE=has_noise, MULTIPLY=multiply, ALIGNED=aligned, ROWS=4, BLOCK=512)
+        yield "normalize", cosine._noisy_normalize_kernel, row_types, flags
+        for need_x, need_params in ((True, True), (True, False), (False, True)):
+            backward_flags = dict(flags, NEED_X_GRAD=need_x, NEED_PARAM_GRAD=need_params)
+            yield (
+                "normalize_backward",
+                cosine._noisy_normalize_backward_kernel,
+                row_types,
+                (backward_flags),
+            )
+    loss_types = dict(
+        rows="i32", classes="i32", dim="i32", classes_per_split="i32", target_ptr="*i64"
+    )
+    for name in (
+        "image_ptr",
+        "text_ptr",
+        "scale_ptr",
+        "partial_max_ptr",
+        "partial_sum_ptr",
+        "partial_target_ptr",
+        "partial_logit_sum_ptr",
+    ):
+        loss_types[name] = "*fp32"
+    for precision in ("ieee", "tf32"):
+        flags = dict(
+            BLOCK_ROWS=cosine.BLOCK_ROWS,
+            BLOCK_CLASSES=cosine.BLOCK_CLASSES,
+            BLOCK_DIM=cosine.BLOCK_DIM,
+            INPUT_PRECISION=precision,
+        )
+        yield "cosine_cross_entropy", cosine._cosine_cross_entropy_kernel, loss_types, flags
+    grad_types = dict(
+        cosine_ptr="*fp32",
+        lse_ptr="*fp32",
+        target_ptr="*i64",
+        row_grad_ptr="*fp32",
+        scale_ptr="*fp32",
+        scale_grad_ptr="*fp32",
+        classes="i32",
+        label_smoothing="fp32",
+    )
+    yield "cross_entropy_grad", cosine._cross_entropy_grad_kernel, grad_types, dict(BLOCK=1024)
 
 
 def main() -> int:

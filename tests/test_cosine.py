@@ -399,3 +399,34 @@ def test_fused_loss_saves_only_row_statistics(fused_backend):
         assert fused <= num_samples * batch * 4 + 64, (classes, num_samples, fused)
         eager = _saved_bytes("reference", batch, classes, dim, num_samples)
         assert eager >= num_samples * batch * classes * 4, (classes, num_samples, eager)
+
+
+def _pini_step(image, text, scale, image_mu, image_sigma, target, backend):
+    loss = pini_kernels.noisy_cross_entropy(
+        image,
+        text,
+        scale,
+        target,
+        image_noise=(image_mu, image_sigma),
+        num_samples=2,
+        seed=6,
+        backend=backend,
+    )
+    logits = pini_kernels.noisy_cosine_logits(
+        image, text, scale, text_noise=(image_mu, image_sigma), seed=7, backend=backend
+    )
+    return loss + logits.logsumexp(-1).mean()
+
+
+def test_torch_compile_fullgraph(fused_backend):
+    device = backend_device(fused_backend)
+    image, text, scale, image_pair, _, target = _make(4, 6, 8, "image", device)
+    leaves = [t.requires_grad_(True) for t in (image, text, scale, *image_pair)]
+    compiled = torch.compile(_pini_step, fullgraph=True, backend="aot_eager")
+    loss = compiled(*leaves, target, fused_backend)
+    grads = torch.autograd.grad(loss, leaves)
+    eager = _pini_step(*leaves, target, fused_backend)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    torch.testing.assert_close(loss, eager)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want)
