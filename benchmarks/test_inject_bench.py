@@ -1,99 +1,143 @@
-"""fused_inject against what users would otherwise run: eager PyTorch and torch.compile of it.
+"""fused_inject against eager PyTorch and torch.compile of it, forward and forward+backward.
 
-Eager is PiNI's reference code path: draw ``eps`` with torch.randn, then ``x + mu + sigma * eps``
-for ``num_samples`` samples. Each case checks the fused result once against the eager formula fed
-with the same ``eps``, so a fast wrong kernel cannot pass.
+Shapes users run: raw images (B, 3, 224, 224) with per-pixel mu/sigma, CoOp prompt embeddings
+(C, 77, 512) with noise shared over classes (L, D), and features (B, D) with a generator's per-row
+mu/sigma.
 """
+
+from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
-from conftest import DEVICE, FULL_SIZES
 
 import pini_kernels
 
-FUSED = pini_kernels.backends.resolve_backend(None, DEVICE)
+from .baselines import eager_fused_inject
+from .harness import (
+    CHECK_SEED,
+    DEVICE,
+    FULL_SIZES,
+    INPUT_SEED,
+    PROVIDERS,
+    check_against_eager,
+    fused_backend_of,
+    provider_function,
+    run_case,
+    skip_slow_reference,
+    tensor_bytes,
+)
 
-# name -> (x shape, parameter shape, num_samples); PINI_BENCH_FULL=1 adds the large GPU sizes.
-CASES = {
-    "image-B8-m1": ((8, 3, 224, 224), (3, 224, 224), 1),
-    "image-B8-m4": ((8, 3, 224, 224), (3, 224, 224), 4),
-    "prompt-C100": ((100, 77, 512), (77, 512), 1),
-    "feature-B256-D512-m8": ((256, 512), (512,), 8),
-}
+# Inputs and gradients are float32: x + mu + sigma*eps has one rounding per element.
+OUTPUT_TOLERANCE = (1e-5, 1e-5)  # (atol, rtol)
+GRADIENT_TOLERANCE = (1e-4, 1e-4)  # mu/sigma gradients are sums over samples and rows
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectCase:
+    x_shape: tuple[int, ...]
+    noise_shape: tuple[int, ...]  # the shape of mu and sigma, broadcast to x_shape
+    num_samples: int | None  # None: one draw shaped like x (no sample dimension)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.num_samples is None:
+            return self.x_shape
+        return (self.num_samples, *self.x_shape)
+
+    def describe(self) -> str:
+        return f"x {self.x_shape}, mu/sigma {self.noise_shape}, num_samples={self.num_samples}"
+
+
+def _image(batch: int, num_samples: int) -> InjectCase:
+    return InjectCase((batch, 3, 224, 224), (3, 224, 224), num_samples)
+
+
+def _prompt(classes: int) -> InjectCase:
+    return InjectCase((classes, 77, 512), (77, 512), None)
+
+
+def _feature(batch: int, width: int, num_samples: int) -> InjectCase:
+    return InjectCase((batch, width), (batch, width), num_samples)
+
+
 if FULL_SIZES:
-    CASES["image-B32-m4"] = ((32, 3, 224, 224), (3, 224, 224), 4)
-    CASES["prompt-C1000"] = ((1000, 77, 512), (77, 512), 1)
+    CASES = {f"image-B{b}-m{m}": _image(b, m) for b in (8, 32) for m in (1, 4)}
+    CASES |= {f"prompt-C{c}": _prompt(c) for c in (100, 1000)}
+    CASES |= {
+        f"feature-B{b}-D{d}-m{m}": _feature(b, d, m)
+        for b in (32, 256)
+        for d in (512, 768)
+        for m in (1, 8, 32)
+    }
+else:  # sized for a 2-core CPU
+    CASES = {
+        "image-B8-m1": _image(8, 1),
+        "image-B8-m4": _image(8, 4),
+        "prompt-C100": _prompt(100),
+        "feature-B32-D512-m1": _feature(32, 512, 1),
+        "feature-B256-D768-m8": _feature(256, 768, 8),
+    }
 
 
-def eager_inject(x, mu, sigma, num_samples):
-    eps = torch.randn((num_samples, *x.shape), device=x.device, dtype=x.dtype)
-    return x + mu + sigma * eps
+def make_inputs(case: InjectCase, requires_grad: bool) -> dict[str, torch.Tensor]:
+    """x, mu and sigma (positive) of the case, the same for every provider."""
+    torch.manual_seed(INPUT_SEED)
+    inputs = {
+        "x": torch.randn(case.x_shape, device=DEVICE),
+        "mu": torch.randn(case.noise_shape, device=DEVICE),
+        "sigma": torch.rand(case.noise_shape, device=DEVICE) + 0.1,
+    }
+    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
 
 
-def fused_inject(x, mu, sigma, num_samples):
-    return pini_kernels.fused_inject(x, mu, sigma, num_samples=num_samples, backend=FUSED)
+def least_bytes_moved(case: InjectCase, inputs: dict[str, torch.Tensor], backward: bool) -> int:
+    """Read x, mu, sigma and write the samples; backward reads their gradient, writes 3 gradients.
+
+    eps is regenerated from the seed, never read or written.
+    """
+    output_bytes = tensor_bytes(inputs["x"]) * (case.num_samples or 1)
+    forward = tensor_bytes(*inputs.values()) + output_bytes
+    return forward + (output_bytes + tensor_bytes(*inputs.values()) if backward else 0)
 
 
-PROVIDERS = {
-    f"fused-{FUSED}": fused_inject,
-    "eager": eager_inject,
-    "compiled": torch.compile(eager_inject),
-}
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+def test_fused_inject(benchmark, machine_rates, backward: bool, case_name: str, provider: str):
+    case = CASES[case_name]
+    skip_slow_reference(provider, noise_elements=torch.Size(case.sample_shape).numel())
+    inputs = make_inputs(case, requires_grad=backward)
+    function = provider_function(provider, pini_kernels.fused_inject, eager_fused_inject)
 
+    backend = fused_backend_of(provider)
+    check = None
+    if backend is not None:
 
-def _inputs(x_shape, param_shape, requires_grad):
-    x = torch.randn(x_shape, device=DEVICE, requires_grad=requires_grad)
-    mu = torch.randn(param_shape, device=DEVICE, requires_grad=requires_grad)
-    sigma = torch.rand(param_shape, device=DEVICE, requires_grad=requires_grad)
-    return x, mu, sigma
+        def check() -> None:
+            eps = pini_kernels.noise(case.sample_shape, seed=CHECK_SEED, device=DEVICE)
+            check_against_eager(
+                lambda: pini_kernels.fused_inject(
+                    **inputs, num_samples=case.num_samples, seed=CHECK_SEED, backend=backend
+                ),
+                lambda: eager_fused_inject(**inputs, num_samples=case.num_samples, eps=eps),
+                gradient_inputs=inputs,
+                backward=backward,
+                output_tolerance=OUTPUT_TOLERANCE,
+                gradient_tolerance=GRADIENT_TOLERANCE,
+            )
 
-
-def _synchronize():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _check_once(x, mu, sigma, num_samples):
-    fused = pini_kernels.fused_inject(x, mu, sigma, num_samples=num_samples, seed=5, backend=FUSED)
-    eps = pini_kernels.noise((num_samples, *x.shape), seed=5, device=DEVICE)
-    torch.testing.assert_close(fused, x + (mu + sigma * eps), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward(benchmark, case, provider):
-    x_shape, param_shape, num_samples = CASES[case]
-    benchmark.group = f"inject-forward {case}"
-    x, mu, sigma = _inputs(x_shape, param_shape, requires_grad=False)
-    if provider.startswith("fused"):
-        _check_once(x, mu, sigma, num_samples)
-    fn = PROVIDERS[provider]
-    fn(x, mu, sigma, num_samples)  # compile / warm up outside the timing
-
-    def run():
-        out = fn(x, mu, sigma, num_samples)
-        _synchronize()
-        return out
-
-    benchmark.extra_info.update(provider=provider, device=str(DEVICE), elements=x.numel())
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_backward(benchmark, case, provider):
-    x_shape, param_shape, num_samples = CASES[case]
-    benchmark.group = f"inject-forward-backward {case}"
-    x, mu, sigma = _inputs(x_shape, param_shape, requires_grad=True)
-    fn = PROVIDERS[provider]
-    grad_out = torch.randn((num_samples, *x_shape), device=DEVICE)
-
-    def run():
-        out = fn(x, mu, sigma, num_samples)
-        grads = torch.autograd.grad(out, (x, mu, sigma), grad_out)
-        _synchronize()
-        return grads
-
-    run()
-    benchmark.extra_info.update(provider=provider, device=str(DEVICE), elements=x.numel())
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    run_case(
+        benchmark,
+        op="fused_inject",
+        case=case_name,
+        provider=provider,
+        call=lambda: function(**inputs, num_samples=case.num_samples),
+        gradient_inputs=tuple(inputs.values()) if backward else (),
+        check=check,
+        bytes_moved=least_bytes_moved(case, inputs, backward),
+        flops=0,
+        machine_rates=machine_rates,
+        description=case.describe(),
+    )

@@ -1,29 +1,24 @@
-"""Noisy cosine logits and PiNI's loss (Eq. 13) in Triton, one noise sample at a time.
+"""Noisy cosine logits and PiNI's loss (Eq. 13): the Triton kernels.
 
-For each sample ``s`` the image rows ``z (B, D)`` and the text rows ``t (C, D)`` get their noise
-(image: stream of ``seed``, elements ``s*B*D + b*D + d``; text: stream of ``seed + 1``), and are
-L2-normalized by ``_noisy_normalize_kernel`` into fp32 buffers of one sample, ``(B, D)`` and
-``(C, D)``, reused across samples. Then:
+The per-sample flow (noise and normalize both sides, logits or loss statistics, backward) lives
+in ``pini_kernels/_cosine_host.py``; this file provides its kernels:
 
-- logits: ``logit_scale * z_hat @ t_hat^T`` for each sample, written to the ``(m, B, C)`` output;
-- loss: ``_cosine_cross_entropy_kernel`` computes the logits tile by tile with ``tl.dot`` and
-  keeps only running row statistics (max, sum of exp, target logit, sum of logits), so no logits
-  are stored. Backward saves only the per-row log-sum-exp ``(m, B)`` and recomputes the rest from
-  the seed, one sample at a time.
-
-Memory: nothing of size ``m*B*C``, ``m*B*D`` or ``m*C*D`` is allocated; per sample, forward of the
-loss needs ``(B + C) * D`` floats and backward adds one ``(B, C)`` gradient tile for the two
-matrix products.
+- ``_noisy_normalize_kernel`` / ``_noisy_normalize_backward_kernel``: tiles of whole feature rows,
+  noise regenerated from the seed, L2 normalization and its gradient;
+- ``_cosine_cross_entropy_kernel``: the logits tile by tile with ``tl.dot``, keeping only running
+  row statistics (max, sum of exp, target logit, sum of logits) so no logits are stored;
+- ``_cross_entropy_grad_kernel``: ``d loss / d cosine`` in place over one sample's cosine tile.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _cosine_host as host
 from ..backends import triton_interpreting
 from .launch import MIN_BLOCK, new_buffer
 from .noise import normal_rows
@@ -211,168 +206,94 @@ def _cross_entropy_grad_kernel(
 # --- host side --------------------------------------------------------------------------------
 
 
-@dataclass
-class _Side:
-    """One side (image or text) of the logits: its rows, optional noise and per-sample buffers."""
-
-    features: torch.Tensor  # (N, D), unit stride along D
-    mu: torch.Tensor | None  # expanded to (N, D) (stride 0 on broadcast dims)
-    sigma: torch.Tensor | None
-    seed: int
-    multiply: bool
-    unit: torch.Tensor  # (N, D) fp32: this sample's normalized rows
-    norm: torch.Tensor  # (N,) fp32
-
-    @property
-    def has_noise(self) -> bool:
-        return self.mu is not None
-
-    @property
-    def block(self) -> int:
-        return max(triton.next_power_of_2(self.features.shape[1]), MIN_BLOCK)
-
-    @property
-    def rows_per_program(self) -> int:
-        return max(1, ROW_TILE_ELEMENTS // self.block)
-
-    def _param_args(self):
-        if not self.has_noise:
-            return (self.features, 0, 0, self.features, 0, 0)
-        return (
-            self.mu, self.mu.stride(0), self.mu.stride(1),
-            self.sigma, self.sigma.stride(0), self.sigma.stride(1),
-        )  # fmt: skip
-
-    def normalize(self, sample: int) -> None:
-        """Fill ``unit`` and ``norm`` for ``sample`` (noise-free sides: the same every sample)."""
-        rows, dim = self.features.shape
-        if rows == 0:
-            return
-        _noisy_normalize_kernel[(triton.cdiv(rows, self.rows_per_program),)](
-            self.features, self.features.stride(0), *self._param_args(),
-            self.unit, self.norm, self.seed, sample * rows * dim, rows, dim,
-            HAS_NOISE=self.has_noise, MULTIPLY=self.multiply, ALIGNED=dim % 4 == 0,
-            ROWS=self.rows_per_program, BLOCK=self.block, num_warps=_row_warps(),
-        )  # fmt: skip
-
-    def backward(self, sample: int, grad_unit: torch.Tensor, grads: _SideGrads) -> None:
-        """Accumulate this sample's gradients given d loss / d unit (fp32 (N, D))."""
-        rows, dim = self.features.shape
-        if rows == 0 or not (grads.need_x or grads.need_params):
-            return
-        dummy = self.unit
-        _noisy_normalize_backward_kernel[(triton.cdiv(rows, self.rows_per_program),)](
-            self.features, self.features.stride(0), *self._param_args(),
-            self.unit, self.norm, grad_unit,
-            grads.x if grads.need_x else dummy,
-            grads.mu if grads.need_params else dummy,
-            grads.sigma if grads.need_params else dummy,
-            self.seed, sample * rows * dim, rows, dim,
-            HAS_NOISE=self.has_noise, MULTIPLY=self.multiply, ALIGNED=dim % 4 == 0,
-            NEED_X_GRAD=grads.need_x, NEED_PARAM_GRAD=grads.need_params and self.has_noise,
-            ROWS=self.rows_per_program, BLOCK=self.block, num_warps=_row_warps(),
-        )  # fmt: skip
-
-
-@dataclass
-class _SideGrads:
-    need_x: bool
-    need_params: bool
-    x: torch.Tensor | None = None  # fp32 (N, D) accumulators
-    mu: torch.Tensor | None = None
-    sigma: torch.Tensor | None = None
-
-    @classmethod
-    def zeros(cls, side: _Side, need_x: bool, need_params: bool) -> _SideGrads:
-        shape, device = side.features.shape, side.features.device
-        make = lambda needed: (
-            torch.zeros(shape, dtype=torch.float32, device=device) if needed else None
-        )
-        need_params = need_params and side.has_noise
-        return cls(need_x, need_params, make(need_x), make(need_params), make(need_params))
-
-
 def _row_warps() -> int:
     return 1 if triton_interpreting() else ROW_TILE_WARPS
-
-
-def _make_side(features, mu, sigma, seed, multiply) -> _Side:
-    rows, dim = features.shape
-    if triton.next_power_of_2(dim) > MAX_FEATURE_DIM:
-        raise ValueError(
-            f"feature dimension D={dim} exceeds the supported maximum {MAX_FEATURE_DIM}"
-        )
-    if features.stride(1) != 1:
-        features = features.contiguous()
-    if mu is not None:
-        mu, sigma = mu.expand(rows, dim), sigma.expand(rows, dim)
-    unit = new_buffer((rows, dim), torch.float32, features.device)
-    norm = new_buffer((rows,), torch.float32, features.device)
-    return _Side(features, mu, sigma, seed, multiply, unit, norm)
-
-
-def _sides(image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply):
-    image_side = _make_side(image, image_mu, image_sigma, seed, multiply)
-    text_side = _make_side(text, text_mu, text_sigma, seed + 1, multiply)
-    return image_side, text_side
-
-
-def _scale_on(device: torch.device, logit_scale: torch.Tensor) -> torch.Tensor:
-    return logit_scale.to(device=device, dtype=torch.float32)
-
-
-def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        if tensor is not None:
-            dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def cosine_logits_forward(
-    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
-    multiply,
-) -> torch.Tensor:  # fmt: skip
-    """image: (B, D), text: (C, D), logit_scale: 0-d. Returns (num_samples, B, C) logits."""
-    image_side, text_side = _sides(
-        image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply
-    )
-    dtype = _out_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
-    out = new_buffer((num_samples, image.shape[0], text.shape[0]), dtype, image.device)
-    scale = _scale_on(image.device, logit_scale)
-    for sample in range(num_samples):
-        for side in (image_side, text_side):
-            if side.has_noise or sample == 0:
-                side.normalize(sample)
-        out[sample] = torch.mm(image_side.unit, text_side.unit.t()).mul_(scale)
-    return out
-
-
-def cosine_logits_backward(
-    grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
-    num_samples, multiply, needs,
-):  # fmt: skip
-    """Gradients (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)."""
-    scale = _scale_on(image.device, logit_scale)
-    scale_grad = torch.zeros((), dtype=torch.float32, device=image.device) if needs[2] else None
-
-    def cosine_grad(sample, cosine):
-        grad = grad_logits[sample].to(torch.float32)
-        if scale_grad is not None:
-            scale_grad.add_((grad * cosine).sum())
-        return grad * scale
-
-    return _backward(
-        cosine_grad, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
-        num_samples, multiply, needs, scale_grad,
-    )  # fmt: skip
 
 
 def _input_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+class TritonCosineKernels:
+    """The row kernels and loss kernels of this file, for pini_kernels/_cosine_host.py."""
+
+    max_feature_dim = MAX_FEATURE_DIM
+    new_buffer = staticmethod(new_buffer)
+
+    @staticmethod
+    def prepare_params(params: torch.Tensor) -> torch.Tensor:
+        return params  # the kernels read any dtype and any strides
+
+    @staticmethod
+    def _tiling(side: host.Side) -> tuple[int, int]:
+        block = max(triton.next_power_of_2(side.features.shape[1]), MIN_BLOCK)
+        return block, max(1, ROW_TILE_ELEMENTS // block)
+
+    @staticmethod
+    def _param_args(side: host.Side):
+        if not side.has_noise:
+            return (side.features, 0, 0, side.features, 0, 0)
+        return (
+            side.mu, side.mu.stride(0), side.mu.stride(1),
+            side.sigma, side.sigma.stride(0), side.sigma.stride(1),
+        )  # fmt: skip
+
+    def normalize(self, side: host.Side, sample: int) -> None:
+        rows, dim = side.features.shape
+        block, rows_per_program = self._tiling(side)
+        _noisy_normalize_kernel[(triton.cdiv(rows, rows_per_program),)](
+            side.features, side.features.stride(0), *self._param_args(side),
+            side.unit, side.norm, side.seed, sample * rows * dim, rows, dim,
+            HAS_NOISE=side.has_noise, MULTIPLY=side.multiply, ALIGNED=dim % 4 == 0,
+            ROWS=rows_per_program, BLOCK=block, num_warps=_row_warps(),
+        )  # fmt: skip
+
+    def normalize_backward(self, side, sample, grad_unit, grads: host.SideGrads) -> None:
+        rows, dim = side.features.shape
+        block, rows_per_program = self._tiling(side)
+        unused = side.unit
+        _noisy_normalize_backward_kernel[(triton.cdiv(rows, rows_per_program),)](
+            side.features, side.features.stride(0), *self._param_args(side),
+            side.unit, side.norm, grad_unit,
+            grads.x if grads.need_x else unused,
+            grads.mu if grads.need_params else unused,
+            grads.sigma if grads.need_params else unused,
+            side.seed, sample * rows * dim, rows, dim,
+            HAS_NOISE=side.has_noise, MULTIPLY=side.multiply, ALIGNED=dim % 4 == 0,
+            NEED_X_GRAD=grads.need_x, NEED_PARAM_GRAD=grads.need_params,
+            ROWS=rows_per_program, BLOCK=block, num_warps=_row_warps(),
+        )  # fmt: skip
+
+    def loss_stats(self, image, text, target, scale, lse, target_logit, logit_sum) -> None:
+        rows, dim = image.features.shape
+        classes = text.features.shape[0]
+        splits = _loss_splits(rows, classes, image.features.device)
+        classes_per_split = triton.cdiv(triton.cdiv(classes, splits), BLOCK_CLASSES) * BLOCK_CLASSES
+        stats = new_buffer((4, splits, rows), torch.float32, image.features.device)
+        _cosine_cross_entropy_kernel[(triton.cdiv(rows, BLOCK_ROWS), splits)](
+            image.unit, text.unit, target, scale, stats[0], stats[1], stats[2], stats[3],
+            rows, classes, dim, classes_per_split,
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
+            INPUT_PRECISION=_input_precision(), num_warps=4,
+        )  # fmt: skip
+        split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
+        row_max = split_max.amax(dim=0)
+        torch.log((split_sum * torch.exp(split_max - row_max)).sum(dim=0), out=lse)
+        lse.add_(row_max)
+        torch.sum(split_target, dim=0, out=target_logit)
+        torch.sum(split_logit_sum, dim=0, out=logit_sum)
+
+    def loss_grad(self, cosine, lse, target, row_grad, scale, label_smoothing, scale_grad) -> None:
+        rows, classes = cosine.shape
+        _cross_entropy_grad_kernel[(rows,)](
+            cosine, lse, target, row_grad, scale, scale_grad, classes, label_smoothing,
+            BLOCK=min(triton.next_power_of_2(classes), BLOCK_GRAD_CLASSES),
+            num_warps=1 if triton_interpreting() else 4,
+        )  # fmt: skip
+
+
 def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
+    """Class splits of the loss kernel: enough programs to fill the GPU for small batches."""
     if device.type != "cuda" or triton_interpreting():
         return 1
     programs = LOSS_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -380,144 +301,8 @@ def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(programs, row_blocks), triton.cdiv(classes, BLOCK_CLASSES)))
 
 
-def _row_losses(lse, target_logit, logit_sum, classes, label_smoothing):
-    """F.cross_entropy per row from its statistics: (1-e)(lse - x_t) + e(lse - mean(x))."""
-    nll = lse - target_logit
-    if label_smoothing == 0.0:
-        return nll
-    return (1.0 - label_smoothing) * nll + label_smoothing * (lse - logit_sum / classes)
-
-
-def _reduce(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return row_losses
-    if reduction == "sum":
-        return row_losses.sum()
-    return row_losses.mean()
-
-
-def cross_entropy_forward(
-    image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, seed,
-    num_samples, multiply, reduction, label_smoothing,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Returns (loss, lse): the reduced float32 loss and the (num_samples, B) log-sum-exp."""
-    rows, classes, dim = image.shape[0], text.shape[0], image.shape[1]
-    device = image.device
-    image_side, text_side = _sides(
-        image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply
-    )
-    scale = _scale_on(device, logit_scale)
-    splits = _loss_splits(rows, classes, device)
-    classes_per_split = triton.cdiv(triton.cdiv(classes, splits), BLOCK_CLASSES) * BLOCK_CLASSES
-    stats = new_buffer((4, num_samples, splits, rows), torch.float32, device)
-    target = target.contiguous()
-    for sample in range(num_samples):
-        for side in (image_side, text_side):
-            if side.has_noise or sample == 0:
-                side.normalize(sample)
-        if rows == 0:
-            continue
-        _cosine_cross_entropy_kernel[(triton.cdiv(rows, BLOCK_ROWS), splits)](
-            image_side.unit, text_side.unit, target, scale,
-            stats[0, sample], stats[1, sample], stats[2, sample], stats[3, sample],
-            rows, classes, dim, classes_per_split,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
-            INPUT_PRECISION=_input_precision(), num_warps=4,
-        )  # fmt: skip
-    split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
-    row_max = split_max.amax(dim=1)
-    lse = row_max + torch.log((split_sum * torch.exp(split_max - row_max[:, None])).sum(dim=1))
-    row_losses = _row_losses(
-        lse, split_target.sum(dim=1), split_logit_sum.sum(dim=1), classes, label_smoothing
-    )
-    return _reduce(row_losses, reduction), lse
-
-
-def cross_entropy_backward(
-    grad_loss, image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma,
-    lse, seed, num_samples, multiply, reduction, label_smoothing, needs,
-):  # fmt: skip
-    """Gradients (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)."""
-    rows, classes = image.shape[0], text.shape[0]
-    device = image.device
-    scale = _scale_on(device, logit_scale)
-    grad_loss = grad_loss.to(torch.float32)
-    if reduction == "mean":
-        grad_loss = grad_loss / (num_samples * rows)
-    row_grads = grad_loss.expand(num_samples, rows).contiguous()  # "none": already (m, B)
-    scale_grad_rows = new_buffer((num_samples, rows), torch.float32, device)
-    target = target.contiguous()
-
-    def cosine_grad(sample, cosine):
-        _cross_entropy_grad_kernel[(rows,)](
-            cosine, lse[sample], target, row_grads[sample], scale, scale_grad_rows[sample],
-            classes, label_smoothing,
-            BLOCK=min(triton.next_power_of_2(classes), BLOCK_GRAD_CLASSES),
-            num_warps=1 if triton_interpreting() else 4,
-        )  # fmt: skip
-        return cosine
-
-    grads = _backward(
-        cosine_grad, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
-        num_samples, multiply, needs, None,
-    )  # fmt: skip
-    scale_grad = scale_grad_rows.sum() if needs[2] else None
-    return (grads[0], grads[1], scale_grad, *grads[3:])
-
-
-def _backward(
-    cosine_grad, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
-    num_samples, multiply, needs, scale_grad,
-):  # fmt: skip
-    """Shared backward: for each sample, recompute the normalized rows and the cosines, turn them
-    into d loss / d cosine with ``cosine_grad(sample, cosine)``, and backpropagate through the
-    matrix product, the normalization and the noise of both sides."""
-    image_side, text_side = _sides(
-        image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply
-    )
-    image_grads = _SideGrads.zeros(image_side, needs[0], needs[3] or needs[4])
-    text_grads = _SideGrads.zeros(text_side, needs[1], needs[5] or needs[6])
-    sides = ((image_side, image_grads), (text_side, text_grads))
-    # Noise-free sides are the same every sample: sum their unit gradients, backpropagate once.
-    unit_grad_sums = {
-        id(side): torch.zeros_like(side.unit) for side, _ in sides if not side.has_noise
-    }
-    for sample in range(num_samples):
-        for side, _ in sides:
-            if side.has_noise or sample == 0:
-                side.normalize(sample)
-        if image.shape[0] == 0:
-            continue
-        cosine = torch.mm(image_side.unit, text_side.unit.t())
-        cosine = cosine_grad(sample, cosine)  # now d loss / d cosine, (B, C) fp32
-        image_unit_grad = torch.mm(cosine, text_side.unit)
-        text_unit_grad = torch.mm(cosine.t(), image_side.unit)
-        for (side, side_grads), unit_grad in zip(
-            sides, (image_unit_grad, text_unit_grad), strict=True
-        ):
-            if side.has_noise:
-                side.backward(sample, unit_grad, side_grads)
-            else:
-                unit_grad_sums[id(side)].add_(unit_grad)
-    for side, side_grads in sides:
-        if not side.has_noise:
-            side.backward(0, unit_grad_sums[id(side)], side_grads)
-    return (
-        _cast(image_grads.x, image),
-        _cast(text_grads.x, text),
-        None if scale_grad is None else scale_grad.to(logit_scale.dtype),
-        _sum_to(image_grads.mu, image_mu, needs[3]),
-        _sum_to(image_grads.sigma, image_sigma, needs[4]),
-        _sum_to(text_grads.mu, text_mu, needs[5]),
-        _sum_to(text_grads.sigma, text_sigma, needs[6]),
-    )
-
-
-def _cast(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if grad is None else grad.to(like.dtype)
-
-
-def _sum_to(grad: torch.Tensor | None, param: torch.Tensor | None, needed: bool):
-    if not needed or grad is None or param is None:
-        return None
-    return grad.sum_to_size(param.shape).to(param.dtype)
+KERNELS = TritonCosineKernels()
+cosine_logits_forward = functools.partial(host.cosine_logits_forward, KERNELS)
+cosine_logits_backward = functools.partial(host.cosine_logits_backward, KERNELS)
+cross_entropy_forward = functools.partial(host.cross_entropy_forward, KERNELS)
+cross_entropy_backward = functools.partial(host.cross_entropy_backward, KERNELS)

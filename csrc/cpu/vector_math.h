@@ -1,0 +1,89 @@
+// Branch-free float32 log, exp and sin/cos that the compiler vectorizes inside `omp simd` loops
+// (calls into libm would keep the Box-Muller loop scalar, about 4x slower).
+//
+// Polynomials: Cephes' logf, expf, sinf and cosf (S. Moshier), about 1 ulp on their ranges.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace pini::cpu {
+
+inline float bits_to_float(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline int32_t float_to_bits(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// Natural log for positive, normal x (Box-Muller's u is in [1e-7, 1)).
+inline float log_positive(float x) {
+  const int32_t bits = float_to_bits(x);
+  int32_t exponent = ((bits >> 23) & 0xff) - 126;              // x = mantissa * 2^exponent
+  float mantissa = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const bool small = mantissa < 0.70710678118654752f;
+  exponent -= small ? 1 : 0;
+  mantissa = small ? mantissa + mantissa - 1.0f : mantissa - 1.0f;  // in [-0.29, 0.41)
+  const float m = mantissa;
+  const float m2 = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = poly * m - 1.1514610310e-1f;
+  poly = poly * m + 1.1676998740e-1f;
+  poly = poly * m - 1.2420140846e-1f;
+  poly = poly * m + 1.4249322787e-1f;
+  poly = poly * m - 1.6668057665e-1f;
+  poly = poly * m + 2.0000714765e-1f;
+  poly = poly * m - 2.4999993993e-1f;
+  poly = poly * m + 3.3333331174e-1f;
+  const float e = static_cast<float>(exponent);
+  float result = poly * m * m2;
+  result += -2.12194440e-4f * e;
+  result += -0.5f * m2;
+  return m + result + 0.693359375f * e;
+}
+
+// exp(x) for x <= 0 (log-sum-exp terms); below -87.3 the result flushes to 0.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.3f;
+  x = underflow ? -87.3f : x;
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float value = poly * r * r + r + 1.0f;
+  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  return underflow ? 0.0f : value * scale;
+}
+
+// sin and cos of 2*pi*turns for turns in [0, 1): reduced in turns (exact in float32), then
+// Cephes' polynomials on [-pi/4, pi/4] and a quadrant swap.
+inline void sincos_turns(float turns, float* sine, float* cosine) {
+  const float quadrant = static_cast<float>(static_cast<int32_t>(turns * 4.0f + 0.5f));
+  const float angle = (turns - 0.25f * quadrant) * 6.283185307179586f;  // in [-pi/4, pi/4]
+  const float a2 = angle * angle;
+  float sin_poly = -1.9515295891e-4f;
+  sin_poly = sin_poly * a2 + 8.3321608736e-3f;
+  sin_poly = sin_poly * a2 - 1.6666654611e-1f;
+  const float s = sin_poly * a2 * angle + angle;
+  float cos_poly = 2.443315711809948e-5f;
+  cos_poly = cos_poly * a2 - 1.388731625493765e-3f;
+  cos_poly = cos_poly * a2 + 4.166664568298827e-2f;
+  const float c = cos_poly * a2 * a2 - 0.5f * a2 + 1.0f;
+  const int32_t q = static_cast<int32_t>(quadrant) & 3;
+  const float swapped_sin = (q & 1) ? c : s;
+  const float swapped_cos = (q & 1) ? s : c;
+  *sine = (q & 2) ? -swapped_sin : swapped_sin;
+  *cosine = ((q + 1) & 2) ? -swapped_cos : swapped_cos;
+}
+
+}  // namespace pini::cpu

@@ -1,0 +1,64 @@
+// The noise stream of SPEC.md, shared by the CPU and CUDA kernels.
+//
+// Element k of the stream of a 64-bit seed is lane k % 4 of Triton's tl.randn4x(seed, k / 4):
+// Philox4x32-10 with counter (q mod 2^32, q >> 32, 0, 0) for q = k / 4 and key (seed mod 2^32,
+// seed >> 32), each word mapped to a uniform float in [0, 1), then Box-Muller on the pairs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PINI_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PINI_HOST_DEVICE inline
+#endif
+
+namespace pini {
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+// Triton's uint_to_uniform_float: the largest scale with (2^31 - 1) * scale < 1 in float32.
+constexpr float kUint32ToUniform = 4.6566127342e-10f;
+// Box-Muller keeps u away from 0 so that log(u) stays finite.
+constexpr float kUniformFloor = 1.0e-7f;
+constexpr float kTwoPi = 6.283185307179586f;
+// Features are normalized like F.normalize: v / max(|v|, kNormFloor).
+constexpr float kNormFloor = 1e-12f;
+
+struct Words4 {
+  uint32_t w0, w1, w2, w3;
+};
+
+// Philox4x32-10 of counter (quad mod 2^32, quad >> 32, 0, 0) under key (seed mod 2^32, seed >> 32).
+PINI_HOST_DEVICE Words4 philox(uint64_t seed, uint64_t quad) {
+  uint32_t c0 = static_cast<uint32_t>(quad), c1 = static_cast<uint32_t>(quad >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t product_b = static_cast<uint64_t>(kPhiloxRoundB) * c2;
+    const uint64_t product_a = static_cast<uint64_t>(kPhiloxRoundA) * c0;
+    const uint32_t next_c0 = static_cast<uint32_t>(product_b >> 32) ^ c1 ^ k0;
+    const uint32_t next_c2 = static_cast<uint32_t>(product_a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(product_b);
+    c3 = static_cast<uint32_t>(product_a);
+    c0 = next_c0;
+    c2 = next_c2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// A word as int32, a negative v replaced by ~v, times kUint32ToUniform (in float32).
+PINI_HOST_DEVICE float uniform_from_word(uint32_t word) {
+  int32_t value = static_cast<int32_t>(word);
+  value = value < 0 ? ~value : value;
+  return static_cast<float>(value) * kUint32ToUniform;
+}
+
+}  // namespace pini
