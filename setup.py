@@ -62,9 +62,14 @@ def native_extension():
         warnings.warn(f"pini: {message}", stacklevel=1)
         return None, None
     nvcc_found = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    cuda_sources = [CSRC / "cuda" / "kernels.cu", CSRC / "cuda" / "bindings_cuda.cpp"]
+    if not all((ROOT / source).exists() for source in cuda_sources):
+        nvcc_found = False
     with_cuda = build_cuda == "1" or (build_cuda == "auto" and nvcc_found)
     if build_cuda == "1" and not nvcc_found:
-        raise SystemExit("PINI_BUILD_CUDA=1 but nvcc (CUDA_HOME) or a CUDA build of torch is missing")
+        raise SystemExit(
+            "PINI_BUILD_CUDA=1 but nvcc (CUDA_HOME) or a CUDA build of torch is missing"
+        )
     if build_cuda == "auto" and not nvcc_found:
         say("no nvcc or CPU-only torch: building the CPU kernels only")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -73,7 +78,7 @@ def native_extension():
     sources = [str(CSRC / "bindings.cpp"), str(CSRC / "cpu" / "kernels.cpp")]
     define_macros = []
     if with_cuda:
-        sources += [str(CSRC / "cuda" / "kernels.cu"), str(CSRC / "cuda" / "bindings_cuda.cpp")]
+        sources += [str(source) for source in cuda_sources]
         define_macros.append(("PINI_WITH_CUDA", "1"))
         extension_type = cpp_extension.CUDAExtension
         extra = {"cxx": cxx_flags, "nvcc": ["-O3"]}

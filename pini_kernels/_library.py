@@ -19,7 +19,11 @@ _NAMESPACE = "pini_kernels"
 
 # Backend name -> module with inject_forward / inject_backward (imported on first use, so that a
 # machine without Triton can still import pini_kernels).
-_BACKEND_MODULES = {"triton": "pini_kernels.ops.inject"}
+_BACKEND_MODULES = {
+    "triton": "pini_kernels.ops.inject",
+    "cpu": "pini_kernels.native",
+    "cuda": "pini_kernels.native",
+}
 
 
 def _backend_module(backend: str):
@@ -119,7 +123,11 @@ inject.register_autograd(_inject_autograd, setup_context=_inject_setup_context)
 
 # --- noisy cosine logits and the PiNI loss ------------------------------------------------------
 
-_COSINE_MODULES = {"triton": "pini_kernels.ops.cosine"}
+_COSINE_MODULES = {
+    "triton": "pini_kernels.ops.cosine",
+    "cpu": "pini_kernels.native",
+    "cuda": "pini_kernels.native",
+}
 
 
 def _cosine_module(backend: str):

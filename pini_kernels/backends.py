@@ -48,11 +48,31 @@ def _probe_triton() -> str | None:
     return None
 
 
-def _native_missing_reason(backend: str) -> str:
-    return (
-        f"the native extension (pini_kernels._C) with the {backend!r} kernels was not built; "
-        "reinstall with a C++ compiler (and nvcc for 'cuda'): pip install -e . --no-build-isolation"
-    )
+_native_probe: dict[str, str | None] = {}  # filled once per backend by _native_missing_reason
+
+
+@torch.compiler.assume_constant_result
+def _native_missing_reason(backend: str) -> str | None:
+    """None when the native extension has kernels for ``backend`` ("cpu" or "cuda")."""
+    if backend not in _native_probe:
+        _native_probe[backend] = _probe_native(backend)
+    return _native_probe[backend]
+
+
+def _probe_native(backend: str) -> str | None:
+    rebuild = "pip install -e . --no-build-isolation (with a C++ compiler, and nvcc for 'cuda')"
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as error:
+        return (
+            f"the native extension pini_kernels._C was not built ({error}); build it with {rebuild}"
+        )
+    dispatch_key = "CUDA" if backend == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "pini_native::inject_forward", dispatch_key
+    ):
+        return f"pini_kernels._C was built without {backend!r} kernels; rebuild with {rebuild}"
+    return None
 
 
 def _unavailable_reason(backend: str, device: torch.device | None) -> str | None:
@@ -79,8 +99,10 @@ def _unavailable_reason(backend: str, device: torch.device | None) -> str | None
         return f"it does not run on {device.type} tensors"
     if backend in ("cpu", "cuda"):
         reason = _native_missing_reason(backend)
-        if device is not None and device.type != backend:
-            return f"it runs on {backend} tensors, got {device.type} tensors"
+        if reason is None and backend == "cuda" and not torch.cuda.is_available():
+            reason = "no CUDA GPU is available"
+        if reason is None and device is not None and device.type != backend:
+            reason = f"it runs on {backend} tensors, got {device.type} tensors"
         return reason
     return f"unknown backend; expected one of {BACKENDS}"
 

@@ -40,11 +40,13 @@ def noise(
     seed = _drawn(_checks.check_seed(seed))
     device = torch.device("cpu") if device is None else torch.device(device)
     chosen = resolve_backend(backend, device)
-    if chosen == "triton" and dtype != torch.float64:
+    if chosen == "reference" or dtype == torch.float64:
+        return reference.noise(shape, seed=seed, device=device, dtype=dtype)
+    if chosen == "triton":
         from .ops.noise import noise_forward
-
-        return noise_forward(shape.numel(), seed, device, dtype).view(shape)
-    return reference.noise(shape, seed=seed, device=device, dtype=dtype)
+    else:
+        from .native import noise_forward
+    return noise_forward(shape.numel(), seed, device, dtype).view(shape)
 
 
 def fused_inject(

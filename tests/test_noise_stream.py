@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, FUSED_BACKENDS
+from conftest import DEVICE, FUSED_BACKENDS, backend_device
 from helpers import assert_close, record_error
 from scipy import stats
 
@@ -81,13 +81,14 @@ def test_stream_counter_words_split_at_2_32():
 @pytest.mark.parametrize("fused", FUSED_BACKENDS)
 def test_fused_stream_matches_reference(fused, seed, start):
     """The kernels' stream generator (aligned and unaligned starts) equals the reference."""
-    if fused != "triton":
-        pytest.skip("the start offset is exercised through the Triton noise kernel")
-    from pini_kernels.ops.noise import noise_forward
-
+    if fused == "triton":
+        from pini_kernels.ops.noise import noise_forward
+    else:
+        from pini_kernels.native import noise_forward
+    device = backend_device(fused)
     count = 203
-    actual = noise_forward(count, seed, DEVICE, torch.float32, start=start)
-    expected = reference.normal_stream(seed, start, count, device=DEVICE)
+    actual = noise_forward(count, seed, device, torch.float32, start=start)
+    expected = reference.normal_stream(seed, start, count, device=device)
     error = assert_close(actual, expected, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="stream")
     record_error(f"stream: {fused} vs reference", error)
 
