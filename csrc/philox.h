@@ -56,9 +56,9 @@ PINI_HOST_DEVICE Words4 philox(uint64_t seed, uint64_t quad) {
 
 // A word as int32, a negative v replaced by ~v, times kUint32ToUniform (in float32).
 PINI_HOST_DEVICE float uniform_from_word(uint32_t word) {
-  int32_t value = static_cast<int32_t>(word);
-  value = value < 0 ? ~value : value;
-  return static_cast<float>(value) * kUint32ToUniform;
+  const int32_t value = static_cast<int32_t>(word);
+  const int32_t magnitude = value ^ (value >> 31);  // ~value where value < 0, branch-free
+  return static_cast<float>(magnitude) * kUint32ToUniform;
 }
 
 }  // namespace pini

@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,17 +24,44 @@ constexpr int kBatchQuads = 64;
 // of a tile in L1/L2 while a task walks its rows and samples.
 constexpr int64_t kColumnChunk = 2048;
 
-// Normals of quads first_quad .. first_quad + num_quads - 1, interleaved: out[4q + lane].
-void quads_to_normals(uint64_t seed, uint64_t first_quad, int num_quads, float* out) {
-  alignas(64) uint32_t c0[kBatchQuads], c1[kBatchQuads], c2[kBatchQuads], c3[kBatchQuads];
-#pragma omp simd
-  for (int i = 0; i < num_quads; ++i) {
-    const uint64_t quad = first_quad + static_cast<uint64_t>(i);
-    c0[i] = static_cast<uint32_t>(quad);
-    c1[i] = static_cast<uint32_t>(quad >> 32);
-    c2[i] = 0;
-    c3[i] = 0;
+#if defined(__AVX512F__)
+// High 32 bits of the 32 x 32-bit products of 16 lanes: vpmuludq on the even and the odd lanes
+// (compilers otherwise widen to 64-bit lanes and use the slow vpmullq).
+inline __m512i mul_high(__m512i words, __m512i constant) {
+  const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(words, constant), 32);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(words, 32), constant);
+  return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+}
+#endif
+
+// Ten Philox rounds over counter words c0..c3 (num_quads lanes, arrays padded to kBatchQuads).
+void philox_rounds(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, uint64_t seed,
+                   int num_quads) {
+#if defined(__AVX512F__)
+  const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int i = 0; i < num_quads; i += 16) {
+    __m512i w0 = _mm512_load_si512(c0 + i), w1 = _mm512_load_si512(c1 + i);
+    __m512i w2 = _mm512_load_si512(c2 + i), w3 = _mm512_load_si512(c3 + i);
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m512i next_c0 = _mm512_xor_si512(
+          _mm512_xor_si512(mul_high(w2, round_b), w1), _mm512_set1_epi32(static_cast<int>(k0)));
+      const __m512i next_c2 = _mm512_xor_si512(
+          _mm512_xor_si512(mul_high(w0, round_a), w3), _mm512_set1_epi32(static_cast<int>(k1)));
+      w1 = _mm512_mullo_epi32(w2, round_b);
+      w3 = _mm512_mullo_epi32(w0, round_a);
+      w0 = next_c0;
+      w2 = next_c2;
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    _mm512_store_si512(c0 + i, w0);
+    _mm512_store_si512(c1 + i, w1);
+    _mm512_store_si512(c2 + i, w2);
+    _mm512_store_si512(c3 + i, w3);
   }
+#else
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < kPhiloxRounds; ++round) {
 #pragma omp simd
@@ -49,13 +78,31 @@ void quads_to_normals(uint64_t seed, uint64_t first_quad, int num_quads, float* 
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
+#endif
+}
+
+// Normals of quads first_quad .. first_quad + num_quads - 1, interleaved: out[4q + lane].
+void quads_to_normals(uint64_t seed, uint64_t first_quad, int num_quads, float* out) {
+  alignas(64) uint32_t c0[kBatchQuads], c1[kBatchQuads], c2[kBatchQuads], c3[kBatchQuads];
+#pragma omp simd
+  for (int i = 0; i < kBatchQuads; ++i) {  // all lanes: the SIMD rounds read whole vectors
+    const uint64_t quad = first_quad + static_cast<uint64_t>(i);
+    c0[i] = static_cast<uint32_t>(quad);
+    c1[i] = static_cast<uint32_t>(quad >> 32);
+    c2[i] = 0;
+    c3[i] = 0;
+  }
+  philox_rounds(c0, c1, c2, c3, seed, num_quads);
   alignas(64) float n0[kBatchQuads], n1[kBatchQuads], n2[kBatchQuads], n3[kBatchQuads];
+  // log(max(u, floor)) as max(log(u), log(floor)): the same value (log is monotonic), and GCC
+  // vectorizes it, which it refuses to do with the clamp feeding the log.
+  const float log_floor = log_positive(kUniformFloor);
 #pragma omp simd
   for (int i = 0; i < num_quads; ++i) {
-    const float u0 = std::max(kUniformFloor, uniform_from_word(c0[i]));
-    const float u2 = std::max(kUniformFloor, uniform_from_word(c2[i]));
-    const float radius01 = std::sqrt(-2.0f * log_positive(u0));
-    const float radius23 = std::sqrt(-2.0f * log_positive(u2));
+    const float log_u0 = std::max(log_positive(uniform_from_word(c0[i])), log_floor);
+    const float log_u2 = std::max(log_positive(uniform_from_word(c2[i])), log_floor);
+    const float radius01 = std::sqrt(-2.0f * log_u0);
+    const float radius23 = std::sqrt(-2.0f * log_u2);
     float sin01, cos01, sin23, cos23;
     sincos_turns(uniform_from_word(c1[i]), &sin01, &cos01);
     sincos_turns(uniform_from_word(c3[i]), &sin23, &cos23);
@@ -343,6 +390,7 @@ void cross_entropy_stats(const float* cosine, const int64_t* target, float scale
   for (int64_t row = 0; row < rows; ++row) {
     const float* values = cosine + row * classes;
     float row_max = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : row_max) reduction(+ : total)
     for (int64_t c = 0; c < classes; ++c) {
       row_max = std::max(row_max, values[c] * scale);
       total += values[c];

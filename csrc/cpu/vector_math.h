@@ -5,31 +5,21 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 namespace pini::cpu {
 
-inline float bits_to_float(int32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
+inline float bits_to_float(int32_t bits) { return __builtin_bit_cast(float, bits); }
 
-inline int32_t float_to_bits(float value) {
-  int32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
+inline int32_t float_to_bits(float value) { return __builtin_bit_cast(int32_t, value); }
 
-// Natural log for positive, normal x (Box-Muller's u is in [1e-7, 1)).
+// Natural log for positive, normal x (Box-Muller's u is in [1e-7, 1)). x = (1 + m) * 2^e with
+// 1 + m in [sqrt(1/2), sqrt(2)), found with integer arithmetic on the bits (no selects, so the
+// loop around it vectorizes), then Cephes' polynomial for log(1 + m).
 inline float log_positive(float x) {
-  const int32_t bits = float_to_bits(x);
-  int32_t exponent = ((bits >> 23) & 0xff) - 126;              // x = mantissa * 2^exponent
-  float mantissa = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
-  const bool small = mantissa < 0.70710678118654752f;
-  exponent -= small ? 1 : 0;
-  mantissa = small ? mantissa + mantissa - 1.0f : mantissa - 1.0f;  // in [-0.29, 0.41)
-  const float m = mantissa;
+  constexpr int32_t kSqrtHalfBits = 0x3f3504f3;  // bits of sqrt(1/2)
+  const int32_t shifted = float_to_bits(x) - kSqrtHalfBits;
+  const float e = static_cast<float>(shifted >> 23);
+  const float m = bits_to_float((shifted & 0x007fffff) + kSqrtHalfBits) - 1.0f;
   const float m2 = m * m;
   float poly = 7.0376836292e-2f;
   poly = poly * m - 1.1514610310e-1f;
@@ -40,17 +30,16 @@ inline float log_positive(float x) {
   poly = poly * m + 2.0000714765e-1f;
   poly = poly * m - 2.4999993993e-1f;
   poly = poly * m + 3.3333331174e-1f;
-  const float e = static_cast<float>(exponent);
   float result = poly * m * m2;
   result += -2.12194440e-4f * e;
   result += -0.5f * m2;
   return m + result + 0.693359375f * e;
 }
 
-// exp(x) for x <= 0 (log-sum-exp terms); below -87.3 the result flushes to 0.
+// exp(x) for x <= 0 (log-sum-exp terms); below -87.3 it returns exp(-87.3) ~ 1.2e-38, which
+// leaves every sum it enters unchanged in float32.
 inline float exp_nonpositive(float x) {
-  const bool underflow = x < -87.3f;
-  x = underflow ? -87.3f : x;
+  x = x < -87.3f ? -87.3f : x;
   const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -62,7 +51,7 @@ inline float exp_nonpositive(float x) {
   poly = poly * r + 5.0000001201e-1f;
   const float value = poly * r * r + r + 1.0f;
   const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return underflow ? 0.0f : value * scale;
+  return value * scale;
 }
 
 // sin and cos of 2*pi*turns for turns in [0, 1): reduced in turns (exact in float32), then
