@@ -216,7 +216,14 @@ void check_targets(const Tensor& target, int64_t rows) {
   TORCH_CHECK(target.numel() == rows, "target must have ", rows, " elements");
 }
 
-void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, double scale,
+float scale_value(const Tensor& scale) {
+  check_cpu_contiguous(scale, "logit_scale");
+  check_float32(scale, "logit_scale");
+  TORCH_CHECK(scale.numel() == 1, "logit_scale must have one element");
+  return *scale.data_ptr<float>();
+}
+
+void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, const Tensor& scale,
                              Tensor& lse, Tensor& target_logit, Tensor& logit_sum) {
   check_cpu_contiguous(cosine, "cosine");
   check_float32(cosine, "cosine");
@@ -227,13 +234,13 @@ void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, double 
   check_rows_buffer(target_logit, "target_logit", rows);
   check_rows_buffer(logit_sum, "logit_sum", rows);
   cpu::cross_entropy_stats(cosine.data_ptr<float>(), target.data_ptr<int64_t>(),
-                           static_cast<float>(scale), rows, classes, lse.data_ptr<float>(),
+                           scale_value(scale), rows, classes, lse.data_ptr<float>(),
                            target_logit.data_ptr<float>(), logit_sum.data_ptr<float>(),
                            threads());
 }
 
 void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& target,
-                            const Tensor& row_grad, double scale, double label_smoothing,
+                            const Tensor& row_grad, const Tensor& scale, double label_smoothing,
                             Tensor& scale_grad) {
   check_cpu_contiguous(cosine, "cosine");
   check_float32(cosine, "cosine");
@@ -245,7 +252,7 @@ void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& tar
   check_rows_buffer(scale_grad, "scale_grad", rows);
   cpu::cross_entropy_grad(cosine.data_ptr<float>(), lse.data_ptr<float>(),
                           target.data_ptr<int64_t>(), row_grad.data_ptr<float>(),
-                          static_cast<float>(scale), static_cast<float>(label_smoothing), rows,
+                          scale_value(scale), static_cast<float>(label_smoothing), rows,
                           classes, scale_grad.data_ptr<float>(), threads());
 }
 
@@ -268,11 +275,11 @@ TORCH_LIBRARY(pini_native, m) {
       "int stream_offset, bool multiply, Tensor unit, Tensor norm, Tensor grad_unit, "
       "Tensor(a!)? grad_x, Tensor(b!)? grad_mu, Tensor(c!)? grad_sigma) -> ()");
   m.def(
-      "cross_entropy_stats(Tensor cosine, Tensor target, float scale, Tensor(a!) lse, "
+      "cross_entropy_stats(Tensor cosine, Tensor target, Tensor scale, Tensor(a!) lse, "
       "Tensor(b!) target_logit, Tensor(c!) logit_sum) -> ()");
   m.def(
       "cross_entropy_grad(Tensor(a!) cosine, Tensor lse, Tensor target, Tensor row_grad, "
-      "float scale, float label_smoothing, Tensor(b!) scale_grad) -> ()");
+      "Tensor scale, float label_smoothing, Tensor(b!) scale_grad) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pini_native, CPU, m) {

@@ -7,6 +7,10 @@
 
 #include <cstdint>
 
+#if !defined(__CUDACC__)
+#include <math.h>
+#endif
+
 #if defined(__CUDACC__)
 #define PINI_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -59,6 +63,30 @@ PINI_HOST_DEVICE float uniform_from_word(uint32_t word) {
   const int32_t value = static_cast<int32_t>(word);
   const int32_t magnitude = value ^ (value >> 31);  // ~value where value < 0, branch-free
   return static_cast<float>(magnitude) * kUint32ToUniform;
+}
+
+// The four normals of one quad (lanes 0..3), with the standard math library (the CUDA kernels
+// use this; the CPU kernels have a vectorized version in cpu/kernels.cpp).
+PINI_HOST_DEVICE void normal_quad(uint64_t seed, uint64_t quad, float normals[4]) {
+  const Words4 words = philox(seed, quad);
+  const float u0 = uniform_from_word(words.w0), u1 = uniform_from_word(words.w1);
+  const float u2 = uniform_from_word(words.w2), u3 = uniform_from_word(words.w3);
+  const float radius01 = sqrtf(-2.0f * logf(fmaxf(kUniformFloor, u0)));
+  const float radius23 = sqrtf(-2.0f * logf(fmaxf(kUniformFloor, u2)));
+  float sin01, cos01, sin23, cos23;
+#if defined(__CUDACC__)
+  sincospif(2.0f * u1, &sin01, &cos01);  // sin/cos(2 pi u) without a rounded 2 pi
+  sincospif(2.0f * u3, &sin23, &cos23);
+#else
+  sin01 = sinf(kTwoPi * u1);
+  cos01 = cosf(kTwoPi * u1);
+  sin23 = sinf(kTwoPi * u3);
+  cos23 = cosf(kTwoPi * u3);
+#endif
+  normals[0] = radius01 * cos01;
+  normals[1] = radius01 * sin01;
+  normals[2] = radius23 * cos23;
+  normals[3] = radius23 * sin23;
 }
 
 }  // namespace pini

@@ -16,8 +16,9 @@ from ._layout import broadcast_layout, reduce_partial_sums
 from .ops.launch import new_buffer
 
 # Rows per chunk of the backward's parameter partial sums: each chunk adds one row of `width`
-# floats to reduce, each task a column tile of 2048 (csrc/cpu/kernels.cpp) times these rows.
-ROWS_PER_CHUNK = 64
+# floats to reduce. CPU: a task is a 2048-column tile (csrc/cpu/kernels.cpp) times these rows;
+# CUDA: a thread owns 4 columns of a chunk, so smaller chunks give more threads.
+ROWS_PER_CHUNK = {"cpu": 64, "cuda": 8}
 # The CPU row kernels keep a row's noise in a heap buffer: any width works.
 MAX_FEATURE_DIM = 1 << 20
 
@@ -74,14 +75,15 @@ def inject_backward(
         mu_grad = torch.zeros(param_shape, dtype=torch.float32, device=x.device)
         sigma_grad = torch.zeros_like(mu_grad)
     else:
-        row_chunks = -(-layout.rows // ROWS_PER_CHUNK)
+        rows_per_chunk = ROWS_PER_CHUNK[x.device.type]
+        row_chunks = -(-layout.rows // rows_per_chunk)
         partial_mu = partial_sigma = None
         if need_param_grad:
             partial_mu = new_buffer((row_chunks, layout.width), torch.float32, x.device)
             partial_sigma = new_buffer((row_chunks, layout.width), torch.float32, x.device)
         _ops().inject_backward(
             grad_out.contiguous(), x.contiguous(), mu_flat, sigma_flat, _seed_arg(seed),
-            num_samples, multiply, layout.rows, layout.width, layout.inner, ROWS_PER_CHUNK,
+            num_samples, multiply, layout.rows, layout.width, layout.inner, rows_per_chunk,
             grad_x, partial_mu, partial_sigma,
         )  # fmt: skip
         if not need_param_grad:
@@ -123,12 +125,10 @@ class NativeCosineKernels:
 
     def loss_stats(self, image, text, target, scale, lse, target_logit, logit_sum) -> None:
         cosine = torch.mm(image.unit, text.unit.t())
-        _ops().cross_entropy_stats(cosine, target, float(scale), lse, target_logit, logit_sum)
+        _ops().cross_entropy_stats(cosine, target, scale, lse, target_logit, logit_sum)
 
     def loss_grad(self, cosine, lse, target, row_grad, scale, label_smoothing, scale_grad) -> None:
-        _ops().cross_entropy_grad(
-            cosine, lse, target, row_grad, float(scale), label_smoothing, scale_grad
-        )
+        _ops().cross_entropy_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)
 
 
 KERNELS = NativeCosineKernels()
