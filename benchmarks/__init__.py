@@ -1,1 +1,4 @@
-"""pini_kernels benchmarks: ``pytest benchmarks/ --benchmark-only``, then ``python -m benchmarks.report``."""
+"""pini_kernels benchmarks.
+
+Run ``pytest benchmarks/ --benchmark-only``, then ``python -m benchmarks.report``.
+"""

@@ -28,7 +28,10 @@ NoisePair = tuple[torch.Tensor, torch.Tensor]
 
 
 def eager_noise(
-    shape: tuple[int, ...], *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``eps ~ N(0, I)`` of ``shape``, as PiNI draws it."""
     return torch.randn(shape, device=device, dtype=dtype)

@@ -65,7 +65,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     sizes = "full" if FULL_SIZES else "default (PINI_BENCH_FULL=1 for the full GPU sizes)"
-    return [f"pini benchmarks on {machine_name()}: fused backends {fused_backends(DEVICE)}, {sizes}"]
+    return [
+        f"pini benchmarks on {machine_name()}: fused backends {fused_backends(DEVICE)}, {sizes}"
+    ]
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

@@ -55,13 +55,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL_SIZES_ENV = "PINI_BENCH_FULL"
 # PINI_BENCH_FULL=1 selects the full (GPU) sizes; the defaults finish in minutes on 2 CPU cores.
 FULL_SIZES = os.environ.get(FULL_SIZES_ENV, "0") == "1"
+BACKENDS_ENV = "PINI_BENCH_BACKENDS"  # e.g. "cpu,reference": the fused backends to benchmark
 
 # Each provider gets about this much timed work per case, in at least MIN_ROUNDS and at most
-# MAX_ROUNDS rounds: medians of a few rounds are enough on a GPU, and a noisy 2-core CPU must
-# finish the whole suite in under 10 minutes.
+# MAX_ROUNDS rounds: a noisy 2-core CPU must finish the whole suite in under 10 minutes, and a
+# median needs a few rounds however slow the call.
 SECONDS_PER_CASE = 1.0 if DEVICE.type == "cuda" else 0.6
 MIN_ROUNDS = 10 if DEVICE.type == "cuda" else 3
-MAX_ROUNDS = 200 if DEVICE.type == "cuda" else 10
+MAX_ROUNDS = 200 if DEVICE.type == "cuda" else 100
 # The reference backend draws its noise with int64 tensor ops (~0.5 s per million elements on
 # 2 CPU cores); above this many noise elements per call it is skipped on a CPU.
 REFERENCE_MAX_NOISE_ELEMENTS = 6_000_000
@@ -136,25 +137,30 @@ class MachineRates:
         return memory_seconds, "memory"
 
 
-def measure_machine_rates(device: torch.device = DEVICE) -> MachineRates:
-    """The best copy bandwidth and float32 matmul rate over a few repeats (about a second)."""
-    on_gpu = device.type == "cuda"
-    copy_elements = (1 << 28) if on_gpu else (1 << 25)  # 1 GiB / 128 MiB of float32
-    source = torch.randn(copy_elements, device=device)
+def _best_copy_bytes_per_second(elements: int, repeats: int, device: torch.device) -> float:
+    source = torch.randn(elements, device=device)
     destination = torch.empty_like(source)
-    copy_seconds = min(
-        time_call(lambda: destination.copy_(source)) for _ in range(20 if on_gpu else 6)
-    )
-    copy_bytes = 2 * source.numel() * source.element_size()
-    del source, destination
+    seconds = min(time_call(lambda: destination.copy_(source)) for _ in range(repeats))
+    return 2 * source.numel() * source.element_size() / seconds
 
-    size = 8192 if on_gpu else 1024
+
+def _best_matmul_flops_per_second(size: int, repeats: int, device: torch.device) -> float:
     left = torch.randn(size, size, device=device)
     right = torch.randn(size, size, device=device)
-    matmul_seconds = min(time_call(lambda: left @ right) for _ in range(10 if on_gpu else 5))
-    return MachineRates(
-        copy_bytes_per_second=copy_bytes / copy_seconds,
-        matmul_flops_per_second=2 * size**3 / matmul_seconds,
+    seconds = min(time_call(lambda: left @ right) for _ in range(repeats))
+    return 2 * size**3 / seconds
+
+
+def measure_machine_rates(device: torch.device = DEVICE) -> MachineRates:
+    """The best copy bandwidth and float32 matmul rate over a few repeats (about a second)."""
+    if device.type == "cuda":  # a 1 GiB copy, 8192^2 matrices
+        return MachineRates(
+            _best_copy_bytes_per_second(1 << 28, repeats=20, device=device),
+            _best_matmul_flops_per_second(8192, repeats=10, device=device),
+        )
+    return MachineRates(  # a 128 MiB copy (beyond the caches), 1024^2 matrices
+        _best_copy_bytes_per_second(1 << 25, repeats=6, device=device),
+        _best_matmul_flops_per_second(1024, repeats=5, device=device),
     )
 
 
@@ -167,15 +173,23 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 def fused_backends(device: torch.device = DEVICE) -> list[str]:
-    """The pini_kernels backends that run on ``device``; on a CPU, "reference" only as a stand-in."""
+    """The pini_kernels backends that run on ``device``; on a CPU, "reference" only as a stand-in.
+
+    ``PINI_BENCH_BACKENDS=cpu,reference`` (comma-separated) picks from them instead.
+    """
+    requested = os.environ.get(BACKENDS_ENV)
+    if requested:
+        candidates = [name.strip() for name in requested.split(",") if name.strip()]
+    else:
+        candidates = pini_kernels.available_backends()
     runnable = []
-    for backend in pini_kernels.available_backends():
+    for backend in candidates:
         try:
             resolve_backend(backend, device)
         except RuntimeError:
             continue
         runnable.append(backend)
-    if device.type == "cpu" and len(runnable) > 1:
+    if not requested and device.type == "cpu" and len(runnable) > 1:
         runnable.remove("reference")
     return runnable
 
@@ -184,7 +198,7 @@ PROVIDERS = [*(f"fused-{backend}" for backend in fused_backends()), "eager", "co
 
 
 def fused_backend_of(provider: str) -> str | None:
-    """"fused-cpu" -> "cpu"; None for the baselines."""
+    """ "fused-cpu" -> "cpu"; None for the baselines."""
     return provider.removeprefix("fused-") if provider.startswith("fused-") else None
 
 
@@ -347,7 +361,9 @@ def run_case(
 
     else:
         step = call
-    seconds_per_call = time_call(step)  # the warm-up: torch.compile compiles here
+    if check is None:  # else the check was the warm-up
+        step()  # torch.compile compiles here
+    seconds_per_call = time_call(step)
 
     if backward:
         output, forward_peak, retained = live_bytes_during(call)
