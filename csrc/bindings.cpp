@@ -107,7 +107,8 @@ void inject_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& 
                          std::optional<Tensor> grad_x, std::optional<Tensor> partial_mu,
                          std::optional<Tensor> partial_sigma) {
   check_cpu_contiguous(grad_out, "grad_out");
-  check_cpu_contiguous(x, "x");
+  // Add mode never reads x: it may be a stand-in with x's shape and dtype (stride 0).
+  if (multiply) check_cpu_contiguous(x, "x");
   check_params(mu, sigma, width, inner);
   const auto shape = inject_shape(x, num_samples, multiply, rows, width, inner);
   TORCH_CHECK(rows_per_chunk >= 1, "rows_per_chunk must be >= 1");

@@ -76,10 +76,23 @@ def check_num_samples(num_samples, *, allow_none: bool) -> int | None:
     return num_samples
 
 
-def check_seed(seed) -> int | None:
-    """Returns the seed as an int, or None when one should be drawn."""
+def check_seed(seed):
+    """Checks an int seed (None and 0-d integer CPU tensors pass through; tensors are checked by
+    ``seed_value`` when the op runs). Under torch.compile the value is not inspected, so that a
+    new seed per step does not specialize the graph; the op checks it at run time instead."""
     if seed is None:
         return None
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"seed must be an integer tensor, got dtype {seed.dtype}")
+        if seed.numel() != 1 or seed.device.type != "cpu":
+            raise ValueError(
+                f"a tensor seed must be a 0-d CPU tensor (reading it must not sync a device), "
+                f"got {describe(seed)}"
+            )
+        return seed
+    if torch.compiler.is_compiling():
+        return seed
     if isinstance(seed, bool):
         raise TypeError(f"seed must be None or an int in [0, 2^63), got {describe(seed)}")
     try:
@@ -91,15 +104,25 @@ def check_seed(seed) -> int | None:
     return seed
 
 
-def seed_tensor(seed: int | None) -> torch.Tensor:
+def seed_tensor(seed) -> torch.Tensor:
     """The seed as a 0-d int64 CPU tensor; None draws one from torch's default CPU generator.
 
-    A CPU tensor (not an int) keeps the seed out of torch.compile's guards, so a new seed per step
-    does not recompile, and reading it back in the op costs no device sync.
+    A CPU tensor (not an int) keeps the seed out of torch.compile's guards, so a new drawn seed
+    per step does not recompile, and reading it back in the op costs no device sync.
     """
     if seed is None:
         return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
-    return torch.tensor(seed, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(()).to(torch.int64)
+    return torch.scalar_tensor(seed, dtype=torch.int64)
+
+
+def seed_value(seed: torch.Tensor) -> int:
+    """The int of a seed tensor inside an op (a CPU read, no device sync), range-checked."""
+    value = int(seed)
+    if not 0 <= value < MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2^63), got {value}")
+    return value
 
 
 def check_broadcast_to(name: str, value: torch.Tensor, shape: torch.Size, target: str) -> None:
@@ -203,3 +226,15 @@ def check_label_smoothing(label_smoothing) -> float:
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     return float(label_smoothing)
+
+
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype torch gives ``a + b + ...`` of float tensors: 0-d tensors (and Python numbers,
+    which arrive as 0-d tensors) do not raise the dtype of tensors with dimensions."""
+    present = [t for t in tensors if t is not None]
+    dimensioned = [t.dtype for t in present if t.dim() > 0]
+    dtypes = dimensioned or [t.dtype for t in present]
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return dtype

@@ -23,6 +23,9 @@ from typing import Protocol
 
 import torch
 
+from ._checks import result_dtype
+from ._layout import like_input
+
 
 @dataclass
 class Side:
@@ -115,14 +118,6 @@ def _normalize_sample(kernels: CosineKernels, sides, sample: int) -> None:
             kernels.normalize(side, sample)
 
 
-def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        if tensor is not None:
-            dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
 def cosine_logits_forward(
     kernels: CosineKernels, image, text, logit_scale, image_mu, image_sigma, text_mu,
     text_sigma, seed, num_samples, multiply,
@@ -130,7 +125,7 @@ def cosine_logits_forward(
     """image: (B, D), text: (C, D), logit_scale: 0-d. Returns (num_samples, B, C) logits."""
     sides = _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply)
     image_side, text_side = sides
-    dtype = _promoted(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    dtype = result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
     out = kernels.new_buffer((num_samples, image.shape[0], text.shape[0]), dtype, image.device)
     scale = logit_scale.to(device=image.device, dtype=torch.float32)
     for sample in range(num_samples):
@@ -277,10 +272,10 @@ def _side_backward(kernels, side: Side, sample: int, unit_grad, grads: SideGrads
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if grad is None else grad.to(like.dtype)
+    return like_input(grad, like)
 
 
 def _sum_to(grad: torch.Tensor | None, param: torch.Tensor | None, needed: bool):
     if not needed or grad is None or param is None:
         return None
-    return grad.sum_to_size(param.shape).to(param.dtype)
+    return like_input(grad.sum_to_size(param.shape), param)

@@ -71,3 +71,15 @@ def reduce_partial_sums(partial: torch.Tensor, layout: BroadcastLayout) -> torch
     if layout.inner == 1:
         return per_column
     return per_column.view(layout.num_params, layout.inner).sum(dim=1)
+
+
+def like_input(grad: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` (contiguous, ``tensor``'s shape) in ``tensor``'s dtype and memory layout, as
+    ``torch.empty_like(tensor)`` lays it out: what the ops' fake implementations promise, so
+    torch.compile's stride checks hold for channels-last or transposed inputs too."""
+    if grad is None:
+        return None
+    grad = grad.to(tensor.dtype)
+    if tensor.is_contiguous():
+        return grad
+    return torch.empty_like(tensor).copy_(grad)

@@ -9,6 +9,7 @@ never ``eps``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -26,6 +27,11 @@ _BACKEND_MODULES = {
 }
 
 
+def _on_device(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device), not on cuda:0."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _backend_module(backend: str):
     try:
         return importlib.import_module(_BACKEND_MODULES[backend])
@@ -33,13 +39,6 @@ def _backend_module(backend: str):
         raise RuntimeError(
             f"backend {backend!r} has no fused implementation in this build"
         ) from None
-
-
-def _promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::inject", mutates_args=())
@@ -54,12 +53,13 @@ def inject(
 ) -> torch.Tensor:
     """(num_samples, *x.shape): x (+ or *) (mu + sigma * eps); seed is a 0-d int64 CPU tensor."""
     module = _backend_module(backend)
-    return module.inject_forward(x, mu, sigma, int(seed), num_samples, multiply)
+    with _on_device(x):
+        return module.inject_forward(x, mu, sigma, _checks.seed_value(seed), num_samples, multiply)
 
 
 @inject.register_fake
 def _inject_fake(x, mu, sigma, seed, num_samples, multiply, backend):
-    return x.new_empty((num_samples, *x.shape), dtype=_promoted_dtype(x, mu, sigma))
+    return x.new_empty((num_samples, *x.shape), dtype=_checks.result_dtype(x, mu, sigma))
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::inject_backward", mutates_args=())
@@ -77,9 +77,18 @@ def inject_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_mu, grad_sigma); an empty tensor stands for a gradient not asked for."""
     module = _backend_module(backend)
-    grads = module.inject_backward(
-        grad_out, x, mu, sigma, int(seed), num_samples, multiply, need_x_grad, need_param_grad
-    )
+    with _on_device(x):
+        grads = module.inject_backward(
+            grad_out,
+            x,
+            mu,
+            sigma,
+            _checks.seed_value(seed),
+            num_samples,
+            multiply,
+            need_x_grad,
+            need_param_grad,
+        )
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
@@ -95,6 +104,10 @@ def _inject_backward_fake(
 
 def _inject_setup_context(ctx, inputs, output):
     x, mu, sigma, seed, num_samples, multiply, backend = inputs
+    if not multiply:
+        # Add mode never reads x in backward: keep an 8-byte stand-in with its shape and dtype,
+        # so x is neither kept alive nor checked for in-place changes.
+        x = x.new_empty(()).expand(x.shape)
     ctx.save_for_backward(x, mu, sigma, seed)
     ctx.num_samples, ctx.multiply, ctx.backend = num_samples, multiply, backend
 
@@ -139,10 +152,6 @@ def _cosine_module(backend: str):
         ) from None
 
 
-def _optional_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return _promoted_dtype(*(t for t in tensors if t is not None))
-
-
 def _gradients_or_empty(grads, like: torch.Tensor) -> list[torch.Tensor]:
     """Custom ops return tensors: an empty one stands for a gradient not asked for."""
     return [like.new_empty(0) if grad is None else grad for grad in grads]
@@ -171,9 +180,10 @@ def noisy_cosine_logits(
     backend: str,
 ) -> torch.Tensor:
     """(num_samples, B, C) logits of noisy, normalized features; logit_scale is 0-d."""
-    return _cosine_module(backend).cosine_logits_forward(
-        image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, int(seed),
-        num_samples, multiply,
+    with _on_device(image):
+        return _cosine_module(backend).cosine_logits_forward(
+        image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma,
+        _checks.seed_value(seed), num_samples, multiply,
     )  # fmt: skip
 
 
@@ -182,7 +192,7 @@ def _noisy_cosine_logits_fake(
     image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
     multiply, backend,
 ):  # fmt: skip
-    dtype = _optional_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
     return image.new_empty((num_samples, image.shape[0], text.shape[0]), dtype=dtype)
 
 
@@ -202,9 +212,10 @@ def noisy_cosine_logits_backward(
     backend: str,
     needs: list[bool],
 ) -> list[torch.Tensor]:
-    grads = _cosine_module(backend).cosine_logits_backward(
+    with _on_device(image):
+        grads = _cosine_module(backend).cosine_logits_backward(
         grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma,
-        int(seed), num_samples, multiply, needs,
+        _checks.seed_value(seed), num_samples, multiply, needs,
     )  # fmt: skip
     return _gradients_or_empty(grads, image)
 
@@ -271,9 +282,10 @@ def noisy_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse): the float32 loss and the (num_samples, B) log-sum-exp saved for backward."""
     _checks.check_target_values(target, text.shape[0])
-    return _cosine_module(backend).cross_entropy_forward(
-        image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma, int(seed),
-        num_samples, multiply, reduction, label_smoothing,
+    with _on_device(image):
+        return _cosine_module(backend).cross_entropy_forward(
+        image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma,
+        _checks.seed_value(seed), num_samples, multiply, reduction, label_smoothing,
     )  # fmt: skip
 
 
@@ -308,9 +320,10 @@ def noisy_cross_entropy_backward(
     backend: str,
     needs: list[bool],
 ) -> list[torch.Tensor]:
-    grads = _cosine_module(backend).cross_entropy_backward(
+    with _on_device(image):
+        grads = _cosine_module(backend).cross_entropy_backward(
         grad_loss, image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma,
-        lse, int(seed), num_samples, multiply, reduction, label_smoothing, needs,
+        lse, _checks.seed_value(seed), num_samples, multiply, reduction, label_smoothing, needs,
     )  # fmt: skip
     return _gradients_or_empty(grads, image)
 

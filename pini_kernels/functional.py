@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _checks, reference
@@ -16,7 +18,7 @@ __all__ = ["fused_inject", "noise", "noisy_cosine_logits", "noisy_cross_entropy"
 def noise(
     shape,
     *,
-    seed: int | None,
+    seed: int | torch.Tensor | None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     backend: str | None = None,
@@ -28,16 +30,16 @@ def noise(
     ``x + mu + sigma * noise((m, *x.shape), seed=s)``.
     """
     try:
-        shape = torch.Size(shape)
+        shape = torch.Size((shape,) if isinstance(shape, int) else shape)
     except (TypeError, ValueError):
         raise TypeError(
             f"shape must be a sequence of ints, got {_checks.describe(shape)}"
         ) from None
     if any(size < 0 for size in shape):
         raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
-    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    seed = _drawn(_checks.check_seed(seed))
+    if dtype not in (*_checks.FLOAT_DTYPES, torch.float64):
+        raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+    seed = _checks.seed_value(_checks.seed_tensor(_checks.check_seed(seed)))
     device = torch.device("cpu") if device is None else torch.device(device)
     chosen = resolve_backend(backend, device)
     if chosen == "reference" or dtype == torch.float64:
@@ -46,7 +48,8 @@ def noise(
         from .ops.noise import noise_forward
     else:
         from .native import noise_forward
-    return noise_forward(shape.numel(), seed, device, dtype).view(shape)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return noise_forward(shape.numel(), seed, device, dtype).view(shape)
 
 
 def fused_inject(
@@ -56,7 +59,7 @@ def fused_inject(
     *,
     mode: str = "add",
     num_samples: int | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Inject reparameterized Gaussian noise: ``x + (mu + sigma*eps)`` or ``x * (mu + sigma*eps)``.
@@ -85,7 +88,7 @@ def fused_inject(
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
         return reference.fused_inject(
-            x, mu, sigma, seed=_drawn(seed), num_samples=samples, multiply=multiply
+            x, mu, sigma, seed=_reference_seed(seed), num_samples=samples, multiply=multiply
         )
     for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
         _checks.check_float_tensor(name, tensor, allow_float64=False)
@@ -140,7 +143,7 @@ def noisy_cosine_logits(
     text_noise: NoisePair | None = None,
     mode: str = "add",
     num_samples: int = 1,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """CLIP's logits between noisy features: ``logit_scale * <z/|z|, t/|t|>`` per noise sample.
@@ -158,8 +161,9 @@ def noisy_cosine_logits(
     if chosen == "reference":
         return reference.noisy_cosine_logits(
             image_features, text_features, scale, image_noise=image_pair, text_noise=text_pair,
-            multiply=multiply, num_samples=samples, seed=_drawn(seed),
-            out_dtype=_logits_dtype(image_features, text_features, image_pair, text_pair),
+            multiply=multiply, num_samples=samples, seed=_reference_seed(seed),
+            out_dtype=_checks.result_dtype(image_features, text_features, *(image_pair or ()),
+                                           *(text_pair or ())),
         )  # fmt: skip
     return _logits_op(
         image_features, text_features, scale, *_op_noise_args(image_pair, text_pair),
@@ -177,7 +181,7 @@ def noisy_cross_entropy(
     text_noise: NoisePair | None = None,
     mode: str = "add",
     num_samples: int = 1,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     backend: str | None = None,
@@ -205,7 +209,8 @@ def noisy_cross_entropy(
         _checks.check_target_values(target, text_features.shape[0])
         return reference.noisy_cross_entropy(
             image_features, text_features, scale, target, image_noise=image_pair,
-            text_noise=text_pair, multiply=multiply, num_samples=samples, seed=_drawn(seed),
+            text_noise=text_pair, multiply=multiply, num_samples=samples,
+            seed=_reference_seed(seed),
             reduction=reduction, label_smoothing=smoothing,
         )  # fmt: skip
     loss, _ = _loss_op(
@@ -215,12 +220,9 @@ def noisy_cross_entropy(
     return loss
 
 
-def _drawn(seed: int | None) -> int:
-    return int(_checks.seed_tensor(None)) if seed is None else seed
-
-
-def _logits_dtype(image_features, text_features, image_pair, text_pair) -> torch.dtype:
-    dtype = torch.promote_types(image_features.dtype, text_features.dtype)
-    for tensor in (*(image_pair or ()), *(text_pair or ())):
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+def _reference_seed(seed) -> torch.Tensor:
+    """The reference path's seed tensor, range-checked here (the fused ops check in the op)."""
+    tensor = _checks.seed_tensor(seed)
+    if not torch.compiler.is_compiling():
+        _checks.seed_value(tensor)
+    return tensor

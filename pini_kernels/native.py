@@ -12,7 +12,8 @@ import functools
 import torch
 
 from . import _cosine_host as host
-from ._layout import broadcast_layout, reduce_partial_sums
+from ._checks import result_dtype
+from ._layout import broadcast_layout, like_input, reduce_partial_sums
 from .ops.launch import new_buffer
 
 # Rows per chunk of the backward's parameter partial sums: each chunk adds one row of `width`
@@ -53,7 +54,7 @@ def _flat_params(x, mu, sigma):
 
 
 def inject_forward(x, mu, sigma, seed: int, num_samples: int, multiply: bool) -> torch.Tensor:
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), sigma.dtype)
+    out_dtype = result_dtype(x, mu, sigma)
     out = new_buffer((num_samples, *x.shape), out_dtype, x.device)
     if x.numel() == 0:
         return out
@@ -81,21 +82,22 @@ def inject_backward(
         if need_param_grad:
             partial_mu = new_buffer((row_chunks, layout.width), torch.float32, x.device)
             partial_sigma = new_buffer((row_chunks, layout.width), torch.float32, x.device)
+        x_data = x.contiguous() if multiply else x  # add mode never reads x (maybe a stand-in)
         _ops().inject_backward(
-            grad_out.contiguous(), x.contiguous(), mu_flat, sigma_flat, _seed_arg(seed),
+            grad_out.contiguous(), x_data, mu_flat, sigma_flat, _seed_arg(seed),
             num_samples, multiply, layout.rows, layout.width, layout.inner, rows_per_chunk,
             grad_x, partial_mu, partial_sigma,
         )  # fmt: skip
         if not need_param_grad:
-            return grad_x, None, None
+            return like_input(grad_x, x), None, None
         mu_grad = reduce_partial_sums(partial_mu, layout).view(param_shape)
         sigma_grad = reduce_partial_sums(partial_sigma, layout).view(param_shape)
     if not need_param_grad:
-        return grad_x, None, None
+        return like_input(grad_x, x), None, None
     return (
-        grad_x,
-        mu_grad.sum_to_size(mu.shape).to(mu.dtype),
-        sigma_grad.sum_to_size(sigma.shape).to(sigma.dtype),
+        like_input(grad_x, x),
+        like_input(mu_grad.sum_to_size(mu.shape), mu),
+        like_input(sigma_grad.sum_to_size(sigma.shape), sigma),
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import result_dtype
+
 __all__ = [
     "fused_inject",
     "noise",
@@ -27,6 +29,7 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 MASK32 = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
 # Triton's uint_to_uniform_float: the largest scale with (2^31 - 1) * scale < 1 in float32.
 UINT32_TO_UNIFORM = 4.6566127342e-10
 # Box-Muller clamps u away from 0 so that log(u) stays finite.
@@ -120,10 +123,33 @@ def normal_stream(seed: int, start: int, count: int, device=None) -> torch.Tenso
     return out
 
 
-def noise(shape, *, seed: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+@torch.library.custom_op("pini_kernels::reference_noise", mutates_args=())
+def _reference_noise(seed: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
+    """normal_stream as an op: opaque to torch.compile, which would otherwise inline (and take
+    minutes to compile) the ten Philox rounds, and keyed by a tensor so seeds are not guarded."""
+    return normal_stream(int(seed) & MASK64, 0, count, device)
+
+
+@_reference_noise.register_fake
+def _reference_noise_fake(seed, count, device):
+    return torch.empty(count, dtype=torch.float32, device=device)
+
+
+def _seed_as_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """A 0-d int64 tensor holding the 64-bit key (keys >= 2^63, e.g. seed + 1, wrap around)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(()).to(torch.int64)
+    return torch.scalar_tensor(seed - (1 << 64) if seed >= (1 << 63) else seed, dtype=torch.int64)
+
+
+def noise(
+    shape, *, seed: int | torch.Tensor, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The ``eps`` stream of ``seed`` as a tensor of ``shape`` (row-major)."""
     shape = torch.Size(shape)
-    return normal_stream(seed, 0, shape.numel(), device).view(shape).to(dtype)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    stream = _reference_noise(_seed_as_tensor(seed), shape.numel(), device)
+    return stream.view(shape).to(dtype)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -135,7 +161,7 @@ def fused_inject(
     mu: torch.Tensor,
     sigma: torch.Tensor,
     *,
-    seed: int,
+    seed: int | torch.Tensor,
     num_samples: int | None = None,
     multiply: bool = False,
 ) -> torch.Tensor:
@@ -146,7 +172,7 @@ def fused_inject(
     """
     samples = 1 if num_samples is None else num_samples
     compute = _compute_dtype(x, mu, sigma)
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), sigma.dtype)
+    out_dtype = result_dtype(x, mu, sigma)
     eps = noise((samples, *x.shape), seed=seed, device=x.device).to(compute)
     sample_noise = mu.to(compute) + sigma.to(compute) * eps
     out = x.to(compute) * sample_noise if multiply else x.to(compute) + sample_noise
@@ -158,7 +184,7 @@ def _noisy_features(
     features: torch.Tensor,
     noise_params: tuple[torch.Tensor, torch.Tensor] | None,
     *,
-    seed: int,
+    seed: int | torch.Tensor,
     num_samples: int,
     multiply: bool,
     compute: torch.dtype,
@@ -186,7 +212,7 @@ def noisy_cosine_logits(
     text_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     multiply: bool = False,
     num_samples: int = 1,
-    seed: int,
+    seed: int | torch.Tensor,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(num_samples, B, C) logits ``logit_scale * <z/|z|, t/|t|>`` of noisy features.
@@ -223,7 +249,7 @@ def noisy_cross_entropy(
     text_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     multiply: bool = False,
     num_samples: int = 1,
-    seed: int,
+    seed: int | torch.Tensor,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:

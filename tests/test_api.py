@@ -156,3 +156,84 @@ def test_torch_compile_seed_none_does_not_recompile():
     outs = [compiled(x, mu, sigma) for _ in range(3)]
     assert not torch.equal(outs[0], outs[1])
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_python_number_parameters_keep_the_input_dtype(backend):
+    """Like x + 0.5 in torch: numbers and 0-d tensors do not raise a half input to float32."""
+    x = torch.randn(4, 8, device=backend_device(backend)).half()
+    assert pini_kernels.fused_inject(x, 0.5, 0.1, seed=1, backend=backend).dtype == torch.float16
+    mu = torch.tensor(0.5, device=x.device)
+    assert pini_kernels.fused_inject(x, mu, 0.1, seed=1, backend=backend).dtype == torch.float16
+    sigma = torch.rand(8, device=x.device)  # a float32 tensor with dimensions promotes, as in torch
+    assert pini_kernels.fused_inject(x, mu, sigma, seed=1, backend=backend).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_add_mode_keeps_no_reference_to_x(backend):
+    """Backward of add mode needs only the seed: x may change in place after the call."""
+    device = backend_device(backend)
+    leaf = torch.randn(4, 8, device=device, requires_grad=True)
+    mu = torch.randn(8, device=device, requires_grad=True)
+    hidden = leaf * 2
+    out = pini_kernels.fused_inject(hidden, mu, 0.1, seed=1, backend=backend)
+    hidden.add_(1.0)
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.full_like(leaf, 2.0))
+    torch.testing.assert_close(mu.grad, torch.full_like(mu, 4.0))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_tensor_seed(backend):
+    x, mu, sigma = _valid(backend_device(backend))
+    by_int = pini_kernels.fused_inject(x, mu, sigma, seed=77, backend=backend)
+    by_tensor = pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor(77), backend=backend)
+    torch.testing.assert_close(by_int, by_tensor, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^63\), got -5"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor(-5), backend=backend)
+    with pytest.raises(TypeError, match="seed must be an integer tensor"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor(1.0), backend=backend)
+    with pytest.raises(ValueError, match="0-d CPU tensor"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor([1, 2]), backend=backend)
+
+
+def test_new_seed_each_step_does_not_recompile_each_step():
+    """An int seed that changes every step becomes dynamic after one recompile, not eight."""
+    from torch._dynamo.utils import counters
+
+    backend = FUSED_BACKENDS[0] if FUSED_BACKENDS else "reference"
+    x, mu, sigma = _valid(backend_device(backend))
+    fn = lambda x, seed: pini_kernels.fused_inject(x, mu, sigma, seed=seed, backend=backend)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for step in range(6):
+        torch.testing.assert_close(compiled(x, step), fn(x, step))
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inductor_backward_with_channels_last_and_transposed_inputs(backend):
+    """The fake gradients promise the inputs' layouts and the real ones keep that promise."""
+    device = backend_device(backend)
+    images = torch.randn(2, 3, 4, 4, device=device).to(memory_format=torch.channels_last)
+    mu = torch.randn(4, 4, 3, device=device).permute(2, 0, 1)  # dense, not contiguous
+    sigma = torch.rand(3, 4, 4, device=device)
+    leaves = [t.detach().requires_grad_(True) for t in (images, mu, sigma)]
+
+    def loss(x, mu, sigma):
+        out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=3,
+                                        backend=backend)  # fmt: skip
+        return (out * out).sum()
+
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*leaves), leaves)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want)
+        assert have.stride() == want.stride()
+
+
+def test_noise_accepts_an_int_shape_and_rejects_odd_dtypes():
+    assert pini_kernels.noise(5, seed=1).shape == (5,)
+    with pytest.raises(TypeError, match="dtype must be float32, float16, bfloat16 or float64"):
+        pini_kernels.noise(5, seed=1, dtype=torch.float8_e4m3fn)

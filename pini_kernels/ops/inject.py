@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import BroadcastLayout, broadcast_layout, reduce_partial_sums
+from .._checks import result_dtype
+from .._layout import BroadcastLayout, broadcast_layout, like_input, reduce_partial_sums
 from .launch import elementwise_config, new_buffer
 from .noise import normal_tile
 
@@ -117,7 +118,7 @@ def inject_forward(
     multiply: bool,
 ) -> torch.Tensor:
     """x: (*S); mu, sigma: broadcastable to S. Returns (num_samples, *S) in the promoted dtype."""
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), sigma.dtype)
+    out_dtype = result_dtype(x, mu, sigma)
     out = new_buffer((num_samples, *x.shape), out_dtype, x.device)
     numel = x.numel()
     if numel == 0:
@@ -154,7 +155,7 @@ def inject_backward(
         if grad_x is None and not need_param_grad:
             return None, None, None
         mu_grad = torch.zeros(param_shape, dtype=torch.float32, device=x.device)
-        return _finish(grad_x, mu_grad, torch.zeros_like(mu_grad), mu, sigma, need_param_grad)
+        return _finish(grad_x, mu_grad, torch.zeros_like(mu_grad), x, mu, sigma, need_param_grad)
     config = elementwise_config(layout.width, layout.rows, x.device)
     if need_param_grad:
         partial_shape = (config.row_chunks, layout.width)
@@ -162,8 +163,10 @@ def inject_backward(
         partial_sigma = new_buffer(partial_shape, torch.float32, x.device)
     else:
         partial_mu = partial_sigma = mu_flat  # not written; any pointer will do
+    grad_out = grad_out.contiguous()
+    x_data = x.contiguous() if multiply else grad_out  # add mode never reads x
     _inject_backward_kernel[config.grid](
-        grad_out.contiguous(), x.contiguous(), mu_flat, sigma_flat,
+        grad_out, x_data, mu_flat, sigma_flat,
         grad_x if need_x_grad else x, partial_mu, partial_sigma,
         seed, num_samples, numel, layout.rows, layout.width, layout.inner,
         config.rows_per_program,
@@ -172,17 +175,19 @@ def inject_backward(
         BLOCK=config.block, num_warps=config.num_warps,
     )  # fmt: skip
     if not need_param_grad:
-        return grad_x, None, None
+        return like_input(grad_x, x), None, None
     mu_grad = reduce_partial_sums(partial_mu, layout).view(param_shape)
     sigma_grad = reduce_partial_sums(partial_sigma, layout).view(param_shape)
-    return _finish(grad_x, mu_grad, sigma_grad, mu, sigma, need_param_grad)
+    return _finish(grad_x, mu_grad, sigma_grad, x, mu, sigma, need_param_grad)
 
 
-def _finish(grad_x, mu_grad, sigma_grad, mu, sigma, need_param_grad):
+def _finish(grad_x, mu_grad, sigma_grad, x, mu, sigma, need_param_grad):
+    """Gradients in their inputs' shapes, dtypes and layouts."""
+    grad_x = like_input(grad_x, x)
     if not need_param_grad:
         return grad_x, None, None
     return (
         grad_x,
-        mu_grad.sum_to_size(mu.shape).to(mu.dtype),
-        sigma_grad.sum_to_size(sigma.shape).to(sigma.dtype),
+        like_input(mu_grad.sum_to_size(mu.shape), mu),
+        like_input(sigma_grad.sum_to_size(sigma.shape), sigma),
     )
