@@ -111,7 +111,31 @@ void quads_to_normals(uint64_t seed, uint64_t first_quad, int num_quads, float* 
     n2[i] = radius23 * cos23;
     n3[i] = radius23 * sin23;
   }
-  for (int i = 0; i < num_quads; ++i) {
+  int i = 0;
+#if defined(__AVX512F__)
+  // Interleave 16 quads at a time with shuffles instead of 64 scalar stores.
+  for (; i + 16 <= num_quads; i += 16) {
+    const __m512 lane0 = _mm512_load_ps(n0 + i), lane1 = _mm512_load_ps(n1 + i);
+    const __m512 lane2 = _mm512_load_ps(n2 + i), lane3 = _mm512_load_ps(n3 + i);
+    const __m512 low01 = _mm512_unpacklo_ps(lane0, lane1), high01 = _mm512_unpackhi_ps(lane0, lane1);
+    const __m512 low23 = _mm512_unpacklo_ps(lane2, lane3), high23 = _mm512_unpackhi_ps(lane2, lane3);
+    // Each 128-bit block k of quad_r holds quad 4k + r.
+    const __m512 quad0 = _mm512_shuffle_ps(low01, low23, 0x44);
+    const __m512 quad1 = _mm512_shuffle_ps(low01, low23, 0xEE);
+    const __m512 quad2 = _mm512_shuffle_ps(high01, high23, 0x44);
+    const __m512 quad3 = _mm512_shuffle_ps(high01, high23, 0xEE);
+    const __m512 blocks01_01 = _mm512_shuffle_f32x4(quad0, quad1, 0x44);  // q0.b0 q0.b1 q1.b0 q1.b1
+    const __m512 blocks23_01 = _mm512_shuffle_f32x4(quad2, quad3, 0x44);
+    const __m512 blocks01_23 = _mm512_shuffle_f32x4(quad0, quad1, 0xEE);  // q0.b2 q0.b3 q1.b2 q1.b3
+    const __m512 blocks23_23 = _mm512_shuffle_f32x4(quad2, quad3, 0xEE);
+    float* destination = out + 4 * i;
+    _mm512_storeu_ps(destination, _mm512_shuffle_f32x4(blocks01_01, blocks23_01, 0x88));
+    _mm512_storeu_ps(destination + 16, _mm512_shuffle_f32x4(blocks01_01, blocks23_01, 0xDD));
+    _mm512_storeu_ps(destination + 32, _mm512_shuffle_f32x4(blocks01_23, blocks23_23, 0x88));
+    _mm512_storeu_ps(destination + 48, _mm512_shuffle_f32x4(blocks01_23, blocks23_23, 0xDD));
+  }
+#endif
+  for (; i < num_quads; ++i) {
     out[4 * i] = n0[i];
     out[4 * i + 1] = n1[i];
     out[4 * i + 2] = n2[i];
