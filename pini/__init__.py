@@ -1,4 +1,20 @@
-"""PiNI on open_clip: noise generators, injection points, few-shot trainer and CLI.
+"""PiNI on open_clip: every noise generator and injection point of the paper, on pini_kernels.
 
-Being built on top of ``pini_kernels``; see the README's Status section.
+clip, tokenizer = pini.build_clip("ViT-B-16", pretrained="path/to/weights.pt")
+model = pini.PiNI(clip, tokenizer, classnames, template, pini.PiNIConfig.table1("feature+prompt"))
+loss = model.loss(images, labels)     # Eq. (13)
+logits = model(images)                # (B, C)
 """
+
+from .model import TABLE1, PiNI, PiNIConfig, build_clip, encode_text_embeddings
+from .prompts import TEMPLATES, build_prompts
+
+__all__ = [
+    "TABLE1",
+    "TEMPLATES",
+    "PiNI",
+    "PiNIConfig",
+    "build_clip",
+    "build_prompts",
+    "encode_text_embeddings",
+]

@@ -1,0 +1,180 @@
+"""The PiNI model on a tiny random-weight open_clip model (CPU, no downloads)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pini
+import pini_kernels
+from pini import TABLE1, PiNI, PiNIConfig
+from pini import generators as gen
+
+CLASSES = ["cat", "dog", "bird", "fish", "horse"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return pini.build_clip()
+
+
+def _model(backbone, **config) -> PiNI:
+    clip, tokenizer = backbone
+    return PiNI(clip, tokenizer, CLASSES, "a photo of a", PiNIConfig(**config))
+
+
+def _batch(batch=4):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, len(CLASSES), (batch,), generator=generator)
+    return images, labels
+
+
+def _zero_noise(model: PiNI) -> None:
+    """mu = sigma = 0 from every generator (mu = 1 in "mul" mode): the noise is switched off."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, gen.LearnableNoise):
+                module.mu.zero_()
+                module.raw_sigma.zero_()
+            elif hasattr(module, "head") and isinstance(
+                module.head, (torch.nn.Linear, torch.nn.Conv2d)
+            ):
+                module.head.weight.zero_()
+                module.head.bias.zero_()
+
+
+def test_prompt_embeddings_path_reproduces_encode_text(backbone):
+    clip, tokenizer = backbone
+    ids = tokenizer(pini.build_prompts(CLASSES))
+    with torch.no_grad():
+        direct = clip.encode_text(ids)
+        via_embeddings = pini.encode_text_embeddings(clip, clip.token_embedding(ids), ids)
+    torch.testing.assert_close(via_embeddings, direct, atol=0, rtol=0)
+
+
+def test_prompt_layout(backbone):
+    model = _model(backbone)
+    # 16 placeholders and "a photo of a" (4 tokens) are perturbed, nothing else.
+    assert model.prefix_length == 20
+    assert model.prompt_noise.mu.shape == (20, model.clip.token_embedding.weight.shape[1])
+    assert pini.build_prompts(["golden_retriever"])[0] == (
+        "X X X X X X X X X X X X X X X X a photo of a golden retriever."
+    )
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("visual", ["none", "feature", "image"])
+@pytest.mark.parametrize("text", ["none", "prompt", "feature"])
+def test_noise_off_reproduces_zero_shot_logits(backbone, text, visual, mode):
+    model = _model(
+        backbone,
+        text=text,
+        text_generator="mlp" if text == "feature" else "embedding",
+        visual=visual,
+        visual_generator="attention" if visual != "image" else "cnn",
+        mode=mode,
+    )
+    _zero_noise(model)
+    images, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(images), model.zero_shot_logits(images), atol=1e-4, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_loss_is_equation_13_by_hand(backbone, num_samples):
+    model = _model(
+        backbone,
+        visual="feature",
+        text="feature",
+        text_generator="mlp",
+        num_samples=num_samples,
+        mode="mul",
+    )
+    images, labels = _batch()
+    seed = 1234
+    loss = model.loss(images, labels, seed=seed)
+    with torch.no_grad():
+        text = model.zero_shot_text
+        text_mu, text_sigma = model.text_generator(text)
+        image = model.clip.encode_image(images)
+        image_mu, image_sigma = model.visual_generator(image, text)
+        batch, classes, dim = image.shape[0], text.shape[0], image.shape[1]
+        image_eps = pini_kernels.noise((num_samples, batch, dim), seed=seed)
+        text_eps = pini_kernels.noise((num_samples, classes, dim), seed=seed + 1)
+        noisy_image = image * (image_mu + 1 + image_sigma * image_eps)  # "mul": noise around 1
+        noisy_text = text * (text_mu + 1 + text_sigma * text_eps)
+        logits = model.clip.logit_scale.exp() * (
+            F.normalize(noisy_image, dim=-1) @ F.normalize(noisy_text, dim=-1).transpose(1, 2)
+        )
+        expected = F.cross_entropy(logits.reshape(-1, classes), labels.repeat(num_samples))
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("row", list(TABLE1))
+def test_every_table1_row_trains_only_its_generators(backbone, row):
+    model = _model(backbone, **TABLE1[row], num_samples=2)
+    clip_before = {name: p.clone() for name, p in model.clip.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(not p.requires_grad for p in model.clip.parameters())
+    optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    assert not model.clip.training
+    images, labels = _batch()
+    loss = model.loss(images, labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in model.clip.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    generators_before = [p.clone() for p in trainable]
+    optimizer.step()
+    for name, p in model.clip.named_parameters():
+        assert torch.equal(p, clip_before[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(generators_before, trainable, strict=True))
+    model.eval()
+    with torch.no_grad():
+        for inference in ("sample", "mean", "average"):
+            model.config = PiNIConfig(
+                **{**TABLE1[row], "inference": inference, "inference_samples": 3}
+            )
+            assert model(images).shape == (4, len(CLASSES))
+
+
+def test_fixed_seed_gives_identical_losses(backbone):
+    model = _model(
+        backbone, visual="image", visual_generator="attention", text="prompt", num_samples=2
+    )
+    images, labels = _batch()
+    torch.manual_seed(7)
+    first = model.loss(images, labels)
+    torch.manual_seed(7)
+    second = model.loss(images, labels)
+    third = model.loss(images, labels)
+    assert torch.equal(first, second)
+    assert not torch.equal(second, third)
+
+
+def test_mean_inference_is_deterministic(backbone):
+    model = _model(backbone, inference="mean")
+    images, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), model(images), atol=0, rtol=0)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="visual must be one of"):
+        PiNIConfig(visual="pixels")
+    with pytest.raises(ValueError, match="visual_generator must be one of"):
+        PiNIConfig(visual="feature", visual_generator="cnn")
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1"):
+        PiNIConfig(num_samples=0)
+    with pytest.raises(ValueError, match="unknown Table 1 row"):
+        PiNIConfig.table1("everything")
+    assert PiNIConfig.table1("image+prompt").visual == "image"
+
+
+def test_build_clip_needs_an_existing_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
+        pini.build_clip("pini-tiny", pretrained=str(tmp_path / "missing.pt"))
