@@ -8,6 +8,7 @@ train; CLIP is frozen and kept in eval mode. Every noise path calls ``pini_kerne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -45,6 +46,7 @@ class PiNIConfig:
     inference_samples: int = 8
     scaled_attention: bool = False
     sigma_activation: str = "abs"
+    precision: str = "fp32"  # the frozen towers: "fp32", or autocast "bf16" / "fp16"
 
     def __post_init__(self):
         _choice("visual", self.visual, VISUAL_LOCATIONS)
@@ -56,6 +58,7 @@ class PiNIConfig:
         _choice("mode", self.mode, ("add", "mul"))
         _choice("inference", self.inference, INFERENCE_MODES)
         _choice("sigma_activation", self.sigma_activation, gen.SIGMA_ACTIVATIONS)
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         for name in ("num_samples", "inference_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -194,6 +197,18 @@ class PiNI(nn.Module):
         self.clip.eval()  # frozen: no dropout, no statistics updates
         return self
 
+    def _tower_precision(self):
+        """Autocast for the frozen towers ("bf16" / "fp16"); the generators stay in float32."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        device_type = self.token_ids.device.type
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(device_type, dtype=dtype)
+
+    def _encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        with self._tower_precision():
+            return self.clip.encode_image(images).float()
+
     def _centered(self, mu: torch.Tensor) -> torch.Tensor:
         """In "mul" mode the generators predict mu - 1: noise starts near 1, i.e. near CLIP."""
         return mu + 1.0 if self.config.mode == "mul" else mu
@@ -218,7 +233,8 @@ class PiNI(nn.Module):
                 seed=None if seed is None else seed + PROMPT_STREAM,
             )
             embeddings = torch.cat([embeddings[:, :1], prefix, embeddings[:, end:]], dim=1)
-        return encode_text_embeddings(clip, embeddings, self.token_ids)
+        with self._tower_precision():
+            return encode_text_embeddings(clip, embeddings, self.token_ids).float()
 
     def text_features(self, sigma_scale: float = 1.0, seed=None):
         """(C, D) text features and the feature-level text noise pair (or None)."""
@@ -252,7 +268,7 @@ class PiNI(nn.Module):
             num_samples=num_samples,
             seed=seed + IMAGE_STREAM,
         )
-        return self.clip.encode_image(noisy.flatten(0, 1))
+        return self._encode_image(noisy.flatten(0, 1))
 
     def _feature_noise(self, image_features, text, sigma_scale):
         generator = self.visual_generator
@@ -282,7 +298,7 @@ class PiNI(nn.Module):
                 mode=self.config.mode,
                 seed=seed,
             )
-        features = self.clip.encode_image(images)
+        features = self._encode_image(images)
         image_noise = None
         if self.config.visual == "feature":
             image_noise = self._feature_noise(features, text, 1.0)
@@ -316,7 +332,7 @@ class PiNI(nn.Module):
                 seed=seed,
             )
             return logits.view(num_samples, images.shape[0], -1)
-        features = self.clip.encode_image(images)
+        features = self._encode_image(images)
         image_noise = None
         if self.config.visual == "feature":
             image_noise = self._feature_noise(features, text, sigma_scale)
@@ -345,7 +361,7 @@ class PiNI(nn.Module):
 
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of the frozen CLIP on the same prompts, without any noise."""
-        image = F.normalize(self.clip.encode_image(images), dim=-1)
+        image = F.normalize(self._encode_image(images), dim=-1)
         text = F.normalize(self.zero_shot_text, dim=-1)
         return self.clip.logit_scale.exp() * image @ text.t()
 

@@ -178,3 +178,17 @@ def test_config_errors():
 def test_build_clip_needs_an_existing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
         pini.build_clip("pini-tiny", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_bf16_towers_with_float32_generators(backbone):
+    images, labels = _batch()
+    torch.manual_seed(3)
+    full = _model(backbone, visual="feature", text="prompt")
+    state = {k: v.clone() for k, v in full.state_dict().items()}
+    half = _model(backbone, visual="feature", text="prompt", precision="bf16")
+    half.load_state_dict(state)
+    loss_full = full.loss(images, labels, seed=9)
+    loss_half = half.loss(images, labels, seed=9)
+    loss_half.backward()
+    assert all(p.dtype == torch.float32 for p in half.parameters() if p.requires_grad)
+    assert torch.isfinite(loss_half) and abs(loss_half.item() - loss_full.item()) < 0.1
