@@ -192,3 +192,14 @@ def test_bf16_towers_with_float32_generators(backbone):
     loss_half.backward()
     assert all(p.dtype == torch.float32 for p in half.parameters() if p.requires_grad)
     assert torch.isfinite(loss_half) and abs(loss_half.item() - loss_full.item()) < 0.1
+
+
+def test_build_clip_loads_a_local_state_dict(backbone, tmp_path):
+    clip, _ = backbone
+    path = tmp_path / "tiny.pt"
+    torch.save(clip.state_dict(), path)
+    loaded, _ = pini.build_clip("pini-tiny", pretrained=str(path))
+    for (name, original), (_, restored) in zip(
+        clip.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(original, restored), name
