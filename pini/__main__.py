@@ -1,0 +1,7 @@
+"""``python -m pini`` = the ``pini`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

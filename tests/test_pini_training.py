@@ -1,0 +1,160 @@
+"""Few-shot data, the trainer's checkpoints and resume, and the CLI (tiny model, CPU)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import pini
+from pini import cli
+from pini.data import clip_transforms, few_shot, load_dataset, load_digits_split, load_image_folder
+from pini.train import CHECKPOINT, METRICS, TrainConfig, evaluate, lr_factor, train
+
+CLASSES = ["zero", "one", "two"]
+
+
+def _samples(per_class=(5, 5, 2)):
+    return [(f"img-{label}-{i}.png", label) for label, n in enumerate(per_class) for i in range(n)]
+
+
+def test_few_shot_is_deterministic_and_exact(tmp_path, caplog):
+    samples = _samples()
+    first = few_shot(samples, 3, seed=1)
+    assert first == few_shot(samples, 3, seed=1)
+    assert first != few_shot(samples, 3, seed=2)
+    counts = {label: sum(1 for _, y in first if y == label) for label in range(3)}
+    assert counts == {0: 3, 1: 3, 2: 2}  # class 2 has only 2 samples
+    assert "fewer than 3 shots" in caplog.text
+    cache = tmp_path / "split.json"
+    cached = few_shot(samples, 3, seed=1, cache=cache)
+    assert cached == first and json.loads(cache.read_text())["seed"] == 1
+    assert few_shot(samples, 3, seed=99, cache=cache) == first  # the cache wins: reproducible
+
+
+def _image_folder(root, corrupt: bool):
+    for split in ("train", "test"):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                color = (80 * label, 40 * i, 200 - 60 * label)
+                Image.new("RGB", (20, 20), color).save(folder / f"{i}.png")
+    if corrupt:
+        (root / "train" / "one" / "broken.png").write_bytes(b"not a png at all")
+        (root / "test" / "two" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    _image_folder(tmp_path, corrupt=True)
+    split = load_image_folder(tmp_path)
+    assert split.classnames == sorted(CLASSES) and len(split.train) == 10 and len(split.test) == 10
+    torch.manual_seed(0)
+    clip, tokenizer = pini.build_clip()
+    model = pini.PiNI(clip, tokenizer, split.classnames)
+    train_transform, test_transform = clip_transforms(32)
+    metrics = train(
+        model,
+        split.train,
+        train_transform,
+        TrainConfig(epochs=1, batch_size=4, progress=False),
+        tmp_path / "run",
+    )
+    assert metrics["skipped_images"] == 1
+    result = evaluate(model, split.test, test_transform, progress=False)
+    assert result["skipped_images"] == 1 and result["samples"] == 9
+    assert 0.0 <= result["accuracy"] <= 100.0 and len(result["per_class_accuracy"]) == 3
+
+
+def test_schedule_warms_up_then_follows_a_cosine():
+    config = TrainConfig(epochs=10, lr=0.002)
+    assert lr_factor(0, config) * config.lr == pytest.approx(1e-5)
+    assert lr_factor(1, config) == pytest.approx(
+        0.5 * (1 + torch.cos(torch.tensor(0.1 * torch.pi)))
+    )
+    assert lr_factor(9, config) < lr_factor(5, config) < lr_factor(1, config)
+
+
+class Killed(Exception):
+    pass
+
+
+def _fresh_model():
+    clip, tokenizer = pini.build_clip()
+    config = pini.PiNIConfig.table1("feature+prompt", num_samples=2)
+    return pini.PiNI(clip, tokenizer, load_digits_split().classnames, config=config)
+
+
+def _parameters(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    samples = few_shot(load_digits_split().train, 2, seed=1)
+    transform, _ = clip_transforms(32)
+    config = TrainConfig(epochs=3, lr=0.05, batch_size=8, progress=False)
+    torch.manual_seed(0)
+    model = _fresh_model()
+    train(model, samples, transform, config, tmp_path / "a")
+    uninterrupted = _parameters(model)
+
+    def kill_after_two(metrics):
+        if metrics["epoch"] == 2:
+            raise Killed
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train(
+            _fresh_model(), samples, transform, config, tmp_path / "b", on_epoch_end=kill_after_two
+        )
+    torch.manual_seed(0)  # the frozen backbone is rebuilt the same; the generators come back
+    resumed_model = _fresh_model()
+    torch.manual_seed(123)  # from the checkpoint, whatever the RNG state of the new process
+    train(resumed_model, samples, transform, config, tmp_path / "b", resume=True)
+    lines = (tmp_path / "b" / METRICS).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    for name, value in _parameters(resumed_model).items():
+        torch.testing.assert_close(value, uninterrupted[name], atol=0, rtol=0, msg=name)
+
+
+def test_load_dataset_picks_the_layout(tmp_path):
+    assert load_dataset(None, None).name == "digits"
+    _image_folder(tmp_path / "toy", corrupt=False)
+    assert load_dataset(tmp_path, "toy").classnames == sorted(CLASSES)
+    coop = tmp_path / "pets"
+    (coop / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(coop / "images" / "a.jpg")
+    entry = [["a.jpg", 0, "abyssinian"]]
+    (coop / "split_zhou_OxfordPets.json").write_text(
+        json.dumps({"train": entry, "val": entry, "test": entry})
+    )
+    split = load_dataset(tmp_path, "pets")
+    assert split.classnames == ["abyssinian"] and split.train[0][0].endswith("images/a.jpg")
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        load_dataset(tmp_path, "missing")
+
+
+def test_cli_embedded_default_run(tmp_path, capsys):
+    assert (
+        cli.main(
+            [
+                "train",
+                "--epochs",
+                "2",
+                "--shots",
+                "2",
+                "--no-progress",
+                "--output",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "digits, 2 shots, seed 1, noise feature+prompt: zero-shot CLIP" in out and "PiNI" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["accuracy"] <= 100 and summary["train_config"]["epochs"] == 2
+    assert (
+        cli.main(["eval", "--checkpoint", str(tmp_path / "run" / CHECKPOINT), "--no-progress"]) == 0
+    )
+    assert "accuracy" in capsys.readouterr().out
