@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from . import demo
 from .data import clip_transforms, few_shot, load_dataset
 from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .train import TrainConfig, evaluate, load_checkpoint, train
 
 # The embedded default run: tiny model, digits, few epochs (well under two minutes on 2 cores).
-DEFAULT_EPOCHS_EMBEDDED = 10
+DEFAULT_EPOCHS_EMBEDDED = 20
 DEFAULT_LR_EMBEDDED = 0.05
 
 
@@ -91,9 +92,13 @@ def _setup(args):
     embedded = args.root is None
     model_name = args.model or ("pini-tiny" if embedded else "ViT-B-16")
     split = load_dataset(args.root, args.dataset)
-    clip, tokenizer = build_clip(
-        model_name, args.pretrained, trusted=args.trusted, device=args.device
-    )
+    if embedded and args.model is None and args.pretrained is None:
+        clip, tokenizer = demo.digits_clip(demo.DEFAULT_CACHE, progress=not args.no_progress)
+        clip = clip.to(args.device)
+    else:
+        clip, tokenizer = build_clip(
+            model_name, args.pretrained, trusted=args.trusted, device=args.device
+        )
     config = PiNIConfig.table1(
         args.noise,
         mode=args.mode,

@@ -107,9 +107,12 @@ def load_imagenet(root: str | Path) -> Split:
     return Split(list(classnames), listing(images / "train"), listing(images / "val"), "imagenet")
 
 
-def load_digits_split(test_fraction: float = 0.3, seed: int = 0) -> Split:
-    """scikit-learn's handwritten digits (1,797 real 8x8 images, shipped with the package): the
-    embedded dataset of the default run and the tests."""
+# The bundled digits, shuffled once: a test part, a few-shot pool, and a disjoint part on which the
+# demo's tiny CLIP is pre-trained (pini/demo.py).
+DIGITS_TEST, DIGITS_POOL = 540, 600
+
+
+def _digits(seed: int = 0) -> list[tuple]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -119,10 +122,22 @@ def load_digits_split(test_fraction: float = 0.3, seed: int = 0) -> Split:
         samples.append((Image.fromarray(array).convert("RGB"), int(label)))
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
-    cut = int(len(order) * (1 - test_fraction))
-    train = [samples[i] for i in order[:cut]]
-    test = [samples[i] for i in order[cut:]]
-    return Split(list(DIGIT_NAMES), train, test, "digits")
+    return [samples[i] for i in order]
+
+
+def load_digits_split() -> Split:
+    """scikit-learn's handwritten digits (1,797 real 8x8 images, shipped with the package): the
+    embedded dataset of the default run and the tests. 600 form the few-shot pool, 540 the test
+    set."""
+    samples = _digits()
+    test = samples[:DIGITS_TEST]
+    pool = samples[DIGITS_TEST : DIGITS_TEST + DIGITS_POOL]
+    return Split(list(DIGIT_NAMES), pool, test, "digits")
+
+
+def digits_pretraining_samples() -> list[tuple]:
+    """The digits outside the test set and the few-shot pool (657 images)."""
+    return _digits()[DIGITS_TEST + DIGITS_POOL :]
 
 
 def load_dataset(root: str | Path | None, name: str | None) -> Split:

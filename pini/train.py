@@ -183,9 +183,11 @@ def evaluate(
     zero_shot: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    seed: int = 0,
 ) -> dict:
     """Accuracy, macro-F1 and per-class accuracy (in %) of PiNI (or zero-shot CLIP) on
-    ``samples``; unreadable images are skipped and counted."""
+    ``samples``; unreadable images are skipped and counted. The inference noise of batch ``i``
+    is drawn with seed ``seed + i``, so an evaluation is exactly repeatable."""
     model.to(device).eval()
     loader = DataLoader(
         ImageList(samples, transform), batch_size=batch_size, collate_fn=collate_skipping
@@ -193,14 +195,16 @@ def evaluate(
     classes = model.token_ids.shape[0]
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     skipped = 0
-    for images, labels, batch_skipped in tqdm(
-        loader, desc="evaluate", leave=False, disable=not progress
-    ):
+    batches = tqdm(loader, desc="evaluate", leave=False, disable=not progress)
+    for batch_index, (images, labels, batch_skipped) in enumerate(batches):
         skipped += batch_skipped
         if images is None:
             continue
         images = images.to(device)
-        logits = model.zero_shot_logits(images) if zero_shot else model(images)
+        if zero_shot:
+            logits = model.zero_shot_logits(images)
+        else:
+            logits = model(images, seed=(seed + batch_index) % (1 << 62))
         predictions = logits.argmax(dim=-1).cpu()
         confusion += torch.bincount(
             labels * classes + predictions, minlength=classes * classes
