@@ -24,7 +24,7 @@ from . import demo
 from .data import clip_transforms, few_shot, load_dataset
 from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
-from .train import TrainConfig, evaluate, load_checkpoint, train
+from .train import TrainConfig, distributed_rank_world, evaluate, load_checkpoint, train
 
 # The embedded default run: tiny model, digits, few epochs (well under two minutes on 2 cores).
 DEFAULT_EPOCHS_EMBEDDED = 20
@@ -117,9 +117,13 @@ def _run(args, shots: int, seed: int, output: Path) -> dict:
     torch.manual_seed(seed)
     model, split, train_transform, test_transform = _setup(args)
     embedded = args.root is None
-    samples = few_shot(
-        split.train, shots, seed, cache=output / f"split-{shots}shot-seed{seed}.json"
-    )
+    rank, world = distributed_rank_world()
+    cache = output / f"split-{shots}shot-seed{seed}.json"
+    if rank == 0:
+        few_shot(split.train, shots, seed, cache=cache)
+    if world > 1:
+        torch.distributed.barrier()  # every rank then reads the split rank 0 wrote
+    samples = few_shot(split.train, shots, seed, cache=cache)
     epochs = args.epochs or (
         DEFAULT_EPOCHS_EMBEDDED if embedded else (100 if len(split.classnames) >= 1000 else 200)
     )
@@ -135,10 +139,18 @@ def _run(args, shots: int, seed: int, output: Path) -> dict:
         progress=not args.no_progress,
     )
     progress = not args.no_progress
-    zero_shot = evaluate(
-        model, split.test, test_transform, zero_shot=True, device=args.device, progress=progress
-    )
+    if rank == 0:
+        zero_shot = evaluate(
+            model,
+            split.test,
+            test_transform,
+            zero_shot=True,
+            device=args.device,
+            progress=progress,
+        )
     train(model, samples, train_transform, config, output, resume=args.resume, device=args.device)
+    if rank != 0:
+        return None
     result = evaluate(model, split.test, test_transform, device=args.device, progress=progress)
     summary = {
         "dataset": split.name,
@@ -176,11 +188,33 @@ def _print_summary(summary: dict) -> None:
         print(f"  {name:<24} {accuracy:6.2f}%")
 
 
+def _init_distributed(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and
+    use this rank's GPU. Returns the rank (0 without torchrun)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    on_gpu = str(args.device).startswith("cuda")
+    if on_gpu:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    rank = _init_distributed(args) if args.command in ("train", "sweep") else 0
+    if rank != 0:
+        args.no_progress = True
     if args.command == "train":
         summary = _run(args, args.shots, args.seed, _default_output(args, args.shots, args.seed))
-        _print_summary(summary)
+        if summary is not None:
+            _print_summary(summary)
     elif args.command == "eval":
         model, split, _, test_transform = _setup(args)
         load_checkpoint(Path(args.checkpoint), model)
@@ -197,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             accuracies = []
             for seed in args.seeds:
                 summary = _run(args, shots, seed, root / f"{shots}shot-seed{seed}")
-                accuracies.append(summary["accuracy"])
+                if summary is not None:
+                    accuracies.append(summary["accuracy"])
+            if not accuracies:  # ranks other than 0 only train
+                continue
             mean = statistics.fmean(accuracies)
             spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
             interval = 1.96 * spread / math.sqrt(len(accuracies))

@@ -53,7 +53,7 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
         loss.backward()
         optimizer.step()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(clip.state_dict(), temporary)
     os.replace(temporary, path)
     return clip.eval(), tokenizer

@@ -4,6 +4,13 @@ JSONL, atomic checkpoints of the trainable parameters, exact resume.
 Reproducibility: the data order, the augmentations and the noise seeds of epoch ``e`` are derived
 from ``(seed, e)`` and the step, not from state carried between epochs, so a run resumed from the
 checkpoint of epoch ``e`` replays epochs ``e+1..`` exactly as an uninterrupted run does.
+
+Multi-process (``torchrun``; NCCL on GPUs, gloo on CPU): every rank takes its share of each global
+batch of ``batch_size`` and DistributedDataParallel averages the gradients, so the optimizer sees
+the global batch's mean gradient, as in one process. The one difference, by design: each rank
+draws its noise from its own stream (``seed + rank * RANK_STREAM``), so the noise samples differ
+from a single-process run's; with the noise switched off the two runs agree to float rounding
+(tests/test_pini_training.py). Rank 0 writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .data import ImageList, collate_skipping
@@ -56,6 +66,52 @@ def lr_factor(epoch: int, config: TrainConfig) -> float:
     if epoch < config.warmup_epochs:
         return config.warmup_lr / config.lr
     return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+
+
+# Under torch.distributed, rank r draws its noise from seed + r * RANK_STREAM (its own streams).
+RANK_STREAM = 1_000_000_007
+
+
+class GlobalBatches(Sampler):
+    """One permutation of the data per epoch (from ``generator``), cut into global batches of
+    ``batch_size``; each rank takes every ``world``-th sample of each global batch, so the ranks
+    together see exactly the batches a single process would."""
+
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.length, self.batch_size, self.generator = length, batch_size, generator
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        order = torch.randperm(self.length, generator=self.generator).tolist()
+        for start in range(0, self.length, self.batch_size):
+            yield order[start : start + self.batch_size][self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return -(-self.length // self.batch_size)
+
+
+class _LossStep(nn.Module):
+    """model.loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: PiNI):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels, seed):
+        return self.model.loss(images, labels, seed=seed)
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -111,7 +167,14 @@ def train(
     last epoch's metrics. Writes ``metrics.jsonl`` and ``checkpoint.pt`` under ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank_world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world} ranks")
     model.to(device)
+    step_module: nn.Module = _LossStep(model)
+    if world > 1:
+        device_ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
     parameters = list(_trainable(model).values())
     optimizer = torch.optim.SGD(
         parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -130,8 +193,7 @@ def train(
         order = torch.Generator().manual_seed(epoch_seed)
         loader = DataLoader(
             dataset,
-            batch_size=config.batch_size,
-            sampler=RandomSampler(dataset, generator=order),
+            batch_sampler=GlobalBatches(len(dataset), config.batch_size, order, rank, world),
             num_workers=config.num_workers,
             collate_fn=collate_skipping,
             generator=order,
@@ -142,14 +204,15 @@ def train(
             loader,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             leave=False,
-            disable=not config.progress,
+            disable=not config.progress or rank != 0,
         )
         for step, (images, labels, batch_skipped) in enumerate(bar):
             skipped += batch_skipped
             if images is None:
                 continue
             images, labels = images.to(device), labels.to(device)
-            loss = model.loss(images, labels, seed=(epoch_seed + step) % (1 << 62))
+            noise_seed = (epoch_seed + step + rank * RANK_STREAM) % (1 << 62)
+            loss = step_module(images, labels, noise_seed)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,11 +226,12 @@ def train(
             "skipped_images": skipped,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        if skipped:
-            tqdm.write(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
-        with open(output_dir / METRICS, "a") as log:
-            log.write(json.dumps(metrics) + "\n")
-        save_checkpoint(checkpoint, model, optimizer, epoch, config)
+        if rank == 0:
+            if skipped:
+                tqdm.write(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
+            with open(output_dir / METRICS, "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            save_checkpoint(checkpoint, model, optimizer, epoch, config)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     return metrics

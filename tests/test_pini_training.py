@@ -146,3 +146,62 @@ def test_cli_embedded_default_run_improves_on_zero_shot(tmp_path, capsys, monkey
     checkpoint = str(tmp_path / "run" / CHECKPOINT)
     assert cli.main(["eval", "--checkpoint", checkpoint, "--no-progress"]) == 0
     assert f"accuracy {summary['accuracy']:.2f}%" in capsys.readouterr().out
+
+
+def _noise_off_sigma(model):
+    """Zero every sigma output: abs(0) has a zero gradient, so the noise stays off in training."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, pini.generators.LearnableNoise):
+                module.raw_sigma.zero_()
+            elif isinstance(getattr(module, "head", None), torch.nn.Linear):
+                half = module.head.out_features // 2
+                module.head.weight[half:].zero_()
+                module.head.bias[half:].zero_()
+
+
+def _ddp_worker(rank, world, init_file, output, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _fresh_model()
+        _noise_off_sigma(model)
+        samples = few_shot(load_digits_split().train, 2, seed=1)
+        _, deterministic = clip_transforms(32)
+        config = TrainConfig(epochs=2, lr=0.05, batch_size=10, progress=False)
+        train(model, samples, deterministic, config, output)
+        if rank == 0:
+            torch.save(_parameters(model), result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_run_equals_one_process_with_the_noise_off(tmp_path):
+    """DDP over 2 CPU processes sees the same global batches and averages the gradients: with the
+    noise off (the only designed difference is each rank's own noise stream) the final
+    parameters equal a single-process run's to float rounding."""
+    import torch.multiprocessing as mp
+
+    samples = few_shot(load_digits_split().train, 2, seed=1)
+    _, deterministic = clip_transforms(32)
+    torch.manual_seed(0)
+    model = _fresh_model()
+    _noise_off_sigma(model)
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=10, progress=False)
+    train(model, samples, deterministic, config, tmp_path / "single")
+    single = _parameters(model)
+    result = tmp_path / "ddp.pt"
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result)),
+        nprocs=2,
+        join=True,
+    )
+    distributed = torch.load(result, weights_only=True)
+    for name, value in single.items():
+        torch.testing.assert_close(distributed[name], value, atol=2e-6, rtol=1e-5, msg=name)
+    torch.manual_seed(0)
+    initial = _parameters(_fresh_model())
+    assert any(not torch.equal(single[name], initial[name]) for name in single)  # it trained
