@@ -109,7 +109,9 @@ def _setup(args):
     model = PiNI(clip, tokenizer, split.classnames, _template(args, split.name), config)
     size = clip.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
-    train_transform, test_transform = clip_transforms(size)
+    # The demo's 32-pixel digits keep at least half of each image in a crop.
+    crop_scale = demo.CROP_SCALE if embedded else (0.08, 1.0)
+    train_transform, test_transform = clip_transforms(size, crop_scale)
     return model.to(args.device), split, train_transform, test_transform
 
 

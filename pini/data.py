@@ -204,13 +204,15 @@ def few_shot(samples: list[tuple], shots: int, seed: int, cache: str | Path | No
 # --- images -----------------------------------------------------------------------------------
 
 
-def clip_transforms(image_size: int) -> tuple[transforms.Compose, transforms.Compose]:
-    """(train, test) preprocessing: random resized crop + flip, or resize + center crop; CLIP's
-    mean and std."""
+def clip_transforms(
+    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0)
+) -> tuple[transforms.Compose, transforms.Compose]:
+    """(train, test) preprocessing: random resized crop (Dassl's scale range by default) + flip,
+    or resize + center crop; CLIP's mean and std."""
     normalize = transforms.Normalize(CLIP_MEAN, CLIP_STD)
     bicubic = transforms.InterpolationMode.BICUBIC
     train = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
+        transforms.RandomResizedCrop(image_size, scale=crop_scale, interpolation=bicubic),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         normalize,

@@ -22,6 +22,7 @@ from .prompts import build_prompts
 PRETRAIN_STEPS = 800
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 1e-3
+CROP_SCALE = (0.5, 1.0)  # random crops keep at least half of a 32-pixel digit
 DEFAULT_CACHE = Path(os.environ.get("PINI_CACHE", Path.home() / ".cache" / "pini"))
 
 
@@ -35,7 +36,7 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
         clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return clip.eval(), tokenizer
     samples = digits_pretraining_samples()
-    transform, _ = clip_transforms(clip.visual.image_size[0])
+    transform, _ = clip_transforms(clip.visual.image_size[0], CROP_SCALE)
     dataset = ImageList(samples, transform)
     token_ids = tokenizer(build_prompts(DIGIT_NAMES))
     optimizer = torch.optim.AdamW(clip.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
