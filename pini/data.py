@@ -75,17 +75,19 @@ def load_image_folder(root: str | Path) -> Split:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"no class folders in {train_dir}")
-
-    def listing(directory: Path):
-        return [
-            (str(path), label)
-            for label, name in enumerate(classes)
-            for path in sorted((directory / name).glob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-
     classnames = [name.replace("_", " ") for name in classes]
-    return Split(classnames, listing(train_dir), listing(test_dir), root.name)
+    train, test = _class_folders(train_dir, classes), _class_folders(test_dir, classes)
+    return Split(classnames, train, test, root.name)
+
+
+def _class_folders(directory: Path, folders) -> list[tuple]:
+    """(path, label) for the images in ``directory / folders[label]``."""
+    return [
+        (str(path), label)
+        for label, folder in enumerate(folders)
+        for path in sorted((directory / folder).glob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
 
 
 def load_imagenet(root: str | Path) -> Split:
@@ -94,17 +96,10 @@ def load_imagenet(root: str | Path) -> Split:
     root = Path(root)
     lines = (root / "classnames.txt").read_text().splitlines()
     wnids, classnames = zip(*(line.split(" ", 1) for line in lines if line.strip()), strict=True)
-
-    def listing(directory: Path):
-        return [
-            (str(path), label)
-            for label, wnid in enumerate(wnids)
-            for path in sorted((directory / wnid).glob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-
     images = root / "images"
-    return Split(list(classnames), listing(images / "train"), listing(images / "val"), "imagenet")
+    train = _class_folders(images / "train", wnids)
+    test = _class_folders(images / "val", wnids)
+    return Split(list(classnames), train, test, "imagenet")
 
 
 # The bundled digits, shuffled once: a test part, a few-shot pool, and a disjoint part on which the

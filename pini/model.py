@@ -280,37 +280,34 @@ class PiNI(nn.Module):
 
     # --- loss and inference -----------------------------------------------------------------
 
+    def _image_side(self, images, text, num_samples: int, sigma_scale: float, seed: int):
+        """(features, image_noise, samples left to the logits op). Raw-image noise is applied
+        here, its samples becoming rows (sample-major); feature noise is left to the op."""
+        if self.config.visual == "image":
+            features = self._noisy_images(images, text, num_samples, sigma_scale, seed)
+            return features, None, 1
+        features = self._encode_image(images)
+        image_noise = None
+        if self.config.visual == "feature":
+            image_noise = self._feature_noise(features, text, sigma_scale)
+        return features, image_noise, num_samples
+
     def loss(self, images: torch.Tensor, labels: torch.Tensor, seed=None) -> torch.Tensor:
         """Eq. (13): cross-entropy of the noisy cosine logits, averaged over the batch and over
         ``num_samples`` noise samples per image. images: (B, 3, H, W); labels: (B,)."""
         samples = self.config.num_samples
         seed = _step_seed(seed)
-        logit_scale = self.clip.logit_scale.exp()
         text, text_noise = self.text_features(seed=seed)
-        if self.config.visual == "image":
-            features = self._noisy_images(images, text, samples, 1.0, seed)
-            return pini_kernels.noisy_cross_entropy(
-                features,
-                text,
-                logit_scale,
-                labels.repeat(samples),
-                text_noise=text_noise,
-                mode=self.config.mode,
-                seed=seed,
-            )
-        features = self._encode_image(images)
-        image_noise = None
-        if self.config.visual == "feature":
-            image_noise = self._feature_noise(features, text, 1.0)
+        features, image_noise, op_samples = self._image_side(images, text, samples, 1.0, seed)
         return pini_kernels.noisy_cross_entropy(
             features,
             text,
-            logit_scale,
-            labels,
+            self.clip.logit_scale.exp(),
+            labels.repeat(samples // op_samples),
             image_noise=image_noise,
             text_noise=text_noise,
             mode=self.config.mode,
-            num_samples=samples,
+            num_samples=op_samples,
             seed=seed,
         )
 
@@ -319,33 +316,21 @@ class PiNI(nn.Module):
     ) -> torch.Tensor:
         """(num_samples, B, C) logits, each sample with its own noise draw on the image side."""
         seed = _step_seed(seed)
-        logit_scale = self.clip.logit_scale.exp()
         text, text_noise = self.text_features(sigma_scale, seed)
-        if self.config.visual == "image":
-            features = self._noisy_images(images, text, num_samples, sigma_scale, seed)
-            logits = pini_kernels.noisy_cosine_logits(
-                features,
-                text,
-                logit_scale,
-                text_noise=text_noise,
-                mode=self.config.mode,
-                seed=seed,
-            )
-            return logits.view(num_samples, images.shape[0], -1)
-        features = self._encode_image(images)
-        image_noise = None
-        if self.config.visual == "feature":
-            image_noise = self._feature_noise(features, text, sigma_scale)
-        return pini_kernels.noisy_cosine_logits(
+        features, image_noise, op_samples = self._image_side(
+            images, text, num_samples, sigma_scale, seed
+        )
+        logits = pini_kernels.noisy_cosine_logits(
             features,
             text,
-            logit_scale,
+            self.clip.logit_scale.exp(),
             image_noise=image_noise,
             text_noise=text_noise,
             mode=self.config.mode,
-            num_samples=num_samples,
+            num_samples=op_samples,
             seed=seed,
         )
+        return logits.view(num_samples, images.shape[0], -1)
 
     def forward(self, images: torch.Tensor, seed=None) -> torch.Tensor:
         """(B, C) logits for classification with the configured inference noise: one sample
