@@ -224,13 +224,18 @@ float scale_value(const Tensor& scale) {
   return *scale.data_ptr<float>();
 }
 
-void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, const Tensor& scale,
-                             Tensor& lse, Tensor& target_logit, Tensor& logit_sum) {
+// cosine: one sample's (B, C) float32 tile; target: its (B,) int64 class indices.
+void check_cosine(const Tensor& cosine, const Tensor& target) {
   check_cpu_contiguous(cosine, "cosine");
   check_float32(cosine, "cosine");
   TORCH_CHECK(cosine.dim() == 2, "cosine must be (B, C)");
+  check_targets(target, cosine.size(0));
+}
+
+void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, const Tensor& scale,
+                             Tensor& lse, Tensor& target_logit, Tensor& logit_sum) {
+  check_cosine(cosine, target);
   const int64_t rows = cosine.size(0), classes = cosine.size(1);
-  check_targets(target, rows);
   check_rows_buffer(lse, "lse", rows);
   check_rows_buffer(target_logit, "target_logit", rows);
   check_rows_buffer(logit_sum, "logit_sum", rows);
@@ -243,11 +248,8 @@ void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, const T
 void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& target,
                             const Tensor& row_grad, const Tensor& scale, double label_smoothing,
                             Tensor& scale_grad) {
-  check_cpu_contiguous(cosine, "cosine");
-  check_float32(cosine, "cosine");
-  TORCH_CHECK(cosine.dim() == 2, "cosine must be (B, C)");
+  check_cosine(cosine, target);
   const int64_t rows = cosine.size(0), classes = cosine.size(1);
-  check_targets(target, rows);
   check_rows_buffer(lse, "lse", rows);
   check_rows_buffer(row_grad, "row_grad", rows);
   check_rows_buffer(scale_grad, "scale_grad", rows);
