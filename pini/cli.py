@@ -4,8 +4,16 @@ With no dataset arguments, ``pini train`` trains the tiny model on the bundled d
 the CPU and prints zero-shot vs PiNI accuracy. The paper's protocol, for a user with CLIP weights
 and the CoOp datasets:
 
-    pini train --model ViT-B-16 --pretrained ViT-B-16.pt --root DATA --dataset oxford_pets \\
+    pini train --model ViT-B-16 --pretrained openai --root DATA --dataset oxford_pets \\
         --shots 16 --seed 1 --noise feature+prompt --output runs/pets-16-1
+
+A run folder holds one run: ``run.json`` (what the run is: model, data, every resolved option),
+the few-shot split with a fingerprint of the images it was drawn from, ``metrics.jsonl``,
+``checkpoint.pt`` and ``summary.json``. A new run never writes into a folder that holds
+something (``--overwrite`` replaces a run), ``--resume`` continues exactly the stored run (a flag
+that differs is an error), and ``eval`` rebuilds the model from the checkpoint. Every problem
+with what the user gave is one line on stderr and exit status 2 (``--debug`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,125 +31,550 @@ import torch
 
 from . import demo
 from .data import clip_transforms, few_shot, load_dataset
-from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip
-from .prompts import DEFAULT_TEMPLATE, TEMPLATES
-from .train import TrainConfig, distributed_rank_world, evaluate, load_checkpoint, train
+from .errors import InputError
+from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip, check_weights
+from .train import (
+    CHECKPOINT,
+    METRICS,
+    TrainConfig,
+    distributed_rank_world,
+    evaluate,
+    load_checkpoint,
+    read_checkpoint,
+    train,
+)
 
 # The embedded default run: tiny model, digits, few epochs (well under two minutes on 2 cores).
 DEFAULT_EPOCHS_EMBEDDED = 20
 DEFAULT_LR_EMBEDDED = 0.05
+DEFAULT_ROW = "feature+prompt"
+RUN_FILE = "run.json"
+SUMMARY = "summary.json"
+RUN_FORMAT = "pini-run/1"
+MAX_SEED = 1 << 62
+
+# PiNIConfig fields settable from the command line, with their flags.
+CONFIG_FLAGS = {
+    "visual": "--visual",
+    "visual_generator": "--visual-generator",
+    "text": "--text",
+    "text_generator": "--text-generator",
+    "mode": "--mode",
+    "num_samples": "--num-samples",
+    "inference": "--inference",
+    "inference_samples": "--inference-samples",
+    "precision": "--precision",
+}
+# What else defines a run (its record's keys), with their flags.
+RUN_FLAGS = {
+    "model": "--model",
+    "pretrained": "--pretrained",
+    "root": "--root",
+    "dataset": "--dataset",
+    "template": "--template",
+    "shots": "--shots",
+    "seed": "--seed",
+}
+TRAIN_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size"}
+
+
+# --- arguments --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2^62), got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pini", description="PiNI few-shot fine-tuning of CLIP")
-    commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    parser = _Parser(prog="pini", description="PiNI few-shot fine-tuning of CLIP")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    general = _Parser(add_help=False)
+    general.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    general.add_argument("--per-class", action="store_true", help="print per-class accuracy")
+    general.add_argument("--no-progress", action="store_true", help="no progress bars")
+    general.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+    data = _Parser(add_help=False)
+    data.add_argument("--root", default=None, help="datasets folder (none: bundled digits)")
+    data.add_argument("--dataset", default=None, help="dataset folder name, e.g. oxford_pets")
+
+    model = _Parser(add_help=False)
+    model.add_argument(
         "--model",
         default=None,
-        help="open_clip model name (default: pini-tiny on the bundled digits, else ViT-B-16)",
+        help="open_clip model name (default: the demo's tiny CLIP on the bundled digits, "
+        "else ViT-B-16)",
     )
-    common.add_argument("--pretrained", default=None, help="local CLIP weights file")
-    common.add_argument(
+    model.add_argument(
+        "--pretrained",
+        default=None,
+        help="CLIP weights: a local file, an open_clip pretrained tag (openai, "
+        "laion2b_s34b_b88k, ...) or hf-hub:org/name; tags are downloaded and cached by "
+        "open_clip (offline: read from the cache)",
+    )
+    model.add_argument(
         "--trusted",
         action="store_true",
         help="allow OpenAI TorchScript archives (runs code from the file)",
     )
-    common.add_argument("--root", default=None, help="dataset root (none: bundled digits)")
-    common.add_argument("--dataset", default=None, help="dataset name, e.g. oxford_pets")
-    common.add_argument("--template", default=None, help="prompt template (default by dataset)")
-    common.add_argument("--shots", type=int, default=16)
-    common.add_argument("--seed", type=int, default=1)
-    common.add_argument(
-        "--noise", default="feature+prompt", choices=list(TABLE1), help="the Table 1 row"
+    model.add_argument("--template", default=None, help="prompt template (default by dataset)")
+    model.add_argument(
+        "--noise",
+        default=None,
+        choices=list(TABLE1),
+        help=f"a row of the paper's Table 1, filling --visual, --visual-generator, --text and "
+        f"--text-generator (default {DEFAULT_ROW}); explicit flags override it",
     )
-    common.add_argument("--mode", default="add", choices=["add", "mul"])
-    common.add_argument("--num-samples", type=int, default=1)
-    common.add_argument("--inference", default="sample", choices=INFERENCE_MODES)
-    common.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--output", default=None, help="run folder (default runs/<dataset>-...)")
-    common.add_argument("--per-class", action="store_true", help="print per-class accuracy")
-    common.add_argument("--no-progress", action="store_true")
-    training = argparse.ArgumentParser(add_help=False)
-    training.add_argument("--epochs", type=int, default=None)
-    training.add_argument("--lr", type=float, default=None)
-    training.add_argument("--batch-size", type=int, default=32)
-    training.add_argument("--workers", type=int, default=0)
-    training.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    commands.add_parser("train", parents=[common, training], help="train and evaluate")
-    evaluate_parser = commands.add_parser("eval", parents=[common], help="evaluate a run")
-    evaluate_parser.add_argument("--checkpoint", required=True)
+    model.add_argument("--visual", default=None, choices=["none", "image", "feature"])
+    model.add_argument(
+        "--visual-generator",
+        default=None,
+        help="image: mlp, cnn, attention; feature: attention, mlp",
+    )
+    model.add_argument("--text", default=None, choices=["none", "prompt", "feature"])
+    model.add_argument(
+        "--text-generator", default=None, help="prompt: embedding; feature: embedding, mlp"
+    )
+    model.add_argument("--mode", default=None, choices=["add", "mul"], help="default add")
+    model.add_argument(
+        "--num-samples", type=_positive_int, default=None, help="noise samples m (default 1)"
+    )
+    model.add_argument(
+        "--inference", default=None, choices=INFERENCE_MODES, help="default sample (the paper)"
+    )
+    model.add_argument(
+        "--inference-samples",
+        type=_positive_int,
+        default=None,
+        help="draws averaged by --inference average (default 8)",
+    )
+    model.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
+
+    run = _Parser(add_help=False)
+    run.add_argument("--epochs", type=_positive_int, default=None)
+    run.add_argument("--lr", type=_positive_float, default=None)
+    run.add_argument("--batch-size", type=_positive_int, default=None, help="default 32")
+    run.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers")
+    run.add_argument("--output", default=None, help="run folder (default runs/<dataset>-...)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --output")
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --output (its files are lost)"
+    )
+
+    one = _Parser(add_help=False)
+    one.add_argument("--shots", type=_positive_int, default=None, help="shots per class (16)")
+    one.add_argument("--seed", type=_seed, default=None, help="run seed (default 1)")
+
+    commands.add_parser(
+        "train", parents=[general, data, model, one, run], help="train and evaluate one run"
+    )
+    evaluate_parser = commands.add_parser(
+        "eval",
+        parents=[general, data, model],
+        help="evaluate a run's checkpoint (on its own data, or another dataset via --root and "
+        "--dataset)",
+    )
+    evaluate_parser.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
     sweep = commands.add_parser(
         "sweep",
-        parents=[common, training],
-        help="train over shots x seeds, print mean and 95% interval",
+        parents=[general, data, model, run],
+        help="train over shots x seeds, print the mean and 95%% interval",
+        description="Train and evaluate one run per shot count and seed (run folders "
+        "OUTPUT/<K>shot-seed<S>, default OUTPUT runs/sweep); print the mean accuracy and its "
+        "95% interval per shot count.",
     )
-    sweep.add_argument("--shot-list", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    sweep.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    sweep.add_argument(
+        "--shot-list",
+        type=_positive_int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="shots per class (default 1 2 4 8 16)",
+    )
+    sweep.add_argument(
+        "--seeds", type=_seed, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)"
+    )
     return parser
 
 
-def _template(args, dataset_name: str) -> str:
-    if args.template:
-        return args.template
-    return TEMPLATES.get((args.dataset or dataset_name or "").lower(), DEFAULT_TEMPLATE)
+def _given(args, keys) -> dict:
+    """The options among ``keys`` that the user gave (not None)."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
 
 
-def _setup(args):
-    """(model, split, test transform, train transform) for the arguments."""
-    embedded = args.root is None
-    model_name = args.model or ("pini-tiny" if embedded else "ViT-B-16")
-    split = load_dataset(args.root, args.dataset)
-    if embedded and args.model is None and args.pretrained is None:
-        clip, tokenizer = demo.digits_clip(demo.DEFAULT_CACHE, progress=not args.no_progress)
-        clip = clip.to(args.device)
+# --- resolving what a run is ------------------------------------------------------------------
+
+
+def _config_request(args) -> dict:
+    """PiNIConfig fields the user asked for: the ``--noise`` row's, then explicit flags."""
+    request = dict(TABLE1[args.noise]) if args.noise else {}
+    request.update(_given(args, CONFIG_FLAGS))
+    return request
+
+
+def _flag_for(key: str, args) -> str:
+    if key in CONFIG_FLAGS and getattr(args, key, None) is None and args.noise:
+        return f"--noise {args.noise} ({key})"
+    return CONFIG_FLAGS.get(key) or RUN_FLAGS.get(key) or TRAIN_FLAGS.get(key) or f"--{key}"
+
+
+def _pini_config(request: dict) -> PiNIConfig:
+    base = dict(TABLE1[DEFAULT_ROW])
+    base.update(request)
+    try:
+        return PiNIConfig(**base)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
+def _row_name(config: PiNIConfig) -> str:
+    """The Table 1 row this configuration is, or "custom"."""
+    fields = dataclasses.asdict(config)
+    for row, values in TABLE1.items():
+        if all(fields[key] == value for key, value in values.items()) and all(
+            fields[key] == "none" for key in ("visual", "text") if key not in values
+        ):
+            return row
+    return "custom"
+
+
+def _resolve_root(root: str | None) -> str | None:
+    return None if root is None else str(Path(root).expanduser().resolve())
+
+
+def _resolve_pretrained(pretrained: str | None) -> str | None:
+    """A local file as its absolute path; a tag or hf-hub name as given."""
+    if pretrained is None:
+        return None
+    path = Path(pretrained).expanduser()
+    return str(path.resolve()) if path.is_file() else pretrained
+
+
+def _check_data_args(args) -> None:
+    if args.root is None and args.dataset not in (None, "digits"):
+        raise InputError(
+            f"--dataset {args.dataset} needs --root, the folder that holds the datasets "
+            "(without both, pini uses the bundled digits)"
+        )
+    if args.root is not None and not Path(args.root).expanduser().is_dir():
+        raise InputError(f"--root {args.root}: no such folder")
+
+
+def _load_split(root: str | None, dataset: str | None):
+    split = load_dataset(root, dataset)
+    if not split.test:
+        raise InputError(
+            f"dataset {split.name} has no test images: there is nothing to evaluate on"
+        )
+    return split
+
+
+def _template(run: dict, split) -> str:
+    from .prompts import template_for
+
+    return run["template"] or template_for(split.name)
+
+
+def _zero_shot_template(split) -> str:
+    from .prompts import zero_shot_template
+
+    return zero_shot_template(split.name)
+
+
+def _build_model(run: dict, split, device: str, progress: bool) -> PiNI:
+    """The frozen backbone and PiNI with the run's configuration; seeded by the run's seed so a
+    random-weight backbone and the generators' initialisation are the same in every process,
+    cached demo backbone or not."""
+    torch.manual_seed(run["seed"])
+    if run["demo_backbone"]:
+        clip, tokenizer = demo.digits_clip(demo.DEFAULT_CACHE, progress=progress)
     else:
         clip, tokenizer = build_clip(
-            model_name, args.pretrained, trusted=args.trusted, device=args.device
+            run["model"], run["pretrained"], trusted=run["trusted"], device=device
         )
-    config = PiNIConfig.table1(
-        args.noise,
-        mode=args.mode,
-        num_samples=args.num_samples,
-        inference=args.inference,
-        precision=args.precision,
+    torch.manual_seed(run["seed"])  # the generators' initialisation: independent of the cache
+    model = PiNI(
+        clip.to(device),
+        tokenizer,
+        split.classnames,
+        _template(run, split),
+        PiNIConfig(**run["pini_config"]),
+        zero_shot_template=_zero_shot_template(split),
     )
-    model = PiNI(clip, tokenizer, split.classnames, _template(args, split.name), config)
-    size = clip.visual.image_size
-    size = size[0] if isinstance(size, tuple) else size
+    return model.to(device)
+
+
+def _new_run(args, shots: int | None, seed: int | None, split) -> dict:
+    """The record of a new run from the arguments and the defaults (16 shots, seed 1)."""
+    shots = 16 if shots is None else shots
+    seed = 1 if seed is None else seed
+    embedded = args.root is None
+    classes = len(split.classnames)
+    large = classes >= 1000
+    config = _pini_config(_config_request(args))
+    train_config = TrainConfig(
+        epochs=args.epochs or (DEFAULT_EPOCHS_EMBEDDED if embedded else 100 if large else 200),
+        lr=args.lr or (DEFAULT_LR_EMBEDDED if embedded else 0.001 if large else 0.002),
+        batch_size=args.batch_size or 32,
+        seed=seed,
+    )
+    demo_backbone = embedded and args.model is None and args.pretrained is None
+    model_name = args.model or ("pini-tiny" if embedded else "ViT-B-16")
+    if args.pretrained is None and model_name != "pini-tiny":
+        raise InputError(
+            f"--pretrained is needed for {model_name}: without CLIP weights the model is random "
+            "and its accuracy meaningless (e.g. --pretrained openai, or a weights file)"
+        )
+    check_weights(model_name, args.pretrained)
+    return {
+        "format": RUN_FORMAT,
+        "model": model_name,
+        "pretrained": _resolve_pretrained(args.pretrained),
+        "trusted": bool(args.trusted),
+        "demo_backbone": demo_backbone,
+        "root": _resolve_root(args.root),
+        "dataset": split.name,
+        "template": args.template,
+        "classnames": list(split.classnames),
+        "shots": shots,
+        "seed": seed,
+        "noise": _row_name(config),
+        "pini_config": dataclasses.asdict(config),
+        "train_config": {
+            key: value
+            for key, value in dataclasses.asdict(train_config).items()
+            if key not in ("num_workers", "progress")
+        },
+    }
+
+
+def _requested(args, shots: int | None, seed: int | None) -> dict:
+    """What the user asked for explicitly, normalised like a run record's values."""
+    request = {}
+    for key in RUN_FLAGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            request[key] = value
+    if "root" in request:
+        request["root"] = _resolve_root(request["root"])
+    if "pretrained" in request:
+        request["pretrained"] = _resolve_pretrained(request["pretrained"])
+    if shots is not None:
+        request["shots"] = shots
+    if seed is not None:
+        request["seed"] = seed
+    return request
+
+
+def _differences(stored: dict, args, shots=None, seed=None, keys=None) -> list[str]:
+    """``--flag given`` vs the stored run, for every option the user gave that differs."""
+    found = []
+    requested = _requested(args, shots, seed)
+    for key, value in requested.items():
+        if keys is not None and key not in keys:
+            continue
+        if key == "dataset":
+            continue  # compared through the loaded split's canonical name
+        if stored.get(key) != value:
+            found.append(f"{_flag_for(key, args)} {value} (the run has {stored.get(key)})")
+    for key, value in _config_request(args).items():
+        if stored["pini_config"].get(key) != value:
+            found.append(
+                f"{_flag_for(key, args)} {value} (the run has {stored['pini_config'].get(key)})"
+            )
+    if keys is None:
+        for key in TRAIN_FLAGS:
+            value = getattr(args, key, None)
+            if value is not None and stored["train_config"].get(key) != value:
+                found.append(
+                    f"{TRAIN_FLAGS[key]} {value} (the run has {stored['train_config'].get(key)})"
+                )
+    if args.trusted and not stored.get("trusted"):
+        found.append("--trusted (the run did not use it)")
+    return found
+
+
+def _stored_run(folder: Path) -> dict | None:
+    """The record of the run in ``folder``: from its checkpoint, else from run.json."""
+    checkpoint = folder / CHECKPOINT
+    if checkpoint.exists():
+        run = read_checkpoint(checkpoint).get("run")
+        if isinstance(run, dict) and run.get("format") == RUN_FORMAT:
+            return run
+        raise InputError(f"checkpoint {checkpoint} has no run record; it cannot be resumed")
+    record = folder / RUN_FILE
+    if record.exists():
+        try:
+            run = json.loads(record.read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"{record} cannot be read ({error})") from None
+        if isinstance(run, dict) and run.get("format") == RUN_FORMAT:
+            return run
+        raise InputError(f"{record} is not a run record this version wrote")
+    return None
+
+
+# --- run folders ------------------------------------------------------------------------------
+
+OWN_FILES = (RUN_FILE, CHECKPOINT, CHECKPOINT + ".tmp", METRICS, METRICS + ".tmp", SUMMARY)
+
+
+def _own_files(folder: Path) -> list[Path]:
+    return [folder / name for name in OWN_FILES if (folder / name).exists()] + sorted(
+        folder.glob("split-*shot-seed*.json*")
+    )
+
+
+def _prepare_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+    """A new run needs an empty (or new) folder; ``--overwrite`` first deletes pini's files in
+    it. The folder must be writable."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--output {folder} is a file, not a folder")
+    if overwrite and folder.is_dir():
+        for path in _own_files(folder):
+            path.unlink()
+    if not resume and folder.is_dir() and any(folder.iterdir()):
+        raise InputError(
+            f"run folder {folder} is not empty; use --resume to continue its run, --overwrite "
+            "to replace it, or another --output"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"run folder {folder} is not writable ({error.strerror})") from None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
+
+
+def _default_output(args, shots: int, seed: int) -> Path:
+    if args.output:
+        return Path(args.output)
+    if args.dataset:
+        name = args.dataset
+    elif args.root is not None:
+        name = Path(args.root).expanduser().resolve().name or "data"
+    else:
+        name = "digits"
+    row = args.noise or ("custom" if _given(args, CONFIG_FLAGS) else DEFAULT_ROW)
+    return Path("runs") / f"{name}-{row}-{shots}shot-seed{seed}"
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One run, checked and ready: its folder, its record, its data."""
+
+    folder: Path
+    run: dict
+    split: object
+    resume: bool
+
+
+def _plan(args, shots: int | None, seed: int | None, folder: Path, split) -> _Plan:
+    """Checks one run before any work: the folder, and on --resume that every flag matches.
+    ``shots``/``seed``: as given (None: the stored run's on --resume, else the defaults)."""
+    resume = bool(args.resume)
+    stored = _stored_run(folder) if resume and folder.is_dir() else None
+    if resume and stored is None:
+        print(f"pini: nothing to resume in {folder}: starting a new run", file=sys.stderr)
+        resume = False
+        if folder.is_dir() and any(folder.iterdir()):
+            raise InputError(
+                f"run folder {folder} holds files but no run record; use --overwrite or "
+                "another --output"
+            )
+    if resume:
+        differences = _differences(stored, args, shots, seed)
+        if split.name != stored["dataset"] or list(split.classnames) != stored["classnames"]:
+            differences.append(f"--root/--dataset {split.name} (the run has {stored['dataset']})")
+        if differences:
+            raise InputError(
+                f"--resume continues the run in {folder} exactly, but "
+                + "; ".join(differences)
+                + ". For a new run use another --output, or --overwrite to replace this one"
+            )
+        run = stored
+    else:
+        run = _new_run(args, shots, seed, split)  # checks the options before the folder
+        _prepare_folder(folder, resume=False, overwrite=bool(args.overwrite))
+    return _Plan(folder, run, split, resume)
+
+
+def _execute(args, plan: _Plan) -> dict | None:
+    run, split, folder = plan.run, plan.split, plan.folder
+    progress = not args.no_progress
+    rank, world = distributed_rank_world()
+    if rank == 0 and not plan.resume:
+        _write_json(folder / RUN_FILE, run)
+    model = _build_model(run, split, args.device, progress)
+    embedded = run["root"] is None
+    size = model.clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
     # The demo's 32-pixel digits keep at least half of each image in a crop.
     crop_scale = demo.CROP_SCALE if embedded else (0.08, 1.0)
     train_transform, test_transform = clip_transforms(size, crop_scale)
-    return model.to(args.device), split, train_transform, test_transform
-
-
-def _run(args, shots: int, seed: int, output: Path) -> dict:
-    torch.manual_seed(seed)
-    model, split, train_transform, test_transform = _setup(args)
-    embedded = args.root is None
-    rank, world = distributed_rank_world()
-    cache = output / f"split-{shots}shot-seed{seed}.json"
+    cache = folder / f"split-{run['shots']}shot-seed{run['seed']}.json"
+    source = {"dataset": run["dataset"], "root": run["root"]}
     if rank == 0:
-        few_shot(split.train, shots, seed, cache=cache)
+        few_shot(split.train, run["shots"], run["seed"], cache=cache, source=source)
     if world > 1:
         torch.distributed.barrier()  # every rank then reads the split rank 0 wrote
-    samples = few_shot(split.train, shots, seed, cache=cache)
-    epochs = args.epochs or (
-        DEFAULT_EPOCHS_EMBEDDED if embedded else (100 if len(split.classnames) >= 1000 else 200)
-    )
-    lr = args.lr or (
-        DEFAULT_LR_EMBEDDED if embedded else (0.001 if len(split.classnames) >= 1000 else 0.002)
-    )
-    config = TrainConfig(
-        epochs=epochs,
-        lr=lr,
-        batch_size=args.batch_size,
-        seed=seed,
-        num_workers=args.workers,
-        progress=not args.no_progress,
-    )
-    progress = not args.no_progress
+    samples = few_shot(split.train, run["shots"], run["seed"], cache=cache, source=source)
+    config = TrainConfig(**run["train_config"], num_workers=args.workers, progress=progress)
+    subset = getattr(split, "class_subset", None)
     if rank == 0:
         zero_shot = evaluate(
             model,
@@ -149,35 +583,48 @@ def _run(args, shots: int, seed: int, output: Path) -> dict:
             zero_shot=True,
             device=args.device,
             progress=progress,
+            class_subset=subset,
         )
-    train(model, samples, train_transform, config, output, resume=args.resume, device=args.device)
+    train(
+        model,
+        samples,
+        train_transform,
+        config,
+        folder,
+        resume=plan.resume,
+        device=args.device,
+        run=run,
+    )
     if rank != 0:
         return None
-    result = evaluate(model, split.test, test_transform, device=args.device, progress=progress)
+    result = evaluate(
+        model,
+        split.test,
+        test_transform,
+        device=args.device,
+        progress=progress,
+        class_subset=subset,
+    )
     summary = {
         "dataset": split.name,
-        "shots": shots,
-        "seed": seed,
-        "noise": args.noise,
+        "shots": run["shots"],
+        "seed": run["seed"],
+        "noise": run["noise"],
         "zero_shot_accuracy": zero_shot["accuracy"],
+        "zero_shot_template": _zero_shot_template(split),
         "accuracy": result["accuracy"],
         "macro_f1": result["macro_f1"],
+        "test_images": result["samples"],
         "skipped_images": result["skipped_images"],
-        "train_config": dataclasses.asdict(config),
+        "pini_config": run["pini_config"],
+        "train_config": run["train_config"],
     }
     if args.per_class:
         summary["per_class_accuracy"] = dict(
             zip(split.classnames, result["per_class_accuracy"], strict=True)
         )
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_json(folder / SUMMARY, summary)
     return summary
-
-
-def _default_output(args, shots: int, seed: int) -> Path:
-    if args.output:
-        return Path(args.output)
-    name = args.dataset or ("digits" if args.root is None else Path(args.root).name)
-    return Path("runs") / f"{name}-{args.noise}-{shots}shot-seed{seed}"
 
 
 def _print_summary(summary: dict) -> None:
@@ -190,11 +637,109 @@ def _print_summary(summary: dict) -> None:
         print(f"  {name:<24} {accuracy:6.2f}%")
 
 
+def _train_command(args) -> int:
+    _check_data_args(args)
+    split = _load_split(args.root, args.dataset)
+    folder = _default_output(args, args.shots or 16, 1 if args.seed is None else args.seed)
+    plan = _plan(args, args.shots, args.seed, folder, split)
+    summary = _execute(args, plan)
+    if summary is not None:
+        _print_summary(summary)
+    return 0
+
+
+def _sweep_command(args) -> int:
+    _check_data_args(args)
+    split = _load_split(args.root, args.dataset)
+    root = Path(args.output or "runs/sweep")
+    # Every run is checked before the first one starts.
+    plans = {
+        (shots, seed): _plan(args, shots, seed, root / f"{shots}shot-seed{seed}", split)
+        for shots in args.shot_list
+        for seed in args.seeds
+    }
+    for shots in args.shot_list:
+        accuracies = []
+        for seed in args.seeds:
+            summary = _execute(args, plans[shots, seed])
+            if summary is not None:
+                accuracies.append(summary["accuracy"])
+        if not accuracies:  # ranks other than 0 only train
+            continue
+        mean = statistics.fmean(accuracies)
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        interval = 1.96 * spread / math.sqrt(len(accuracies))
+        print(
+            f"{shots:>3} shots: {mean:.2f}% +- {interval:.2f} (95% interval, "
+            f"{len(accuracies)} seeds)"
+        )
+    return 0
+
+
+# Options whose trained parameters depend on the class list: evaluating them on other classes
+# would silently pair class c's learned noise with another class.
+def _depends_on_classes(pini_config: dict) -> bool:
+    return pini_config.get("text") == "feature" and pini_config.get("text_generator") == "embedding"
+
+
+def _eval_command(args) -> int:
+    state = read_checkpoint(args.checkpoint)
+    run = state.get("run")
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise InputError(f"checkpoint {args.checkpoint} has no run record; it cannot be evaluated")
+    model_keys = ("model", "pretrained", "template")
+    differences = _differences(run, args, keys=model_keys)
+    if differences:
+        raise InputError(
+            f"eval builds the model stored in {args.checkpoint}, but "
+            + "; ".join(differences)
+            + ". Leave these flags out (only --root and --dataset may name other data)"
+        )
+    if args.root is None and args.dataset is None:
+        root, dataset = run["root"], run["dataset"]
+    else:
+        _check_data_args(args)
+        root, dataset = args.root, args.dataset
+    if root is None:
+        dataset = None if dataset in (None, "digits") else dataset
+    split = _load_split(root, dataset)
+    if _depends_on_classes(run["pini_config"]) and list(split.classnames) != run["classnames"]:
+        raise InputError(
+            f"the run learned noise per class of {run['dataset']} (--text feature with "
+            f"--text-generator embedding); {split.name} has other classes, so it cannot be "
+            "evaluated there"
+        )
+    progress = not args.no_progress
+    model = _build_model(run, split, args.device, progress)
+    load_checkpoint(state, model)
+    result = evaluate(
+        model,
+        split.test,
+        _test_transform(model),
+        device=args.device,
+        progress=progress,
+        class_subset=getattr(split, "class_subset", None),
+    )
+    print(
+        f"{split.name}: accuracy {result['accuracy']:.2f}%, macro-F1 "
+        f"{result['macro_f1']:.2f}% on {result['samples']} images, skipped "
+        f"{result['skipped_images']} unreadable"
+    )
+    if args.per_class:
+        for name, accuracy in zip(split.classnames, result["per_class_accuracy"], strict=True):
+            print(f"  {name:<24} {accuracy:6.2f}%")
+    return 0
+
+
+def _test_transform(model: PiNI):
+    size = model.clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return clip_transforms(size)[1]
+
+
 def _init_distributed(args) -> int:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and
     use this rank's GPU. Returns the rank (0 without torchrun)."""
-    import os
-
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -210,41 +755,19 @@ def _init_distributed(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    rank = _init_distributed(args) if args.command in ("train", "sweep") else 0
-    if rank != 0:
-        args.no_progress = True
-    if args.command == "train":
-        summary = _run(args, args.shots, args.seed, _default_output(args, args.shots, args.seed))
-        if summary is not None:
-            _print_summary(summary)
-    elif args.command == "eval":
-        model, split, _, test_transform = _setup(args)
-        load_checkpoint(Path(args.checkpoint), model)
-        result = evaluate(
-            model, split.test, test_transform, device=args.device, progress=not args.no_progress
-        )
-        print(
-            f"{split.name}: accuracy {result['accuracy']:.2f}%, "
-            f"macro-F1 {result['macro_f1']:.2f}%, skipped {result['skipped_images']} images"
-        )
-    else:
-        root = Path(args.output or "runs/sweep")
-        for shots in args.shot_list:
-            accuracies = []
-            for seed in args.seeds:
-                summary = _run(args, shots, seed, root / f"{shots}shot-seed{seed}")
-                if summary is not None:
-                    accuracies.append(summary["accuracy"])
-            if not accuracies:  # ranks other than 0 only train
-                continue
-            mean = statistics.fmean(accuracies)
-            spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-            interval = 1.96 * spread / math.sqrt(len(accuracies))
-            print(
-                f"{shots:>3} shots: {mean:.2f}% +- {interval:.2f} (95% interval, "
-                f"{len(accuracies)} seeds)"
-            )
-    return 0
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        rank = _init_distributed(args) if args.command in ("train", "sweep") else 0
+        if rank != 0:
+            args.no_progress = True
+        command = {"train": _train_command, "eval": _eval_command, "sweep": _sweep_command}
+        return command[args.command](args)
+    except InputError as error:
+        if args.debug:
+            raise
+        print(f"pini {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .data import ImageList, collate_skipping
+from .errors import InputError
 from .model import PiNI
 
 CHECKPOINT = "checkpoint.pt"
@@ -39,8 +40,9 @@ METRICS = "metrics.jsonl"
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The paper's defaults (appendix A.3): SGD, momentum 0.9, weight decay 5e-4, batch 32,
-    cosine schedule after one warm-up epoch at a constant 1e-5; lr 0.002, 200 epochs."""
+    """The paper's defaults (appendix A.3): SGD, batch 32, a cosine schedule after one warm-up
+    epoch at a constant 1e-5, lr 0.002, 200 epochs. Momentum 0.9 and weight decay 5e-4 are
+    Dassl's defaults (the authors' code base): the paper does not state them."""
 
     epochs: int = 200
     lr: float = 0.002
@@ -54,11 +56,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("epochs", "batch_size", "warmup_epochs"):
+            value = getattr(self, name)
+            minimum = 0 if name == "warmup_epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("lr", "warmup_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise InputError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:
@@ -75,7 +81,13 @@ RANK_STREAM = 1_000_000_007
 class GlobalBatches(Sampler):
     """One permutation of the data per epoch (from ``generator``), cut into global batches of
     ``batch_size``; each rank takes every ``world``-th sample of each global batch, so the ranks
-    together see exactly the batches a single process would."""
+    together see exactly the batches a single process would.
+
+    Every rank takes part in every step, even where the last global batch leaves it no sample
+    (100 samples, batch 32, 8 ranks: the tail of 4 gives ranks 4..7 nothing): it then gets an
+    empty share and contributes a zero loss. ``shares[step]`` is ``(samples of this rank, samples
+    of the global batch)``, from which the trainer weights each rank's loss so that the gradient
+    is the mean over the samples actually in the global batch."""
 
     def __init__(
         self,
@@ -85,16 +97,20 @@ class GlobalBatches(Sampler):
         rank: int = 0,
         world: int = 1,
     ):
-        self.length, self.batch_size, self.generator = length, batch_size, generator
-        self.rank, self.world = rank, world
+        order = torch.randperm(length, generator=generator).tolist()
+        self.batches: list[list[int]] = []
+        self.shares: list[tuple[int, int]] = []
+        for start in range(0, length, batch_size):
+            global_batch = order[start : start + batch_size]
+            mine = global_batch[rank::world]
+            self.batches.append(mine)
+            self.shares.append((len(mine), len(global_batch)))
 
     def __iter__(self):
-        order = torch.randperm(self.length, generator=self.generator).tolist()
-        for start in range(0, self.length, self.batch_size):
-            yield order[start : start + self.batch_size][self.rank :: self.world]
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return -(-self.length // self.batch_size)
+        return len(self.batches)
 
 
 class _LossStep(nn.Module):
@@ -122,14 +138,38 @@ def _trainable(model: PiNI) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model: PiNI, optimizer, epoch: int, config: TrainConfig) -> None:
-    """Only the trainable parameters, the optimizer and where we are; written atomically."""
+def generator_state(model: PiNI) -> dict[str, torch.Tensor]:
+    """What training changes: every entry of the model's state dict outside the frozen CLIP (the
+    generators' parameters and buffers, e.g. BatchNorm statistics), on the CPU."""
+    return {
+        name: value.detach().cpu()
+        for name, value in model.state_dict().items()
+        if not name.startswith("clip.")
+    }
+
+
+# Written into every checkpoint; a file without it is not one of ours (or an older format).
+CHECKPOINT_FORMAT = "pini-run-checkpoint/2"
+
+
+def save_checkpoint(
+    path: Path,
+    model: PiNI,
+    optimizer,
+    epoch: int,
+    config: TrainConfig,
+    run: dict | None = None,
+) -> None:
+    """The generators' state, the optimizer, where we are and what the run is (``run``: the
+    resolved options of the command that started it); written atomically."""
     state = {
+        "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
-        "trainable": {name: p.detach().cpu() for name, p in _trainable(model).items()},
+        "generators": generator_state(model),
         "optimizer": optimizer.state_dict(),
         "train_config": dataclasses.asdict(config),
         "pini_config": dataclasses.asdict(model.config),
+        "run": run or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -137,19 +177,91 @@ def save_checkpoint(path: Path, model: PiNI, optimizer, epoch: int, config: Trai
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path, model: PiNI, optimizer=None) -> int:
-    """Restores the trainable parameters (and the optimizer); returns the checkpoint's epoch."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    trainable = _trainable(model)
-    missing = set(trainable) ^ set(state["trainable"])
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: {sorted(missing)}")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            trainable[name].copy_(value)
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``save_checkpoint``, checked; ``InputError`` (one line naming the
+    file and what it holds instead) for anything else: a missing, truncated, empty or foreign
+    file, or CLIP weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}: no such file (expected RUN/{CHECKPOINT})")
+    if path.stat().st_size == 0:
+        raise InputError(f"checkpoint {path} is empty (0 bytes): the run was never saved")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt archive
+        raise InputError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}): it is truncated, "
+            f"corrupt or not a file torch.save wrote; expected RUN/{CHECKPOINT}"
+        ) from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        for key, kind in (("epoch", int), ("generators", dict), ("pini_config", dict)):
+            if not isinstance(state.get(key), kind):
+                raise InputError(f"checkpoint {path} is damaged: {key!r} is missing or malformed")
+        return state
+    if isinstance(state, dict) and "trainable" in state and "pini_config" in state:
+        raise InputError(
+            f"checkpoint {path} was written by an older pini (no run record); "
+            "train it again with this version"
+        )
+    looks_like_weights = isinstance(state, dict) and any(
+        isinstance(key, str) and key.split(".")[0] in _CLIP_KEYS for key in state
+    )
+    what = "CLIP weights (give those to --pretrained)" if looks_like_weights else "something else"
+    raise InputError(
+        f"checkpoint {path} is not a pini run checkpoint: it holds {what}; "
+        f"expected the {CHECKPOINT} that `pini train` writes into its run folder"
+    )
+
+
+_CLIP_KEYS = {"visual", "transformer", "token_embedding", "positional_embedding", "logit_scale"}
+
+
+def load_checkpoint(checkpoint: str | Path | dict, model: PiNI, optimizer=None) -> int:
+    """Restores the generators' state (and the optimizer) from a checkpoint (a path, or what
+    ``read_checkpoint`` returned); returns the checkpoint's epoch. A checkpoint of another model
+    (other generators or shapes) is an ``InputError`` naming what differs."""
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    expected = generator_state(model)
+    stored = state["generators"]
+    if set(expected) != set(stored):
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        raise InputError(
+            "the checkpoint's generators do not match the model: "
+            f"missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for name, value in expected.items():
+        if stored[name].shape != value.shape:
+            raise InputError(
+                f"the checkpoint's {name} has shape {tuple(stored[name].shape)}, the model "
+                f"expects {tuple(value.shape)} (another class list, template or model?)"
+            )
+    model.load_state_dict(stored, strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"])
+
+
+def _keep_metrics_through(path: Path, epochs_done: int) -> None:
+    """Drops metric lines past the checkpoint (a kill between the metrics append and the
+    checkpoint write leaves an epoch that will run again) and any torn last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(epoch, int) and epoch <= epochs_done:
+            kept.append(line)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+
+
+def _image_size(model: PiNI) -> tuple[int, int]:
+    size = model.clip.visual.image_size
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def train(
@@ -162,14 +274,22 @@ def train(
     resume: bool = False,
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[dict], None] | None = None,
+    run: dict | None = None,
 ) -> dict:
     """Trains the generators of ``model`` on ``samples`` ((source, label) pairs); returns the
-    last epoch's metrics. Writes ``metrics.jsonl`` and ``checkpoint.pt`` under ``output_dir``."""
+    last epoch's metrics. Writes ``metrics.jsonl`` and ``checkpoint.pt`` under ``output_dir``
+    (``run``, the command's resolved options, is stored in the checkpoint). Without ``resume``,
+    a folder that already holds a checkpoint is refused: nothing is overwritten."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank_world()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world} ranks")
+    checkpoint = output_dir / CHECKPOINT
+    if not resume and checkpoint.exists():
+        raise InputError(
+            f"{output_dir} already holds a run ({CHECKPOINT}); resume it or use another folder"
+        )
+    if not samples:
+        raise InputError("no training samples: the few-shot split is empty")
     model.to(device)
     step_module: nn.Module = _LossStep(model)
     if world > 1:
@@ -180,10 +300,12 @@ def train(
         parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     start_epoch = 0
-    checkpoint = output_dir / CHECKPOINT
     if resume and checkpoint.is_file():
-        start_epoch = load_checkpoint(checkpoint, model, optimizer) + 1
+        start_epoch = load_checkpoint(read_checkpoint(checkpoint), model, optimizer) + 1
+    if rank == 0:
+        _keep_metrics_through(output_dir / METRICS, start_epoch)
     dataset = ImageList(samples, transform)
+    blank_image = torch.zeros(1, 3, *_image_size(model))
     metrics: dict = {}
     for epoch in range(start_epoch, config.epochs):
         for group in optimizer.param_groups:
@@ -191,15 +313,16 @@ def train(
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)  # augmentations in this process
         order = torch.Generator().manual_seed(epoch_seed)
+        batches = GlobalBatches(len(dataset), config.batch_size, order, rank, world)
         loader = DataLoader(
             dataset,
-            batch_sampler=GlobalBatches(len(dataset), config.batch_size, order, rank, world),
+            batch_sampler=batches,
             num_workers=config.num_workers,
             collate_fn=collate_skipping,
             generator=order,
         )
         model.train()
-        total_loss, batches, skipped, started = 0.0, 0, 0, time.perf_counter()
+        total_loss, trained, skipped, started = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -208,20 +331,38 @@ def train(
         )
         for step, (images, labels, batch_skipped) in enumerate(bar):
             skipped += batch_skipped
-            if images is None:
-                continue
+            kept = 0 if images is None else images.shape[0]
+            if kept == 0:
+                if world == 1:
+                    continue
+                # Every rank joins every all-reduce: an empty share steps with a zero weight.
+                images, labels = blank_image, torch.zeros(1, dtype=torch.long)
+            # DDP averages over ranks: weight each rank's mean by its share of the global batch,
+            # so the step's gradient is the mean over the samples actually in it.
+            weight = kept * world / batches.shares[step][1] if world > 1 else 1.0
             images, labels = images.to(device), labels.to(device)
             noise_seed = (epoch_seed + step + rank * RANK_STREAM) % (1 << 62)
             loss = step_module(images, labels, noise_seed)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             optimizer.step()
-            total_loss += loss.item()
-            batches += 1
-            bar.set_postfix(loss=f"{total_loss / batches:.4f}")
+            if kept:
+                total_loss += loss.item() * kept
+                trained += kept
+                bar.set_postfix(loss=f"{total_loss / trained:.4f}")
+        trained_everywhere = trained
+        if world > 1:
+            count = torch.tensor([trained], dtype=torch.long, device=device)
+            dist.all_reduce(count)
+            trained_everywhere = int(count.item())
+        if trained_everywhere == 0:
+            raise InputError(
+                f"epoch {epoch + 1}: no training image could be read ({skipped} skipped, "
+                "see the warnings above); nothing was trained"
+            )
         metrics = {
             "epoch": epoch + 1,
-            "loss": total_loss / max(batches, 1),
+            "loss": total_loss / max(trained, 1),
             "lr": optimizer.param_groups[0]["lr"],
             "skipped_images": skipped,
             "seconds": round(time.perf_counter() - started, 3),
@@ -231,7 +372,7 @@ def train(
                 tqdm.write(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
             with open(output_dir / METRICS, "a") as log:
                 log.write(json.dumps(metrics) + "\n")
-            save_checkpoint(checkpoint, model, optimizer, epoch, config)
+            save_checkpoint(checkpoint, model, optimizer, epoch, config, run)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     return metrics
@@ -248,15 +389,19 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     seed: int = 0,
+    class_subset: list[int] | None = None,
 ) -> dict:
     """Accuracy, macro-F1 and per-class accuracy (in %) of PiNI (or zero-shot CLIP) on
     ``samples``; unreadable images are skipped and counted. The inference noise of batch ``i``
-    is drawn with seed ``seed + i``, so an evaluation is exactly repeatable."""
+    is drawn with seed ``seed + i``, so an evaluation is exactly repeatable. ``class_subset``
+    (indices into the model's classes, e.g. ImageNet-A's 200 of ImageNet's 1000) restricts the
+    prediction to those classes. No readable image at all is an ``InputError``."""
     model.to(device).eval()
     loader = DataLoader(
         ImageList(samples, transform), batch_size=batch_size, collate_fn=collate_skipping
     )
     classes = model.token_ids.shape[0]
+    subset = None if class_subset is None else torch.tensor(class_subset, dtype=torch.long)
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     skipped = 0
     batches = tqdm(loader, desc="evaluate", leave=False, disable=not progress)
@@ -269,10 +414,15 @@ def evaluate(
             logits = model.zero_shot_logits(images)
         else:
             logits = model(images, seed=(seed + batch_index) % (1 << 62))
-        predictions = logits.argmax(dim=-1).cpu()
+        if subset is None:
+            predictions = logits.argmax(dim=-1).cpu()
+        else:
+            predictions = subset[logits[:, subset.to(logits.device)].argmax(dim=-1).cpu()]
         confusion += torch.bincount(
             labels * classes + predictions, minlength=classes * classes
         ).view(classes, classes)
+    if confusion.sum() == 0:
+        raise InputError(f"no image to evaluate: {len(samples)} test samples, {skipped} unreadable")
     correct = confusion.diag().double()
     support = confusion.sum(dim=1).double()
     predicted = confusion.sum(dim=0).double()

@@ -10,6 +10,7 @@ import pini
 import pini.demo
 from pini import cli
 from pini.data import clip_transforms, few_shot, load_dataset, load_digits_split, load_image_folder
+from pini.errors import InputError
 from pini.train import CHECKPOINT, METRICS, TrainConfig, evaluate, lr_factor, train
 
 CLASSES = ["zero", "one", "two"]
@@ -30,7 +31,9 @@ def test_few_shot_is_deterministic_and_exact(tmp_path, caplog):
     cache = tmp_path / "split.json"
     cached = few_shot(samples, 3, seed=1, cache=cache)
     assert cached == first and json.loads(cache.read_text())["seed"] == 1
-    assert few_shot(samples, 3, seed=99, cache=cache) == first  # the cache wins: reproducible
+    assert few_shot(samples, 3, seed=1, cache=cache) == first  # reused: reproducible
+    with pytest.raises(InputError, match="seed 1 -> 99"):  # never reused for another split
+        few_shot(samples, 3, seed=99, cache=cache)
 
 
 def _image_folder(root, corrupt: bool):

@@ -1,0 +1,541 @@
+"""The `pini` command line as a user meets it: wrong flags, files and folders give one line on
+stderr and exit status 2; a run never trains on data or a config other than what was asked for.
+
+Tiny ImageFolder trees are built with PIL in tmp_path; the backbone is the random `pini-tiny`.
+Most cases call `cli.main` in-process (what the console script runs); a few run the real
+`pini` entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import pini
+import pini.demo
+from pini import cli
+from pini.data import few_shot
+from pini.errors import InputError
+
+CLASSES = ["bird", "cat", "dog"]
+TINY = ["--model", "pini-tiny", "--no-progress", "--batch-size", "4", "--epochs", "1"]
+
+
+def make_folder(root, classes=CLASSES, per_class=3, splits=("train", "test"), size=8):
+    for split in splits:
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                color = (70 * label % 256, 50 * i % 256, 200 - 60 * label % 200)
+                Image.new("RGB", (size, size), color).save(folder / f"{i}.png")
+    return root
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `pini ARGV`, in this process."""
+    try:
+        status = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(result, *fragments):
+    status, _, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("pini")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_folder(tmp_path / "data" / "toy")
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished run (lr 0.002, batch 4, 2 shots, 1 epoch, seed 1) on its own data folder;
+    tests copy it before changing anything."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("trained")
+    data = make_folder(base / "data" / "toy").parent
+    output = base / "run"
+    status = cli.main(
+        [str(a) for a in ["train", *TINY, "--root", data, "--dataset", "toy", "--shots", "2"]]
+        + ["--lr", "0.002", "--output", str(output)]
+    )
+    assert status == 0
+
+    def copy(tmp_path):
+        shutil.copytree(base, tmp_path / "copy")
+        return tmp_path / "copy" / "data", tmp_path / "copy" / "run"
+
+    return copy
+
+
+def train_run(data, output, capsys, *extra):
+    result = run_cli(
+        [
+            "train",
+            *TINY,
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--shots",
+            "2",
+            "--output",
+            output,
+            *list(extra),
+        ],
+        capsys,
+    )
+    assert result[0] == 0, result[2]
+    return json.loads((output / "summary.json").read_text())
+
+
+# --- help and flags ---------------------------------------------------------------------------
+
+
+def test_help_prints_for_every_command(capsys):
+    for command in ([], ["sweep"]):  # the real entry point
+        completed = subprocess.run(
+            [sys.executable, "-m", "pini", *command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert "usage: pini" in completed.stdout and not completed.stderr.strip()
+        assert "95% interval" in " ".join(completed.stdout.split())  # argparse's % format
+    for command in (["train"], ["eval"]):
+        status, out, err = run_cli([*command, "--help"], capsys)
+        assert status == 0 and f"usage: pini {command[0]}" in out and not err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["train", "--epochs", "0"], ["--epochs", "positive integer", "'0'"]),
+        (["train", "--lr", "0"], ["--lr", "positive number", "'0'"]),
+        (["train", "--lr", "nan"], ["--lr", "positive number"]),
+        (["train", "--shots", "0"], ["--shots", "positive integer"]),
+        (["train", "--batch-size", "-4"], ["--batch-size", "positive integer"]),
+        (["train", "--seed", str(1 << 64)], ["--seed", "[0, 2^62)"]),
+        (["train", "--num-samples", "0"], ["--num-samples", "positive integer"]),
+        (["sweep", "--shot-list", "2", "0"], ["--shot-list", "'0'"]),
+        (["sweep", "--seeds", "1", "-1"], ["--seeds", "'-1'"]),
+        (["train", "--dataset", "oxford_pets"], ["--dataset oxford_pets needs --root"]),
+        (["train", "--root", "no/such/folder"], ["--root no/such/folder", "no such folder"]),
+        (["train", "--resume", "--overwrite"], ["not allowed with"]),
+        (["eval"], ["--checkpoint"]),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, fragments, capsys):
+    assert_one_line_error(run_cli(argv, capsys), *fragments)
+
+
+def test_flag_errors_from_the_real_entry_point():
+    """The console script: status 2, one line on stderr, no traceback."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "pini", "train", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "pini train: error: argument --epochs: expected a positive integer, got '0' "
+        "(see pini train --help)"
+    ]
+
+
+def test_model_without_weights_and_unknown_weights_are_refused(data, capsys, tmp_path):
+    base = ["train", "--root", data, "--dataset", "toy", "--output", tmp_path / "run"]
+    assert_one_line_error(
+        run_cli([*base, "--model", "ViT-B-16"], capsys), "--pretrained is needed for ViT-B-16"
+    )
+    assert_one_line_error(
+        run_cli([*base, "--model", "pini-tiny", "--pretrained", "no-such-tag"], capsys),
+        "--pretrained no-such-tag is neither a file nor a pretrained tag of pini-tiny",
+    )
+    assert_one_line_error(
+        run_cli([*base, "--model", "pini-tiny", "--pretrained", "missing.pt"], capsys),
+        "--pretrained missing.pt: no such weights file",
+    )
+    assert_one_line_error(
+        run_cli([*base, "--model", "ViT-X-99", "--pretrained", "openai"], capsys),
+        "unknown open_clip model 'ViT-X-99'",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_config_combination_is_one_line(data, capsys, tmp_path):
+    result = run_cli(
+        [
+            "train",
+            *TINY,
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--output",
+            tmp_path / "r",
+            "--visual",
+            "feature",
+            "--visual-generator",
+            "cnn",
+        ],
+        capsys,
+    )
+    assert_one_line_error(result, "visual_generator", "'cnn'")
+
+
+# --- run folders and resume -------------------------------------------------------------------
+
+
+def test_a_used_run_folder_is_refused_and_overwrite_replaces_it(data, tmp_path, capsys):
+    output = tmp_path / "run"
+    train_run(data, output, capsys)
+    metrics_before = (output / "metrics.jsonl").read_text()
+    result = run_cli(
+        ["train", *TINY, "--root", data, "--dataset", "toy", "--output", output], capsys
+    )
+    assert_one_line_error(result, f"run folder {output} is not empty", "--resume", "--overwrite")
+    assert (output / "metrics.jsonl").read_text() == metrics_before  # nothing appended
+    summary = train_run(data, output, capsys, "--overwrite", "--seed", "2")
+    assert summary["seed"] == 2
+    assert len((output / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (output / "split-2shot-seed1.json").exists()  # the old run's files are gone
+
+
+def test_a_folder_with_foreign_files_is_refused(data, tmp_path, capsys):
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "notes.txt").write_text("my notes")
+    result = run_cli(
+        ["train", *TINY, "--root", data, "--dataset", "toy", "--output", output], capsys
+    )
+    assert_one_line_error(result, "is not empty")
+    assert (output / "notes.txt").read_text() == "my notes"
+
+
+RESUME_CHANGES = [
+    (["--mode", "mul"], "--mode mul (the run has add)"),
+    (["--noise", "feature"], "--noise feature (text) none (the run has prompt)"),
+    (["--lr", "0.5"], "--lr 0.5 (the run has 0.002)"),
+    (["--batch-size", "8"], "--batch-size 8 (the run has 4)"),
+    (["--shots", "3"], "--shots 3 (the run has 2)"),
+    (["--epochs", "2"], "--epochs 2 (the run has 1)"),
+    (["--seed", "5"], "--seed 5 (the run has 1)"),
+    (["--num-samples", "2"], "--num-samples 2 (the run has 1)"),
+    (["--template", "a drawing of a"], "--template a drawing of a (the run has None)"),
+]
+
+
+def test_resume_refuses_a_changed_flag(trained, tmp_path, capsys):
+    data, output = trained(tmp_path)
+    checkpoint = (output / "checkpoint.pt").read_bytes()
+    for flag, fragment in RESUME_CHANGES:
+        result = run_cli(
+            [
+                "train",
+                "--no-progress",
+                "--root",
+                data,
+                "--dataset",
+                "toy",
+                "--output",
+                output,
+                "--resume",
+                *flag,
+            ],
+            capsys,
+        )
+        assert_one_line_error(result, "--resume continues the run", fragment, "another --output")
+    assert (output / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_resume_refuses_other_data(trained, tmp_path, capsys):
+    make_folder(tmp_path / "other" / "toy", classes=["ant", "bee", "cow"])
+    _, output = trained(tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "--no-progress",
+            "--root",
+            tmp_path / "other",
+            "--dataset",
+            "toy",
+            "--output",
+            output,
+            "--resume",
+        ],
+        capsys,
+    )
+    assert_one_line_error(result, "--root", str(tmp_path / "other"), "(the run has")
+
+
+def test_resume_refuses_a_changed_image_listing(data, tmp_path, capsys):
+    """Images added after the split was drawn: the cached split no longer describes the data."""
+    output = tmp_path / "run"
+    run_cli(
+        [
+            "train",
+            *TINY[:-1],
+            "3",
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--shots",
+            "2",
+            "--output",
+            output,
+        ],
+        capsys,
+    )
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    (output / "metrics.jsonl").write_text(lines[0] + "\n")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(data / "toy" / "train" / "cat" / "new.png")
+    result = run_cli(
+        [
+            "train",
+            "--no-progress",
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--output",
+            output,
+            "--resume",
+        ],
+        capsys,
+    )
+    assert_one_line_error(result, "split-2shot-seed1.json", "image listing")
+
+
+def test_resume_continues_with_the_stored_options_and_drops_extra_metric_lines(
+    data, tmp_path, capsys
+):
+    output = tmp_path / "run"
+    train_run(data, output, capsys, "--mode", "mul", "--lr", "0.01")
+    metrics = output / "metrics.jsonl"
+    first = metrics.read_text().splitlines()
+    # A kill between the metrics append and the checkpoint write: an epoch too many, torn.
+    metrics.write_text("\n".join(first) + '\n{"epoch": 2, "loss": 1.0}\n{"epo')
+    status, _out, err = run_cli(
+        [
+            "train",
+            "--no-progress",
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--output",
+            output,
+            "--resume",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    assert metrics.read_text().splitlines() == first
+    run = json.loads((output / "run.json").read_text())
+    assert run["pini_config"]["mode"] == "mul" and run["train_config"]["lr"] == 0.01
+
+
+def test_split_cache_is_checked_against_what_it_was_drawn_from(tmp_path):
+    samples = [(f"/data/{c}/{i}.png", c) for c in range(3) for i in range(4)]
+    cache = tmp_path / "split.json"
+    source = {"dataset": "toy", "root": "/data"}
+    chosen = few_shot(samples, 2, 1, cache=cache, source=source)
+    assert few_shot(samples, 2, 1, cache=cache, source=source) == chosen
+    with pytest.raises(InputError, match=r"seed 1 -> 2"):
+        few_shot(samples, 2, 2, cache=cache, source=source)
+    with pytest.raises(InputError, match=r"shots 2 -> 3"):
+        few_shot(samples, 3, 1, cache=cache, source=source)
+    with pytest.raises(InputError, match=r"dataset .*'/data'.*'/elsewhere'"):
+        few_shot(samples, 2, 1, cache=cache, source={**source, "root": "/elsewhere"})
+    with pytest.raises(InputError, match="image listing"):
+        few_shot([*samples, ("/data/0/9.png", 0)], 2, 1, cache=cache, source=source)
+    relabelled = [(path, (label + 1) % 3) for path, label in samples]
+    with pytest.raises(InputError, match="image listing"):
+        few_shot(relabelled, 2, 1, cache=cache, source=source)
+    cache.write_text('{"indices": [0, 1]}')  # an old cache without a record
+    with pytest.raises(InputError, match="not one this version wrote"):
+        few_shot(samples, 2, 1, cache=cache, source=source)
+
+
+# --- checkpoints and eval ---------------------------------------------------------------------
+
+
+def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
+    data, output = trained(tmp_path)
+    real = (output / "checkpoint.pt").read_bytes()
+    cases = {
+        "empty.pt": (b"", "is empty (0 bytes)"),
+        "truncated.pt": (real[: len(real) // 2], "cannot be read"),
+        "random.pt": (os.urandom(4096), "cannot be read"),
+    }
+    for name, (content, fragment) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        result = run_cli(["eval", "--checkpoint", tmp_path / name], capsys)
+        assert_one_line_error(result, f"checkpoint {tmp_path / name}", fragment)
+    clip, _ = pini.build_clip("pini-tiny")
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    result = run_cli(["eval", "--checkpoint", tmp_path / "clip.pt"], capsys)
+    assert_one_line_error(result, "not a pini run checkpoint", "CLIP weights", "--pretrained")
+    result = run_cli(["eval", "--checkpoint", tmp_path / "missing.pt"], capsys)
+    assert_one_line_error(result, "missing.pt: no such file")
+    # A damaged checkpoint is found before any work when resuming.
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "checkpoint.pt").write_bytes(b"junk")
+    result = run_cli(
+        [
+            "train",
+            *TINY,
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--output",
+            tmp_path / "y",
+            "--resume",
+        ],
+        capsys,
+    )
+    assert_one_line_error(result, "cannot be read")
+
+
+def test_eval_rebuilds_the_trained_model_and_repeats_its_accuracy(data, tmp_path, capsys):
+    """pini-tiny is random: eval must seed its backbone as training did."""
+    output = tmp_path / "run"
+    summary = train_run(data, output, capsys, "--seed", "7", "--lr", "0.5")
+    status, out, err = run_cli(
+        ["eval", "--no-progress", "--checkpoint", output / "checkpoint.pt"], capsys
+    )
+    assert status == 0, err
+    assert f"accuracy {summary['accuracy']:.2f}%" in out
+    assert f"macro-F1 {summary['macro_f1']:.2f}%" in out
+
+
+def test_eval_refuses_contradicting_model_flags(trained, tmp_path, capsys):
+    _, output = trained(tmp_path)
+    checkpoint = output / "checkpoint.pt"
+    for flags, fragment in [
+        (["--mode", "mul"], "--mode mul (the run has add)"),
+        (["--noise", "image"], "--noise image"),
+        (["--template", "a drawing of a"], "--template a drawing of a"),
+        (["--model", "ViT-B-16"], "--model ViT-B-16 (the run has pini-tiny)"),
+    ]:
+        result = run_cli(["eval", "--checkpoint", checkpoint, *flags], capsys)
+        assert_one_line_error(result, "eval builds the model stored in", fragment)
+
+
+def test_eval_on_other_data_and_its_limits(trained, tmp_path, capsys):
+    other = make_folder(tmp_path / "more" / "pets", classes=["ant", "bee", "cow", "eel"])
+    data, output = trained(tmp_path)
+    status, out, err = run_cli(
+        [
+            "eval",
+            "--no-progress",
+            "--checkpoint",
+            output / "checkpoint.pt",
+            "--root",
+            other.parent,
+            "--dataset",
+            "pets",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    assert out.startswith("pets: accuracy") and "on 12 images" in out
+    per_class = tmp_path / "per-class"
+    train_run(data, per_class, capsys, "--text", "feature", "--text-generator", "embedding")
+    result = run_cli(
+        [
+            "eval",
+            "--checkpoint",
+            per_class / "checkpoint.pt",
+            "--root",
+            other.parent,
+            "--dataset",
+            "pets",
+        ],
+        capsys,
+    )
+    assert_one_line_error(result, "learned noise per class", "other classes")
+
+
+# --- data that would give meaningless numbers -------------------------------------------------
+
+
+def test_no_test_images_is_an_error(tmp_path, capsys):
+    make_folder(tmp_path / "d" / "toy", splits=("train",))
+    (tmp_path / "d" / "toy" / "test").mkdir()
+    result = run_cli(
+        ["train", *TINY, "--root", tmp_path / "d", "--dataset", "toy", "--output", tmp_path / "r"],
+        capsys,
+    )
+    assert_one_line_error(result, "toy", "test images")
+
+
+def test_every_training_image_unreadable_is_an_error(tmp_path, capsys):
+    root = make_folder(tmp_path / "d" / "toy", splits=("test",))
+    for name in CLASSES:
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(2):
+            (folder / f"{i}.png").write_bytes(b"not an image")
+    result = run_cli(
+        ["train", *TINY, "--root", tmp_path / "d", "--dataset", "toy", "--output", tmp_path / "r"],
+        capsys,
+    )
+    assert_one_line_error(result, "no training image could be read", "6 skipped")
+
+
+def test_an_oversized_image_is_skipped_and_counted(data, tmp_path, capsys, monkeypatch):
+    """PIL's DecompressionBombError (not an OSError) is skipped like any decode failure."""
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "toy" / "test" / "cat" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 > 2x: an error, 8x8 is fine
+    summary = train_run(data, tmp_path / "run", capsys)
+    assert summary["skipped_images"] == 1 and summary["test_images"] == 9
+
+
+# --- naming and repeatability -----------------------------------------------------------------
+
+
+def test_root_dot_names_the_run_after_the_folder(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(data / "toy")
+    status, _, err = run_cli(["train", *TINY, "--root", ".", "--shots", "1"], capsys)
+    assert status == 0, err
+    assert (data / "toy" / "runs" / "toy-feature+prompt-1shot-seed1" / "summary.json").is_file()
+
+
+def test_model_initialisation_does_not_depend_on_the_global_rng(data, capsys):
+    """The demo's cached or fresh backbone consumes the RNG differently: the generators must
+    not see it."""
+    split = pini.data.load_dataset(data, "toy")
+    run = cli._new_run(cli._parser().parse_args(["train", "--model", "pini-tiny"]), 2, 3, split)
+    torch.manual_seed(0)
+    first = cli._build_model(run, split, "cpu", progress=False)
+    torch.rand(1000)
+    second = cli._build_model(run, split, "cpu", progress=False)
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
