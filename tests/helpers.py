@@ -66,3 +66,74 @@ def assert_close(
             f"|diff|={error[index].item():.3g}"
         )
     return float(error.max())
+
+
+def inject_forward_backward(
+    fn, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, grad_weights: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``out = fn(x, mu, sigma, **kwargs)``, then backward of ``sum(out * grad_weights)``.
+
+    Returns ``out`` and the gradients of ``x``, ``mu`` and ``sigma`` (fresh leaves, so the
+    caller's tensors are left alone).
+    """
+    x, mu, sigma = (t.detach().clone().requires_grad_(True) for t in (x, mu, sigma))
+    out = fn(x, mu, sigma, **kwargs)
+    (out.float() * grad_weights).sum().backward()
+    return out, x.grad, mu.grad, sigma.grad
+
+
+def compare_inject_with_reference(
+    backend: str,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    *,
+    mode: str,
+    num_samples: int | None,
+    seed: int = 1234,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_inject on ``backend`` against the reference: the output and all three gradients.
+
+    x: (*S); mu, sigma: broadcastable to S. Returns the backend's (out, grad_x, grad_mu,
+    grad_sigma); out is (*S), or (num_samples, *S) when num_samples is an int.
+    """
+    import pini_kernels  # here, not at the top: conftest.py must set the environment first
+
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), sigma.dtype)
+    atol, rtol = TOLERANCES[max((x.dtype, dtype), key=lambda d: TOLERANCES[d][0])]
+    out_shape = x.shape if num_samples is None else (num_samples, *x.shape)
+    grad_weights = torch.randn(out_shape, device=x.device)
+    kwargs = dict(mode=mode, num_samples=num_samples, seed=seed)
+    got = inject_forward_backward(
+        pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend=backend, **kwargs
+    )
+    want = inject_forward_backward(
+        pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend="reference", **kwargs
+    )
+    assert got[0].shape == out_shape
+    names = ("out", "grad_x", "grad_mu", "grad_sigma")
+    for name, actual, expected in zip(names, got, want, strict=True):
+        # Gradients sum over samples and broadcast dims: allow rounding to grow with the count.
+        scale = 1.0 if name == "out" else max(1.0, (expected.abs().max().item()))
+        error = assert_close(actual, expected, atol=atol * scale, rtol=rtol, name=name)
+        record_error(f"inject {backend} x:{x.dtype} {name}", error)
+    return got
+
+
+def stream_generator(backend: str):
+    """A backend's ``noise_forward(count, seed, device, dtype, start=0)``: stream elements
+    ``start .. start + count - 1`` of ``seed`` as a flat (count,) tensor of ``dtype``."""
+    from pini_kernels import reference  # here, not at the top: conftest.py sets the environment
+
+    if backend == "triton":
+        from pini_kernels.ops.noise import noise_forward
+    elif backend in ("cpu", "cuda"):
+        from pini_kernels.native import noise_forward
+    elif backend == "reference":
+
+        def noise_forward(count, seed, device, dtype, start=0):
+            return reference.normal_stream(seed, start, count, device=device).to(dtype)
+
+    else:
+        raise ValueError(f"backend must be triton, cpu, cuda or reference, got {backend!r}")
+    return noise_forward

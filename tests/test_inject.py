@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import FUSED_BACKENDS, backend_device
-from helpers import TOLERANCES, assert_close, record_error
+from helpers import assert_close, compare_inject_with_reference, inject_forward_backward
 
 import pini_kernels
 from pini_kernels import reference
@@ -33,41 +33,13 @@ def _inputs(x_shape, mu_shape, sigma_shape, dtype, device, param_dtype=None):
     return x, mu, sigma
 
 
-def _run(fn, x, mu, sigma, grad_weights, **kwargs):
-    """Forward, then backward of sum(out * grad_weights); returns out and the three gradients."""
-    x, mu, sigma = (t.detach().clone().requires_grad_(True) for t in (x, mu, sigma))
-    out = fn(x, mu, sigma, **kwargs)
-    (out.float() * grad_weights).sum().backward()
-    return out, x.grad, mu.grad, sigma.grad
-
-
-def _compare(backend, x, mu, sigma, *, mode, num_samples, seed=1234):
-    dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), sigma.dtype)
-    atol, rtol = TOLERANCES[max((x.dtype, dtype), key=lambda d: TOLERANCES[d][0])]
-    out_shape = x.shape if num_samples is None else (num_samples, *x.shape)
-    grad_weights = torch.randn(out_shape, device=x.device)
-    kwargs = dict(mode=mode, num_samples=num_samples, seed=seed)
-    got = _run(pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend=backend, **kwargs)
-    want = _run(
-        pini_kernels.fused_inject, x, mu, sigma, grad_weights, backend="reference", **kwargs
-    )
-    assert got[0].shape == out_shape
-    names = ("out", "grad_x", "grad_mu", "grad_sigma")
-    for name, actual, expected in zip(names, got, want, strict=True):
-        # Gradients sum over samples and broadcast dims: allow rounding to grow with the count.
-        scale = 1.0 if name == "out" else max(1.0, (expected.abs().max().item()))
-        error = assert_close(actual, expected, atol=atol * scale, rtol=rtol, name=name)
-        record_error(f"inject {backend} x:{x.dtype} {name}", error)
-    return got
-
-
 @pytest.mark.parametrize("mode", ["add", "mul"])
 @pytest.mark.parametrize("num_samples", [None, 1, 3])
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_matches_reference_float32(fused_backend, pattern, num_samples, mode):
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs(*PATTERNS[pattern], torch.float32, device)
-    _compare(fused_backend, x, mu, sigma, mode=mode, num_samples=num_samples)
+    compare_inject_with_reference(fused_backend, x, mu, sigma, mode=mode, num_samples=num_samples)
 
 
 @pytest.mark.parametrize("mode", ["add", "mul"])
@@ -76,7 +48,7 @@ def test_matches_reference_float32(fused_backend, pattern, num_samples, mode):
 def test_matches_reference_half(fused_backend, pattern, dtype, mode):
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs(*PATTERNS[pattern], dtype, device)
-    out = _compare(fused_backend, x, mu, sigma, mode=mode, num_samples=2)[0]
+    out = compare_inject_with_reference(fused_backend, x, mu, sigma, mode=mode, num_samples=2)[0]
     assert out.dtype == dtype
 
 
@@ -85,7 +57,9 @@ def test_half_input_float32_parameters_promote(fused_backend, dtype):
     """Like x + mu in torch: bf16 activations with fp32 parameters give fp32 outputs."""
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs((4, 6, 8), (8,), (8,), dtype, device, param_dtype=torch.float32)
-    out, grad_x, grad_mu, _ = _compare(fused_backend, x, mu, sigma, mode="add", num_samples=None)
+    out, grad_x, grad_mu, _ = compare_inject_with_reference(
+        fused_backend, x, mu, sigma, mode="add", num_samples=None
+    )
     assert out.dtype == torch.float32 and grad_x.dtype == dtype and grad_mu.dtype == torch.float32
 
 
@@ -141,14 +115,14 @@ def test_non_contiguous_inputs(fused_backend, layout):
         sigma = torch.rand(12, device=device)[::2]
     assert not (x.is_contiguous() and mu.is_contiguous())
     for mode in ("add", "mul"):
-        _compare(fused_backend, x, mu, sigma, mode=mode, num_samples=2)
+        compare_inject_with_reference(fused_backend, x, mu, sigma, mode=mode, num_samples=2)
 
 
 def test_backward_is_deterministic(fused_backend):
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs((16, 8), (8,), (8,), torch.float32, device)
     weights = torch.randn(3, 16, 8, device=device)
-    first = _run(
+    first = inject_forward_backward(
         pini_kernels.fused_inject,
         x,
         mu,
@@ -159,7 +133,7 @@ def test_backward_is_deterministic(fused_backend):
         seed=4,
         backend=fused_backend,
     )
-    second = _run(
+    second = inject_forward_backward(
         pini_kernels.fused_inject,
         x,
         mu,

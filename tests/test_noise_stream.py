@@ -2,12 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 from conftest import DEVICE, FUSED_BACKENDS, backend_device
-from helpers import assert_close, record_error
+from helpers import assert_close, record_error, stream_generator
 from scipy import stats
 
 import pini_kernels
@@ -63,17 +64,108 @@ def test_reference_stream_matches_triton_randn4x(seed, first_quad):
     record_error("stream: reference vs tl.randn4x", error)
 
 
-def test_stream_counter_words_split_at_2_32():
-    """Quads 2^32 - 1 and 2^32 differ in both counter words, and the reference splits them so."""
-    quads = torch.tensor([2**32 - 1, 2**32, 2**33 + 1], dtype=torch.int64)
-    low, high = quads & reference.MASK32, quads >> 32
-    assert low.tolist() == [2**32 - 1, 0, 1]
-    assert high.tolist() == [0, 1, 2]
-    # The same quad reached through normal_stream's start offset and through a direct call.
-    direct = reference._normal_quads(99, 2**32, 1, "cpu").view(-1)
-    via_start = reference.normal_stream(99, 4 * 2**32, 4)
-    assert torch.equal(direct, via_start)
-    assert not torch.equal(direct, reference._normal_quads(99, 0, 1, "cpu").view(-1))
+@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+def test_stream_across_counter_2_32(backend):
+    """Quads 2^32 - 1 and 2^32, whose counters differ in both words, equal tl.randn4x."""
+    seed, first_quad = 99, 2**32 - 1
+    expected = _triton_randn4x(seed, first_quad, 2)
+    # A backend that dropped the counter's high word would give quad 0 for quad 2^32.
+    assert not torch.equal(expected[4:], _triton_randn4x(seed, 0, 1))
+    device = backend_device(backend)
+    actual = stream_generator(backend)(8, seed, device, torch.float32, start=4 * first_quad)
+    error = assert_close(
+        actual, expected.to(device), atol=STREAM_ATOL, rtol=STREAM_RTOL, name="stream"
+    )
+    record_error(f"stream: {backend} vs tl.randn4x", error)
+
+
+# Quads whose Box-Muller radius uniform (u0 for lanes 0-1, u2 for lanes 2-3) is tiny, where the
+# floor max(u, 1e-7) decides the value: (seed, quad, Philox words c0..c3), found once by a search
+# over seeds and quads 0..15 with a separate C implementation of Philox4x32-10. A word 0 or
+# 0xFFFFFFFF gives u = 0 exactly; otherwise u = magnitude * 4.6566127342e-10.
+TINY_UNIFORM_QUADS = {
+    "u0=0": (155288883, 6, (0x00000000, 0x1A5BB43E, 0x3661B471, 0x9EDCC909)),
+    "u2=0-from-0xFFFFFFFF": (40222668, 9, (0x4BDF3BD4, 0x06E691EE, 0xFFFFFFFF, 0x0C6A1FA8)),
+    "u2=8.3e-8-floored": (96227, 8, (0x4DD60FAF, 0xD22207BC, 0xFFFFFF4D, 0x6753A890)),
+    "u0=1.6e-7": (75465, 0, (0x0000014E, 0xAC5B24D7, 0xF946D797, 0x0B18D6E7)),
+    "u2=1.7e-7": (47437, 13, (0x5155B0D2, 0x4B8AAD9A, 0x00000165, 0x3435BB4C)),
+}
+
+
+def _spec_uniforms(words: tuple[int, int, int, int]) -> list[float]:
+    """SPEC step 3: int32 view, ~v for negative v, times 4.6566127342e-10 in float32."""
+    magnitudes = [0xFFFFFFFF - word if word >= 2**31 else word for word in words]
+    return [float(np.float32(m) * np.float32(4.6566127342e-10)) for m in magnitudes]
+
+
+def _spec_normals_float64(words: tuple[int, int, int, int]) -> torch.Tensor:
+    """(4,) float64: lanes 0..3 of a quad by SPEC step 4, Box-Muller in float64."""
+    u0, u1, u2, u3 = _spec_uniforms(words)
+    normals = []
+    for radius_uniform, angle_uniform in ((u0, u1), (u2, u3)):
+        radius = math.sqrt(-2.0 * math.log(max(radius_uniform, 1e-7)))
+        angle = 2.0 * math.pi * angle_uniform
+        normals += [radius * math.cos(angle), radius * math.sin(angle)]
+    return torch.tensor(normals, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
+def test_tiny_uniform_quads_have_tiny_uniforms(case):
+    """The project's Philox gives the searched words, and their radius uniform is < 1e-6."""
+    seed, quad, words = TINY_UNIFORM_QUADS[case]
+    counter = (torch.tensor([quad]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    got = reference.philox4x32(counter, (seed & 0xFFFFFFFF, seed >> 32))
+    assert tuple(int(w) for w in got) == words
+    u0, _, u2, _ = _spec_uniforms(words)
+    assert min(u0, u2) < 1e-6
+
+
+@pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
+def test_tiny_uniform_spec_matches_triton_randn4x(case):
+    """SPEC's formula in float64 is what tl.randn4x computes, at the floor too."""
+    seed, quad, words = TINY_UNIFORM_QUADS[case]
+    expected = _spec_normals_float64(words).float().to(DEVICE)
+    actual = _triton_randn4x(seed, quad, 1)
+    error = assert_close(actual, expected, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="randn4x")
+    record_error("stream: tl.randn4x vs SPEC float64 at tiny u", error)
+
+
+@pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
+@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+def test_tiny_uniform_noise(backend, case):
+    """noise() at a quad with a tiny radius uniform equals SPEC (float64) and tl.randn4x."""
+    seed, quad, words = TINY_UNIFORM_QUADS[case]
+    device = backend_device(backend)
+    draw = pini_kernels.noise((4 * quad + 7,), seed=seed, device=device, backend=backend)
+    actual = draw[4 * quad : 4 * quad + 4]
+    spec = _spec_normals_float64(words).float().to(device)
+    error = assert_close(actual, spec, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="vs SPEC")
+    record_error(f"stream: {backend} vs SPEC float64 at tiny u", error)
+    randn4x = _triton_randn4x(seed, quad, 1).to(device)
+    assert_close(actual, randn4x, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="vs tl.randn4x")
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
+@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+def test_tiny_uniform_fused_inject(backend, case, mode):
+    """fused_inject forward, and backward's regenerated eps (in grad_sigma), at a tiny u."""
+    seed, quad, words = TINY_UNIFORM_QUADS[case]
+    device = backend_device(backend)
+    shape = (4 * quad + 7,)  # odd: the unaligned stream path
+    x = torch.randn(shape, device=device)
+    mu = torch.randn(shape, device=device)
+    sigma = (torch.rand(shape, device=device) + 0.5).requires_grad_(True)
+    out = pini_kernels.fused_inject(x, mu, sigma, mode=mode, seed=seed, backend=backend)
+    (sigma_grad,) = torch.autograd.grad(out.sum(), sigma)
+    quad_elements = slice(4 * quad, 4 * quad + 4)
+    x, mu, sigma = (t.detach()[quad_elements].double() for t in (x, mu, sigma))
+    eps = _spec_normals_float64(words).to(device)
+    expected_out = x * (mu + sigma * eps) if mode == "mul" else x + (mu + sigma * eps)
+    expected_sigma_grad = x * eps if mode == "mul" else eps  # d out / d sigma, one sample
+    tolerance = dict(atol=4 * STREAM_ATOL, rtol=STREAM_RTOL)
+    assert_close(out[quad_elements], expected_out.float(), **tolerance, name="out")
+    assert_close(sigma_grad[quad_elements], expected_sigma_grad.float(), **tolerance, name="grad")
 
 
 @pytest.mark.parametrize("start", [0, 3, 4 * 2**32 - 6, 2**45 + 1])
@@ -81,13 +173,9 @@ def test_stream_counter_words_split_at_2_32():
 @pytest.mark.parametrize("fused", FUSED_BACKENDS)
 def test_fused_stream_matches_reference(fused, seed, start):
     """The kernels' stream generator (aligned and unaligned starts) equals the reference."""
-    if fused == "triton":
-        from pini_kernels.ops.noise import noise_forward
-    else:
-        from pini_kernels.native import noise_forward
     device = backend_device(fused)
     count = 203
-    actual = noise_forward(count, seed, device, torch.float32, start=start)
+    actual = stream_generator(fused)(count, seed, device, torch.float32, start=start)
     expected = reference.normal_stream(seed, start, count, device=device)
     error = assert_close(actual, expected, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="stream")
     record_error(f"stream: {fused} vs reference", error)

@@ -163,7 +163,7 @@ def _noise_off_sigma(model):
                 module.head.bias[half:].zero_()
 
 
-def _ddp_worker(rank, world, init_file, output, result_file):
+def _ddp_worker(rank, world, init_file, output, result_file, shots, batch_size):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -171,9 +171,9 @@ def _ddp_worker(rank, world, init_file, output, result_file):
         torch.manual_seed(0)
         model = _fresh_model()
         _noise_off_sigma(model)
-        samples = few_shot(load_digits_split().train, 2, seed=1)
+        samples = few_shot(load_digits_split().train, shots, seed=1)
         _, deterministic = clip_transforms(32)
-        config = TrainConfig(epochs=2, lr=0.05, batch_size=10, progress=False)
+        config = TrainConfig(epochs=2, lr=0.05, batch_size=batch_size, progress=False)
         train(model, samples, deterministic, config, output)
         if rank == 0:
             torch.save(_parameters(model), result_file)
@@ -181,25 +181,39 @@ def _ddp_worker(rank, world, init_file, output, result_file):
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_run_equals_one_process_with_the_noise_off(tmp_path):
-    """DDP over 2 CPU processes sees the same global batches and averages the gradients: with the
-    noise off (the only designed difference is each rank's own noise stream) the final
-    parameters equal a single-process run's to float rounding."""
+@pytest.mark.parametrize(
+    ("world", "shots", "batch_size"),
+    [
+        (2, 2, 7),  # 20 samples: global batches 7, 7, 6; shares 4+3, 4+3, 3+3
+        (3, 3, 7),  # 30 samples: the tail of 2 gives the third rank nothing
+    ],
+)
+def test_multi_process_gloo_run_equals_one_process_with_the_noise_off(
+    world, shots, batch_size, tmp_path
+):
+    """DDP over CPU processes sees the same global batches and the gradient is the mean over
+    the samples of each global batch, however unevenly they split (a rank with an empty share
+    still joins the step): with the noise off (the only designed difference is each rank's own
+    noise stream) the final parameters equal a single-process run's to float rounding."""
     import torch.multiprocessing as mp
 
-    samples = few_shot(load_digits_split().train, 2, seed=1)
+    from pini.train import GlobalBatches
+
+    shares = GlobalBatches(10 * shots, batch_size, torch.Generator(), rank=world - 1, world=world)
+    assert any(share == 0 for share, _ in shares.shares) == (world == 3)
+    samples = few_shot(load_digits_split().train, shots, seed=1)
     _, deterministic = clip_transforms(32)
     torch.manual_seed(0)
     model = _fresh_model()
     _noise_off_sigma(model)
-    config = TrainConfig(epochs=2, lr=0.05, batch_size=10, progress=False)
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=batch_size, progress=False)
     train(model, samples, deterministic, config, tmp_path / "single")
     single = _parameters(model)
     result = tmp_path / "ddp.pt"
     mp.spawn(
         _ddp_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result)),
-        nprocs=2,
+        args=(world, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result), shots, batch_size),
+        nprocs=world,
         join=True,
     )
     distributed = torch.load(result, weights_only=True)

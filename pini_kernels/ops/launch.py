@@ -27,6 +27,9 @@ MIN_BLOCK = 16
 # Grid target on a GPU: about this many programs per SM hide memory latency; more only adds
 # partial-sum rows for backward to reduce.
 PROGRAMS_PER_SM = 8
+# Grid target under the interpreter, which runs programs one by one: one program per column block
+# is enough. Tests raise it to split the rows into several chunks, the path a GPU takes.
+INTERPRETER_TARGET_PROGRAMS = 1
 # CUDA caps grid dimension 1 at 65535.
 MAX_ROW_CHUNKS = 65535
 MAX_COLUMN_BLOCKS = 2**31 - 1
@@ -73,8 +76,10 @@ def elementwise_config(width: int, rows: int, device: torch.device) -> Elementwi
             f"a row of {width} elements needs {column_blocks} blocks of {block}, more than the "
             f"grid limit of {MAX_COLUMN_BLOCKS}"
         )
-    # The interpreter runs programs one by one: one program per column block is enough.
-    target_programs = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0) if on_gpu else 1
+    if on_gpu:
+        target_programs = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0)
+    else:
+        target_programs = INTERPRETER_TARGET_PROGRAMS
     wanted_chunks = max(1, min(rows, triton.cdiv(target_programs, column_blocks)))
     rows_per_program = max(triton.cdiv(rows, wanted_chunks), triton.cdiv(rows, MAX_ROW_CHUNKS))
     row_chunks = triton.cdiv(rows, rows_per_program)
