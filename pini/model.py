@@ -4,6 +4,11 @@ One ``PiNIConfig`` names a combination of the paper's Table 1: where visual nois
 raw image, the visual features) and with which generator, where text noise goes (none, the prompt
 word embeddings, the text features), the mode and the number of samples. Only the generators
 train; CLIP is frozen and kept in eval mode. Every noise path calls ``pini_kernels``.
+
+Eq. (13) averages over ``num_samples`` = m noise samples, and every noise source is drawn anew for
+each sample: the prompt noise (one (L, width) draw per sample, shared by every class), the image
+or feature noise, and the text-feature noise. One step's seed s drives them all (SPEC.md): image
+features s, text features s + 1, prompt embeddings s + 2, raw images s + 3.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 
 import open_clip
@@ -21,13 +27,29 @@ from torch import nn
 import pini_kernels
 
 from . import generators as gen
-from .prompts import DEFAULT_TEMPLATE, build_prompts, prompt_prefix
+from .errors import InputError
+from .prompts import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_ZERO_SHOT_TEMPLATE,
+    build_prompts,
+    build_zero_shot_prompts,
+    prompt_prefix,
+)
 
 VISUAL_LOCATIONS = ("none", "image", "feature")
 TEXT_LOCATIONS = ("none", "prompt", "feature")
-VISUAL_GENERATORS = {"image": ("mlp", "cnn", "attention"), "feature": ("attention", "mlp")}
+# The paper's generators first: for raw images its 10-layer residual CNN ("cnn") and the
+# cross-attention of CLIP's patch tokens over the class text features ("attention"); "mlp",
+# "cnn-light" and "attention-pixels" (a learned patchify of the pixels as queries) are lighter.
+VISUAL_GENERATORS = {
+    "image": ("cnn", "attention", "mlp", "cnn-light", "attention-pixels"),
+    "feature": ("attention", "mlp"),
+}
 TEXT_GENERATORS = {"prompt": ("embedding",), "feature": ("embedding", "mlp")}
 INFERENCE_MODES = ("sample", "mean", "average")
+# "shared": one (L, width) prompt noise draw per sample added to every class's prompt (the paper:
+# the template is the random variable); "per-class": each class's prompt gets its own draw.
+PROMPT_NOISE_DRAWS = ("shared", "per-class")
 TINY_MODEL = "pini-tiny"
 
 
@@ -44,6 +66,7 @@ class PiNIConfig:
     num_samples: int = 1
     inference: str = "sample"  # one sample (the paper), "mean" (sigma = 0), "average" of k
     inference_samples: int = 8
+    prompt_noise_draw: str = "shared"  # or "per-class"
     scaled_attention: bool = False
     sigma_activation: str = "abs"
     precision: str = "fp32"  # the frozen towers: "fp32", or autocast "bf16" / "fp16"
@@ -57,6 +80,7 @@ class PiNIConfig:
             _choice("text_generator", self.text_generator, TEXT_GENERATORS[self.text])
         _choice("mode", self.mode, ("add", "mul"))
         _choice("inference", self.inference, INFERENCE_MODES)
+        _choice("prompt_noise_draw", self.prompt_noise_draw, PROMPT_NOISE_DRAWS)
         _choice("sigma_activation", self.sigma_activation, gen.SIGMA_ACTIVATIONS)
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         for name in ("num_samples", "inference_samples"):
@@ -89,8 +113,11 @@ TABLE1 = {
 }
 
 
-# Noise streams of one step, all derived from one seed: image and text features use the seed and
-# seed + 1 (pini_kernels' logits/loss ops); prompt embeddings and raw images get their own.
+# Noise streams of one step, all derived from one seed s (SPEC.md): image and text features use s
+# and s + 1 (drawn inside pini_kernels' logits/loss ops, or here from the same streams when each
+# sample needs its own image features); prompt embeddings and raw images get their own.
+IMAGE_FEATURE_STREAM = 0
+TEXT_FEATURE_STREAM = 1
 PROMPT_STREAM = 2
 IMAGE_STREAM = 3
 
@@ -124,23 +151,50 @@ def build_clip(
     trusted: bool = False,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for an open_clip model, with weights from a local file or none.
+    """(model, tokenizer) for an open_clip model and its CLIP weights.
 
-    ``pretrained``: a path to an open_clip state dict (loaded with ``weights_only=True``) or,
-    only with ``trusted=True``, OpenAI's TorchScript archive. Nothing is downloaded.
-    ``name="pini-tiny"`` is a random-weight model from this package's config, for tests.
+    ``pretrained`` is what open_clip users type:
+
+    - a local file: an open_clip state dict (loaded with ``weights_only=True``) or, only with
+      ``trusted=True``, OpenAI's TorchScript archive;
+    - an open_clip pretrained tag of ``name`` (``"openai"``, ``"laion2b_s34b_b88k"``, ...) or
+      ``"hf-hub:org/name"`` (a Hugging Face repository holding open_clip weights): downloaded and
+      cached by open_clip / huggingface_hub when online, read from that cache offline
+      (``HF_HUB_OFFLINE=1``). A tag whose weights were trained with QuickGELU (OpenAI's) builds
+      the model with QuickGELU, as open_clip's ``-quickgelu`` model names do;
+    - ``None``: random weights (``name="pini-tiny"`` is a random-weight model for tests).
+
+    A value that is none of these, or weights that cannot be fetched, is an ``InputError``.
     """
-    _register_configs()
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
-    model = open_clip.create_model(
-        name,
-        pretrained=pretrained,
-        weights_only=not trusted,
-        device=device,
-        pretrained_text=False,
-        pretrained_image=False,
-    )
+    check_weights(name, pretrained)
+    options = {}
+    if pretrained is not None:
+        pretrained, options = _weights_source(name, str(pretrained))
+    # open_clip warns that a model without weights is random: pini-tiny is random by design.
+    quiet = pretrained is None and name == TINY_MODEL
+    try:
+        if quiet:
+            logging.disable(logging.WARNING)
+        model = open_clip.create_model(
+            name,
+            pretrained=pretrained,
+            weights_only=not trusted,
+            device=device,
+            pretrained_text=False,
+            pretrained_image=False,
+            **options,
+        )
+    except RuntimeError as error:
+        if pretrained is None or "download" not in str(error).lower():
+            raise
+        raise InputError(
+            f"--pretrained {pretrained}: the weights could not be fetched for {name} "
+            f"({str(error).splitlines()[0][:160]}); offline, only weights already in the "
+            "Hugging Face cache load"
+        ) from None
+    finally:
+        if quiet:
+            logging.disable(logging.NOTSET)
     if not hasattr(model, "token_embedding"):
         raise TypeError(
             f"{name} builds a {type(model).__name__} (a text tower of its own, e.g. an HF text "
@@ -149,12 +203,54 @@ def build_clip(
     return model, open_clip.get_tokenizer(name)
 
 
+def check_weights(name: str, pretrained: str | None) -> None:
+    """``InputError`` unless ``name`` is an open_clip model and ``pretrained`` is None, a file, a
+    pretrained tag of it or an ``hf-hub:`` name; fetches nothing."""
+    _register_configs()
+    if name not in open_clip.list_models():
+        raise InputError(f"unknown open_clip model {name!r} (open_clip.list_models() has them)")
+    if pretrained is not None and not str(pretrained).startswith("hf-hub:"):
+        _weights_source(name, str(pretrained))
+
+
+def _weights_source(name: str, pretrained: str) -> tuple[str, dict]:
+    """(what to pass to open_clip as ``pretrained``, extra create_model options)."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path), {}
+    if pretrained.startswith("hf-hub:"):
+        repository = pretrained[len("hf-hub:") :]
+        try:
+            return open_clip.pretrained.download_pretrained_from_hf(repository), {}
+        except Exception as error:
+            raise InputError(
+                f"--pretrained {pretrained}: no open_clip weights could be fetched from that "
+                f"repository ({str(error).splitlines()[0][:160]})"
+            ) from None
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags or pretrained.lower() in tags:
+        tag = pretrained if pretrained in tags else pretrained.lower()
+        quick_gelu = open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False)
+        return tag, ({"force_quick_gelu": True} if quick_gelu else {})
+    if path.suffix or "/" in pretrained or path.parent != Path("."):
+        raise InputError(f"--pretrained {pretrained}: no such weights file")
+    raise InputError(
+        f"--pretrained {pretrained} is neither a file nor a pretrained tag of {name} "
+        f"(tags: {', '.join(tags) if tags else 'none'})"
+    )
+
+
 class PiNI(nn.Module):
     """PiNI around a frozen open_clip ``CLIP``.
 
-    classnames: the C class names; template: the dataset's prompt template (prompts.TEMPLATES).
+    classnames: the C class names. template: PiNI's prompt template for the dataset
+    (``prompts.template_for``). zero_shot_template: CoOp's hand-written prompt for the zero-shot
+    baseline (``prompts.zero_shot_template``), "{}" standing for the class name.
+
     ``loss(images, labels)`` is Eq. (13) for one batch; ``forward(images)`` gives (B, C) logits
-    with the configured inference noise.
+    with the configured inference noise; ``zero_shot_logits(images)`` is the paper's zero-shot
+    CLIP; ``placeholder_prompt_logits(images)`` is the frozen CLIP on PiNI's own prompts without
+    noise (a diagnostic: what PiNI computes with its noise switched off).
     """
 
     def __init__(
@@ -164,11 +260,16 @@ class PiNI(nn.Module):
         classnames: list[str],
         template: str = DEFAULT_TEMPLATE,
         config: PiNIConfig | None = None,
+        *,
+        zero_shot_template: str = DEFAULT_ZERO_SHOT_TEMPLATE,
     ):
         super().__init__()
         self.config = config or PiNIConfig()
         self.clip = clip.eval().requires_grad_(False)
-        token_ids = tokenizer(build_prompts(classnames, template))
+        self.zero_shot_template = zero_shot_template
+        device = clip.token_embedding.weight.device
+        zero_shot_ids = tokenizer(build_zero_shot_prompts(classnames, zero_shot_template))
+        token_ids = tokenizer(build_prompts(classnames, template)).to(device)
         self.register_buffer("token_ids", token_ids, persistent=False)
         # Positions 1 .. prefix_length hold placeholders and template: the same for every class.
         prefix_ids = tokenizer([prompt_prefix(template)])[0]
@@ -189,10 +290,17 @@ class PiNI(nn.Module):
                 else gen.FeatureMLP(dim, sigma_activation=cfg.sigma_activation)
             )
         self.visual_generator = _visual_generator(cfg, dim, clip)
-        with torch.no_grad():
-            self.register_buffer("zero_shot_text", self._encode_prompts(None), persistent=False)
+        with torch.no_grad(), self._tower_precision():
+            # (C, D): the frozen CLIP on PiNI's prompts (placeholders, template, class name), no
+            # noise. The text side when no prompt noise is configured, and the diagnostic baseline.
+            placeholder_text = self._encode_prompts(None)[0]
+            # (C, D): the frozen CLIP on CoOp's hand-written prompts, the paper's zero-shot row.
+            zero_shot_text = clip.encode_text(zero_shot_ids.to(device)).float()
+        self.register_buffer("placeholder_prompt_text", placeholder_text, persistent=False)
+        self.register_buffer("zero_shot_text", zero_shot_text, persistent=False)
 
     def train(self, mode: bool = True) -> PiNI:
+        """Generators follow ``mode`` (BatchNorm in the image CNN); CLIP stays in eval mode."""
         super().train(mode)
         self.clip.eval()  # frozen: no dropout, no statistics updates
         return self
@@ -209,39 +317,102 @@ class PiNI(nn.Module):
         with self._tower_precision():
             return self.clip.encode_image(images).float()
 
+    def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, D): the image's spatial feature, the frozen ViT's patch tokens after its last
+        block and ``ln_post``, projected into CLIP's joint space like the pooled feature."""
+        visual = self.clip.visual
+        with torch.no_grad(), self._tower_precision():
+            tokens = visual.forward_intermediates(
+                images,
+                indices=1,
+                normalize_intermediates=True,
+                intermediates_only=True,
+                output_fmt="NLC",
+            )["image_intermediates"][-1]
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj
+        return tokens.float()
+
     def _centered(self, mu: torch.Tensor) -> torch.Tensor:
         """In "mul" mode the generators predict mu - 1: noise starts near 1, i.e. near CLIP."""
         return mu + 1.0 if self.config.mode == "mul" else mu
 
+    def _inject_samples(self, x, mu, sigma, num_samples: int, seed: int) -> torch.Tensor:
+        """(num_samples, *x.shape): sample j is x with the noise of
+        ``noise((num_samples, *x.shape), seed)[j]``, the stream pini_kernels' ops draw for the
+        same seed. mu, sigma: broadcastable to x (shared by every sample) or to
+        (num_samples, *x.shape) (one pair per sample)."""
+        if max(mu.dim(), sigma.dim()) > x.dim():
+            x, num_samples = x.expand(num_samples, *x.shape), None
+        return pini_kernels.fused_inject(
+            x, mu, sigma, mode=self.config.mode, num_samples=num_samples, seed=seed
+        )
+
     # --- text side --------------------------------------------------------------------------
 
     def _encode_prompts(
-        self, prompt_noise: tuple | None, sigma_scale: float = 1.0, seed=None
+        self,
+        prompt_noise: tuple[torch.Tensor, torch.Tensor] | None,
+        num_samples: int = 1,
+        sigma_scale: float = 1.0,
+        seed: int = 0,
     ) -> torch.Tensor:
-        """(C, D) text features of the prompts, with noise on placeholder and template tokens."""
-        clip = self.clip
-        embeddings = clip.token_embedding(self.token_ids)
-        if prompt_noise is not None:
-            mu, sigma = prompt_noise
-            mu = self._centered(mu)
-            end = 1 + self.prefix_length
-            prefix = pini_kernels.fused_inject(
-                embeddings[:, 1:end],
-                mu,
-                sigma * sigma_scale,
-                mode=self.config.mode,
-                seed=None if seed is None else seed + PROMPT_STREAM,
-            )
-            embeddings = torch.cat([embeddings[:, :1], prefix, embeddings[:, end:]], dim=1)
-        with self._tower_precision():
-            return encode_text_embeddings(clip, embeddings, self.token_ids).float()
+        """(num_samples, C, D) text features of the prompts; (1, C, D) without noise.
 
-    def text_features(self, sigma_scale: float = 1.0, seed=None):
-        """(C, D) text features and the feature-level text noise pair (or None)."""
+        prompt_noise: (mu, sigma) of shape (L, width) for the placeholder and template tokens.
+        With ``prompt_noise_draw="shared"`` sample j adds (or multiplies by) mu + sigma * eps_j
+        with eps_j = noise((num_samples, L, width), seed + 2)[j], the same for every class; with
+        "per-class", class c gets noise((num_samples, C, L, width), seed + 2)[j, c]. The text
+        tower encodes the num_samples * C prompts in one call.
+        """
+        clip = self.clip
+        embeddings = clip.token_embedding(self.token_ids).unsqueeze(0)  # (1, C, context, width)
+        token_ids = self.token_ids
+        if prompt_noise is not None:
+            mu, sigma = self._centered(prompt_noise[0]), prompt_noise[1] * sigma_scale
+            end = 1 + self.prefix_length
+            prefix = embeddings[0, :, 1:end]  # (C, L, width)
+            if self.config.prompt_noise_draw == "per-class":
+                noisy = self._inject_samples(prefix, mu, sigma, num_samples, seed + PROMPT_STREAM)
+            else:
+                # The noise itself, mu + sigma * eps: injected into zeros, then into every class.
+                zeros = prefix.new_zeros(()).expand(prefix.shape[1:])
+                noise = pini_kernels.fused_inject(
+                    zeros, mu, sigma, num_samples=num_samples, seed=seed + PROMPT_STREAM
+                ).unsqueeze(1)  # (num_samples, 1, L, width)
+                noisy = prefix + noise if self.config.mode == "add" else prefix * noise
+            rest = (num_samples, *embeddings.shape[1:2])
+            embeddings = torch.cat(
+                [
+                    embeddings[:, :, :1].expand(*rest, -1, -1),
+                    noisy,
+                    embeddings[:, :, end:].expand(*rest, -1, -1),
+                ],
+                dim=2,
+            )
+            token_ids = token_ids.repeat(num_samples, 1)
+        with self._tower_precision():
+            text = encode_text_embeddings(clip, embeddings.flatten(0, 1), token_ids).float()
+        return text.view(embeddings.shape[0], self.token_ids.shape[0], -1)
+
+    def text_features(
+        self, num_samples: int = 1, *, sigma_scale: float = 1.0, seed: int | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Text features for ``num_samples`` noise samples, and the feature-level text noise.
+
+        With prompt noise: (num_samples, C, D), sample j encoding its own prompt noise (stream
+        of ``seed + 2``, see ``_encode_prompts``), or (C, D) for one sample. Without: the (C, D)
+        features of PiNI's prompts, shared by every sample. The text noise is None or a
+        (mu, sigma) pair broadcastable to (C, D), whose eps the caller draws (stream of
+        ``seed + 1``). ``sigma_scale`` multiplies every sigma (0 gives the mean).
+        """
         if self.prompt_noise is not None:
-            text = self._encode_prompts(self.prompt_noise(), sigma_scale, seed)
+            text = self._encode_prompts(
+                self.prompt_noise(), num_samples, sigma_scale, _step_seed(seed)
+            )
+            text = text[0] if num_samples == 1 else text
         else:
-            text = self.zero_shot_text
+            text = self.placeholder_prompt_text
         text_noise = None
         if self.text_generator is not None:
             if isinstance(self.text_generator, gen.LearnableNoise):
@@ -253,24 +424,31 @@ class PiNI(nn.Module):
 
     # --- image side -------------------------------------------------------------------------
 
-    def _noisy_images(self, images, text, num_samples, sigma_scale, seed):
-        """(num_samples * B, D) features of noisy images (raw-image injection)."""
+    def _reads_text(self) -> bool:
+        """Whether the visual generator attends over the class text features."""
+        return isinstance(
+            self.visual_generator,
+            (gen.FeatureCrossAttention, gen.ImageCrossAttention, gen.PixelCrossAttention),
+        )
+
+    def _noisy_image_features(self, images, text, num_samples, sigma_scale, seed):
+        """(num_samples, B, D) features of noisy images: raw-image injection, sample j from
+        noise((num_samples, B, 3, H, W), seed + 3)[j]. text: (C, D) or (num_samples, C, D)."""
         generator = self.visual_generator
         if isinstance(generator, gen.ImageCrossAttention):
+            mu, sigma = generator(self._patch_tokens(images), text, images.shape[-2:])
+        elif isinstance(generator, gen.PixelCrossAttention):
             mu, sigma = generator(images, text)
         else:
             mu, sigma = generator(images)
-        noisy = pini_kernels.fused_inject(
-            images,
-            self._centered(mu),
-            sigma * sigma_scale,
-            mode=self.config.mode,
-            num_samples=num_samples,
-            seed=seed + IMAGE_STREAM,
+        noisy = self._inject_samples(
+            images, self._centered(mu), sigma * sigma_scale, num_samples, seed + IMAGE_STREAM
         )
-        return self._encode_image(noisy.flatten(0, 1))
+        return self._encode_image(noisy.flatten(0, 1)).view(num_samples, images.shape[0], -1)
 
     def _feature_noise(self, image_features, text, sigma_scale):
+        """(mu, sigma) of the visual-feature noise: (B, D), or (num_samples, B, D) when a
+        cross-attention generator reads per-sample text features (num_samples, C, D)."""
         generator = self.visual_generator
         if isinstance(generator, gen.FeatureCrossAttention):
             mu, sigma = generator(image_features, text)
@@ -280,62 +458,79 @@ class PiNI(nn.Module):
 
     # --- loss and inference -----------------------------------------------------------------
 
-    def _image_side(self, images, text, num_samples: int, sigma_scale: float, seed: int):
-        """(features, image_noise, samples left to the logits op). Raw-image noise is applied
-        here, its samples becoming rows (sample-major); feature noise is left to the op."""
-        if self.config.visual == "image":
-            features = self._noisy_images(images, text, num_samples, sigma_scale, seed)
-            return features, None, 1
-        features = self._encode_image(images)
-        image_noise = None
-        if self.config.visual == "feature":
-            image_noise = self._feature_noise(features, text, sigma_scale)
-        return features, image_noise, num_samples
+    def _logits_op_calls(self, images, num_samples: int, sigma_scale: float, seed: int):
+        """Keyword arguments of the pini_kernels logits/loss calls that cover ``num_samples``
+        noise samples of the batch ``images`` (B, 3, H, W), in sample order.
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, seed=None) -> torch.Tensor:
+        One call with ``num_samples`` when every sample shares the image features and the image
+        noise's (mu, sigma): the op draws the feature noise of both sides (streams ``seed`` and
+        ``seed + 1``) and takes per-sample text features (num_samples, C, D) as they are. One
+        call per sample when each sample has its own image features (raw-image noise) or its own
+        image noise (mu, sigma) (a cross-attention generator reading per-sample text features):
+        the feature noise is then injected here from the same streams, and each call gets sample
+        j's noisy features with nothing left to draw.
+        """
+        text, text_noise = self.text_features(num_samples, sigma_scale=sigma_scale, seed=seed)
+        common = dict(logit_scale=self.clip.logit_scale.exp(), mode=self.config.mode, seed=seed)
+        visual = self.config.visual
+        per_sample_text = text.dim() == 3
+        if visual == "image":
+            features = self._noisy_image_features(images, text, num_samples, sigma_scale, seed)
+        else:
+            features = self._encode_image(images)
+            image_noise = None
+            if visual == "feature":
+                image_noise = self._feature_noise(features, text, sigma_scale)
+            if not (per_sample_text and self._reads_text()):
+                return [
+                    dict(
+                        image_features=features,
+                        text_features=text,
+                        image_noise=image_noise,
+                        text_noise=text_noise,
+                        num_samples=num_samples,
+                        **common,
+                    )
+                ]
+            features = self._inject_samples(
+                features, *image_noise, num_samples, seed + IMAGE_FEATURE_STREAM
+            )
+        if not per_sample_text:
+            text = text.expand(num_samples, *text.shape)
+        if text_noise is not None:  # the stream the op would draw: (num_samples, C, D) of seed + 1
+            text = pini_kernels.fused_inject(
+                text, *text_noise, mode=self.config.mode, seed=seed + TEXT_FEATURE_STREAM
+            )
+        return [
+            dict(image_features=features[j], text_features=text[j], num_samples=1, **common)
+            for j in range(num_samples)
+        ]
+
+    def loss(
+        self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None
+    ) -> torch.Tensor:
         """Eq. (13): cross-entropy of the noisy cosine logits, averaged over the batch and over
-        ``num_samples`` noise samples per image. images: (B, 3, H, W); labels: (B,)."""
-        samples = self.config.num_samples
-        seed = _step_seed(seed)
-        text, text_noise = self.text_features(seed=seed)
-        features, image_noise, op_samples = self._image_side(images, text, samples, 1.0, seed)
-        return pini_kernels.noisy_cross_entropy(
-            features,
-            text,
-            self.clip.logit_scale.exp(),
-            labels.repeat(samples // op_samples),
-            image_noise=image_noise,
-            text_noise=text_noise,
-            mode=self.config.mode,
-            num_samples=op_samples,
-            seed=seed,
-        )
+        ``num_samples`` noise samples per image, each sample with all its noise drawn anew.
+        images: (B, 3, H, W); labels: (B,). Returns a float32 scalar."""
+        calls = self._logits_op_calls(images, self.config.num_samples, 1.0, _step_seed(seed))
+        losses = [pini_kernels.noisy_cross_entropy(target=labels, **call) for call in calls]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def sample_logits(
-        self, images: torch.Tensor, num_samples: int = 1, sigma_scale: float = 1.0, seed=None
+        self,
+        images: torch.Tensor,
+        num_samples: int = 1,
+        sigma_scale: float = 1.0,
+        seed: int | None = None,
     ) -> torch.Tensor:
-        """(num_samples, B, C) logits, each sample with its own noise draw on the image side."""
-        seed = _step_seed(seed)
-        text, text_noise = self.text_features(sigma_scale, seed)
-        features, image_noise, op_samples = self._image_side(
-            images, text, num_samples, sigma_scale, seed
-        )
-        logits = pini_kernels.noisy_cosine_logits(
-            features,
-            text,
-            self.clip.logit_scale.exp(),
-            image_noise=image_noise,
-            text_noise=text_noise,
-            mode=self.config.mode,
-            num_samples=op_samples,
-            seed=seed,
-        )
-        return logits.view(num_samples, images.shape[0], -1)
+        """(num_samples, B, C) logits, each sample with its own draw of every noise source."""
+        calls = self._logits_op_calls(images, num_samples, sigma_scale, _step_seed(seed))
+        return torch.cat([pini_kernels.noisy_cosine_logits(**call) for call in calls])
 
-    def forward(self, images: torch.Tensor, seed=None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """(B, C) logits for classification with the configured inference noise: one sample
         (the paper), the mean (sigma = 0), or log of the class probabilities averaged over
-        ``inference_samples`` samples."""
+        ``inference_samples`` samples (both sides resampled)."""
         mode = self.config.inference
         if mode == "sample":
             return self.sample_logits(images, 1, seed=seed)[0]
@@ -345,10 +540,18 @@ class PiNI(nn.Module):
         return logits.float().softmax(dim=-1).mean(dim=0).log()
 
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C) logits of the frozen CLIP on the same prompts, without any noise."""
+        """(B, C) logits of zero-shot CLIP, the paper's ZS row: the frozen CLIP on CoOp's
+        hand-written prompts (``zero_shot_template``), without any noise."""
+        return self._frozen_logits(images, self.zero_shot_text)
+
+    def placeholder_prompt_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of the frozen CLIP on PiNI's own prompts (placeholders and template),
+        without any noise: a diagnostic, what PiNI computes with every noise switched off."""
+        return self._frozen_logits(images, self.placeholder_prompt_text)
+
+    def _frozen_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         image = F.normalize(self._encode_image(images), dim=-1)
-        text = F.normalize(self.zero_shot_text, dim=-1)
-        return self.clip.logit_scale.exp() * image @ text.t()
+        return self.clip.logit_scale.exp() * image @ F.normalize(text, dim=-1).t()
 
 
 def encode_text_embeddings(
@@ -380,10 +583,26 @@ def _visual_generator(cfg: PiNIConfig, dim: int, clip: nn.Module) -> nn.Module |
         if cfg.visual_generator == "attention":
             return gen.FeatureCrossAttention(dim, scaled=cfg.scaled_attention, **options)
         return gen.FeatureMLP(dim, **options)
-    if cfg.visual_generator == "mlp":
-        return gen.ImageMLP(**options)
     if cfg.visual_generator == "cnn":
         return gen.ImageCNN(**options)
+    if cfg.visual_generator == "cnn-light":
+        return gen.LightImageCNN(**options)
+    if cfg.visual_generator == "mlp":
+        return gen.ImageMLP(**options)
     patch = getattr(clip.visual, "patch_size", (16, 16))
     patch = patch[0] if isinstance(patch, tuple) else patch
-    return gen.ImageCrossAttention(dim, patch_size=patch, scaled=cfg.scaled_attention, **options)
+    if cfg.visual_generator == "attention-pixels":
+        return gen.PixelCrossAttention(
+            dim, patch_size=patch, scaled=cfg.scaled_attention, **options
+        )
+    visual = clip.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        raise TypeError(
+            'visual_generator="attention" for image noise reads the patch tokens of a ViT image '
+            f"tower (open_clip's VisionTransformer), got {type(visual).__name__}; "
+            'visual_generator="attention-pixels" works on any tower'
+        )
+    token_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
+    return gen.ImageCrossAttention(
+        token_dim, dim, patch_size=patch, scaled=cfg.scaled_attention, **options
+    )

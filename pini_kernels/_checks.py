@@ -149,31 +149,48 @@ def check_total_elements(num_samples: int, numel: int) -> None:
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_features(image_features, text_features) -> None:
+def check_features(image_features, text_features, num_samples: int) -> None:
+    """image_features: (B, D); text_features: (C, D) shared by every sample, or
+    (num_samples, C, D), one set per sample."""
     check_float_tensor("image_features", image_features, allow_float64=True)
     check_float_tensor("text_features", text_features, allow_float64=True)
-    for name, features, rows in (("image_features", image_features, "B"),
-                                 ("text_features", text_features, "C")):  # fmt: skip
-        if features.dim() != 2:
-            raise ValueError(f"{name} must be 2-D ({rows}, D), got shape {tuple(features.shape)}")
-    if image_features.shape[1] != text_features.shape[1]:
+    if image_features.dim() != 2:
+        raise ValueError(
+            f"image_features must be 2-D (B, D), got shape {tuple(image_features.shape)}"
+        )
+    if text_features.dim() not in (2, 3):
+        raise ValueError(
+            f"text_features must be (C, D) or (num_samples, C, D), got shape "
+            f"{tuple(text_features.shape)}"
+        )
+    if text_features.dim() == 3 and text_features.shape[0] != num_samples:
+        classes, dim = text_features.shape[1:]
+        raise ValueError(
+            f"text_features with 3 dims must be (num_samples, C, D) = ({num_samples}, {classes}, "
+            f"{dim}), got shape {tuple(text_features.shape)}"
+        )
+    if image_features.shape[1] != text_features.shape[-1]:
         raise ValueError(
             f"image_features and text_features must have the same feature dimension D, got "
-            f"{image_features.shape[1]} and {text_features.shape[1]}"
+            f"{image_features.shape[1]} and {text_features.shape[-1]}"
         )
 
 
-def check_noise_pair(name: str, pair, features: torch.Tensor, target: str):
-    """None, or a (mu, sigma) pair broadcastable to ``features``; returns tensors."""
+def check_noise_pair(
+    name: str, pair, features: torch.Tensor, target: str, shape: torch.Size | None = None
+):
+    """None, or a (mu, sigma) pair broadcastable to ``shape`` (default ``features.shape``);
+    returns tensors."""
     if pair is None:
         return None
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name} must be None or a (mu, sigma) pair, got {describe(pair)}")
+    shape = features.shape if shape is None else shape
     mu = as_tensor_like(f"{name}[0] (mu)", pair[0], features)
     sigma = as_tensor_like(f"{name}[1] (sigma)", pair[1], features)
     for label, tensor in ((f"{name}[0] (mu)", mu), (f"{name}[1] (sigma)", sigma)):
         check_float_tensor(label, tensor, allow_float64=True)
-        check_broadcast_to(label, tensor, features.shape, target)
+        check_broadcast_to(label, tensor, shape, target)
     return mu, sigma
 
 

@@ -1,9 +1,10 @@
 """Host side of the noisy cosine logits and the PiNI loss, shared by the fused backends.
 
 The work is done one noise sample at a time, so nothing of size ``m*B*C``, ``m*B*D`` or ``m*C*D``
-exists. For each sample, a backend's row kernels noise and L2-normalize the image rows (stream of
-``seed``, elements ``s*B*D + b*D + d``) and the text rows (stream of ``seed + 1``) into fp32
-buffers of one sample; then:
+exists (beyond per-sample text features the caller passes in). For each sample, a backend's row
+kernels noise and L2-normalize the image rows (stream of ``seed``, elements ``s*B*D + b*D + d``)
+and the text rows (stream of ``seed + 1``; with ``(m, C, D)`` text features, sample ``s`` reads
+``text[s]``) into fp32 buffers of one sample; then:
 
 - logits: ``logit_scale * image_unit @ text_unit^T`` into the ``(m, B, C)`` output;
 - loss: the backend's ``loss_stats`` gives each row's log-sum-exp, target logit and sum of logits
@@ -13,11 +14,14 @@ buffers of one sample; then:
   ``d loss / d cosine`` (``loss_grad``), two matrix products, then the row kernels backpropagate
   through normalization and noise into fp32 accumulators.
 
-A backend provides a ``CosineKernels`` object; its module binds the functions below to it.
+A backend provides a ``CosineKernels`` object; its module binds the functions below to it. The
+kernels see one sample's ``(N, D)`` rows at a time (``Side.features``), so per-sample text
+features need nothing from them: the host points ``features`` at the sample's rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,24 +35,39 @@ from ._layout import like_input
 class Side:
     """One side (image or text) of the logits: its rows, optional noise and per-sample buffers."""
 
-    features: torch.Tensor  # (N, D), unit stride along D
+    features: torch.Tensor  # (N, D), unit stride along D: the current sample's rows
     mu: torch.Tensor | None  # expanded to (N, D) (stride 0 on broadcast dims)
     sigma: torch.Tensor | None
     seed: int
     multiply: bool
     unit: torch.Tensor  # (N, D) fp32: this sample's normalized rows
     norm: torch.Tensor  # (N,) fp32: their norms before normalization
+    # (num_samples, N, D), unit stride along D, when each sample has its own rows; else None.
+    sample_features: torch.Tensor | None = None
 
     @property
     def has_noise(self) -> bool:
         return self.mu is not None
+
+    @property
+    def per_sample(self) -> bool:
+        return self.sample_features is not None
+
+    @property
+    def changes_per_sample(self) -> bool:
+        """Whether the normalized rows differ between samples (else they are computed once)."""
+        return self.has_noise or self.per_sample
+
+    def select_sample(self, sample: int) -> None:
+        if self.sample_features is not None:
+            self.features = self.sample_features[sample]
 
 
 @dataclass
 class SideGrads:
     need_x: bool
     need_params: bool
-    x: torch.Tensor | None = None  # fp32 (N, D) accumulators
+    x: torch.Tensor | None = None  # fp32 (N, D) accumulators; x: (num_samples, N, D) per sample
     mu: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
 
@@ -56,11 +75,18 @@ class SideGrads:
     def zeros(cls, side: Side, need_x: bool, need_params: bool) -> SideGrads:
         shape, device = side.features.shape, side.features.device
 
-        def make(needed: bool) -> torch.Tensor | None:
+        def make(needed: bool, shape=shape) -> torch.Tensor | None:
             return torch.zeros(shape, dtype=torch.float32, device=device) if needed else None
 
+        x_shape = side.sample_features.shape if side.per_sample else shape
         need_params = need_params and side.has_noise
-        return cls(need_x, need_params, make(need_x), make(need_params), make(need_params))
+        return cls(need_x, need_params, make(need_x, x_shape), make(need_params), make(need_params))
+
+    def for_sample(self, side: Side, sample: int) -> SideGrads:
+        """The accumulators one sample's kernels add into: its own x rows when per sample."""
+        if side.per_sample and self.x is not None:
+            return dataclasses.replace(self, x=self.x[sample])
+        return self
 
 
 class CosineKernels(Protocol):
@@ -89,19 +115,23 @@ class CosineKernels(Protocol):
 
 
 def _make_side(kernels: CosineKernels, features, mu, sigma, seed, multiply) -> Side:
-    rows, dim = features.shape
+    """features: (N, D), or (num_samples, N, D) for one set of rows per sample."""
+    rows, dim = features.shape[-2:]
     if dim > kernels.max_feature_dim:
         raise ValueError(
             f"feature dimension D={dim} exceeds this backend's maximum {kernels.max_feature_dim}"
         )
-    if features.stride(1) != 1:
+    if features.stride(-1) != 1:
         features = features.contiguous()
+    sample_features = features if features.dim() == 3 else None
+    if sample_features is not None:
+        features = sample_features[0]
     if mu is not None:
         mu = kernels.prepare_params(mu).expand(rows, dim)
         sigma = kernels.prepare_params(sigma).expand(rows, dim)
     unit = kernels.new_buffer((rows, dim), torch.float32, features.device)
     norm = kernels.new_buffer((rows,), torch.float32, features.device)
-    return Side(features, mu, sigma, seed, multiply, unit, norm)
+    return Side(features, mu, sigma, seed, multiply, unit, norm, sample_features)
 
 
 def _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply):
@@ -112,9 +142,10 @@ def _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, see
 
 
 def _normalize_sample(kernels: CosineKernels, sides, sample: int) -> None:
-    """Noise and normalize both sides for ``sample`` (noise-free sides only once)."""
+    """Noise and normalize both sides for ``sample`` (sides equal in every sample only once)."""
     for side in sides:
-        if (side.has_noise or sample == 0) and side.features.shape[0] > 0:
+        side.select_sample(sample)
+        if (side.changes_per_sample or sample == 0) and side.features.shape[0] > 0:
             kernels.normalize(side, sample)
 
 
@@ -122,11 +153,12 @@ def cosine_logits_forward(
     kernels: CosineKernels, image, text, logit_scale, image_mu, image_sigma, text_mu,
     text_sigma, seed, num_samples, multiply,
 ) -> torch.Tensor:  # fmt: skip
-    """image: (B, D), text: (C, D), logit_scale: 0-d. Returns (num_samples, B, C) logits."""
+    """image: (B, D), text: (C, D) or (num_samples, C, D), logit_scale: 0-d.
+    Returns (num_samples, B, C) logits."""
     sides = _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply)
     image_side, text_side = sides
     dtype = result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
-    out = kernels.new_buffer((num_samples, image.shape[0], text.shape[0]), dtype, image.device)
+    out = kernels.new_buffer((num_samples, image.shape[0], text.shape[-2]), dtype, image.device)
     scale = logit_scale.to(device=image.device, dtype=torch.float32)
     for sample in range(num_samples):
         _normalize_sample(kernels, sides, sample)
@@ -177,7 +209,7 @@ def cross_entropy_forward(
     text_sigma, seed, num_samples, multiply, reduction, label_smoothing,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Returns (loss, lse): the reduced float32 loss and the (num_samples, B) log-sum-exp."""
-    rows, classes = image.shape[0], text.shape[0]
+    rows, classes = image.shape[0], text.shape[-2]
     sides = _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply)
     scale = logit_scale.to(device=image.device, dtype=torch.float32)
     # Separate buffers: only lse is saved for backward, and it should not pin the other two.
@@ -236,8 +268,10 @@ def _backward(
         SideGrads.zeros(image_side, needs[0], needs[3] or needs[4]),
         SideGrads.zeros(text_side, needs[1], needs[5] or needs[6]),
     )
-    # Noise-free sides are the same every sample: sum their unit gradients, backpropagate once.
-    unit_grad_sums = [None if side.has_noise else torch.zeros_like(side.unit) for side in sides]
+    # Sides equal in every sample: sum their unit gradients, backpropagate once.
+    unit_grad_sums = [
+        None if side.changes_per_sample else torch.zeros_like(side.unit) for side in sides
+    ]
     for sample in range(num_samples):
         _normalize_sample(kernels, sides, sample)
         if image.shape[0] == 0:
@@ -268,7 +302,7 @@ def _backward(
 
 def _side_backward(kernels, side: Side, sample: int, unit_grad, grads: SideGrads) -> None:
     if side.features.shape[0] > 0 and (grads.need_x or grads.need_params):
-        kernels.normalize_backward(side, sample, unit_grad, grads)
+        kernels.normalize_backward(side, sample, unit_grad, grads.for_sample(side, sample))
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

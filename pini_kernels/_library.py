@@ -179,7 +179,8 @@ def noisy_cosine_logits(
     multiply: bool,
     backend: str,
 ) -> torch.Tensor:
-    """(num_samples, B, C) logits of noisy, normalized features; logit_scale is 0-d."""
+    """(num_samples, B, C) logits of noisy, normalized features; image: (B, D); text: (C, D) or
+    (num_samples, C, D), one set of class rows per sample; logit_scale is 0-d."""
     with _on_device(image):
         return _cosine_module(backend).cosine_logits_forward(
         image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma,
@@ -193,7 +194,7 @@ def _noisy_cosine_logits_fake(
     multiply, backend,
 ):  # fmt: skip
     dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
-    return image.new_empty((num_samples, image.shape[0], text.shape[0]), dtype=dtype)
+    return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::noisy_cosine_logits_backward", mutates_args=())
@@ -281,7 +282,7 @@ def noisy_cross_entropy(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse): the float32 loss and the (num_samples, B) log-sum-exp saved for backward."""
-    _checks.check_target_values(target, text.shape[0])
+    _checks.check_target_values(target, text.shape[-2])
     with _on_device(image):
         return _cosine_module(backend).cross_entropy_forward(
         image, text, logit_scale, target, image_mu, image_sigma, text_mu, text_sigma,

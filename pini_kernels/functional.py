@@ -104,21 +104,23 @@ def _prepare_logits_call(
     backend,
 ):  # fmt: skip
     """Checks shared by the two logits ops; returns what the op needs."""
-    _checks.check_features(image_features, text_features)
+    samples = _checks.check_num_samples(num_samples, allow_none=False)
+    _checks.check_features(image_features, text_features, samples)
     image_pair = _checks.check_noise_pair("image_noise", image_noise, image_features,
                                           "image_features")  # fmt: skip
-    text_pair = _checks.check_noise_pair("text_noise", text_noise, text_features,
-                                         "text_features")  # fmt: skip
+    # Text noise is per class, (C, D), shared by every sample even when the text features are not.
+    text_target = "text_features[s]" if text_features.dim() == 3 else "text_features"
+    text_pair = _checks.check_noise_pair("text_noise", text_noise, text_features, text_target,
+                                         shape=text_features.shape[-2:])  # fmt: skip
     scale = _checks.check_logit_scale(logit_scale, image_features)
     multiply = _checks.check_mode(mode)
-    samples = _checks.check_num_samples(num_samples, allow_none=False)
     named = {"image_features": image_features, "text_features": text_features,
              "logit_scale": scale}  # fmt: skip
     for side, pair in (("image_noise", image_pair), ("text_noise", text_pair)):
         if pair is not None:
             named[f"{side}[0] (mu)"], named[f"{side}[1] (sigma)"] = pair
     _checks.check_same_device(**named)
-    rows = max(image_features.shape[0], text_features.shape[0]) * image_features.shape[1]
+    rows = max(image_features.shape[0], text_features.shape[-2]) * image_features.shape[1]
     _checks.check_total_elements(samples, rows)
     seed = _checks.check_seed(seed)
     chosen = resolve_backend(backend, image_features.device)
@@ -148,11 +150,14 @@ def noisy_cosine_logits(
 ) -> torch.Tensor:
     """CLIP's logits between noisy features: ``logit_scale * <z/|z|, t/|t|>`` per noise sample.
 
-    image_features: (B, D); text_features: (C, D). image_noise / text_noise: None (no noise on that
-    side) or a (mu, sigma) pair broadcastable to (B, D) / (C, D); the image noise is drawn from the
-    stream of ``seed`` over (num_samples, B, D), the text noise from ``seed + 1`` over
-    (num_samples, C, D). logit_scale: the already-exponentiated scale, a float or 0-d tensor.
-    Returns (num_samples, B, C) in the inputs' promoted dtype. Differentiable in every tensor.
+    image_features: (B, D); text_features: (C, D), shared by every sample, or (num_samples, C, D),
+    sample ``s`` using ``text_features[s]`` (e.g. text features of per-sample prompt noise).
+    image_noise / text_noise: None (no noise on that side) or a (mu, sigma) pair broadcastable to
+    (B, D) / (C, D); the image noise is drawn from the stream of ``seed`` over (num_samples, B, D),
+    the text noise from ``seed + 1`` over (num_samples, C, D). logit_scale: the
+    already-exponentiated scale, a float or 0-d tensor. Returns (num_samples, B, C) in the inputs'
+    promoted dtype. Differentiable in every tensor; gradients come back in the shapes given
+    (a (num_samples, C, D) text_features gets a per-sample gradient, a (C, D) one the sum).
     """
     image_pair, text_pair, scale, multiply, samples, seed, chosen = _prepare_logits_call(
         image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
@@ -188,7 +193,8 @@ def noisy_cross_entropy(
 ) -> torch.Tensor:
     """PiNI's loss, Eq. (13): cross-entropy over the noisy cosine logits, for every noise sample.
 
-    Equals ``F.cross_entropy`` of ``noisy_cosine_logits(...)`` (same arguments and seed) with the
+    Equals ``F.cross_entropy`` of ``noisy_cosine_logits(...)`` (same arguments and seed, so
+    text_features may be (C, D) or (num_samples, C, D) here too) with the
     (num_samples, B, C) logits flattened to rows and ``target`` (B,) repeated per sample:
     "mean" averages over samples and batch, "sum" sums, "none" gives (num_samples, B). The fused
     backends never store the logits or ``eps``: backward keeps one log-sum-exp per row and
@@ -206,7 +212,7 @@ def noisy_cross_entropy(
     _checks.check_reduction(reduction)
     smoothing = _checks.check_label_smoothing(label_smoothing)
     if chosen == "reference":
-        _checks.check_target_values(target, text_features.shape[0])
+        _checks.check_target_values(target, text_features.shape[-2])
         return reference.noisy_cross_entropy(
             image_features, text_features, scale, target, image_noise=image_pair,
             text_noise=text_pair, multiply=multiply, num_samples=samples,

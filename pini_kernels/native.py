@@ -102,7 +102,8 @@ def inject_backward(
 
 
 class NativeCosineKernels:
-    """The compiled row and loss kernels, for pini_kernels/_cosine_host.py."""
+    """The compiled row and loss kernels, for pini_kernels/_cosine_host.py (which hands them one
+    sample's (N, D) rows at a time, so (num_samples, C, D) text features need nothing here)."""
 
     max_feature_dim = MAX_FEATURE_DIM
     new_buffer = staticmethod(new_buffer)

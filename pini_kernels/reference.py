@@ -189,11 +189,16 @@ def _noisy_features(
     multiply: bool,
     compute: torch.dtype,
 ) -> torch.Tensor:
-    """(num_samples, N, D) noisy features in ``compute`` dtype (a broadcast view without noise)."""
+    """(num_samples, N, D) noisy features in ``compute`` dtype (a broadcast view without noise).
+
+    features: (N, D), shared by every sample, or (num_samples, N, D), one set per sample. The
+    noise is drawn over (num_samples, N, D) either way; mu and sigma broadcast to (N, D).
+    """
+    rows_shape = features.shape[-2:]
     if noise_params is None:
-        return features.to(compute).expand(num_samples, *features.shape)
+        return features.to(compute).expand(num_samples, *rows_shape)
     mu, sigma = noise_params
-    eps = noise((num_samples, *features.shape), seed=seed, device=features.device).to(compute)
+    eps = noise((num_samples, *rows_shape), seed=seed, device=features.device).to(compute)
     sample_noise = mu.to(compute) + sigma.to(compute) * eps
     return features.to(compute) * sample_noise if multiply else features.to(compute) + sample_noise
 
@@ -218,7 +223,9 @@ def noisy_cosine_logits(
     """(num_samples, B, C) logits ``logit_scale * <z/|z|, t/|t|>`` of noisy features.
 
     image_features: (B, D), noise broadcastable to (B, D), drawn from the stream of ``seed``.
-    text_features: (C, D), noise broadcastable to (C, D), drawn from the stream of ``seed + 1``.
+    text_features: (C, D) shared by every sample, or (num_samples, C, D) with sample ``s`` using
+    ``text_features[s]``; noise broadcastable to (C, D), drawn from the stream of ``seed + 1``
+    over (num_samples, C, D).
     Computed in float32 (float64 if any input is), returned in ``out_dtype``.
     """
     tensors = [image_features, text_features]

@@ -539,3 +539,51 @@ def test_model_initialisation_does_not_depend_on_the_global_rng(data, capsys):
         first.state_dict().items(), second.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+LOAD_BY_TAG = """
+import sys, torch, open_clip, pini
+# A pretrained tag of pini-tiny whose weights live on the hub, as open_clip registers its own.
+open_clip.pretrained._PRETRAINED["pini-tiny"] = {"testtag": {"hf_hub": "pini-test/pini-tiny/"}}
+expected = torch.load(sys.argv[1], weights_only=True)
+for pretrained in ("testtag", "hf-hub:pini-test/pini-tiny"):
+    clip, _ = pini.build_clip("pini-tiny", pretrained)
+    for name, value in clip.state_dict().items():
+        assert torch.equal(value, expected[name]), (pretrained, name)
+try:
+    pini.build_clip("pini-tiny", "hf-hub:pini-test/not-cached")
+except pini.errors.InputError as error:
+    print("ERROR", error)
+"""
+
+
+def test_pretrained_tag_and_hf_hub_name_load_offline_from_the_cache(tmp_path):
+    """What open_clip users type (a pretrained tag, hf-hub:org/name) loads from a Hugging Face
+    cache laid out as the hub does, with HF_HUB_OFFLINE=1; an uncached name is a clear error."""
+    torch.manual_seed(3)
+    clip, _ = pini.build_clip("pini-tiny")
+    torch.save(clip.state_dict(), tmp_path / "expected.pt")
+    repository = tmp_path / "hub" / "models--pini-test--pini-tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repository / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    torch.save(clip.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", LOAD_BY_TAG, str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert (
+        "ERROR --pretrained hf-hub:pini-test/not-cached: no open_clip weights" in completed.stdout
+    )

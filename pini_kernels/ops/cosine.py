@@ -1,7 +1,8 @@
 """Noisy cosine logits and PiNI's loss (Eq. 13): the Triton kernels.
 
 The per-sample flow (noise and normalize both sides, logits or loss statistics, backward) lives
-in ``pini_kernels/_cosine_host.py``; this file provides its kernels:
+in ``pini_kernels/_cosine_host.py``; it hands the kernels one sample's rows at a time, so
+``(num_samples, C, D)`` text features need nothing here. This file provides its kernels:
 
 - ``_noisy_normalize_kernel`` / ``_noisy_normalize_backward_kernel``: tiles of whole feature rows,
   noise regenerated from the seed, L2 normalization and its gradient;
@@ -42,6 +43,9 @@ BLOCK_GRAD_CLASSES = 1024
 # Grid target for the loss kernel on a GPU: classes are split so about this many programs per SM
 # run even for small batches; the splits' row statistics are merged after.
 LOSS_PROGRAMS_PER_SM = 2
+# Test hook: when set, the loss kernel uses this many class splits on any device. Under the
+# interpreter it otherwise always uses one, and the merge of split statistics would never run.
+FORCED_LOSS_SPLITS: int | None = None
 
 
 @triton.jit
@@ -94,9 +98,11 @@ def _noisy_normalize_backward_kernel(
     unit = tl.load(unit_ptr + offsets, mask=mask, other=0.0)
     grad_unit = tl.load(grad_unit_ptr + offsets, mask=mask, other=0.0)
     norm = tl.load(norm_ptr + row, mask=row_mask, other=1.0)[:, None]
-    # d(v / max(|v|, floor)) / dv: project out the radial part, unless the floor was active.
+    # d(v / max(|v|, floor)) / dv: project out the radial part, unless the floor was active (then
+    # v / floor is linear in v). Both branches divide by max(|v|, floor): no inf at zero rows.
     radial = tl.sum(unit * grad_unit, axis=1)[:, None]
-    grad_value = tl.where(norm > 1e-12, (grad_unit - unit * radial) / norm, grad_unit / 1e-12)
+    divisor = tl.maximum(norm, 1e-12)
+    grad_value = tl.where(norm > 1e-12, grad_unit - unit * radial, grad_unit) / divisor
     if HAS_NOISE and (MULTIPLY or NEED_PARAM_GRAD):
         eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
     if NEED_X_GRAD:
@@ -294,6 +300,10 @@ class TritonCosineKernels:
 
 def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
     """Class splits of the loss kernel: enough programs to fill the GPU for small batches."""
+    if FORCED_LOSS_SPLITS is not None:
+        if FORCED_LOSS_SPLITS < 1:
+            raise ValueError(f"FORCED_LOSS_SPLITS must be None or >= 1, got {FORCED_LOSS_SPLITS}")
+        return FORCED_LOSS_SPLITS
     if device.type != "cuda" or triton_interpreting():
         return 1
     programs = LOSS_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
