@@ -64,6 +64,8 @@ CONFIG_FLAGS = {
     "inference": "--inference",
     "inference_samples": "--inference-samples",
     "precision": "--precision",
+    "prompt_noise_draw": "--prompt-noise-draw",
+    "sigma_activation": "--sigma-activation",
 }
 # What else defines a run (its record's keys), with their flags.
 RUN_FLAGS = {
@@ -192,7 +194,25 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="draws averaged by --inference average (default 8)",
     )
-    model.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
+    model.add_argument(
+        "--prompt-noise-draw",
+        default=None,
+        choices=["shared", "per-class"],
+        help="prompt noise: one draw per sample shared by every class (the paper, default) or "
+        "one per class",
+    )
+    model.add_argument(
+        "--sigma-activation",
+        default=None,
+        choices=["abs", "softplus"],
+        help="sigma from the generators' output: abs (the authors', default) or softplus",
+    )
+    model.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="the frozen towers' precision (autocast); the generators stay fp32",
+    )
 
     run = _Parser(add_help=False)
     run.add_argument("--epochs", type=_positive_int, default=None)
@@ -304,12 +324,10 @@ def _check_data_args(args) -> None:
         raise InputError(f"--root {args.root}: no such folder")
 
 
-def _load_split(root: str | None, dataset: str | None):
+def _load_split(root: str | None, dataset: str | None, *parts: str):
+    """The dataset, with images in each of ``parts`` ("train", "test") or an ``InputError``."""
     split = load_dataset(root, dataset)
-    if not split.test:
-        raise InputError(
-            f"dataset {split.name} has no test images: there is nothing to evaluate on"
-        )
+    split.require(*parts)
     return split
 
 
@@ -639,7 +657,7 @@ def _print_summary(summary: dict) -> None:
 
 def _train_command(args) -> int:
     _check_data_args(args)
-    split = _load_split(args.root, args.dataset)
+    split = _load_split(args.root, args.dataset, "train", "test")
     folder = _default_output(args, args.shots or 16, 1 if args.seed is None else args.seed)
     plan = _plan(args, args.shots, args.seed, folder, split)
     summary = _execute(args, plan)
@@ -650,7 +668,7 @@ def _train_command(args) -> int:
 
 def _sweep_command(args) -> int:
     _check_data_args(args)
-    split = _load_split(args.root, args.dataset)
+    split = _load_split(args.root, args.dataset, "train", "test")
     root = Path(args.output or "runs/sweep")
     # Every run is checked before the first one starts.
     plans = {
@@ -702,7 +720,7 @@ def _eval_command(args) -> int:
         root, dataset = args.root, args.dataset
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
-    split = _load_split(root, dataset)
+    split = _load_split(root, dataset, "test")
     if _depends_on_classes(run["pini_config"]) and list(split.classnames) != run["classnames"]:
         raise InputError(
             f"the run learned noise per class of {run['dataset']} (--text feature with "

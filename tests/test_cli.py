@@ -516,6 +516,21 @@ def test_an_oversized_image_is_skipped_and_counted(data, tmp_path, capsys, monke
     assert summary["skipped_images"] == 1 and summary["test_images"] == 9
 
 
+def test_dataset_file_errors_reach_the_user_as_one_line(tmp_path, capsys):
+    dataset = tmp_path / "d" / "oxford_pets"
+    (dataset / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(dataset / "images" / "a.jpg")
+    entries = [["a.jpg", 0, "abyssinian"], ["a.jpg", 2, "beagle"]]
+    split_file = dataset / "split_zhou_OxfordPets.json"
+    split_file.write_text(json.dumps({"train": entries, "val": entries, "test": entries}))
+    argv = ["train", *TINY, "--root", tmp_path / "d", "--dataset", "oxford_pets"]
+    argv += ["--output", tmp_path / "run"]
+    assert_one_line_error(run_cli(argv, capsys), str(split_file), "labels skip 1")
+    split_file.write_text("")
+    assert_one_line_error(run_cli(argv, capsys), str(split_file), "is empty")
+    assert not (tmp_path / "run").exists()
+
+
 # --- naming and repeatability -----------------------------------------------------------------
 
 

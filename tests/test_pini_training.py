@@ -149,6 +149,10 @@ def test_cli_embedded_default_run_improves_on_zero_shot(tmp_path, capsys, monkey
     checkpoint = str(tmp_path / "run" / CHECKPOINT)
     assert cli.main(["eval", "--checkpoint", checkpoint, "--no-progress"]) == 0
     assert f"accuracy {summary['accuracy']:.2f}%" in capsys.readouterr().out
+    # Now with the demo CLIP cached: the result must not depend on the cache.
+    assert cli.main(["train", "--no-progress", "--output", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert (again["accuracy"], again["macro_f1"]) == (summary["accuracy"], summary["macro_f1"])
 
 
 def _noise_off_sigma(model):
