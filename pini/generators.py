@@ -5,6 +5,12 @@ the authors' code, ``sigma`` comes out of ``abs()`` by default (``sigma_activati
 the smooth alternative), and the cross-attention generators use one unscaled head by default
 (``scaled=True`` divides the scores by sqrt(d)). Final layers start small (std 0.02) so training
 begins close to zero-shot CLIP without freezing ``sigma`` at a kink of ``abs``.
+
+The image-level generators of the paper (Section 4.2) are ``ImageCNN`` (a 10-layer residual CNN
+with BatchNorm) and ``ImageCrossAttention`` (CLIP's patch tokens attending over the class text
+features); as in the authors' code their mu and sigma are rescaled to a root mean square of 0.1
+per image, in CLIP's normalized pixel space. ``LightImageCNN``, ``PixelCrossAttention`` and
+``ImageMLP`` are lighter variants whose noise is bounded by ``tanh`` / a clamp instead.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from torch import nn
 
 SIGMA_ACTIVATIONS = ("abs", "softplus")
 INIT_STD = 0.02
+PIXEL_NOISE_RMS = 0.1  # the paper's image generators: RMS of mu and of sigma, per image
+RMS_FLOOR = 1e-12  # keeps an all-zero output at zero instead of dividing 0 by 0
 
 
 def _sigma(raw: torch.Tensor, activation: str) -> torch.Tensor:
@@ -69,7 +77,9 @@ class FeatureMLP(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Single-head attention of queries (..., Q, d_query) over text features (C, D)."""
+    """Single-head attention of queries (..., Q, query_dim) over text features (C, text_dim) as
+    keys and values: (..., Q, dim). Text features (S, C, text_dim), one set per noise sample,
+    give (S, ..., Q, dim)."""
 
     def __init__(self, query_dim: int, text_dim: int, dim: int, scaled: bool = False):
         super().__init__()
@@ -79,12 +89,23 @@ class CrossAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(dim) if scaled else 1.0
 
     def forward(self, queries: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        scores = self.query(queries) @ self.key(text_features).t() * self.scale
-        return scores.softmax(dim=-1) @ self.value(text_features)
+        keys, values = self.key(text_features), self.value(text_features)
+        if text_features.dim() == 3:  # (S, C, dim) -> (S, 1, ..., 1, C, dim) against (..., Q, dim)
+            per_sample = (text_features.shape[0],) + (1,) * (queries.dim() - 2)
+            keys = keys.view(*per_sample, *keys.shape[1:])
+            values = values.view(*per_sample, *values.shape[1:])
+        elif text_features.dim() != 2:
+            raise ValueError(
+                "text_features must be (C, D) or (num_samples, C, D), got shape "
+                f"{tuple(text_features.shape)}"
+            )
+        scores = self.query(queries) @ keys.transpose(-1, -2) * self.scale
+        return scores.softmax(dim=-1) @ values
 
 
 class FeatureCrossAttention(nn.Module):
-    """Visual features: the image's global feature attends over all class text features."""
+    """Visual features: the image's global feature (B, D) attends over all class text features
+    (C, D) -> per-row (mu, sigma) of shape (B, D); (S, B, D) for text features (S, C, D)."""
 
     def __init__(self, dim: int, scaled: bool = False, sigma_activation: str = "abs"):
         super().__init__()
@@ -118,8 +139,56 @@ class ImageMLP(nn.Module):
 
 
 class ImageCNN(nn.Module):
-    """Raw images -> per-pixel (mu, sigma): a residual CNN at full resolution; the noise magnitude
-    is bounded (|mu| <= bound via tanh, sigma <= bound)."""
+    """The paper's image generator (Section 4.2, "a 10-layer convolutional network with residual
+    connections"): raw images (B, 3, H, W) -> per-pixel (mu, sigma) of the same shape.
+
+    Ten 3x3 convolutions at full resolution: a stem (convolution, BatchNorm, ReLU), ``blocks``
+    residual blocks of two convolutions each (conv-BN-ReLU-conv-BN, plus the block's input, then
+    ReLU), and an output convolution to (mu, sigma). mu and sigma are each rescaled to a root mean
+    square of ``rms`` per image (0.1 in CLIP's normalized pixel space, as the authors do), so the
+    generator learns where the noise goes, not how strong it is. BatchNorm follows the module's
+    train/eval mode.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 32,
+        blocks: int = 4,
+        sigma_activation: str = "abs",
+        rms: float = PIXEL_NOISE_RMS,
+    ):
+        super().__init__()
+        _check_activation(sigma_activation)
+        self.sigma_activation = sigma_activation
+        self.rms = rms
+        self.stem = nn.Sequential(_conv_bn(3, hidden), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(_conv_bn(hidden, hidden), nn.ReLU(), _conv_bn(hidden, hidden))
+            for _ in range(blocks)
+        )
+        self.head = _small_init(nn.Conv2d(hidden, 6, 3, padding=1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.stem(images.float())
+        for block in self.blocks:
+            hidden = F.relu(hidden + block(hidden))
+        mu, raw_sigma = self.head(hidden).chunk(2, dim=1)
+        return _rescaled(mu, raw_sigma, self.rms, self.sigma_activation)
+
+
+def _conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """A 3x3 convolution (no bias: BatchNorm follows) and BatchNorm, at the input's resolution."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class LightImageCNN(nn.Module):
+    """A lighter image generator (``visual_generator="cnn-light"``): raw images (B, 3, H, W) ->
+    per-pixel (mu, sigma) of the same shape from a residual CNN at full resolution (a stem, two
+    GELU blocks, an output convolution; no normalization); the noise magnitude is bounded
+    (|mu| <= bound via tanh, sigma <= bound)."""
 
     def __init__(
         self, hidden: int = 16, blocks: int = 2, sigma_activation: str = "abs", bound: float = 1.0
@@ -149,8 +218,60 @@ class ImageCNN(nn.Module):
 
 
 class ImageCrossAttention(nn.Module):
-    """Raw images -> per-pixel (mu, sigma): the image's patch tokens attend over the class text
-    features, and each attended token is projected back to its patch of pixels."""
+    """The paper's image cross-attention generator (Section 4.2): the image's spatial feature,
+    CLIP's patch tokens (B, N, token_dim) from the frozen visual tower, is the query; the class
+    text features (C, text_dim) are keys and values. Each attended token (plus its query, a
+    residual connection) is projected to its patch of pixels, giving per-pixel (mu, sigma) of
+    shape (B, 3, H, W), each rescaled to a root mean square of ``rms`` per image like
+    ``ImageCNN``. Text features (S, C, text_dim), one set per noise sample, give (S, B, 3, H, W).
+    """
+
+    def __init__(
+        self,
+        token_dim: int,
+        text_dim: int,
+        patch_size: int,
+        scaled: bool = False,
+        sigma_activation: str = "abs",
+        rms: float = PIXEL_NOISE_RMS,
+    ):
+        super().__init__()
+        _check_activation(sigma_activation)
+        self.sigma_activation = sigma_activation
+        self.rms = rms
+        self.patch_size = patch_size
+        self.attention = CrossAttention(token_dim, text_dim, token_dim, scaled)
+        self.head = _small_init(nn.Linear(token_dim, 6 * patch_size * patch_size))
+
+    def forward(
+        self,
+        patch_tokens: torch.Tensor,
+        text_features: torch.Tensor,
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """patch_tokens: (B, N, token_dim), row-major over the (H/p, W/p) grid of patches;
+        text_features: (C, text_dim) or (S, C, text_dim); image_size: (H, W)."""
+        height, width = image_size
+        patch = self.patch_size
+        tokens = patch_tokens.shape[-2]
+        if height % patch or width % patch or tokens != (height // patch) * (width // patch):
+            raise ValueError(
+                f"patch_tokens must hold one token per {patch}x{patch} patch of a "
+                f"{height}x{width} image ({(height // patch) * (width // patch)} tokens), "
+                f"got {tokens}"
+            )
+        queries = patch_tokens.float()
+        attended = queries + self.attention(queries, text_features.float())  # (..., B, N, dim)
+        out = _fold_patches(self.head(attended), patch, (height, width))
+        mu, raw_sigma = out.chunk(2, dim=-3)
+        return _rescaled(mu, raw_sigma, self.rms, self.sigma_activation)
+
+
+class PixelCrossAttention(nn.Module):
+    """A lighter image cross-attention (``visual_generator="attention-pixels"``): raw images
+    (B, 3, H, W) -> per-pixel (mu, sigma) of the same shape. A learned patchify of the pixels gives
+    the queries (not CLIP's tokens), which attend over the class text features (C, D); each
+    attended token is projected back to its patch of pixels. Bounded like ``LightImageCNN``."""
 
     def __init__(
         self,
@@ -179,12 +300,30 @@ class ImageCrossAttention(nn.Module):
                 f"image size {height}x{width} must be a multiple of patch_size={self.patch_size}"
             )
         tokens = self.patches(images.float()).flatten(2).transpose(1, 2)  # (B, N, dim)
-        attended = tokens + self.attention(tokens, text_features.float())
-        pixels = self.head(attended).transpose(1, 2)  # (B, 6 * p * p, N)
-        out = F.fold(pixels, (height, width), self.patch_size, stride=self.patch_size)
-        mu, raw_sigma = out.chunk(2, dim=1)
+        attended = tokens + self.attention(tokens, text_features.float())  # (..., B, N, dim)
+        out = _fold_patches(self.head(attended), self.patch_size, (height, width))
+        mu, raw_sigma = out.chunk(2, dim=-3)
         return _bounded(mu, raw_sigma, self.bound, self.sigma_activation)
+
+
+def _fold_patches(values: torch.Tensor, patch: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """(..., B, N, channels * patch * patch) per-patch values, row-major over the patch grid ->
+    (..., B, channels, H, W) pixels."""
+    *leading, tokens, per_patch = values.shape
+    columns = values.reshape(-1, tokens, per_patch).transpose(1, 2)
+    pixels = F.fold(columns, image_size, patch, stride=patch)
+    return pixels.view(*leading, *pixels.shape[1:])
 
 
 def _bounded(mu, raw_sigma, bound: float, activation: str):
     return bound * torch.tanh(mu), torch.clamp(_sigma(raw_sigma, activation), max=bound)
+
+
+def _rescaled(mu, raw_sigma, rms: float, activation: str):
+    """mu and sigma (..., 3, H, W), each scaled to a root mean square of ``rms`` per image."""
+    return _to_rms(mu, rms), _to_rms(_sigma(raw_sigma, activation), rms)
+
+
+def _to_rms(values: torch.Tensor, rms: float) -> torch.Tensor:
+    mean_square = values.square().mean(dim=(-3, -2, -1), keepdim=True)
+    return values * (rms * torch.rsqrt(mean_square + RMS_FLOOR))

@@ -56,7 +56,14 @@ TINY_MODEL = "pini-tiny"
 @dataclasses.dataclass(frozen=True)
 class PiNIConfig:
     """Which noise goes where. The defaults are the paper's: visual features with the
-    cross-attention generator, and prompt word embeddings with learnable (mu, sigma)."""
+    cross-attention generator, and prompt word embeddings with learnable (mu, sigma), one prompt
+    noise draw per sample shared by every class, one noise sample (m = 1).
+
+    visual_generator for "image" noise: "cnn" (the paper's 10-layer residual CNN) or "attention"
+    (the paper's: CLIP's patch tokens attend over the class text features), or the lighter
+    "mlp", "cnn-light", "attention-pixels"; for "feature" noise: "attention" or "mlp".
+    prompt_noise_draw: "shared" (the paper) or "per-class" (each class its own draw).
+    """
 
     visual: str = "feature"
     visual_generator: str = "attention"

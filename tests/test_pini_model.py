@@ -64,22 +64,28 @@ def test_prompt_layout(backbone):
 
 
 @pytest.mark.parametrize("mode", ["add", "mul"])
-@pytest.mark.parametrize("visual", ["none", "feature", "image"])
+@pytest.mark.parametrize(
+    "visual, visual_generator",
+    [("none", "attention"), ("feature", "attention"), ("image", "cnn"), ("image", "attention")],
+)
 @pytest.mark.parametrize("text", ["none", "prompt", "feature"])
-def test_noise_off_reproduces_zero_shot_logits(backbone, text, visual, mode):
+def test_noise_off_reproduces_placeholder_prompt_logits(
+    backbone, text, visual, visual_generator, mode
+):
     model = _model(
         backbone,
         text=text,
         text_generator="mlp" if text == "feature" else "embedding",
         visual=visual,
-        visual_generator="attention" if visual != "image" else "cnn",
+        visual_generator=visual_generator,
         mode=mode,
     )
     _zero_noise(model)
+    model.eval()
     images, _ = _batch()
     with torch.no_grad():
         torch.testing.assert_close(
-            model(images), model.zero_shot_logits(images), atol=1e-4, rtol=1e-5
+            model(images), model.placeholder_prompt_logits(images), atol=1e-4, rtol=1e-5
         )
 
 
@@ -97,7 +103,7 @@ def test_loss_is_equation_13_by_hand(backbone, num_samples):
     seed = 1234
     loss = model.loss(images, labels, seed=seed)
     with torch.no_grad():
-        text = model.zero_shot_text
+        text = model.placeholder_prompt_text
         text_mu, text_sigma = model.text_generator(text)
         image = model.clip.encode_image(images)
         image_mu, image_sigma = model.visual_generator(image, text)
@@ -170,13 +176,18 @@ def test_config_errors():
         PiNIConfig(visual="feature", visual_generator="cnn")
     with pytest.raises(ValueError, match="num_samples must be an int >= 1"):
         PiNIConfig(num_samples=0)
+    with pytest.raises(ValueError, match="prompt_noise_draw must be one of"):
+        PiNIConfig(prompt_noise_draw="per-sample")
+    with pytest.raises(ValueError, match="visual_generator must be one of"):
+        PiNIConfig(visual="image", visual_generator="resnet")
     with pytest.raises(ValueError, match="unknown Table 1 row"):
         PiNIConfig.table1("everything")
     assert PiNIConfig.table1("image+prompt").visual == "image"
 
 
 def test_build_clip_needs_an_existing_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
+    # build_clip raises pini.errors.InputError, a ValueError naming the flag and the file.
+    with pytest.raises(ValueError, match="no such weights file"):
         pini.build_clip("pini-tiny", pretrained=str(tmp_path / "missing.pt"))
 
 
