@@ -2,8 +2,11 @@
 
 A random-weight CLIP maps every image to nearly the same feature (cosine ~0.999), so zero-shot
 and PiNI would both sit at chance. For the embedded default run, the tiny model is first trained
-contrastively (image vs. its class prompt) on digits that are neither in the test set nor in the
-few-shot pool, once, and cached. Real use loads real CLIP weights instead (``--pretrained``).
+contrastively (image vs. a caption of its class) on digits that are neither in the test set nor in
+the few-shot pool, once, and cached. Like a real CLIP, it learns from natural captions
+(`CAPTIONS`), never from PiNI's placeholder prompts, so the zero-shot baseline (CoOp's "a photo
+of a {}.") is a fair one and PiNI starts from prompts the model has not seen. Real use loads
+real CLIP weights instead (``--pretrained``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from tqdm import tqdm
 
 from .data import DIGIT_NAMES, ImageList, clip_transforms, digits_pretraining_samples
 from .model import TINY_MODEL, build_clip
-from .prompts import build_prompts
 
 PRETRAIN_STEPS = 800
+# Caption templates of the pre-training, one drawn per class and step.
+CAPTIONS = ("a photo of a {}.", "a photo of the number {}.", "a handwritten {}.", "{}.")
+CACHE_VERSION = 2  # bump when the pre-training changes, so an old cache is not reused
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 1e-3
 CROP_SCALE = (0.5, 1.0)  # random crops keep at least half of a 32-pixel digit
@@ -31,14 +36,16 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
     call, about 25 s on 2 CPU cores)."""
     torch.manual_seed(0)
     clip, tokenizer = build_clip(TINY_MODEL)
-    path = Path(cache_dir) / f"{TINY_MODEL}-digits-{PRETRAIN_STEPS}.pt"
+    path = Path(cache_dir) / f"{TINY_MODEL}-digits-v{CACHE_VERSION}-{PRETRAIN_STEPS}.pt"
     if path.is_file():
         clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return clip.eval(), tokenizer
     samples = digits_pretraining_samples()
     transform, _ = clip_transforms(clip.visual.image_size[0], CROP_SCALE)
     dataset = ImageList(samples, transform)
-    token_ids = tokenizer(build_prompts(DIGIT_NAMES))
+    captions = torch.stack([
+        tokenizer([template.format(name) for name in DIGIT_NAMES]) for template in CAPTIONS
+    ])  # (templates, classes, context)  # fmt: skip
     optimizer = torch.optim.AdamW(clip.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     clip.train()
@@ -48,6 +55,8 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
         images = torch.stack([dataset[int(i)][0] for i in picks])
         labels = torch.tensor([samples[int(i)][1] for i in picks])
         image = F.normalize(clip.encode_image(images), dim=-1)
+        template = torch.randint(0, len(CAPTIONS), (len(DIGIT_NAMES),), generator=generator)
+        token_ids = captions[template, torch.arange(len(DIGIT_NAMES))]
         text = F.normalize(clip.encode_text(token_ids), dim=-1)
         loss = F.cross_entropy(clip.logit_scale.exp() * image @ text.t(), labels)
         optimizer.zero_grad(set_to_none=True)
