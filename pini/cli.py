@@ -175,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--visual-generator",
         default=None,
-        help="image: mlp, cnn, attention; feature: attention, mlp",
+        help="image: cnn (the paper's residual CNN), attention (the paper's, on CLIP's patch "
+        "tokens), mlp, cnn-light, attention-pixels; feature: attention (the paper's), mlp",
     )
     model.add_argument("--text", default=None, choices=["none", "prompt", "feature"])
     model.add_argument(
