@@ -223,6 +223,19 @@ def test_a_used_run_folder_is_refused_and_overwrite_replaces_it(data, tmp_path, 
     assert not (output / "split-2shot-seed1.json").exists()  # the old run's files are gone
 
 
+def argv_overwrite(data, output):
+    return ["train", *TINY, "--root", data, "--dataset", "toy", "--output", output, "--overwrite"]
+
+
+def test_an_unusable_output_folder_is_refused_before_any_work(data, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    argv = ["train", *TINY, "--root", data, "--dataset", "toy"]
+    result = run_cli([*argv, "--output", tmp_path / "a-file"], capsys)
+    assert_one_line_error(result, "is a file, not a folder")
+    result = run_cli([*argv, "--output", tmp_path / "a-file" / "run"], capsys)
+    assert_one_line_error(result, "cannot be created", "a-file is not writable")
+
+
 def test_a_folder_with_foreign_files_is_refused(data, tmp_path, capsys):
     output = tmp_path / "mine"
     output.mkdir()
@@ -231,6 +244,8 @@ def test_a_folder_with_foreign_files_is_refused(data, tmp_path, capsys):
         ["train", *TINY, "--root", data, "--dataset", "toy", "--output", output], capsys
     )
     assert_one_line_error(result, "is not empty")
+    result = run_cli([*argv_overwrite(data, output)], capsys)
+    assert_one_line_error(result, "--overwrite replaces a run", "notes.txt")
     assert (output / "notes.txt").read_text() == "my notes"
 
 
@@ -602,3 +617,25 @@ def test_pretrained_tag_and_hf_hub_name_load_offline_from_the_cache(tmp_path):
     assert (
         "ERROR --pretrained hf-hub:pini-test/not-cached: no open_clip weights" in completed.stdout
     )
+
+
+def test_sweep_interval_is_students_t():
+    """Three seeds: t(0.975, 2) = 4.303, not the normal's 1.96."""
+    mean, interval = cli.mean_and_interval([50.0, 52.0, 57.0])
+    spread = (((50 - 53) ** 2 + (52 - 53) ** 2 + (57 - 53) ** 2) / 2) ** 0.5
+    assert mean == 53.0
+    assert interval == pytest.approx(4.302652729911275 * spread / 3**0.5, rel=1e-9)
+    assert cli.mean_and_interval([50.0]) == (50.0, 0.0)
+
+
+def test_sweep_checks_every_run_before_the_first_and_reports_the_interval(data, tmp_path, capsys):
+    output = tmp_path / "sweep"
+    (output / "2shot-seed2").mkdir(parents=True)
+    (output / "2shot-seed2" / "notes.txt").write_text("not a run")
+    argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output]
+    result = run_cli([*argv, "--shot-list", "1", "2", "--seeds", "1", "2"], capsys)
+    assert_one_line_error(result, "2shot-seed2 is not empty")
+    assert not (output / "1shot-seed1").exists()  # nothing ran
+    status, out, err = run_cli([*argv, "--shot-list", "1", "--seeds", "1", "2"], capsys)
+    assert status == 0, err
+    assert "1 shots:" in out and "95% interval, Student's t over 2 seeds" in out
