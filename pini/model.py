@@ -306,6 +306,10 @@ class PiNI(nn.Module):
         self.register_buffer("placeholder_prompt_text", placeholder_text, persistent=False)
         self.register_buffer("zero_shot_text", zero_shot_text, persistent=False)
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.token_ids.shape[0])
+
     def train(self, mode: bool = True) -> PiNI:
         """Generators follow ``mode`` (BatchNorm in the image CNN); CLIP stays in eval mode."""
         super().train(mode)

@@ -400,7 +400,7 @@ def evaluate(
     loader = DataLoader(
         ImageList(samples, transform), batch_size=batch_size, collate_fn=collate_skipping
     )
-    classes = model.token_ids.shape[0]
+    classes = model.num_classes
     subset = None if class_subset is None else torch.tensor(class_subset, dtype=torch.long)
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     skipped = 0

@@ -226,3 +226,33 @@ def test_multi_process_gloo_run_equals_one_process_with_the_noise_off(
     torch.manual_seed(0)
     initial = _parameters(_fresh_model())
     assert any(not torch.equal(single[name], initial[name]) for name in single)  # it trained
+
+
+class _FixedLogits(torch.nn.Module):
+    """A classifier whose logits favour class 3, outside the evaluated subset, then the label."""
+
+    num_classes = 5
+
+    def forward(self, images, seed=None):
+        logits = torch.zeros(images.shape[0], 5)
+        logits[:, 3] = 10.0
+        logits[torch.arange(images.shape[0]), images[:, 0, 0, 0].long()] = 5.0
+        return logits
+
+
+def test_evaluate_restricts_predictions_to_the_class_subset():
+    """ImageNet-A/R: the logits are restricted to the dataset's classes (CoOp's protocol)."""
+    # Each image's red value names the class its logits favour after class 3.
+    samples = [
+        (Image.new("RGB", (4, 4), (favoured, 0, 0)), label)
+        for favoured, label in ((0, 0), (1, 1), (4, 4), (0, 4))
+    ]
+
+    def transform(image):
+        return torch.full((3, 4, 4), float(image.getpixel((0, 0))[0]))
+
+    result = evaluate(_FixedLogits(), samples, transform, progress=False, class_subset=[0, 1, 4])
+    assert result["accuracy"] == 75.0  # the last image's logits favour 0 within the subset
+    assert result["per_class_accuracy"][4] == 50.0 and result["per_class_accuracy"][3] == 0.0
+    full = evaluate(_FixedLogits(), samples, transform, progress=False)
+    assert full["accuracy"] == 0.0  # without the subset, class 3 wins everywhere
