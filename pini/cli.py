@@ -220,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=_positive_float, default=None)
     run.add_argument("--batch-size", type=_positive_int, default=None, help="default 32")
     run.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers")
+    run.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help="also evaluate on the test set every N epochs, recorded in metrics.jsonl",
+    )
     run.add_argument("--output", default=None, help="run folder (default runs/<dataset>-...)")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --output")
@@ -241,6 +247,36 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset)",
     )
     evaluate_parser.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
+    draw = commands.add_parser(
+        "visualize",
+        parents=[general, data, model],
+        help="draw a run's learned noise (PNGs in its run folder)",
+        description="Draw a run's learned noise into its run folder: image-level noise (the "
+        "paper's Fig. 4: image, |mu|, |sigma|, a noise sample, the noisy image), feature-level "
+        "mu and sigma, and prompt noise per template position.",
+    )
+    draw.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
+    draw.add_argument("--images", type=_positive_int, default=4, help="test images (4)")
+    draw.add_argument("--seed", type=_seed, default=0, help="the noise draw shown (0)")
+    words = commands.add_parser(
+        "interpret",
+        parents=[general, model],
+        help="the vocabulary words nearest to a run's noisy prompts (the paper's Table 8)",
+        description="For --draws noise samples, the --top vocabulary tokens nearest to the noisy "
+        "prompt embedding at each template position, with how often each appears; printed and "
+        "written to RUN/interpretation.md.",
+    )
+    words.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
+    words.add_argument("--draws", type=_positive_int, default=100, help="noise draws (100)")
+    words.add_argument("--top", type=_positive_int, default=5, help="tokens per position (5)")
+    words.add_argument("--seed", type=_seed, default=0, help="seed of the draws (0)")
+    curves = commands.add_parser(
+        "plot",
+        parents=[general],
+        help="loss, learning rate and accuracy of runs against the epoch (a PNG)",
+    )
+    curves.add_argument("runs", nargs="+", help="run folders")
+    curves.add_argument("--output", default=None, help="the PNG (default FIRST_RUN/curves.png)")
     sweep = commands.add_parser(
         "sweep",
         parents=[general, data, model, run],
@@ -623,6 +659,19 @@ def _execute(args, plan: _Plan) -> dict | None:
             progress=progress,
             class_subset=subset,
         )
+    evaluator = None
+    if args.eval_every and rank == 0:
+
+        def evaluator() -> float:
+            return evaluate(
+                model,
+                split.test,
+                test_transform,
+                device=args.device,
+                progress=False,
+                class_subset=subset,
+            )["accuracy"]
+
     train(
         model,
         samples,
@@ -632,6 +681,8 @@ def _execute(args, plan: _Plan) -> dict | None:
         resume=plan.resume,
         device=args.device,
         run=run,
+        evaluate_every=args.eval_every or 0,
+        evaluator=evaluator,
     )
     if rank != 0:
         return None
@@ -731,20 +782,22 @@ def _depends_on_classes(pini_config: dict) -> bool:
     return pini_config.get("text") == "feature" and pini_config.get("text_generator") == "embedding"
 
 
-def _eval_command(args) -> int:
+def _stored_model(args, command: str):
+    """(run record, split, model with the checkpoint's state) for ``eval``, ``visualize`` and
+    ``interpret``: the model the checkpoint stores, on the run's own data or on ``--root`` /
+    ``--dataset``; checked before any work."""
     state = read_checkpoint(args.checkpoint)
     run = state.get("run")
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
-        raise InputError(f"checkpoint {args.checkpoint} has no run record; it cannot be evaluated")
-    model_keys = ("model", "pretrained", "template")
-    differences = _differences(run, args, keys=model_keys)
+        raise InputError(f"checkpoint {args.checkpoint} has no run record; retrain it")
+    differences = _differences(run, args, keys=("model", "pretrained", "template"))
     if differences:
         raise InputError(
-            f"eval builds the model stored in {args.checkpoint}, but "
+            f"{command} builds the model stored in {args.checkpoint}, but "
             + "; ".join(differences)
             + ". Leave these flags out (only --root and --dataset may name other data)"
         )
-    if args.root is None and args.dataset is None:
+    if getattr(args, "root", None) is None and getattr(args, "dataset", None) is None:
         root, dataset = run["root"], run["dataset"]
     else:
         _check_data_args(args)
@@ -758,9 +811,14 @@ def _eval_command(args) -> int:
             f"--text-generator embedding); {split.name} has other classes, so it cannot be "
             "evaluated there"
         )
-    progress = not args.no_progress
-    model = _build_model(run, split, args.device, progress)
+    model = _build_model(run, split, args.device, not args.no_progress)
     load_checkpoint(state, model)
+    return run, split, model
+
+
+def _eval_command(args) -> int:
+    _, split, model = _stored_model(args, "eval")
+    progress = not args.no_progress
     result = evaluate(
         model,
         split.test,
@@ -777,6 +835,78 @@ def _eval_command(args) -> int:
     if args.per_class:
         for name, accuracy in zip(split.classnames, result["per_class_accuracy"], strict=True):
             print(f"  {name:<24} {accuracy:6.2f}%")
+    return 0
+
+
+def _visualize_command(args) -> int:
+    from . import visualize
+
+    run, split, model = _stored_model(args, "visualize")
+    folder = Path(args.checkpoint).parent
+    transform = _test_transform(model)
+    written = []
+    options = dict(count=args.images, seed=args.seed, device=args.device)
+    if model.config.visual == "image":
+        written.append(
+            visualize.image_noise_figure(
+                model, split.test, transform, split.classnames, folder / "noise-image.png",
+                **options,
+            )
+        )  # fmt: skip
+    if model.config.visual == "feature" or model.config.text == "feature":
+        written.append(
+            visualize.feature_noise_figure(
+                model, split.test, transform, split.classnames, folder / "noise-feature.png",
+                **options,
+            )
+        )  # fmt: skip
+    if model.prompt_noise is not None:
+        tokenizer = _tokenizer(run)
+        written.append(visualize.prompt_noise_figure(model, tokenizer, folder / "noise-prompt.png"))
+    if not written:
+        raise InputError(f"the run in {folder} injects no noise: nothing to draw")
+    for path in written:
+        print(path)
+    return 0
+
+
+def _tokenizer(run: dict):
+    import open_clip
+
+    from .model import _register_configs
+
+    _register_configs()
+    return open_clip.get_tokenizer(run["model"])
+
+
+def _interpret_command(args) -> int:
+    from . import visualize
+
+    state = read_checkpoint(args.checkpoint)
+    run = state.get("run")
+    if isinstance(run, dict) and run.get("pini_config", {}).get("text") != "prompt":
+        raise InputError(
+            f"the run in {Path(args.checkpoint).parent} has no prompt noise to interpret (it "
+            f"was trained with --text {run['pini_config'].get('text')}, not --text prompt)"
+        )
+    run, _, model = _stored_model(args, "interpret")
+    tokenizer = _tokenizer(run)
+    rows = visualize.interpret_prompt_noise(
+        model, tokenizer, draws=args.draws, count=args.top, seed=args.seed
+    )
+    table = visualize.interpretation_markdown(rows, args.draws)
+    path = Path(args.checkpoint).parent / "interpretation.md"
+    path.write_text(table)
+    print(table, end="")
+    print(f"written to {path}")
+    return 0
+
+
+def _plot_command(args) -> int:
+    from . import visualize
+
+    output = Path(args.output) if args.output else Path(args.runs[0]) / "curves.png"
+    print(visualize.plot_runs(args.runs, output))
     return 0
 
 
@@ -810,7 +940,14 @@ def main(argv: list[str] | None = None) -> int:
         rank = _init_distributed(args) if args.command in ("train", "sweep") else 0
         if rank != 0:
             args.no_progress = True
-        command = {"train": _train_command, "eval": _eval_command, "sweep": _sweep_command}
+        command = {
+            "train": _train_command,
+            "eval": _eval_command,
+            "sweep": _sweep_command,
+            "visualize": _visualize_command,
+            "interpret": _interpret_command,
+            "plot": _plot_command,
+        }
         return command[args.command](args)
     except InputError as error:
         if args.debug:

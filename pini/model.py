@@ -442,18 +442,27 @@ class PiNI(nn.Module):
             (gen.FeatureCrossAttention, gen.ImageCrossAttention, gen.PixelCrossAttention),
         )
 
-    def _noisy_image_features(self, images, text, num_samples, sigma_scale, seed):
-        """(num_samples, B, D) features of noisy images: raw-image injection, sample j from
-        noise((num_samples, B, 3, H, W), seed + 3)[j]. text: (C, D) or (num_samples, C, D)."""
+    def image_noise(self, images: torch.Tensor, text: torch.Tensor) -> tuple:
+        """(mu, sigma) of the raw-image noise for ``images`` (B, 3, H, W), as injected (in
+        "mul" mode mu is centred at 1); text: (C, D) or (num_samples, C, D), read by the
+        cross-attention generators. Only for ``visual="image"``."""
         generator = self.visual_generator
+        if self.config.visual != "image":
+            raise ValueError(f"image_noise needs visual='image', got {self.config.visual!r}")
         if isinstance(generator, gen.ImageCrossAttention):
             mu, sigma = generator(self._patch_tokens(images), text, images.shape[-2:])
         elif isinstance(generator, gen.PixelCrossAttention):
             mu, sigma = generator(images, text)
         else:
             mu, sigma = generator(images)
+        return self._centered(mu), sigma
+
+    def _noisy_image_features(self, images, text, num_samples, sigma_scale, seed):
+        """(num_samples, B, D) features of noisy images: raw-image injection, sample j from
+        noise((num_samples, B, 3, H, W), seed + 3)[j]. text: (C, D) or (num_samples, C, D)."""
+        mu, sigma = self.image_noise(images, text)
         noisy = self._inject_samples(
-            images, self._centered(mu), sigma * sigma_scale, num_samples, seed + IMAGE_STREAM
+            images, mu, sigma * sigma_scale, num_samples, seed + IMAGE_STREAM
         )
         return self._encode_image(noisy.flatten(0, 1)).view(num_samples, images.shape[0], -1)
 

@@ -275,11 +275,15 @@ def train(
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[dict], None] | None = None,
     run: dict | None = None,
+    evaluate_every: int = 0,
+    evaluator: Callable[[], float] | None = None,
 ) -> dict:
     """Trains the generators of ``model`` on ``samples`` ((source, label) pairs); returns the
     last epoch's metrics. Writes ``metrics.jsonl`` and ``checkpoint.pt`` under ``output_dir``
     (``run``, the command's resolved options, is stored in the checkpoint). Without ``resume``,
-    a folder that already holds a checkpoint is refused: nothing is overwritten."""
+    a folder that already holds a checkpoint is refused: nothing is overwritten. With
+    ``evaluator`` (rank 0), every ``evaluate_every`` epochs its test accuracy is recorded as the
+    metrics' ``test_accuracy``; it does not change the training (each epoch reseeds)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank_world()
@@ -367,6 +371,8 @@ def train(
             "skipped_images": skipped,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if evaluator is not None and evaluate_every and (epoch + 1) % evaluate_every == 0:
+            metrics["test_accuracy"] = evaluator()
         if rank == 0:
             if skipped:
                 tqdm.write(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
