@@ -326,7 +326,7 @@ class CoOp(_FrozenCLIPMethod):
 
 @dataclasses.dataclass(frozen=True)
 class CLIPAdapterConfig:
-    """CLIP-Adapter's defaults (Gao et al., IJCV 2023; ``clip_adapter.py`` of
+    """CLIP-Adapter's defaults (Gao et al., IJCV 2024; ``clip_adapter.py`` of
     gaopengcuhk/CLIP-Adapter): the visual adapter with bottleneck ``reduction`` 4 and residual
     ``ratio`` 0.2 (the share of the adapted feature)."""
 
@@ -429,9 +429,9 @@ class TipAdapterConfig:
     Tip-Adapter-F). With ``search`` the validation split picks beta from
     ``search_grid(beta_max, beta_steps)`` and alpha from ``search_grid(alpha_max, alpha_steps)``:
     ``search_scale: [7, 3]``, ``search_step: [200, 20]`` in those configs (others differ per
-    dataset, e.g. DTD [13, 13], EuroSAT [12, 10]). ``cache_views``: the cache's keys average the
-    features of 10 augmented passes over the few-shot images (``augment_epoch``), see
-    ``encode_augmented_views``.
+    dataset, e.g. DTD [13, 13], EuroSAT [12, 10]). ``cache_views`` (for the caller, who encodes the
+    cache): the keys average the features of 10 augmented passes over the few-shot images
+    (``augment_epoch``), see ``encode_augmented_views``.
     """
 
     init_alpha: float = 1.17
