@@ -179,9 +179,11 @@ def decode_token(tokenizer, token: int) -> str:
     if decode is None:
         return str(token)
     try:
-        return decode([int(token)]).strip() or repr(decode([int(token)]))
+        text = decode([int(token)]).strip()
     except Exception:  # a tokenizer without single-id decoding
         return str(token)
+    # A byte-level piece of a multi-byte character decodes to U+FFFD: show its id instead.
+    return f"<token {int(token)}>" if not text or "\ufffd" in text else text
 
 
 def nearest_tokens(
