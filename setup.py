@@ -3,19 +3,33 @@
 ``pini_kernels._C`` holds the fused CPU kernels (C++, OpenMP, SIMD) and, where nvcc and a CUDA
 build of torch are present, the CUDA kernels, registered as the ``pini_native`` operator library.
 It needs torch at build time, so install with ``pip install -e . --no-build-isolation``; a plain
-``pip install -e .`` (isolated build without torch) or a machine without a C++ compiler still
-installs the pure-Python package, with a warning, and the "triton" / "reference" backends.
+``pip install -e .`` (isolated build without torch), a machine without a C++ compiler or a compile
+that fails still installs the pure-Python package, with a warning, and the "triton" / "reference"
+backends; ``python -m pini_kernels.build`` then compiles the extension in place against the
+installed torch.
 
 Switches (environment variables):
   PINI_BUILD_CPU=0|1|auto    build the CPU kernels (default auto: when a C++ compiler exists)
   PINI_BUILD_CUDA=0|1|auto   build the CUDA kernels (default auto: when nvcc and torch.version.cuda)
-  PINI_CPU_ARCH=native|...   -march for the CPU kernels (default native; e.g. x86-64-v3)
-  TORCH_CUDA_ARCH_LIST       CUDA targets (default "8.0;9.0")
+                             With either at 1 a failed compile fails the build; otherwise it warns.
+  PINI_CPU_ARCH              the CPU kernels' target:
+                               auto (default): x86-64-v3 (AVX2, FMA) on x86-64, plus a copy of the
+                                 kernels for AVX-512 that runs where the CPU has it; the compiler's
+                                 default elsewhere (aarch64: NEON)
+                               portable: no -march and no x86 code paths (what non-x86 machines
+                                 build; forces that path on x86 for testing, or for CPUs older
+                                 than x86-64-v3)
+                               native, or any -march value: -march=VALUE (native: fastest here,
+                                 may crash on another CPU); the AVX-512 copy is kept
+  TORCH_CUDA_ARCH_LIST       CUDA targets (default "8.0;9.0+PTX": newer GPUs JIT the PTX)
   MAX_JOBS                   parallel compile jobs (honoured by torch's ninja build)
 """
 
 import os
+import platform
+import shlex
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +51,63 @@ def say(message: str) -> None:
     print(f"[pini setup] {message}", file=sys.stderr)
 
 
+# x86-64-v3 (Haswell, Zen 1 and later) spelled as its extensions, for compilers that do not know
+# -march=x86-64-v3 (GCC before 11, clang before 12).
+X86_64_V3_FLAGS = [
+    "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mmovbe", "-mpopcnt", "-mcx16",
+    "-msahf", "-mxsave",
+]  # fmt: skip
+
+
+def compiler_accepts(compiler: str, flag: str) -> bool:
+    """Whether the C++ compiler accepts ``flag`` (it preprocesses an empty file with it)."""
+    command = [*shlex.split(compiler), flag, "-x", "c++", "-E", "-o", os.devnull, "-"]
+    try:
+        return subprocess.run(command, input="", capture_output=True, check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def cpu_target(compiler: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Compiler flags and macros for PINI_CPU_ARCH (see the switches above)."""
+    arch = os.environ.get("PINI_CPU_ARCH", "auto").strip()
+    if not arch or any(character.isspace() for character in arch):
+        raise SystemExit(
+            f"PINI_CPU_ARCH must be auto, portable, native or a -march value, got {arch!r}"
+        )
+    if arch == "portable":
+        return [], [("PINI_CPU_PORTABLE", "1")]
+    if arch != "auto":
+        return [f"-march={arch}"], []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [], []
+    if compiler_accepts(compiler, "-march=x86-64-v3"):
+        return ["-march=x86-64-v3"], []
+    return X86_64_V3_FLAGS, []
+
+
+def warn_when_compiling_fails(build_command, required: bool):
+    """``build_command`` that, when compiling fails and the build was not ``required``, warns and
+    installs the pure-Python package instead of failing ``pip install``."""
+
+    class BuildNativeOrWarn(build_command):
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:
+                if required:
+                    raise
+                warnings.warn(
+                    f"pini: compiling the native kernels failed ({error}; the compiler's output is "
+                    "above), so only the 'triton' and 'reference' backends are installed. Once "
+                    "fixed, `python -m pini_kernels.build` compiles them in place.",
+                    stacklevel=1,
+                )
+                self.extensions = []  # nothing built: nothing for the wheel to collect
+
+    return BuildNativeOrWarn
+
+
 def native_extension():
     """The extension and its build command, or (None, None) with a warning saying why."""
     build_cpu, build_cuda = switch("PINI_BUILD_CPU"), switch("PINI_BUILD_CUDA")
@@ -49,8 +120,9 @@ def native_extension():
     except ImportError:
         warnings.warn(
             "pini: torch is not importable at build time, so the native CPU/CUDA kernels are not "
-            "built (backends 'triton' and 'reference' remain). Install torch first, then "
-            "`pip install -e . --no-build-isolation`.",
+            "built (backends 'triton' and 'reference' remain). Build them against the installed "
+            "torch with `python -m pini_kernels.build` (or reinstall with "
+            "`pip install -e . --no-build-isolation`).",
             stacklevel=1,
         )
         return None, None
@@ -72,12 +144,19 @@ def native_extension():
         )
     if build_cuda == "auto" and not nvcc_found:
         say("no nvcc or CPU-only torch: building the CPU kernels only")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    arch = os.environ.get("PINI_CPU_ARCH", "native")
+    # +PTX: GPUs newer than the last listed one JIT-compile its PTX instead of "no kernel image".
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    target_flags, define_macros = cpu_target(compiler)
+    target = " ".join(target_flags) or "the compiler's default target"
+    if define_macros:
+        target = "portable code (PINI_CPU_ARCH=portable)"
     # -fno-math-errno: sqrt without an errno branch, so the Box-Muller loop vectorizes.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", f"-march={arch}"]
-    sources = [str(CSRC / "bindings.cpp"), str(CSRC / "cpu" / "kernels.cpp")]
-    define_macros = []
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", *target_flags]
+    sources = [
+        str(CSRC / "bindings.cpp"),
+        str(CSRC / "cpu" / "kernels.cpp"),
+        str(CSRC / "cpu" / "kernels_avx512.cpp"),  # empty unless x86-64 (csrc/cpu/isa.h)
+    ]
     if with_cuda:
         sources += [str(source) for source in cuda_sources]
         define_macros.append(("PINI_WITH_CUDA", "1"))
@@ -86,7 +165,8 @@ def native_extension():
     else:
         extension_type = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}
-    say(f"building pini_kernels._C: CPU kernels{' + CUDA kernels' if with_cuda else ''}")
+    kernels = f"CPU kernels for {target}" + (" + CUDA kernels" if with_cuda else "")
+    say(f"building pini_kernels._C: {kernels}")
     extension = extension_type(
         "pini_kernels._C",
         sources,
@@ -95,7 +175,8 @@ def native_extension():
         extra_link_args=["-fopenmp"],
     )
     build_command = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return extension, build_command
+    required = "1" in (build_cpu, build_cuda)
+    return extension, warn_when_compiling_fails(build_command, required)
 
 
 extension, build_command = native_extension()

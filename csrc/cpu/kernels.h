@@ -1,5 +1,6 @@
 // Fused CPU kernels on raw pointers (OpenMP over tiles, SIMD inside). The PyTorch binding in
-// csrc/bindings.cpp checks arguments, allocates and calls these.
+// csrc/bindings.cpp checks arguments, allocates and calls these. Each runs the AVX-512 copy of the
+// kernels where the build has it and the CPU supports it, else the baseline copy (kernels.cpp).
 //
 // Layouts (see pini_kernels/_layout.py): the perturbed tensor is viewed as rows x width, and the
 // noise parameter of column c is c / inner; sample s of element i is stream element s * N + i.
@@ -8,6 +9,11 @@
 #include <cstdint>
 
 namespace pini::cpu {
+
+// The copy of the kernels this process runs: "avx512", "baseline" (the build's -march, x86-64-v3
+// by default) or "portable" (PINI_CPU_ARCH=portable, or a machine other than x86-64). Chosen once,
+// at the first call; the environment variable PINI_CPU_CAPABILITY=baseline forces the baseline.
+const char* kernel_variant();
 
 // out[0 .. count) = stream elements start .. start + count - 1 of seed.
 void normal_fill(uint64_t seed, int64_t start, int64_t count, float* out, int num_threads);
@@ -64,3 +70,27 @@ void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
                         int64_t classes, float* scale_grad, int num_threads);
 
 }  // namespace pini::cpu
+
+// Explicit instantiations of the templates above for the storage types the binding uses, in the
+// namespace where the macro is expanded (kernels.cpp, and each copy of kernels_impl.h).
+#define PINI_CPU_INSTANTIATE_INJECT(In, Out)                                                \
+  template void inject_forward<In, Out>(const In*, const float*, const float*, Out*,        \
+                                        uint64_t, InjectShape, int);                        \
+  template void inject_backward<In, Out>(const Out*, const In*, const float*, const float*, \
+                                         In*, float*, float*, uint64_t, InjectShape, int64_t, \
+                                         int);
+#define PINI_CPU_INSTANTIATE_ROWS(In)                                                       \
+  template void noisy_normalize<In>(const FeatureRows<In>&, uint64_t, int64_t, float*,      \
+                                    float*, int);                                           \
+  template void noisy_normalize_backward<In>(const FeatureRows<In>&, uint64_t, int64_t,     \
+                                             const float*, const float*, const float*,      \
+                                             float*, float*, float*, int);
+#define PINI_CPU_INSTANTIATE_KERNELS()                        \
+  PINI_CPU_INSTANTIATE_INJECT(float, float)                   \
+  PINI_CPU_INSTANTIATE_INJECT(c10::Half, c10::Half)           \
+  PINI_CPU_INSTANTIATE_INJECT(c10::BFloat16, c10::BFloat16)   \
+  PINI_CPU_INSTANTIATE_INJECT(c10::Half, float)               \
+  PINI_CPU_INSTANTIATE_INJECT(c10::BFloat16, float)           \
+  PINI_CPU_INSTANTIATE_ROWS(float)                            \
+  PINI_CPU_INSTANTIATE_ROWS(c10::Half)                        \
+  PINI_CPU_INSTANTIATE_ROWS(c10::BFloat16)
