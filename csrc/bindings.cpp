@@ -1,6 +1,7 @@
 // PyTorch binding of the native kernels: the `pini_native` operator library (schemas here, CPU
 // implementations here, CUDA implementations in cuda/bindings_cuda.cpp). The Python layer
-// (pini_kernels/native.py) allocates outputs and calls these ops; autograd lives in Python.
+// (pini_kernels/native.py) allocates outputs and calls these ops; autograd lives in Python. The
+// argument checks, shared with the CUDA implementations, are in checks.h.
 //
 // Every op writes into tensors it is given (`Tensor(a!)`), so the Python side controls allocation
 // (and the tests' NaN poisoning).
@@ -13,22 +14,14 @@
 
 #include <optional>
 
+#include "checks.h"
 #include "cpu/kernels.h"
 
 namespace pini {
 namespace {
 
 using at::Tensor;
-
-void check_cpu_contiguous(const Tensor& tensor, const char* name) {
-  TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor, got ", tensor.device());
-  TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous");
-}
-
-void check_float32(const Tensor& tensor, const char* name) {
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat, name, " must be float32, got ",
-              tensor.scalar_type());
-}
+constexpr auto kCPU = c10::DeviceType::CPU;
 
 uint64_t as_seed(int64_t seed) { return static_cast<uint64_t>(seed); }
 
@@ -45,7 +38,9 @@ void dispatch_in_out(at::ScalarType in, at::ScalarType out, Fn&& fn) {
   if (in == kBFloat16 && out == kBFloat16) return fn(c10::BFloat16{}, c10::BFloat16{});
   if (in == kHalf && out == kFloat) return fn(c10::Half{}, float{});
   if (in == kBFloat16 && out == kFloat) return fn(c10::BFloat16{}, float{});
-  TORCH_CHECK(false, "unsupported dtypes: input ", in, ", output ", out);
+  TORCH_CHECK(false, "unsupported dtypes: input ", in, ", output ", out,
+              " (expected equal float32, float16 or bfloat16 dtypes, or a half input with a "
+              "float32 output)");
 }
 
 template <typename Fn>
@@ -57,42 +52,16 @@ void dispatch_in(at::ScalarType in, Fn&& fn) {
 }
 
 void noise_cpu(int64_t seed, int64_t start, Tensor& out) {
-  check_cpu_contiguous(out, "out");
-  check_float32(out, "out");
-  TORCH_CHECK(start >= 0, "start must be >= 0, got ", start);
+  checks::noise(start, out, kCPU);
   cpu::normal_fill(as_seed(seed), start, out.numel(), out.data_ptr<float>(), threads());
-}
-
-cpu::InjectShape inject_shape(const Tensor& x, int64_t num_samples, bool multiply, int64_t rows,
-                              int64_t width, int64_t inner) {
-  TORCH_CHECK(rows * width == x.numel(), "rows * width = ", rows * width,
-              " must equal x.numel() = ", x.numel());
-  TORCH_CHECK(inner >= 1 && width % inner == 0, "inner = ", inner, " must divide width = ",
-              width);
-  TORCH_CHECK(num_samples >= 1, "num_samples must be >= 1, got ", num_samples);
-  return {rows, width, inner, num_samples, multiply};
-}
-
-void check_params(const Tensor& mu, const Tensor& sigma, int64_t width, int64_t inner) {
-  check_cpu_contiguous(mu, "mu");
-  check_cpu_contiguous(sigma, "sigma");
-  check_float32(mu, "mu");
-  check_float32(sigma, "sigma");
-  TORCH_CHECK(mu.numel() == width / inner && sigma.numel() == width / inner,
-              "mu and sigma must have width / inner = ", width / inner, " elements, got ",
-              mu.numel(), " and ", sigma.numel());
 }
 
 void inject_forward_cpu(const Tensor& x, const Tensor& mu, const Tensor& sigma, int64_t seed,
                         int64_t num_samples, bool multiply, int64_t rows, int64_t width,
                         int64_t inner, Tensor& out) {
-  check_cpu_contiguous(x, "x");
-  check_cpu_contiguous(out, "out");
-  check_params(mu, sigma, width, inner);
-  const auto shape = inject_shape(x, num_samples, multiply, rows, width, inner);
-  TORCH_CHECK(out.numel() == num_samples * x.numel(), "out must have num_samples * x.numel() = ",
-              num_samples * x.numel(), " elements, got ", out.numel());
+  checks::inject_forward(x, mu, sigma, num_samples, rows, width, inner, out, kCPU);
   if (x.numel() == 0) return;
+  const cpu::InjectShape shape{rows, width, inner, num_samples, multiply};
   dispatch_in_out(x.scalar_type(), out.scalar_type(), [&](auto in_type, auto out_type) {
     using In = decltype(in_type);
     using Out = decltype(out_type);
@@ -106,29 +75,10 @@ void inject_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& 
                          int64_t rows, int64_t width, int64_t inner, int64_t rows_per_chunk,
                          std::optional<Tensor> grad_x, std::optional<Tensor> partial_mu,
                          std::optional<Tensor> partial_sigma) {
-  check_cpu_contiguous(grad_out, "grad_out");
-  // Add mode never reads x: it may be a stand-in with x's shape and dtype (stride 0).
-  if (multiply) check_cpu_contiguous(x, "x");
-  check_params(mu, sigma, width, inner);
-  const auto shape = inject_shape(x, num_samples, multiply, rows, width, inner);
-  TORCH_CHECK(rows_per_chunk >= 1, "rows_per_chunk must be >= 1");
-  const int64_t row_chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  TORCH_CHECK(partial_mu.has_value() == partial_sigma.has_value(),
-              "partial_mu and partial_sigma come together");
-  if (partial_mu) {
-    for (const auto* partial : {&*partial_mu, &*partial_sigma}) {
-      check_cpu_contiguous(*partial, "partial sums");
-      check_float32(*partial, "partial sums");
-      TORCH_CHECK(partial->numel() == row_chunks * width, "partial sums must have ",
-                  row_chunks * width, " elements, got ", partial->numel());
-    }
-  }
-  if (grad_x) {
-    check_cpu_contiguous(*grad_x, "grad_x");
-    TORCH_CHECK(grad_x->scalar_type() == x.scalar_type() && grad_x->numel() == x.numel(),
-                "grad_x must match x");
-  }
+  checks::inject_backward(grad_out, x, mu, sigma, num_samples, multiply, rows, width, inner,
+                          rows_per_chunk, grad_x, partial_mu, partial_sigma, kCPU);
   if (x.numel() == 0) return;
+  const cpu::InjectShape shape{rows, width, inner, num_samples, multiply};
   dispatch_in_out(x.scalar_type(), grad_out.scalar_type(), [&](auto in_type, auto out_type) {
     using In = decltype(in_type);
     using Out = decltype(out_type);
@@ -141,48 +91,23 @@ void inject_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& 
   });
 }
 
-// x: (rows, D) with unit stride along D; mu, sigma: float32 (rows, D) views (any strides).
+// The kernels' view of checked feature rows x (rows, D) and their noise parameters.
 template <typename In>
-cpu::FeatureRows<In> feature_rows(const Tensor& x, const std::optional<Tensor>& mu,
-                                  const std::optional<Tensor>& sigma, bool multiply) {
-  TORCH_CHECK(x.device().is_cpu(), "features must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "features must be 2-D with unit stride along D");
-  TORCH_CHECK(mu.has_value() == sigma.has_value(), "mu and sigma come together");
-  cpu::FeatureRows<In> side{x.data_ptr<In>(), x.stride(0), nullptr, nullptr, 0, 0, 0, 0,
-                            x.size(0), x.size(1), multiply};
-  if (mu) {
-    for (const auto* param : {&*mu, &*sigma}) {
-      check_float32(*param, "mu / sigma");
-      TORCH_CHECK(param->sizes() == x.sizes(), "mu / sigma must be expanded to the features' ",
-                  "shape ", x.sizes(), ", got ", param->sizes());
-    }
-    side.mu = mu->data_ptr<float>();
-    side.sigma = sigma->data_ptr<float>();
-    side.mu_row_stride = mu->stride(0);
-    side.mu_col_stride = mu->stride(1);
-    side.sigma_row_stride = sigma->stride(0);
-    side.sigma_col_stride = sigma->stride(1);
-  }
-  return side;
-}
-
-void check_rows_buffer(const Tensor& buffer, const char* name, int64_t numel) {
-  check_cpu_contiguous(buffer, name);
-  check_float32(buffer, name);
-  TORCH_CHECK(buffer.numel() == numel, name, " must have ", numel, " elements, got ",
-              buffer.numel());
+cpu::FeatureRows<In> feature_rows(const Tensor& x, const checks::NoiseParams& noise,
+                                  bool multiply) {
+  return {x.data_ptr<In>(), x.stride(0), noise.mu, noise.sigma, noise.mu_row_stride,
+          noise.mu_col_stride, noise.sigma_row_stride, noise.sigma_col_stride, x.size(0),
+          x.size(1), multiply};
 }
 
 void noisy_normalize_cpu(const Tensor& x, const std::optional<Tensor>& mu,
                          const std::optional<Tensor>& sigma, int64_t seed, int64_t stream_offset,
                          bool multiply, Tensor& unit, Tensor& norm) {
-  check_rows_buffer(unit, "unit", x.numel());
-  check_rows_buffer(norm, "norm", x.size(0));
+  const auto noise = checks::noisy_normalize(x, mu, sigma, unit, norm, kCPU);
   dispatch_in(x.scalar_type(), [&](auto in_type) {
     using In = decltype(in_type);
-    cpu::noisy_normalize<In>(feature_rows<In>(x, mu, sigma, multiply), as_seed(seed),
-                             stream_offset, unit.data_ptr<float>(), norm.data_ptr<float>(),
-                             threads());
+    cpu::noisy_normalize<In>(feature_rows<In>(x, noise, multiply), as_seed(seed), stream_offset,
+                             unit.data_ptr<float>(), norm.data_ptr<float>(), threads());
   });
 }
 
@@ -192,17 +117,12 @@ void noisy_normalize_backward_cpu(const Tensor& x, const std::optional<Tensor>& 
                                   const Tensor& norm, const Tensor& grad_unit,
                                   std::optional<Tensor> grad_x, std::optional<Tensor> grad_mu,
                                   std::optional<Tensor> grad_sigma) {
-  check_rows_buffer(unit, "unit", x.numel());
-  check_rows_buffer(norm, "norm", x.size(0));
-  check_rows_buffer(grad_unit, "grad_unit", x.numel());
-  for (const auto* grad : {&grad_x, &grad_mu, &grad_sigma}) {
-    if (grad->has_value()) check_rows_buffer(**grad, "gradient accumulator", x.numel());
-  }
-  TORCH_CHECK(grad_mu.has_value() == grad_sigma.has_value(), "grad_mu and grad_sigma together");
+  const auto noise = checks::noisy_normalize_backward(x, mu, sigma, unit, norm, grad_unit, grad_x,
+                                                      grad_mu, grad_sigma, kCPU);
   dispatch_in(x.scalar_type(), [&](auto in_type) {
     using In = decltype(in_type);
     cpu::noisy_normalize_backward<In>(
-        feature_rows<In>(x, mu, sigma, multiply), as_seed(seed), stream_offset,
+        feature_rows<In>(x, noise, multiply), as_seed(seed), stream_offset,
         unit.data_ptr<float>(), norm.data_ptr<float>(), grad_unit.data_ptr<float>(),
         grad_x ? grad_x->data_ptr<float>() : nullptr,
         grad_mu ? grad_mu->data_ptr<float>() : nullptr,
@@ -210,53 +130,24 @@ void noisy_normalize_backward_cpu(const Tensor& x, const std::optional<Tensor>& 
   });
 }
 
-void check_targets(const Tensor& target, int64_t rows) {
-  check_cpu_contiguous(target, "target");
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.numel() == rows, "target must have ", rows, " elements");
-}
-
-float scale_value(const Tensor& scale) {
-  check_cpu_contiguous(scale, "logit_scale");
-  check_float32(scale, "logit_scale");
-  TORCH_CHECK(scale.numel() == 1, "logit_scale must have one element");
-  return *scale.data_ptr<float>();
-}
-
-// cosine: one sample's (B, C) float32 tile; target: its (B,) int64 class indices.
-void check_cosine(const Tensor& cosine, const Tensor& target) {
-  check_cpu_contiguous(cosine, "cosine");
-  check_float32(cosine, "cosine");
-  TORCH_CHECK(cosine.dim() == 2, "cosine must be (B, C)");
-  check_targets(target, cosine.size(0));
-}
-
 void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, const Tensor& scale,
                              Tensor& lse, Tensor& target_logit, Tensor& logit_sum) {
-  check_cosine(cosine, target);
-  const int64_t rows = cosine.size(0), classes = cosine.size(1);
-  check_rows_buffer(lse, "lse", rows);
-  check_rows_buffer(target_logit, "target_logit", rows);
-  check_rows_buffer(logit_sum, "logit_sum", rows);
+  checks::cross_entropy_stats(cosine, target, scale, lse, target_logit, logit_sum, kCPU);
   cpu::cross_entropy_stats(cosine.data_ptr<float>(), target.data_ptr<int64_t>(),
-                           scale_value(scale), rows, classes, lse.data_ptr<float>(),
-                           target_logit.data_ptr<float>(), logit_sum.data_ptr<float>(),
-                           threads());
+                           *scale.data_ptr<float>(), cosine.size(0), cosine.size(1),
+                           lse.data_ptr<float>(), target_logit.data_ptr<float>(),
+                           logit_sum.data_ptr<float>(), threads());
 }
 
 void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& target,
                             const Tensor& row_grad, const Tensor& scale, double label_smoothing,
                             Tensor& scale_grad) {
-  check_cosine(cosine, target);
-  const int64_t rows = cosine.size(0), classes = cosine.size(1);
-  check_rows_buffer(lse, "lse", rows);
-  check_rows_buffer(row_grad, "row_grad", rows);
-  check_rows_buffer(scale_grad, "scale_grad", rows);
+  checks::cross_entropy_grad(cosine, lse, target, row_grad, scale, scale_grad, kCPU);
   cpu::cross_entropy_grad(cosine.data_ptr<float>(), lse.data_ptr<float>(),
                           target.data_ptr<int64_t>(), row_grad.data_ptr<float>(),
-                          scale_value(scale), static_cast<float>(label_smoothing), rows,
-                          classes, scale_grad.data_ptr<float>(), threads());
+                          *scale.data_ptr<float>(), static_cast<float>(label_smoothing),
+                          cosine.size(0), cosine.size(1), scale_grad.data_ptr<float>(),
+                          threads());
 }
 
 }  // namespace

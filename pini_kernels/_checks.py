@@ -6,6 +6,7 @@ shapes, dtypes and devices, never at values, so they cost no device sync.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from numbers import Real
 
@@ -59,18 +60,21 @@ def check_mode(mode) -> bool:
     return mode == "mul"
 
 
+def _as_int(name: str, value, expected: str) -> int:
+    """``value`` as an int (a bool is not one), else a TypeError saying what was expected."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise TypeError(f"{name} must be {expected}, got {describe(value)}")
+
+
 def check_num_samples(num_samples, *, allow_none: bool) -> int | None:
     if num_samples is None:
         if allow_none:
             return None
         raise TypeError("num_samples must be an int >= 1, got None")
     expected = "None or an int >= 1" if allow_none else "an int >= 1"
-    if isinstance(num_samples, bool):
-        raise TypeError(f"num_samples must be {expected}, got {describe(num_samples)}")
-    try:
-        num_samples = operator.index(num_samples)
-    except TypeError:
-        raise TypeError(f"num_samples must be {expected}, got {describe(num_samples)}") from None
+    num_samples = _as_int("num_samples", num_samples, expected)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return num_samples
@@ -93,12 +97,7 @@ def check_seed(seed):
         return seed
     if torch.compiler.is_compiling():
         return seed
-    if isinstance(seed, bool):
-        raise TypeError(f"seed must be None or an int in [0, 2^63), got {describe(seed)}")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be None or an int in [0, 2^63), got {describe(seed)}") from None
+    seed = _as_int("seed", seed, "None or an int in [0, 2^63)")
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     return seed

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from . import _checks, reference
-from ._library import inject as _inject_op
-from ._library import noisy_cosine_logits as _logits_op
-from ._library import noisy_cross_entropy as _loss_op
+from . import _checks, cosine, inject, noise_stream, reference
 from .backends import resolve_backend
 
 __all__ = ["fused_inject", "noise", "noisy_cosine_logits", "noisy_cross_entropy"]
@@ -44,12 +39,7 @@ def noise(
     chosen = resolve_backend(backend, device)
     if chosen == "reference" or dtype == torch.float64:
         return reference.noise(shape, seed=seed, device=device, dtype=dtype)
-    if chosen == "triton":
-        from .ops.noise import noise_forward
-    else:
-        from .native import noise_forward
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return noise_forward(shape.numel(), seed, device, dtype).view(shape)
+    return noise_stream.noise(shape, seed, device, dtype, chosen)
 
 
 def fused_inject(
@@ -92,7 +82,7 @@ def fused_inject(
         )
     for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
         _checks.check_float_tensor(name, tensor, allow_float64=False)
-    out = _inject_op(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
+    out = inject.inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
     return out.view(x.shape) if samples is None else out
 
 
@@ -170,7 +160,7 @@ def noisy_cosine_logits(
             out_dtype=_checks.result_dtype(image_features, text_features, *(image_pair or ()),
                                            *(text_pair or ())),
         )  # fmt: skip
-    return _logits_op(
+    return cosine.noisy_cosine_logits(
         image_features, text_features, scale, *_op_noise_args(image_pair, text_pair),
         _checks.seed_tensor(seed), samples, multiply, chosen,
     )  # fmt: skip
@@ -219,8 +209,8 @@ def noisy_cross_entropy(
             seed=_reference_seed(seed),
             reduction=reduction, label_smoothing=smoothing,
         )  # fmt: skip
-    loss, _ = _loss_op(
-        image_features, text_features, scale, target, *_op_noise_args(image_pair, text_pair),
+    loss, _ = cosine.noisy_cross_entropy(
+        image_features, text_features, scale, *_op_noise_args(image_pair, text_pair), target,
         _checks.seed_tensor(seed), samples, multiply, reduction, smoothing, chosen,
     )  # fmt: skip
     return loss

@@ -15,6 +15,7 @@ from ._checks import result_dtype
 __all__ = [
     "fused_inject",
     "noise",
+    "noise_forward",
     "noisy_cosine_logits",
     "noisy_cross_entropy",
     "normal_stream",
@@ -121,6 +122,14 @@ def normal_stream(seed: int, start: int, count: int, device=None) -> torch.Tenso
         out[written : written + take] = values[skip : skip + take]
         written += take
     return out
+
+
+def noise_forward(
+    numel: int, seed: int, device: torch.device, dtype: torch.dtype, start: int = 0
+) -> torch.Tensor:
+    """Stream elements ``start .. start + numel - 1`` of ``seed`` as a flat tensor of ``dtype``:
+    the fused backends' ``noise_forward``, in integer tensor ops."""
+    return normal_stream(seed, start, numel, device=device).to(dtype)
 
 
 @torch.library.custom_op("pini_kernels::reference_noise", mutates_args=())

@@ -14,16 +14,14 @@ import pytest
 import pini_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Every test of an op runs on each of these: a new backend is a new parameter.
 FUSED_BACKENDS = [name for name in pini_kernels.available_backends() if name != "reference"]
+ALL_BACKENDS = [*FUSED_BACKENDS, "reference"]
 
 
 def backend_device(backend: str) -> torch.device:
-    """Where a backend's tests put their tensors."""
-    if backend == "cpu":
-        return torch.device("cpu")
-    if backend in ("cuda", "triton"):
-        return DEVICE
-    return DEVICE
+    """Where a backend's tests put their tensors: the CPU for "cpu", else the test device."""
+    return torch.device("cpu") if backend == "cpu" else DEVICE
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

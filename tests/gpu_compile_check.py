@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pini_kernels.ops import cosine, inject, noise  # noqa: E402
+from pini_kernels.triton import cosine, inject, noise_stream  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 
@@ -59,7 +59,7 @@ def variants():
         yield "inject_backward", inject._inject_backward_kernel, {**pointers, **sizes}, flags
     for aligned in (False, True):
         types = dict(out_ptr="*fp32", seed="i64", start="i64", numel="i64")
-        yield "noise", noise._noise_kernel, types, dict(ALIGNED=aligned, BLOCK=1024)
+        yield "noise", noise_stream._noise_kernel, types, dict(ALIGNED=aligned, BLOCK=1024)
     yield from cosine_variants()
 
 

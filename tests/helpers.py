@@ -123,17 +123,13 @@ def compare_inject_with_reference(
 def stream_generator(backend: str):
     """A backend's ``noise_forward(count, seed, device, dtype, start=0)``: stream elements
     ``start .. start + count - 1`` of ``seed`` as a flat (count,) tensor of ``dtype``."""
-    from pini_kernels import reference  # here, not at the top: conftest.py sets the environment
-
+    # Imported here, not at the top: conftest.py must set the environment first.
     if backend == "triton":
-        from pini_kernels.ops.noise import noise_forward
+        from pini_kernels.triton.noise_stream import noise_forward
     elif backend in ("cpu", "cuda"):
         from pini_kernels.native import noise_forward
     elif backend == "reference":
-
-        def noise_forward(count, seed, device, dtype, start=0):
-            return reference.normal_stream(seed, start, count, device=device).to(dtype)
-
+        from pini_kernels.reference import noise_forward
     else:
         raise ValueError(f"backend must be triton, cpu, cuda or reference, got {backend!r}")
     return noise_forward

@@ -630,12 +630,13 @@ def test_sweep_interval_is_students_t():
 
 def test_sweep_checks_every_run_before_the_first_and_reports_the_interval(data, tmp_path, capsys):
     output = tmp_path / "sweep"
-    (output / "2shot-seed2").mkdir(parents=True)
-    (output / "2shot-seed2" / "notes.txt").write_text("not a run")
+    (output / "toy" / "pini" / "2shot-seed2").mkdir(parents=True)
+    (output / "toy" / "pini" / "2shot-seed2" / "notes.txt").write_text("not a run")
     argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output]
+    argv += ["--methods", "pini"]
     result = run_cli([*argv, "--shot-list", "1", "2", "--seeds", "1", "2"], capsys)
     assert_one_line_error(result, "2shot-seed2 is not empty")
-    assert not (output / "1shot-seed1").exists()  # nothing ran
+    assert not (output / "toy" / "pini" / "1shot-seed1").exists()  # nothing ran
     status, out, err = run_cli([*argv, "--shot-list", "1", "--seeds", "1", "2"], capsys)
     assert status == 0, err
-    assert "1 shots:" in out and "95% interval, Student's t over 2 seeds" in out
+    assert "95% interval over seeds 1, 2 (Student's t" in out and "| PiNI |" in out

@@ -1,23 +1,92 @@
-"""noisy_cosine_logits and noisy_cross_entropy against the reference, forward and every gradient."""
+"""The noisy cosine logits and PiNI's loss (pini_kernels/cosine.py: ``noisy_cosine_logits``,
+``noisy_cross_entropy``) on every backend, forward and every gradient against the pure-PyTorch
+reference; then per-sample text features ``(num_samples, C, D)``; then the edges ordinary inputs
+never reach (issue 17, items 2-4):
+
+- the Triton loss kernel's merge of per-split row statistics, forced on CPU with several splits;
+- zero-norm feature rows (norm <= 1e-12, where F.normalize divides by the floor instead of the
+  norm), on the image side and on the text side, with the other side's noise on;
+- huge logits: logit_scale 100 with nearly equal features.
+
+The edge shapes go past one 64-row / 64-class tile, one 32-wide step over D and (for the row
+kernels under the interpreter) one 256-row program, and are a multiple of none of them.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FUSED_BACKENDS, backend_device
+from conftest import ALL_BACKENDS, FUSED_BACKENDS, backend_device
 from helpers import TOLERANCES, assert_close, record_error
 
 import pini_kernels
 from pini_kernels import reference
 
-# (B, C, D): C above one 64-class tile and not a multiple of it; D odd-sized (unaligned noise)
-# and a multiple of 4 (aligned); B = 1; B above one 64-row tile.
+# (B, C, D): "odd": C past one 64-class tile and a multiple of none, D odd (the row kernels'
+# unaligned noise path); "aligned": D a multiple of 4 (the aligned path); "single-row": B = 1.
+# B past one 64-row tile: test_many_rows, and the per-sample and edge sections below.
 SHAPES = {
-    "odd": (5, 70, 40),
+    "odd": (5, 70, 37),
     "aligned": (6, 9, 48),
     "single-row": (1, 3, 8),
 }
 NOISE_SIDES = ["none", "image", "text", "both"]
 GRAD_NAMES = ("image", "text", "logit_scale", "image_mu", "image_sigma", "text_mu", "text_sigma")
+OPS = {"logits": pini_kernels.noisy_cosine_logits, "loss": pini_kernels.noisy_cross_entropy}
+
+
+def _differentiable(image, text, scale, image_pair, text_pair) -> list:
+    """The seven differentiable inputs in the ops' order (None for a side without noise)."""
+    return [image, text, scale, *(image_pair or (None, None)), *(text_pair or (None, None))]
+
+
+def _leaves(tensors, device=None):
+    """Fresh leaves, on ``device`` when given (never the given tensors: their .grad would be
+    shared)."""
+    return [None if t is None else t.detach().clone().to(device or t.device).requires_grad_(True)
+            for t in tensors]  # fmt: skip
+
+
+def _run(op, leaves, target, *, backend, **kwargs):
+    """The op's output and the gradients of a random weighting of it (target: the loss's only)."""
+    image, text, scale, image_mu, image_sigma, text_mu, text_sigma = leaves
+    extra = (target,) if op is pini_kernels.noisy_cross_entropy else ()
+    out = op(
+        image,
+        text,
+        scale,
+        *extra,
+        image_noise=None if image_mu is None else (image_mu, image_sigma),
+        text_noise=None if text_mu is None else (text_mu, text_sigma),
+        backend=backend,
+        **kwargs,
+    )
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+    (out.float() * weights).sum().backward()
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _compare(backend, op, inputs, *, dtype=torch.float32, label="", **kwargs):
+    """The op on ``backend`` against the reference, output and every gradient, with the
+    tolerances of ``dtype`` (a gradient's scaled by its largest magnitude). inputs: as ``_make``
+    gives them. Returns the backend's output and gradients."""
+    image, text, scale, image_pair, text_pair, target = inputs
+    tensors = _differentiable(image, text, scale, image_pair, text_pair)
+    got_out, got_grads = _run(op, _leaves(tensors), target, backend=backend, **kwargs)
+    want_out, want_grads = _run(op, _leaves(tensors), target, backend="reference", **kwargs)
+    atol, rtol = TOLERANCES[dtype]
+    name = f"{op.__name__}{label}"
+    error = assert_close(got_out, want_out, atol=atol, rtol=rtol, name=f"{name} output")
+    record_error(f"{name} {backend} x:{image.dtype} out", error)
+    for grad_name, got, want in zip(GRAD_NAMES, got_grads, want_grads, strict=True):
+        if want is None:
+            assert got is None, grad_name
+            continue
+        magnitude = max(1.0, want.abs().max().item())
+        error = assert_close(
+            got, want, atol=atol * magnitude, rtol=rtol, name=f"{name} grad {grad_name}"
+        )
+        record_error(f"{name} {backend} x:{image.dtype} grad", error)
+    return got_out, got_grads
 
 
 def _make(
@@ -36,55 +105,6 @@ def _make(
     scale = torch.tensor(14.0, device=device)
     target = torch.randint(0, classes, (batch,), generator=generator).to(device)
     return image, text, scale, image_pair, text_pair, target
-
-
-def _leaves(image, text, scale, image_pair, text_pair):
-    tensors = [image, text, scale, *(image_pair or (None, None)), *(text_pair or (None, None))]
-    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
-
-
-def _run(op, leaves, *extra, backend, weight_seed=7, **kwargs):
-    image, text, scale, image_mu, image_sigma, text_mu, text_sigma = leaves
-    image_noise = None if image_mu is None else (image_mu, image_sigma)
-    text_noise = None if text_mu is None else (text_mu, text_sigma)
-    out = op(
-        image,
-        text,
-        scale,
-        *extra,
-        image_noise=image_noise,
-        text_noise=text_noise,
-        backend=backend,
-        **kwargs,
-    )
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(weight_seed))
-    (out.float() * weights.to(out.device)).sum().backward()
-    return out.detach(), [None if t is None else t.grad for t in leaves]
-
-
-def _compare(backend, op, inputs, *extra, dtype=torch.float32, label="", **kwargs):
-    image, text, scale, image_pair, text_pair, target = inputs
-    args = (target, *extra) if op is pini_kernels.noisy_cross_entropy else extra
-    got_out, got_grads = _run(
-        op, _leaves(image, text, scale, image_pair, text_pair), *args, backend=backend, **kwargs
-    )
-    want_out, want_grads = _run(
-        op, _leaves(image, text, scale, image_pair, text_pair), *args, backend="reference", **kwargs
-    )
-    atol, rtol = TOLERANCES[dtype]
-    name = op.__name__
-    error = assert_close(got_out, want_out, atol=atol, rtol=rtol, name=f"{name} output")
-    record_error(f"{name} {backend} x:{image.dtype} out", error)
-    for grad_name, got, want in zip(GRAD_NAMES, got_grads, want_grads, strict=True):
-        if want is None:
-            assert got is None
-            continue
-        scale_of = max(1.0, want.abs().max().item())
-        error = assert_close(
-            got, want, atol=atol * scale_of, rtol=rtol, name=f"{name} grad {grad_name}"
-        )
-        record_error(f"{name} {backend} x:{image.dtype} grad", error)
-    return got_out
 
 
 @pytest.mark.parametrize("mode", ["add", "mul"])
@@ -165,11 +185,11 @@ def test_many_rows(fused_backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(fused_backend, dtype):
     inputs = _make(4, 11, 16, "both", backend_device(fused_backend), dtype=dtype)
-    logits = _compare(
+    logits, _ = _compare(
         fused_backend, pini_kernels.noisy_cosine_logits, inputs, dtype=dtype, num_samples=2, seed=8
     )
     assert logits.dtype == dtype
-    loss = _compare(
+    loss, _ = _compare(
         fused_backend,
         pini_kernels.noisy_cross_entropy,
         inputs,
@@ -180,7 +200,7 @@ def test_half_inputs(fused_backend, dtype):
     assert loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_is_cross_entropy_of_logits(backend, reduction):
     """The loss equals F.cross_entropy over noisy_cosine_logits drawn with the same seed."""
@@ -228,7 +248,7 @@ def test_noise_streams(fused_backend):
     assert_close(logits, noisy_image @ noisy_text.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_empty_batch_like_cross_entropy(backend):
     device = backend_device(backend)
     image = torch.randn(0, 8, device=device, requires_grad=True)
@@ -254,7 +274,7 @@ def test_empty_batch_like_cross_entropy(backend):
             assert torch.equal(text.grad, torch.zeros_like(text))
 
 
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_bad_targets(backend):
     image, text, scale, _, _, target = _make(4, 6, 8, "none", backend_device(backend))
     for bad in (6, -1, 100):
@@ -268,7 +288,7 @@ def test_bad_targets(backend):
         pini_kernels.noisy_cross_entropy(image, text, scale, target[:3], backend=backend)
 
 
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize(
     ("change", "error", "words"),
     [
@@ -374,7 +394,7 @@ def saved_bytes_beyond_inputs(fn, inputs) -> int:
 def _saved_bytes(backend, batch, classes, dim, num_samples):
     device = backend_device(backend)
     image, text, scale, image_pair, text_pair, target = _make(batch, classes, dim, "both", device)
-    leaves = _leaves(image, text, scale, image_pair, text_pair)
+    leaves = _leaves(_differentiable(image, text, scale, image_pair, text_pair))
     image, text, scale, image_mu, image_sigma, text_mu, text_sigma = leaves
     fn = lambda: pini_kernels.noisy_cross_entropy(
         image,
@@ -430,3 +450,390 @@ def test_torch_compile_fullgraph(fused_backend):
     torch.testing.assert_close(loss, eager)
     for got, want in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+# --- per-sample text features: (num_samples, C, D), sample s using text_features[s] ----------
+
+# (B, C, D, num_samples): small; and one with B and C past a 64-row / 64-class tile, D past a
+# 32-wide step, none a multiple of its tile.
+PER_SAMPLE_SMALL = (5, 9, 12, 3)
+PER_SAMPLE_LARGE = (67, 70, 40, 2)
+
+
+def _make_per_sample(batch, classes, dim, num_samples, sides, device, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(batch * 1000 + classes * 10 + dim + num_samples)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    image, text = rand(batch, dim), rand(num_samples, classes, dim)
+    image_pair = (rand(dim), rand(dim).abs() + 0.1) if sides in ("image", "both") else None
+    text_pair = (
+        (rand(classes, dim), rand(classes, 1).abs() + 0.1) if sides in ("text", "both") else None
+    )
+    scale = torch.tensor(14.0, device=device)
+    target = torch.randint(0, classes, (batch,), generator=generator).to(device)
+    return image, text, scale, image_pair, text_pair, target
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("sides", NOISE_SIDES)
+@pytest.mark.parametrize("op", list(OPS))
+def test_per_sample_text_matches_reference(fused_backend, op, sides, mode):
+    inputs = _make_per_sample(*PER_SAMPLE_SMALL, sides, backend_device(fused_backend))
+    extra = {"label_smoothing": 0.1} if op == "loss" else {}
+    _, grads = _compare(
+        fused_backend,
+        OPS[op],
+        inputs,
+        mode=mode,
+        num_samples=PER_SAMPLE_SMALL[3],
+        seed=2**33 + 5,
+        **extra,
+    )
+    assert grads[1].shape == inputs[1].shape  # per sample, not summed
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_sample_text_reductions(fused_backend, reduction, label_smoothing):
+    inputs = _make_per_sample(*PER_SAMPLE_SMALL, "both", backend_device(fused_backend))
+    loss, _ = _compare(
+        fused_backend,
+        pini_kernels.noisy_cross_entropy,
+        inputs,
+        mode="mul",
+        num_samples=PER_SAMPLE_SMALL[3],
+        seed=4,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    assert loss.shape == ((PER_SAMPLE_SMALL[3], PER_SAMPLE_SMALL[0]) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_per_sample_text_past_one_tile(fused_backend, op):
+    inputs = _make_per_sample(*PER_SAMPLE_LARGE, "both", backend_device(fused_backend))
+    _compare(fused_backend, OPS[op], inputs, mode="add", num_samples=PER_SAMPLE_LARGE[3], seed=12)
+
+
+def test_per_sample_text_non_contiguous(fused_backend):
+    """(m, C, D) text features with stride along D != 1 (a transposed (m, D, C) tensor)."""
+    image, text, scale, image_pair, text_pair, target = _make_per_sample(
+        *PER_SAMPLE_SMALL, "both", "cpu"
+    )
+    text = text.mT.contiguous().mT
+    assert text.stride(-1) != 1
+    inputs = [image, text, scale, image_pair, text_pair, target]
+    device = backend_device(fused_backend)
+    inputs = [
+        tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device) for x in inputs
+    ]
+    _compare(fused_backend, pini_kernels.noisy_cross_entropy, inputs, num_samples=3, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_per_sample_text_half(fused_backend, dtype):
+    inputs = _make_per_sample(*PER_SAMPLE_SMALL, "both", backend_device(fused_backend), dtype=dtype)
+    logits, _ = _compare(
+        fused_backend, pini_kernels.noisy_cosine_logits, inputs, dtype=dtype, num_samples=3, seed=8
+    )
+    assert logits.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_reference_per_sample_text_by_hand(mode):
+    """Sample s: image noise from the stream of seed over (m, B, D), text noise from seed + 1
+    over (m, C, D) perturbing text_features[s]; F.normalize; logit_scale times the dot."""
+    batch, classes, dim, samples = PER_SAMPLE_SMALL
+    image, text, scale, image_pair, text_pair, target = _make_per_sample(
+        *PER_SAMPLE_SMALL, "both", "cpu"
+    )
+    seed = 2**40 + 9
+    image_eps = pini_kernels.noise((samples, batch, dim), seed=seed)
+    text_eps = pini_kernels.noise((samples, classes, dim), seed=seed + 1)
+    combine = torch.mul if mode == "mul" else torch.add
+    noisy_image = combine(image, image_pair[0] + image_pair[1] * image_eps)
+    noisy_text = combine(text, text_pair[0] + text_pair[1] * text_eps)
+    expected = 14.0 * F.normalize(noisy_image, dim=-1) @ F.normalize(noisy_text, dim=-1).mT
+    kwargs = dict(image_noise=image_pair, text_noise=text_pair, mode=mode, num_samples=samples)
+    logits = pini_kernels.noisy_cosine_logits(
+        image, text, scale, seed=seed, backend="reference", **kwargs
+    )
+    assert_close(logits, expected, atol=1e-5, rtol=1e-5, name="reference logits")
+    loss = pini_kernels.noisy_cross_entropy(
+        image, text, scale, target, seed=seed, backend="reference", reduction="none", **kwargs
+    )
+    want = F.cross_entropy(expected.reshape(-1, classes), target.repeat(samples), reduction="none")
+    assert_close(loss, want.view(samples, batch), atol=1e-5, rtol=1e-5, name="reference loss")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_shared_text_given_per_sample(backend):
+    """(C, D) text expanded to (m, C, D) gives the (C, D) logits and loss; its per-sample text
+    gradients sum to the (C, D) gradient. Also covers a stride-0 sample dimension."""
+    device = backend_device(backend)
+    _, classes, dim, samples = PER_SAMPLE_SMALL
+    image, _, scale, image_pair, text_pair, target = _make_per_sample(
+        *PER_SAMPLE_SMALL, "both", device
+    )
+    shared = torch.randn(classes, dim, device=device)
+    results = []
+    for text in (shared, shared.expand(samples, classes, dim)):
+        leaves = _leaves(_differentiable(image, text, scale, image_pair, text_pair))
+        out, grads = _run(
+            pini_kernels.noisy_cross_entropy, leaves, target, backend=backend, mode="mul",
+            num_samples=samples, seed=3, reduction="none", label_smoothing=0.1,
+        )  # fmt: skip
+        results.append((out, grads))
+    (shared_out, shared_grads), (expanded_out, expanded_grads) = results
+    assert_close(expanded_out, shared_out, atol=1e-6, rtol=1e-6, name="loss")
+    assert expanded_grads[1].shape == (samples, classes, dim)
+    assert_close(expanded_grads[1].sum(0), shared_grads[1], atol=1e-5, rtol=1e-5, name="text")
+    for name, got, want in zip(GRAD_NAMES, expanded_grads, shared_grads, strict=True):
+        if name != "text":
+            assert_close(got, want, atol=1e-5, rtol=1e-5, name=name)
+
+
+def _per_sample_step(image, text, scale, image_mu, image_sigma, text_mu, text_sigma, target,
+                     backend):  # fmt: skip
+    loss = pini_kernels.noisy_cross_entropy(
+        image, text, scale, target, image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma), num_samples=3, seed=6, backend=backend,
+    )  # fmt: skip
+    logits = pini_kernels.noisy_cosine_logits(
+        image, text, scale, text_noise=(text_mu, text_sigma), num_samples=3, seed=7,
+        backend=backend,
+    )  # fmt: skip
+    return loss + logits.logsumexp(-1).mean()
+
+
+def test_per_sample_text_torch_compile(fused_backend):
+    device = backend_device(fused_backend)
+    image, text, scale, image_pair, text_pair, target = _make_per_sample(
+        *PER_SAMPLE_SMALL, "both", device
+    )
+    leaves = [t.requires_grad_(True) for t in (image, text, scale, *image_pair, *text_pair)]
+    compiled = torch.compile(_per_sample_step, fullgraph=True, backend="aot_eager")
+    loss = compiled(*leaves, target, fused_backend)
+    grads = torch.autograd.grad(loss, leaves)
+    want = _per_sample_step(*leaves, target, "reference")
+    want_grads = torch.autograd.grad(want, leaves)
+    assert_close(loss, want, atol=1e-5, rtol=1e-5, name="compiled loss")
+    for name, got, expected in zip(GRAD_NAMES, grads, want_grads, strict=True):
+        magnitude = max(1.0, expected.abs().max().item())
+        assert_close(got, expected, atol=1e-5 * magnitude, rtol=1e-5, name=f"compiled {name}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_per_sample_text_shape_errors(backend, op):
+    device = backend_device(backend)
+    image, text, scale, _, _, target = _make_per_sample(*PER_SAMPLE_SMALL, "none", device)
+    extra = (target,) if op == "loss" else ()
+    call = lambda text, **kwargs: OPS[op](image, text, scale, *extra, backend=backend, **kwargs)
+    wrong_samples = r"text_features .*\(num_samples, C, D\) = \(2, 9, 12\), got shape \(3, 9, 12\)"
+    with pytest.raises(ValueError, match=wrong_samples):
+        call(text, num_samples=2)
+    with pytest.raises(ValueError, match=r"text_features .*\(num_samples, C, D\) = \(1, 9, 12\)"):
+        call(text)  # num_samples defaults to 1
+    with pytest.raises(
+        ValueError, match=r"text_features must be \(C, D\) or \(num_samples, C, D\)"
+    ):
+        call(text[None], num_samples=3)
+    with pytest.raises(ValueError, match="same feature dimension D, got 12 and 11"):
+        call(text[..., :11], num_samples=3)
+    # Text noise is per class (C, D), shared by the samples: a per-sample mu is an error.
+    per_sample_mu = torch.zeros(3, 9, 12, device=device)
+    wrong_noise = r"text_noise\[0\] \(mu\) of shape \(3, 9, 12\) does not broadcast to "
+    with pytest.raises(ValueError, match=wrong_noise + r"text_features\[s\]'s shape \(9, 12\)"):
+        call(text, num_samples=3, text_noise=(per_sample_mu, 1.0))
+
+
+# --- edges: huge logits, the split merge, zero-norm rows ----------------------------------------
+
+# (B, C, D): small; past every tile (rows past the interpreter's 256-row programs of the row
+# kernels at D = 40, classes past five 64-class tiles).
+EDGE_SMALL = (5, 9, 12)
+EDGE_LARGE = (260, 300, 40)
+
+
+needs_triton = pytest.mark.skipif(
+    "triton" not in FUSED_BACKENDS, reason="the Triton backend is not available"
+)
+
+
+def _random(generator, *shape):
+    return torch.randn(shape, generator=generator)
+
+
+def _noise_pair(generator, dim):
+    return (_random(generator, dim), _random(generator, dim).abs() + 0.1)
+
+
+def _assert_rows_close(got, want, *, atol, rtol, name):
+    """Compare row by row, each row against its own magnitude: zero-norm rows have gradients near
+    1e12 that would otherwise swamp the tolerance of every other row."""
+    magnitude = want.abs().amax(dim=-1, keepdim=True).clamp_min(1.0) if want.dim() else 1.0
+    return assert_close(got / magnitude, want / magnitude, atol=atol, rtol=rtol, name=name)
+
+
+def _compare_rows(backend, op, tensors, target, *, label, atol=1e-5, rtol=1e-5, **kwargs):
+    """The op on ``backend`` (leaves on its device) against the reference (on the CPU), each
+    gradient row against its own magnitude. Returns the reference's gradients."""
+    device = backend_device(backend)
+    got_out, got_grads = _run(op, _leaves(tensors, device), target.to(device), backend=backend,
+                              **kwargs)  # fmt: skip
+    want_out, want_grads = _run(op, _leaves(tensors, "cpu"), target, backend="reference", **kwargs)
+    name = f"{op.__name__} {label}"
+    assert torch.isfinite(got_out).all(), f"{name}: non-finite output"
+    error = assert_close(got_out.cpu(), want_out, atol=atol, rtol=rtol, name=f"{name} output")
+    record_error(f"{name} {backend} out", error)
+    for grad_name, got, want in zip(GRAD_NAMES, got_grads, want_grads, strict=True):
+        if want is None:
+            assert got is None, grad_name
+            continue
+        error = _assert_rows_close(
+            got.cpu(), want, atol=atol, rtol=rtol, name=f"{name} {grad_name}"
+        )
+        record_error(f"{name} {backend} grad", error)
+    return want_grads
+
+
+# --- huge logits: logit_scale 100, nearly equal features --------------------------------------
+
+
+def _nearly_equal_inputs(batch, classes, dim, seed):
+    """Features within a few percent of one direction: every cosine is near 1, so every logit is
+    near 100 (exp(100) overflows float32) and the softmax still has spread to get right."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = _random(generator, dim)
+    image = direction + 0.05 * _random(generator, batch, dim)
+    text = direction + 0.05 * _random(generator, classes, dim)
+    target = torch.randint(0, classes, (batch,), generator=generator)
+    tensors = [image, text, torch.tensor(100.0), *_noise_pair(generator, dim)]
+    # Small text noise keeps the text rows near the common direction.
+    tensors += [0.01 * _random(generator, dim), 0.01 * _random(generator, dim).abs()]
+    return tensors, target
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_huge_logits(fused_backend, op):
+    tensors, target = _nearly_equal_inputs(*EDGE_LARGE[:2], EDGE_LARGE[2], seed=1)
+    tensors[3], tensors[4] = 0.01 * tensors[3], 0.01 * tensors[4]  # image noise small too
+    # Logits near 100 carry float32's rounding of 100 (~1e-5) in every backend.
+    _compare_rows(fused_backend, OPS[op], tensors, target, label="huge logits", atol=1e-4,
+                  rtol=1e-5, num_samples=2, seed=3)  # fmt: skip
+
+
+# --- the Triton loss kernel's split merge, forced on CPU --------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("inputs", ["random", "huge-logits"])
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_loss_split_merge_matches_reference(monkeypatch, splits, inputs):
+    """Several class splits per row, merged with the exp(split_max - row_max) rescale. C = 300
+    over 64-class tiles: 2 splits of 192 + 108, 3 of 128 + 128 + 44, 5 of 64 (the last 44)."""
+    from pini_kernels.triton import cosine
+
+    monkeypatch.setattr(cosine, "FORCED_LOSS_SPLITS", splits)
+    batch, classes, dim = 70, 300, 40
+    assert cosine._loss_splits(batch, classes, backend_device("triton")) == splits
+    if inputs == "huge-logits":
+        tensors, target = _nearly_equal_inputs(batch, classes, dim, seed=2)
+        tensors[3], tensors[4] = 0.01 * tensors[3], 0.01 * tensors[4]
+        atol = 1e-4
+    else:
+        generator = torch.Generator().manual_seed(splits)
+        image, text = _random(generator, batch, dim), _random(generator, classes, dim)
+        noise = [*_noise_pair(generator, dim), *_noise_pair(generator, dim)]
+        tensors = [image, text, torch.tensor(14.0), *noise]
+        target = torch.randint(0, classes, (batch,), generator=generator)
+        atol = 1e-5
+    for reduction in ("none", "mean"):
+        _compare_rows("triton", pini_kernels.noisy_cross_entropy, tensors, target,
+                 label=f"{splits} splits", atol=atol, num_samples=2, seed=9, mode="mul",
+                 reduction=reduction, label_smoothing=0.1)  # fmt: skip
+
+
+# --- zero-norm rows -------------------------------------------------------------------------
+
+ZERO_ROW_CASES = [
+    ("image", "add", "other"),
+    ("image", "mul", "other"),
+    ("image", "mul", "both"),
+    ("text", "add", "other"),
+    ("text", "mul", "other"),
+    ("text", "mul", "both"),
+]
+
+
+def _zero_row_inputs(batch, classes, dim, zero_side, noise_on, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    image, text = _random(generator, batch, dim), _random(generator, classes, dim)
+    features = image if zero_side == "image" else text
+    rows = features.shape[0]
+    # A zero row, a row below the floor (norm ~ 4e-14 <= 1e-12), and one just above it (4e-11),
+    # spread over the first and last tiles.
+    features[0] = 0.0
+    features[rows // 2] = 1e-14 * _random(generator, dim)
+    features[rows - 1] = 0.0
+    features[min(1, rows - 1)] = 1e-11 * _random(generator, dim)
+    image_pair = _noise_pair(generator, dim)
+    text_pair = _noise_pair(generator, dim)
+    if noise_on == "other":
+        if zero_side == "image":
+            image_pair = None
+        else:
+            text_pair = None
+    tensors = [image, text, torch.tensor(14.0), *(image_pair or (None, None)),
+               *(text_pair or (None, None))]  # fmt: skip
+    target = torch.randint(0, classes, (batch,), generator=generator)
+    return tensors, target, [0, rows // 2, rows - 1]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("zero_side", "mode", "noise_on"), ZERO_ROW_CASES)
+def test_zero_norm_rows_backward(fused_backend, zero_side, mode, noise_on, op):
+    shape = EDGE_LARGE if (mode, noise_on) == ("add", "other") else EDGE_SMALL
+    tensors, target, zero_rows = _zero_row_inputs(*shape, zero_side, noise_on)
+    want_grads = _compare_rows(fused_backend, OPS[op], tensors, target,
+                               label=f"zero {zero_side} rows", mode=mode, num_samples=2,
+                               seed=5)  # fmt: skip
+    # The floor's 1/1e-12 shows in the rows at or below it: the case is the one it claims to be.
+    side_grad = want_grads[0 if zero_side == "image" else 1]
+    assert side_grad[zero_rows].abs().amax() > 1e8
+
+
+@pytest.mark.parametrize(("zero_side", "mode", "noise_on"), ZERO_ROW_CASES)
+def test_reference_zero_rows_follow_f_normalize(zero_side, mode, noise_on):
+    """The reference's gradients at zero-norm rows are F.normalize's (v / max(|v|, 1e-12)), built
+    here from pini_kernels.noise and torch.nn.functional."""
+    tensors, target, _ = _zero_row_inputs(*EDGE_SMALL, zero_side, noise_on)
+    samples, seed = 2, 5
+    want_out, want_grads = _run(pini_kernels.noisy_cross_entropy, _leaves(tensors, "cpu"), target,
+                                backend="reference", mode=mode, num_samples=samples, seed=seed,
+                                reduction="none")  # fmt: skip
+    image, text, scale, image_mu, image_sigma, text_mu, text_sigma = _leaves(tensors, "cpu")
+    combine = torch.mul if mode == "mul" else torch.add
+
+    def noisy(features, mu, stream_seed):
+        if mu is None:
+            return features.expand(samples, *features.shape)
+        sigma = image_sigma if mu is image_mu else text_sigma
+        eps = pini_kernels.noise((samples, *features.shape), seed=stream_seed)
+        return combine(features, mu + sigma * eps)
+
+    image_unit = F.normalize(noisy(image, image_mu, seed), dim=-1)
+    text_unit = F.normalize(noisy(text, text_mu, seed + 1), dim=-1)
+    logits = scale * image_unit @ text_unit.mT
+    out = F.cross_entropy(logits.flatten(0, 1), target.repeat(samples), reduction="none")
+    out = out.view(samples, -1)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * weights).sum().backward()
+    assert_close(want_out, out.detach(), atol=1e-6, rtol=1e-6, name="loss")
+    leaves = (image, text, scale, image_mu, image_sigma, text_mu, text_sigma)
+    for name, want, leaf in zip(GRAD_NAMES, want_grads, leaves, strict=True):
+        if leaf is not None:
+            _assert_rows_close(want, leaf.grad, atol=2e-5, rtol=1e-5, name=name)

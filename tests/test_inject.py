@@ -1,14 +1,29 @@
-"""fused_inject on every fused backend against the pure-PyTorch reference, forward and backward."""
+"""The fused_inject op (pini_kernels/inject.py) on every backend: forward and backward against the
+pure-PyTorch reference, argument errors (SPEC.md, "Errors"), seeds, torch.compile without graph
+breaks, and sizes past one block, chunk and tile.
+
+What each backend splits its work into, and so what a size must cross:
+- Triton (pini_kernels/triton/launch.py): a program owns ``block`` columns, 16384 under the
+  interpreter and 1024 on a GPU, and a chunk of rows: one chunk under the interpreter, several on
+  a GPU. ``small_triton_programs`` below forces small blocks and several row chunks on CPU.
+- CPU (csrc/cpu/): inject tiles are 2048 columns by ``ROWS_PER_CHUNK["cpu"]`` = 64 rows in
+  backward.
+- CUDA: ``ROWS_PER_CHUNK["cuda"]`` = 8 rows per backward chunk.
+Every output is poisoned with NaN (conftest.py), so an element no program writes fails.
+"""
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, backend_device
+from conftest import ALL_BACKENDS, FUSED_BACKENDS, backend_device
 from helpers import assert_close, compare_inject_with_reference, inject_forward_backward
 
 import pini_kernels
 from pini_kernels import reference
+from pini_kernels.inject import broadcast_layout
+from pini_kernels.native import ROWS_PER_CHUNK
+from pini_kernels.triton import launch
 
-# (x shape, mu shape, sigma shape): every broadcasting pattern of pini_kernels/_layout.py.
+# (x shape, mu shape, sigma shape): every broadcasting pattern of pini_kernels/inject.py.
 PATTERNS = {
     "per-feature": ((3, 5, 7), (7,), (7,)),
     "per-feature-aligned": ((4, 6, 8), (8,), (8,)),
@@ -122,28 +137,9 @@ def test_backward_is_deterministic(fused_backend):
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs((16, 8), (8,), (8,), torch.float32, device)
     weights = torch.randn(3, 16, 8, device=device)
-    first = inject_forward_backward(
-        pini_kernels.fused_inject,
-        x,
-        mu,
-        sigma,
-        weights,
-        mode="mul",
-        num_samples=3,
-        seed=4,
-        backend=fused_backend,
-    )
-    second = inject_forward_backward(
-        pini_kernels.fused_inject,
-        x,
-        mu,
-        sigma,
-        weights,
-        mode="mul",
-        num_samples=3,
-        seed=4,
-        backend=fused_backend,
-    )
+    kwargs = dict(mode="mul", num_samples=3, seed=4, backend=fused_backend)
+    first = inject_forward_backward(pini_kernels.fused_inject, x, mu, sigma, weights, **kwargs)
+    second = inject_forward_backward(pini_kernels.fused_inject, x, mu, sigma, weights, **kwargs)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -213,3 +209,293 @@ def test_more_than_2_31_elements():
     tail = 4096
     expected = reference.normal_stream(11, numel - tail, tail, device="cuda").half()
     assert_close(out[-tail:], expected, atol=2e-3, rtol=2e-3, name="tail")
+
+
+# --- argument errors, numbers as parameters, seeds ---------------------------------------------
+
+
+def _valid(device="cpu"):
+    return (
+        torch.randn(4, 8, device=device),
+        torch.randn(8, device=device),
+        torch.rand(8, device=device),
+    )
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    ("change", "error", "words"),
+    [
+        (
+            dict(mu=torch.randn(5)),
+            ValueError,
+            r"mu of shape \(5,\) does not broadcast to x's shape",
+        ),
+        (dict(sigma=torch.rand(2, 4, 8)), ValueError, "sigma of shape"),
+        (dict(mode="multiply"), ValueError, "mode must be 'add' or 'mul', got 'multiply'"),
+        (dict(num_samples=0), ValueError, "num_samples must be >= 1, got 0"),
+        (dict(num_samples=-2), ValueError, "num_samples must be >= 1"),
+        (dict(num_samples=2.0), TypeError, "num_samples must be None or an int"),
+        (dict(num_samples=True), TypeError, "num_samples"),
+        (dict(seed=-1), ValueError, r"seed must be in \[0, 2\^63\), got -1"),
+        (dict(seed=2**63), ValueError, "seed must be in"),
+        (dict(seed="7"), TypeError, "seed must be None or an int"),
+        (dict(x=torch.arange(32).view(4, 8)), TypeError, "x must have dtype in"),
+        (dict(mu=torch.zeros(8, dtype=torch.int32)), TypeError, "mu must have dtype in"),
+        (dict(sigma=[0.1] * 8), TypeError, "sigma must be a float tensor or a Python number"),
+        (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(backend="tpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments(backend, change, error, words):
+    x, mu, sigma = _valid(backend_device(backend) if backend != "reference" else "cpu")
+    kwargs = dict(x=x, mu=mu, sigma=sigma, mode="add", num_samples=None, seed=1, backend=backend)
+    for name, value in change.items():
+        kwargs[name] = value.to(x.device) if isinstance(value, torch.Tensor) else value
+    with pytest.raises(error, match=words):
+        pini_kernels.fused_inject(**kwargs)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_float64_only_on_reference(backend):
+    x, mu, sigma = (t.double() for t in _valid(backend_device(backend)))
+    with pytest.raises(TypeError, match="float64 is accepted by backend='reference' only"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=1, backend=backend)
+    out = pini_kernels.fused_inject(x, mu, sigma, seed=1, backend="reference")
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a second device")
+def test_tensors_on_different_devices():
+    x, mu, sigma = _valid("cuda")
+    with pytest.raises(ValueError, match="mu is on cpu but x is on cuda"):
+        pini_kernels.fused_inject(x, mu.cpu(), sigma, seed=1)
+
+
+def test_tensors_on_different_devices_meta():
+    """The same check without a GPU: a meta tensor is another device."""
+    x, mu, sigma = _valid("cpu")
+    with pytest.raises(ValueError, match="sigma is on meta but x is on cpu"):
+        pini_kernels.fused_inject(x, mu, sigma.to("meta"), seed=1)
+
+
+def test_python_numbers_as_parameters():
+    x = torch.randn(3, 4)
+    out = pini_kernels.fused_inject(x, 0.5, 0.0, seed=3)
+    torch.testing.assert_close(out, x + 0.5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_python_number_parameters_keep_the_input_dtype(backend):
+    """Like x + 0.5 in torch: numbers and 0-d tensors do not raise a half input to float32."""
+    x = torch.randn(4, 8, device=backend_device(backend)).half()
+    assert pini_kernels.fused_inject(x, 0.5, 0.1, seed=1, backend=backend).dtype == torch.float16
+    mu = torch.tensor(0.5, device=x.device)
+    assert pini_kernels.fused_inject(x, mu, 0.1, seed=1, backend=backend).dtype == torch.float16
+    sigma = torch.rand(8, device=x.device)  # a float32 tensor with dimensions promotes, as in torch
+    assert pini_kernels.fused_inject(x, mu, sigma, seed=1, backend=backend).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_tensor_seed(backend):
+    x, mu, sigma = _valid(backend_device(backend))
+    by_int = pini_kernels.fused_inject(x, mu, sigma, seed=77, backend=backend)
+    by_tensor = pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor(77), backend=backend)
+    torch.testing.assert_close(by_int, by_tensor, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^63\), got -5"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor(-5), backend=backend)
+    with pytest.raises(TypeError, match="seed must be an integer tensor"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor(1.0), backend=backend)
+    with pytest.raises(ValueError, match="0-d CPU tensor"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=torch.tensor([1, 2]), backend=backend)
+
+
+# --- what backward keeps, torch.compile ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_add_mode_keeps_no_reference_to_x(backend):
+    """Backward of add mode needs only the seed: x may change in place after the call."""
+    device = backend_device(backend)
+    leaf = torch.randn(4, 8, device=device, requires_grad=True)
+    mu = torch.randn(8, device=device, requires_grad=True)
+    hidden = leaf * 2
+    out = pini_kernels.fused_inject(hidden, mu, 0.1, seed=1, backend=backend)
+    hidden.add_(1.0)
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.full_like(leaf, 2.0))
+    torch.testing.assert_close(mu.grad, torch.full_like(mu, 4.0))
+
+
+def _inject_twice(x, mu, sigma, backend):
+    first = pini_kernels.fused_inject(x, mu, sigma, num_samples=2, seed=3, backend=backend)
+    second = pini_kernels.fused_inject(first, mu, sigma, mode="mul", seed=4, backend=backend)
+    return second.square().mean()
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    """The custom ops trace without graph breaks (fullgraph=True would raise on one)."""
+    device = backend_device(backend)
+    x, mu, sigma = (t.requires_grad_(True) for t in _valid(device))
+    compiled = torch.compile(_inject_twice, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, mu, sigma, backend)
+    grads = torch.autograd.grad(loss, (x, mu, sigma))
+    eager_loss = _inject_twice(x, mu, sigma, backend)
+    eager_grads = torch.autograd.grad(eager_loss, (x, mu, sigma))
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_torch_compile_inductor(backend):
+    device = backend_device(backend)
+    x, mu, sigma = _valid(device)
+    compiled = torch.compile(_inject_twice, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(x, mu, sigma, backend), _inject_twice(x, mu, sigma, backend)
+    )
+
+
+def test_torch_compile_seed_none_does_not_recompile():
+    """A drawn seed is a tensor, not a guarded constant: new seeds reuse the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    backend = FUSED_BACKENDS[0] if FUSED_BACKENDS else "reference"
+    device = backend_device(backend)
+    x, mu, sigma = _valid(device)
+    fn = lambda x, mu, sigma: pini_kernels.fused_inject(x, mu, sigma, backend=backend)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    outs = [compiled(x, mu, sigma) for _ in range(3)]
+    assert not torch.equal(outs[0], outs[1])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_new_seed_each_step_does_not_recompile_each_step():
+    """An int seed that changes every step becomes dynamic after one recompile, not eight."""
+    from torch._dynamo.utils import counters
+
+    backend = FUSED_BACKENDS[0] if FUSED_BACKENDS else "reference"
+    x, mu, sigma = _valid(backend_device(backend))
+    fn = lambda x, seed: pini_kernels.fused_inject(x, mu, sigma, seed=seed, backend=backend)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for step in range(6):
+        torch.testing.assert_close(compiled(x, step), fn(x, step))
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inductor_backward_with_channels_last_and_transposed_inputs(backend):
+    """The fake gradients promise the inputs' layouts and the real ones keep that promise."""
+    device = backend_device(backend)
+    images = torch.randn(2, 3, 4, 4, device=device).to(memory_format=torch.channels_last)
+    mu = torch.randn(4, 4, 3, device=device).permute(2, 0, 1)  # dense, not contiguous
+    sigma = torch.rand(3, 4, 4, device=device)
+    leaves = [t.detach().requires_grad_(True) for t in (images, mu, sigma)]
+
+    def loss(x, mu, sigma):
+        out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=3,
+                                        backend=backend)  # fmt: skip
+        return (out * out).sum()
+
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*leaves), leaves)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want)
+        assert have.stride() == want.stride()
+
+
+# --- sizes past one block, chunk and tile (and a multiple of none) -----------------------------
+
+CPU_COLUMN_TILE = 2048
+CPU_ROWS_PER_CHUNK = ROWS_PER_CHUNK["cpu"]
+
+# (x shape, mu/sigma shape) wider than two interpreter blocks and many GPU blocks and CPU tiles.
+WIDE_PATTERNS = {
+    # rows 2 x width 40001 (odd: the unaligned stream path), one parameter per column.
+    "per-feature": ((2, 40_001), (40_001,)),
+    # rows 1 x width 40008 (a multiple of 4: the aligned stream path), parameters like x.
+    "per-row": ((3, 13_336), (3, 13_336)),
+    # rows 1 x width 40004, 10001 consecutive elements share a parameter.
+    "leading": ((4, 10_001), (4, 1)),
+}
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("pattern", list(WIDE_PATTERNS))
+def test_inject_spans_several_blocks(fused_backend, pattern, mode):
+    """fused_inject forward and backward past one block/tile, against the reference."""
+    device = backend_device(fused_backend)
+    x_shape, param_shape = WIDE_PATTERNS[pattern]
+    x, mu, sigma = _inputs(x_shape, param_shape, param_shape, torch.float32, device)
+    assert x.numel() > 2 * launch.MAX_BLOCK_INTERPRETER
+    compare_inject_with_reference(fused_backend, x, mu, sigma, mode=mode, num_samples=2, seed=77)
+
+
+@pytest.fixture
+def small_triton_programs(monkeypatch):
+    """Triton under the interpreter launched like a GPU: 32-column blocks, 8 programs wanted, so
+    rows split into several chunks (no effect on a real GPU, which splits them anyway)."""
+    monkeypatch.setattr(launch, "MAX_BLOCK_INTERPRETER", 32)
+    monkeypatch.setattr(launch, "INTERPRETER_TARGET_PROGRAMS", 8)
+
+
+def _many_rows(backend: str) -> int:
+    """Two backward row chunks and 3 rows more: 131 rows on CPU, 19 on CUDA and Triton. Triton's
+    chunks follow the grid (launch.py): with small_triton_programs, 19 rows of 2 column blocks
+    give 4 row chunks of 5 rows, the last cut to 4."""
+    return 2 * ROWS_PER_CHUNK.get(backend, 8) + 3
+
+
+# rows -> (x shape, mu/sigma shape); none of the widths is a multiple of a block or tile.
+MANY_ROW_PATTERNS = {
+    "per-feature": lambda rows: ((rows, 37), (37,)),  # (D,): rows x 37
+    "shared-embeddings": lambda rows: ((rows, 5, 9), (5, 9)),  # (L, D): rows x 45
+    # (B, D): one row of rows x 35 columns, on CPU 4585 = two 2048-column tiles and 489.
+    "per-row": lambda rows: ((rows, 35), (rows, 35)),
+    "per-channel": lambda rows: ((rows, 3, 4, 5), (3, 1, 1)),  # (C, 1, 1): 20 columns each
+}
+
+
+@pytest.mark.usefixtures("small_triton_programs")
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("pattern", list(MANY_ROW_PATTERNS))
+def test_inject_more_rows_than_one_chunk(fused_backend, pattern, mode):
+    """Forward and backward with the last row chunk (and column tile or block) cut short."""
+    device = backend_device(fused_backend)
+    x_shape, param_shape = MANY_ROW_PATTERNS[pattern](_many_rows(fused_backend))
+    x, mu, sigma = _inputs(x_shape, param_shape, param_shape, torch.float32, device)
+    layout = broadcast_layout(x.shape, mu.shape)
+    if fused_backend == "cpu":
+        assert layout.rows > CPU_ROWS_PER_CHUNK or layout.width > CPU_COLUMN_TILE
+    elif fused_backend == "triton" and device.type == "cpu":
+        config = launch.elementwise_config(layout.width, layout.rows, device)
+        assert config.column_blocks > 1 and (config.row_chunks > 1 or layout.rows == 1)
+    compare_inject_with_reference(fused_backend, x, mu, sigma, mode=mode, num_samples=2, seed=5)
+
+
+@pytest.mark.usefixtures("small_triton_programs")
+@pytest.mark.parametrize("needs", ["x-only", "params-only"])
+def test_inject_backward_partial_grads_many_rows(fused_backend, needs):
+    """Backward kernels' x-only and parameter-only paths past one row chunk (add mode)."""
+    device = backend_device(fused_backend)
+    rows = _many_rows(fused_backend)
+    x, mu, sigma = _inputs((rows, 37), (37,), (37,), torch.float32, device)
+    x.requires_grad_(needs == "x-only")
+    mu.requires_grad_(needs == "params-only")
+    sigma.requires_grad_(needs == "params-only")
+    leaves = [t for t in (x, mu, sigma) if t.requires_grad]
+    grad_weights = torch.randn(2, rows, 37, device=device)
+    kwargs = dict(num_samples=2, seed=8)
+    got = pini_kernels.fused_inject(x, mu, sigma, backend=fused_backend, **kwargs)
+    want = pini_kernels.fused_inject(x, mu, sigma, backend="reference", **kwargs)
+    got_grads = torch.autograd.grad((got * grad_weights).sum(), leaves)
+    want_grads = torch.autograd.grad((want * grad_weights).sum(), leaves)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        scale = max(1.0, want_grad.abs().max().item())
+        assert_close(got_grad, want_grad, atol=1e-5 * scale, rtol=1e-5, name="grad")

@@ -44,3 +44,26 @@ def test_native_op_checks_name_the_argument():
         torch.ops.pini_native.noise(1, 0, out)
     with pytest.raises(RuntimeError, match="start must be >= 0"):
         torch.ops.pini_native.noise(1, -4, torch.empty(8))
+
+
+def test_native_op_checks_say_what_came():
+    """One set of checks for both devices (csrc/checks.h): the message names the argument, what
+    was expected and what came, and a grad_out too small for the samples is caught, not read past
+    its end."""
+    if "cpu" not in pini_kernels.available_backends():
+        pytest.skip("native CPU kernels not built")
+    ops = torch.ops.pini_native
+    x, mu, sigma = torch.randn(4, 8), torch.randn(8), torch.rand(8)
+    with pytest.raises(RuntimeError, match="sigma must have 8 elements, got 7"):
+        ops.inject_forward(x, mu, sigma[:7], 1, 1, False, 4, 8, 1, torch.empty(4, 8))
+    with pytest.raises(
+        RuntimeError, match=r"grad_out must have num_samples \* x.numel\(\) = 64 elements, got 32"
+    ):
+        ops.inject_backward(x, x, mu, sigma, 1, 2, False, 4, 8, 1, 64, None, None, None)
+    with pytest.raises(RuntimeError, match="mu and sigma must be given together"):
+        ops.noisy_normalize(x, mu.expand(4, 8), None, 1, 0, False, torch.empty(32), torch.empty(4))
+    with pytest.raises(RuntimeError, match=r"features must be 2-D \(rows, D\) with unit stride"):
+        ops.noisy_normalize(x.t(), None, None, 1, 0, False, torch.empty(32), torch.empty(8))
+    cosine, target, scale = torch.randn(4, 5), torch.zeros(4, dtype=torch.long), torch.ones(())
+    with pytest.raises(RuntimeError, match="target_logit must have 4 elements, got 3"):
+        ops.cross_entropy_stats(cosine, target, scale, *(torch.empty(rows) for rows in (4, 3, 4)))

@@ -1,4 +1,11 @@
-"""The noise stream: Philox known answers, agreement with Triton's randn4x, statistics."""
+"""The noise op (``pini_kernels.noise``, pini_kernels/noise_stream.py) on every backend: Philox
+known answers, agreement with Triton's randn4x and SPEC.md, draws past one block, statistics.
+
+What each backend splits a draw into, and so what a size must cross: Triton a block of 16384
+elements under the interpreter and 1024 on a GPU (pini_kernels/triton/launch.py); the CPU kernels
+(csrc/cpu/) 4096-element chunks in 256-element batches. Every output is poisoned with NaN
+(conftest.py), so an element no program writes fails.
+"""
 
 import math
 
@@ -7,12 +14,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, FUSED_BACKENDS, backend_device
+from conftest import ALL_BACKENDS, DEVICE, FUSED_BACKENDS, backend_device
 from helpers import assert_close, record_error, stream_generator
 from scipy import stats
 
 import pini_kernels
 from pini_kernels import reference
+from pini_kernels.triton import launch
 
 # Random123's known-answer vectors for Philox4x32-10: (counter, key, output).
 PHILOX_KNOWN_ANSWERS = [
@@ -64,7 +72,7 @@ def test_reference_stream_matches_triton_randn4x(seed, first_quad):
     record_error("stream: reference vs tl.randn4x", error)
 
 
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_stream_across_counter_2_32(backend):
     """Quads 2^32 - 1 and 2^32, whose counters differ in both words, equal tl.randn4x."""
     seed, first_quad = 99, 2**32 - 1
@@ -131,7 +139,7 @@ def test_tiny_uniform_spec_matches_triton_randn4x(case):
 
 
 @pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_tiny_uniform_noise(backend, case):
     """noise() at a quad with a tiny radius uniform equals SPEC (float64) and tl.randn4x."""
     seed, quad, words = TINY_UNIFORM_QUADS[case]
@@ -147,7 +155,7 @@ def test_tiny_uniform_noise(backend, case):
 
 @pytest.mark.parametrize("mode", ["add", "mul"])
 @pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_tiny_uniform_fused_inject(backend, case, mode):
     """fused_inject forward, and backward's regenerated eps (in grad_sigma), at a tiny u."""
     seed, quad, words = TINY_UNIFORM_QUADS[case]
@@ -181,7 +189,7 @@ def test_fused_stream_matches_reference(fused, seed, start):
     record_error(f"stream: {fused} vs reference", error)
 
 
-@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_noise_api(backend, dtype):
     shape = (3, 5, 7)
@@ -201,6 +209,12 @@ def test_noise_seed_none_follows_torch_manual_seed():
     assert not torch.equal(second, third)
 
 
+def test_noise_accepts_an_int_shape_and_rejects_odd_dtypes():
+    assert pini_kernels.noise(5, seed=1).shape == (5,)
+    with pytest.raises(TypeError, match="dtype must be float32, float16, bfloat16 or float64"):
+        pini_kernels.noise(5, seed=1, dtype=torch.float8_e4m3fn)
+
+
 def test_noise_rejects_bad_arguments():
     with pytest.raises(ValueError, match="seed"):
         pini_kernels.noise((4,), seed=-1)
@@ -214,6 +228,39 @@ def test_noise_rejects_bad_arguments():
         pini_kernels.noise((4, -1), seed=1)
     with pytest.raises(ValueError, match="backend"):
         pini_kernels.noise((4,), seed=1, backend="tpu")
+
+
+# --- draws past one block, chunk and tile ------------------------------------------------------
+
+# More than two interpreter blocks (16384), 4096-element CPU chunks and 1024-element GPU blocks,
+# and a multiple of none of them (nor of 4, so the last quad is cut).
+STREAM_LENGTH = 40_005
+
+
+@pytest.mark.parametrize("shape", [(STREAM_LENGTH,), (3, 5, 2667)])
+def test_noise_spans_several_blocks(fused_backend, shape):
+    """Every element of a draw of several blocks/chunks equals the reference stream."""
+    device = backend_device(fused_backend)
+    seed = 2**33 + 17
+    actual = pini_kernels.noise(shape, seed=seed, device=device, backend=fused_backend)
+    numel = actual.numel()
+    assert numel > 2 * launch.MAX_BLOCK_INTERPRETER and numel % 4 != 0
+    expected = reference.normal_stream(seed, 0, numel, device=device).view(shape)
+    error = assert_close(actual, expected, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="noise")
+    record_error(f"stream: {fused_backend} {STREAM_LENGTH} elements vs reference", error)
+
+
+@pytest.mark.parametrize("start", [3, 4 * 2**32 - 20_002])
+def test_noise_unaligned_start_spans_several_blocks(fused_backend, start):
+    """The unaligned-start path over several blocks/chunks, across counter 2^32 for one start."""
+    device = backend_device(fused_backend)
+    seed = 31337
+    actual = stream_generator(fused_backend)(
+        STREAM_LENGTH, seed, device, torch.float32, start=start
+    )
+    expected = reference.normal_stream(seed, start, STREAM_LENGTH, device=device)
+    error = assert_close(actual, expected, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="stream")
+    record_error(f"stream: {fused_backend} {STREAM_LENGTH} elements vs reference", error)
 
 
 # --- statistics of eps (on the reference stream, which every backend equals element-wise) ---

@@ -1,31 +1,31 @@
-"""Noisy cosine logits and PiNI's loss (Eq. 13): the Triton kernels.
+"""Noisy cosine logits and PiNI's loss (Eq. 13): the Triton kernels of ``pini_kernels/cosine.py``.
 
-The per-sample flow (noise and normalize both sides, logits or loss statistics, backward) lives
-in ``pini_kernels/_cosine_host.py``; it hands the kernels one sample's rows at a time, so
-``(num_samples, C, D)`` text features need nothing here. This file provides its kernels:
+``pini_kernels/cosine.py`` runs the per-sample flow and hands these functions one sample's
+``(N, D)`` rows at a time (so ``(num_samples, C, D)`` text features need nothing here); the native
+backend (``pini_kernels/native.py``) has the same functions with the same arguments:
 
-- ``_noisy_normalize_kernel`` / ``_noisy_normalize_backward_kernel``: tiles of whole feature rows,
-  noise regenerated from the seed, L2 normalization and its gradient;
-- ``_cosine_cross_entropy_kernel``: the logits tile by tile with ``tl.dot``, keeping only running
-  row statistics (max, sum of exp, target logit, sum of logits) so no logits are stored;
-- ``_cross_entropy_grad_kernel``: ``d loss / d cosine`` in place over one sample's cosine tile.
+- ``normalize`` / ``normalize_backward``: tiles of whole feature rows, noise regenerated from the
+  seed, L2 normalization and its gradient (``_noisy_normalize_kernel`` and its backward);
+- ``loss_stats``: the logits tile by tile with ``tl.dot``, keeping only running row statistics
+  (max, sum of exp, target logit, sum of logits) so no logits are stored
+  (``_cosine_cross_entropy_kernel``);
+- ``loss_grad``: ``d loss / d cosine`` in place over one sample's cosine tile
+  (``_cross_entropy_grad_kernel``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _cosine_host as host
+from .._host import new_buffer
 from ..backends import triton_interpreting
-from .launch import MIN_BLOCK, new_buffer
-from .noise import normal_rows
+from .launch import MIN_BLOCK
+from .noise_stream import normal_rows
 
-# Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR).
-NORM_FLOOR = 1e-12
+# Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR), its default eps.
+NORM_FLOOR = tl.constexpr(1e-12)
 # One program holds a whole feature row; CLIP widths are 512-1024. Past this, a row no longer fits
 # in registers and the kernel would need a loop over D.
 MAX_FEATURE_DIM = 16384
@@ -34,7 +34,7 @@ MAX_FEATURE_DIM = 16384
 # under the interpreter, wide tiles cut the per-program overhead.
 ROW_TILE_ELEMENTS = 16384 if triton_interpreting() else 2048
 ROW_TILE_WARPS = 4
-# Logits tiles for tl.dot: 64 x 64 outputs, 32-wide steps over D (fp32: 16 KB per operand tile).
+# Logits tiles for tl.dot: 64 x 64 outputs, 32-wide steps over D (fp32: 8 KB per operand tile).
 BLOCK_ROWS = 64
 BLOCK_CLASSES = 64
 BLOCK_DIM = 32
@@ -46,6 +46,20 @@ LOSS_PROGRAMS_PER_SM = 2
 # Test hook: when set, the loss kernel uses this many class splits on any device. Under the
 # interpreter it otherwise always uses one, and the merge of split statistics would never run.
 FORCED_LOSS_SPLITS: int | None = None
+
+
+@triton.jit
+def _load_noise_params(
+    mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
+    row, columns, mask,
+):  # fmt: skip
+    """mu and sigma of a (ROWS, BLOCK) tile in fp32, read through their strides (0 on broadcast
+    dimensions)."""
+    mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
+    sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
+    mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
+    sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
+    return mu, sigma
 
 
 @triton.jit
@@ -64,16 +78,16 @@ def _noisy_normalize_kernel(
     x_offsets = row[:, None] * x_row_stride + columns[None, :]
     value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
-        mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
-        sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
-        mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
-        sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
+        mu, sigma = _load_noise_params(
+            mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
+            row, columns, mask,
+        )  # fmt: skip
         eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
         sample_noise = mu + sigma * eps
         value = value * sample_noise if MULTIPLY else value + sample_noise
         value = tl.where(mask, value, 0.0)
     norm = tl.sqrt(tl.sum(value * value, axis=1))
-    unit = value / tl.maximum(norm, 1e-12)[:, None]
+    unit = value / tl.maximum(norm, NORM_FLOOR)[:, None]
     tl.store(unit_ptr + row[:, None] * dim + columns[None, :], unit, mask=mask)
     tl.store(norm_ptr + row, norm, mask=row_mask)
 
@@ -101,16 +115,16 @@ def _noisy_normalize_backward_kernel(
     # d(v / max(|v|, floor)) / dv: project out the radial part, unless the floor was active (then
     # v / floor is linear in v). Both branches divide by max(|v|, floor): no inf at zero rows.
     radial = tl.sum(unit * grad_unit, axis=1)[:, None]
-    divisor = tl.maximum(norm, 1e-12)
-    grad_value = tl.where(norm > 1e-12, grad_unit - unit * radial, grad_unit) / divisor
+    divisor = tl.maximum(norm, NORM_FLOOR)
+    grad_value = tl.where(norm > NORM_FLOOR, grad_unit - unit * radial, grad_unit) / divisor
     if HAS_NOISE and (MULTIPLY or NEED_PARAM_GRAD):
         eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
     if NEED_X_GRAD:
         if HAS_NOISE and MULTIPLY:
-            mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
-            sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
-            mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
-            sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
+            mu, sigma = _load_noise_params(
+                mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride,
+                sigma_col_stride, row, columns, mask,
+            )  # fmt: skip
             x_grad = grad_value * (mu + sigma * eps)
         else:
             x_grad = grad_value
@@ -209,93 +223,108 @@ def _cross_entropy_grad_kernel(
     tl.store(scale_grad_ptr + row, tl.sum(scale_grad, axis=0))
 
 
-# --- host side --------------------------------------------------------------------------------
+# --- host side: the functions pini_kernels/cosine.py calls --------------------------------------
 
 
-def _row_warps() -> int:
-    return 1 if triton_interpreting() else ROW_TILE_WARPS
+def _row_tiling(dim: int) -> tuple[int, int, int]:
+    """(columns per row tile, rows per program, warps) of the row kernels for rows of ``dim``."""
+    block = max(triton.next_power_of_2(dim), MIN_BLOCK)
+    warps = 1 if triton_interpreting() else ROW_TILE_WARPS
+    return block, max(1, ROW_TILE_ELEMENTS // block), warps
+
+
+def _noise_param_args(features, mu, sigma) -> tuple:
+    """mu and sigma with their (row, column) strides; the features stand in (never read) when the
+    side has no noise."""
+    if mu is None:
+        return (features, 0, 0, features, 0, 0)
+    return (mu, mu.stride(0), mu.stride(1), sigma, sigma.stride(0), sigma.stride(1))
+
+
+def normalize(
+    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None, seed: int,
+    stream_offset: int, multiply: bool, unit: torch.Tensor, norm: torch.Tensor,
+) -> None:  # fmt: skip
+    """Writes ``unit`` (N, D) fp32, the noisy rows normalized, and ``norm`` (N,) fp32, their norms.
+
+    features: (N, D) with unit stride along D; mu, sigma: None (no noise) or fp32 views expanded
+    to (N, D); the noise of element (r, d) is stream element ``stream_offset + r * D + d``.
+    """
+    rows, dim = features.shape
+    block, rows_per_program, warps = _row_tiling(dim)
+    _noisy_normalize_kernel[(triton.cdiv(rows, rows_per_program),)](
+        features, features.stride(0), *_noise_param_args(features, mu, sigma),
+        unit, norm, seed, stream_offset, rows, dim,
+        HAS_NOISE=mu is not None, MULTIPLY=multiply, ALIGNED=dim % 4 == 0,
+        ROWS=rows_per_program, BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+
+
+def normalize_backward(
+    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None, seed: int,
+    stream_offset: int, multiply: bool, unit: torch.Tensor, norm: torch.Tensor,
+    grad_unit: torch.Tensor, grad_x: torch.Tensor | None, grad_mu: torch.Tensor | None,
+    grad_sigma: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """Adds this sample's gradients into the fp32 (N, D) accumulators ``grad_x``, ``grad_mu`` and
+    ``grad_sigma`` (None: not needed), given ``grad_unit``, the gradient of ``unit``."""
+    rows, dim = features.shape
+    block, rows_per_program, warps = _row_tiling(dim)
+    _noisy_normalize_backward_kernel[(triton.cdiv(rows, rows_per_program),)](
+        features, features.stride(0), *_noise_param_args(features, mu, sigma),
+        unit, norm, grad_unit,
+        unit if grad_x is None else grad_x,  # unit stands in for what is not written
+        unit if grad_mu is None else grad_mu,
+        unit if grad_sigma is None else grad_sigma,
+        seed, stream_offset, rows, dim,
+        HAS_NOISE=mu is not None, MULTIPLY=multiply, ALIGNED=dim % 4 == 0,
+        NEED_X_GRAD=grad_x is not None, NEED_PARAM_GRAD=grad_mu is not None,
+        ROWS=rows_per_program, BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+
+
+def loss_stats(
+    image_unit: torch.Tensor, text_unit: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+    lse: torch.Tensor, target_logit: torch.Tensor, logit_sum: torch.Tensor,
+) -> None:  # fmt: skip
+    """Writes, per row of ``scale * image_unit @ text_unit^T`` (B, C), its log-sum-exp, the
+    target's logit and the sum of logits into the (B,) fp32 ``lse``, ``target_logit`` and
+    ``logit_sum``. image_unit: (B, D), text_unit: (C, D) fp32; target: (B,) int64; scale: 0-d."""
+    rows, dim = image_unit.shape
+    classes = text_unit.shape[0]
+    splits = _loss_splits(rows, classes, image_unit.device)
+    classes_per_split = triton.cdiv(triton.cdiv(classes, splits), BLOCK_CLASSES) * BLOCK_CLASSES
+    stats = new_buffer((4, splits, rows), torch.float32, image_unit.device)
+    _cosine_cross_entropy_kernel[(triton.cdiv(rows, BLOCK_ROWS), splits)](
+        image_unit, text_unit, target, scale, stats[0], stats[1], stats[2], stats[3],
+        rows, classes, dim, classes_per_split,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
+        INPUT_PRECISION=_input_precision(), num_warps=4,
+    )  # fmt: skip
+    split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
+    row_max = split_max.amax(dim=0)
+    torch.log((split_sum * torch.exp(split_max - row_max)).sum(dim=0), out=lse)
+    lse.add_(row_max)
+    torch.sum(split_target, dim=0, out=target_logit)
+    torch.sum(split_logit_sum, dim=0, out=logit_sum)
+
+
+def loss_grad(
+    cosine: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, row_grad: torch.Tensor,
+    scale: torch.Tensor, label_smoothing: float, scale_grad: torch.Tensor,
+) -> None:  # fmt: skip
+    """In place: one sample's (B, C) fp32 ``cosine`` becomes d loss / d cosine for the rows' loss
+    weights ``row_grad`` (B,); ``scale_grad`` (B,) gets each row's d loss / d scale."""
+    rows, classes = cosine.shape
+    _cross_entropy_grad_kernel[(rows,)](
+        cosine, lse, target, row_grad, scale, scale_grad, classes, label_smoothing,
+        BLOCK=min(triton.next_power_of_2(classes), BLOCK_GRAD_CLASSES),
+        num_warps=1 if triton_interpreting() else 4,
+    )  # fmt: skip
 
 
 def _input_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-class TritonCosineKernels:
-    """The row kernels and loss kernels of this file, for pini_kernels/_cosine_host.py."""
-
-    max_feature_dim = MAX_FEATURE_DIM
-    new_buffer = staticmethod(new_buffer)
-
-    @staticmethod
-    def prepare_params(params: torch.Tensor) -> torch.Tensor:
-        return params  # the kernels read any dtype and any strides
-
-    @staticmethod
-    def _tiling(side: host.Side) -> tuple[int, int]:
-        block = max(triton.next_power_of_2(side.features.shape[1]), MIN_BLOCK)
-        return block, max(1, ROW_TILE_ELEMENTS // block)
-
-    @staticmethod
-    def _param_args(side: host.Side):
-        if not side.has_noise:
-            return (side.features, 0, 0, side.features, 0, 0)
-        return (
-            side.mu, side.mu.stride(0), side.mu.stride(1),
-            side.sigma, side.sigma.stride(0), side.sigma.stride(1),
-        )  # fmt: skip
-
-    def normalize(self, side: host.Side, sample: int) -> None:
-        rows, dim = side.features.shape
-        block, rows_per_program = self._tiling(side)
-        _noisy_normalize_kernel[(triton.cdiv(rows, rows_per_program),)](
-            side.features, side.features.stride(0), *self._param_args(side),
-            side.unit, side.norm, side.seed, sample * rows * dim, rows, dim,
-            HAS_NOISE=side.has_noise, MULTIPLY=side.multiply, ALIGNED=dim % 4 == 0,
-            ROWS=rows_per_program, BLOCK=block, num_warps=_row_warps(),
-        )  # fmt: skip
-
-    def normalize_backward(self, side, sample, grad_unit, grads: host.SideGrads) -> None:
-        rows, dim = side.features.shape
-        block, rows_per_program = self._tiling(side)
-        unused = side.unit
-        _noisy_normalize_backward_kernel[(triton.cdiv(rows, rows_per_program),)](
-            side.features, side.features.stride(0), *self._param_args(side),
-            side.unit, side.norm, grad_unit,
-            grads.x if grads.need_x else unused,
-            grads.mu if grads.need_params else unused,
-            grads.sigma if grads.need_params else unused,
-            side.seed, sample * rows * dim, rows, dim,
-            HAS_NOISE=side.has_noise, MULTIPLY=side.multiply, ALIGNED=dim % 4 == 0,
-            NEED_X_GRAD=grads.need_x, NEED_PARAM_GRAD=grads.need_params,
-            ROWS=rows_per_program, BLOCK=block, num_warps=_row_warps(),
-        )  # fmt: skip
-
-    def loss_stats(self, image, text, target, scale, lse, target_logit, logit_sum) -> None:
-        rows, dim = image.features.shape
-        classes = text.features.shape[0]
-        splits = _loss_splits(rows, classes, image.features.device)
-        classes_per_split = triton.cdiv(triton.cdiv(classes, splits), BLOCK_CLASSES) * BLOCK_CLASSES
-        stats = new_buffer((4, splits, rows), torch.float32, image.features.device)
-        _cosine_cross_entropy_kernel[(triton.cdiv(rows, BLOCK_ROWS), splits)](
-            image.unit, text.unit, target, scale, stats[0], stats[1], stats[2], stats[3],
-            rows, classes, dim, classes_per_split,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
-            INPUT_PRECISION=_input_precision(), num_warps=4,
-        )  # fmt: skip
-        split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
-        row_max = split_max.amax(dim=0)
-        torch.log((split_sum * torch.exp(split_max - row_max)).sum(dim=0), out=lse)
-        lse.add_(row_max)
-        torch.sum(split_target, dim=0, out=target_logit)
-        torch.sum(split_logit_sum, dim=0, out=logit_sum)
-
-    def loss_grad(self, cosine, lse, target, row_grad, scale, label_smoothing, scale_grad) -> None:
-        rows, classes = cosine.shape
-        _cross_entropy_grad_kernel[(rows,)](
-            cosine, lse, target, row_grad, scale, scale_grad, classes, label_smoothing,
-            BLOCK=min(triton.next_power_of_2(classes), BLOCK_GRAD_CLASSES),
-            num_warps=1 if triton_interpreting() else 4,
-        )  # fmt: skip
 
 
 def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
@@ -309,10 +338,3 @@ def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
     programs = LOSS_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     row_blocks = triton.cdiv(rows, BLOCK_ROWS)
     return max(1, min(triton.cdiv(programs, row_blocks), triton.cdiv(classes, BLOCK_CLASSES)))
-
-
-KERNELS = TritonCosineKernels()
-cosine_logits_forward = functools.partial(host.cosine_logits_forward, KERNELS)
-cosine_logits_backward = functools.partial(host.cosine_logits_backward, KERNELS)
-cross_entropy_forward = functools.partial(host.cross_entropy_forward, KERNELS)
-cross_entropy_backward = functools.partial(host.cross_entropy_backward, KERNELS)

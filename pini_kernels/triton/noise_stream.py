@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, new_buffer
+from .._host import new_buffer
+from .launch import elementwise_config
 
 
 @triton.jit

@@ -8,7 +8,6 @@ parameters once, walks its rows, and (in backward) writes one row of partial par
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +32,6 @@ INTERPRETER_TARGET_PROGRAMS = 1
 # CUDA caps grid dimension 1 at 65535.
 MAX_ROW_CHUNKS = 65535
 MAX_COLUMN_BLOCKS = 2**31 - 1
-
-# Tests set PINI_KERNELS_POISON=1 so that every buffer a kernel must fill starts as NaN: an element
-# it fails to write then shows up as a mismatch instead of whatever the allocator left there.
-POISON_OUTPUTS = os.environ.get("PINI_KERNELS_POISON", "0") == "1"
-
-
-def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty for a buffer that a kernel writes completely (NaN-filled under tests)."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_OUTPUTS:
-        buffer.fill_(float("nan"))
-    return buffer
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""Host-side helpers of every op and backend: the buffers kernels fill, gradients in their inputs'
+layouts, and launching on a tensor's GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+# Tests set PINI_KERNELS_POISON=1 so that every buffer a kernel must fill starts as NaN: an element
+# it fails to write then shows up as a mismatch instead of whatever the allocator left there.
+POISON_OUTPUTS = os.environ.get("PINI_KERNELS_POISON", "0") == "1"
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for a buffer that a kernel writes completely (NaN-filled under tests)."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        buffer.fill_(float("nan"))
+    return buffer
+
+
+def like_input(grad: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` (contiguous, ``tensor``'s shape) in ``tensor``'s dtype and memory layout, as
+    ``torch.empty_like(tensor)`` lays it out: what the ops' fake implementations promise, so
+    torch.compile's stride checks hold for channels-last or transposed inputs too."""
+    if grad is None:
+        return None
+    grad = grad.to(tensor.dtype)
+    if tensor.is_contiguous():
+        return grad
+    return torch.empty_like(tensor).copy_(grad)
+
+
+def on_device(device: torch.device):
+    """Launch on ``device``'s GPU (Triton launches on the current device), not on cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,459 @@
+"""The noisy cosine logits and PiNI's loss (Eq. 13): the ``noisy_cosine_logits`` and
+``noisy_cross_entropy`` ops.
+
+This module owns both ops' contract; a backend only runs its kernels. The work is done one noise
+sample at a time, so nothing of size ``m*B*C``, ``m*B*D`` or ``m*C*D`` exists (beyond per-sample
+text features the caller passes in). For each sample, the backend's row kernels noise and
+L2-normalize the image rows (stream of ``seed``, elements ``s*B*D + b*D + d``) and the text rows
+(stream of ``seed + 1``; with ``(m, C, D)`` text features, sample ``s`` reads ``text[s]``) into
+fp32 buffers of one sample (``Side``); then:
+
+- logits: ``logit_scale * image_unit @ text_unit^T`` into the ``(m, B, C)`` output;
+- loss: the backend's ``loss_stats`` gives each row's log-sum-exp, target logit and sum of logits
+  (the Triton kernel never stores the ``(B, C)`` tile; the CPU one uses one BLAS product);
+- what is saved for backward: the inputs and the seed, never ``eps``; the loss adds only its
+  ``(m, B)`` log-sum-exp, never the logits;
+- backward (``_backward``): recompute the sample's unit rows and cosines (one ``(B, C)`` tile),
+  turn them into ``d loss / d cosine``, two matrix products, then the row kernels backpropagate
+  through normalization and noise into fp32 accumulators (``SideGrads``), summed over samples.
+
+Each fused backend has the same functions, taking the same arguments, in ``triton/cosine.py`` and
+``native.py`` (``_kernels`` is the table); they see one sample's ``(N, D)`` rows at a time, so
+per-sample text features need nothing from them::
+
+    normalize(features, mu, sigma, seed, stream_offset, multiply, unit, norm)
+    normalize_backward(features, mu, sigma, seed, stream_offset, multiply, unit, norm,
+                       grad_unit, grad_x, grad_mu, grad_sigma)
+    loss_stats(image_unit, text_unit, target, scale, lse, target_logit, logit_sum)
+    loss_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)
+    MAX_FEATURE_DIM
+
+``reference.noisy_cosine_logits`` / ``reference.noisy_cross_entropy`` (pure PyTorch) are the
+definitions the backends are tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from . import _checks
+from ._host import like_input, new_buffer, on_device
+
+# Both ops take these seven inputs first, in this order, and their backward ops return the seven
+# gradients in the same order.
+DIFFERENTIABLE_INPUTS = (
+    "image", "text", "logit_scale", "image_mu", "image_sigma", "text_mu", "text_sigma",
+)  # fmt: skip
+
+
+def _kernels(backend: str) -> ModuleType:
+    """The backend's row and loss kernels, imported on first use (Triton is Linux-only)."""
+    if backend == "triton":
+        from .triton import cosine as kernels
+    else:  # "cpu" or "cuda": the dispatcher runs the kernels of the tensors' device
+        from . import native as kernels
+    return kernels
+
+
+# --- the per-sample flow --------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One side (image or text) of the logits: its rows, optional noise and per-sample buffers."""
+
+    features: torch.Tensor  # (N, D), unit stride along D: the current sample's rows
+    mu: torch.Tensor | None  # fp32, expanded to (N, D) (stride 0 on broadcast dims)
+    sigma: torch.Tensor | None
+    seed: int
+    multiply: bool
+    unit: torch.Tensor  # (N, D) fp32: this sample's normalized rows
+    norm: torch.Tensor  # (N,) fp32: their norms before normalization
+    # (num_samples, N, D), unit stride along D, when each sample has its own rows; else None.
+    sample_features: torch.Tensor | None = None
+
+    @property
+    def has_noise(self) -> bool:
+        return self.mu is not None
+
+    @property
+    def per_sample(self) -> bool:
+        return self.sample_features is not None
+
+    @property
+    def changes_per_sample(self) -> bool:
+        """Whether the normalized rows differ between samples (else they are computed once)."""
+        return self.has_noise or self.per_sample
+
+    def select_sample(self, sample: int) -> None:
+        if self.sample_features is not None:
+            self.features = self.sample_features[sample]
+
+    def stream_offset(self, sample: int) -> int:
+        """The stream element of this sample's first noise value."""
+        rows, dim = self.features.shape
+        return sample * rows * dim
+
+
+@dataclass
+class SideGrads:
+    need_x: bool
+    need_params: bool
+    x: torch.Tensor | None = None  # fp32 (N, D) accumulators; x: (num_samples, N, D) per sample
+    mu: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+
+    @classmethod
+    def zeros(cls, side: Side, need_x: bool, need_params: bool) -> SideGrads:
+        shape, device = side.features.shape, side.features.device
+
+        def make(needed: bool, shape=shape) -> torch.Tensor | None:
+            return torch.zeros(shape, dtype=torch.float32, device=device) if needed else None
+
+        x_shape = side.sample_features.shape if side.per_sample else shape
+        need_params = need_params and side.has_noise
+        return cls(need_x, need_params, make(need_x, x_shape), make(need_params), make(need_params))
+
+    def for_sample(self, side: Side, sample: int) -> SideGrads:
+        """The accumulators one sample's kernels add into: its own x rows when per sample."""
+        if side.per_sample and self.x is not None:
+            return dataclasses.replace(self, x=self.x[sample])
+        return self
+
+
+def _make_side(kernels: ModuleType, features, mu, sigma, seed: int, multiply: bool) -> Side:
+    """features: (N, D), or (num_samples, N, D) for one set of rows per sample."""
+    rows, dim = features.shape[-2:]
+    if dim > kernels.MAX_FEATURE_DIM:
+        raise ValueError(
+            f"feature dimension D={dim} exceeds this backend's maximum {kernels.MAX_FEATURE_DIM}"
+        )
+    if features.stride(-1) != 1:
+        features = features.contiguous()
+    sample_features = features if features.dim() == 3 else None
+    if sample_features is not None:
+        features = sample_features[0]
+    if mu is not None:  # the kernels read fp32 parameters (converted once, before expanding)
+        mu = mu.to(torch.float32).expand(rows, dim)
+        sigma = sigma.to(torch.float32).expand(rows, dim)
+    unit = new_buffer((rows, dim), torch.float32, features.device)
+    norm = new_buffer((rows,), torch.float32, features.device)
+    return Side(features, mu, sigma, seed, multiply, unit, norm, sample_features)
+
+
+def _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply):
+    return (
+        _make_side(kernels, image, image_mu, image_sigma, seed, multiply),
+        _make_side(kernels, text, text_mu, text_sigma, seed + 1, multiply),
+    )
+
+
+def _normalize_sample(kernels: ModuleType, sides, sample: int) -> None:
+    """Noise and normalize both sides for ``sample`` (sides equal in every sample only once)."""
+    for side in sides:
+        side.select_sample(sample)
+        if (side.changes_per_sample or sample == 0) and side.features.shape[0] > 0:
+            kernels.normalize(
+                side.features, side.mu, side.sigma, side.seed, side.stream_offset(sample),
+                side.multiply, side.unit, side.norm,
+            )  # fmt: skip
+
+
+def _side_backward(kernels, side: Side, sample: int, unit_grad, grads: SideGrads) -> None:
+    if side.features.shape[0] > 0 and (grads.need_x or grads.need_params):
+        grads = grads.for_sample(side, sample)
+        kernels.normalize_backward(
+            side.features, side.mu, side.sigma, side.seed, side.stream_offset(sample),
+            side.multiply, side.unit, side.norm, unit_grad, grads.x, grads.mu, grads.sigma,
+        )  # fmt: skip
+
+
+def _backward(
+    kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma, seed,
+    num_samples, multiply, needs,
+) -> list:  # fmt: skip
+    """Shared backward: per sample, recompute the unit rows and cosines, turn them into
+    d loss / d cosine with ``cosine_grad(sample, cosine)``, and backpropagate through the matrix
+    product, the normalization and the noise of both sides. Returns the seven gradients, with
+    logit_scale's left to the caller."""
+    sides = _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply)
+    image_side, text_side = sides
+    side_grads = (
+        SideGrads.zeros(image_side, needs[0], needs[3] or needs[4]),
+        SideGrads.zeros(text_side, needs[1], needs[5] or needs[6]),
+    )
+    # Sides equal in every sample: sum their unit gradients, backpropagate once.
+    unit_grad_sums = [
+        None if side.changes_per_sample else torch.zeros_like(side.unit) for side in sides
+    ]
+    for sample in range(num_samples):
+        _normalize_sample(kernels, sides, sample)
+        if image.shape[0] == 0:
+            continue
+        cosine = cosine_grad(sample, torch.mm(image_side.unit, text_side.unit.t()))
+        unit_grads = (torch.mm(cosine, text_side.unit), torch.mm(cosine.t(), image_side.unit))
+        for side, grads, unit_grad, total in zip(
+            sides, side_grads, unit_grads, unit_grad_sums, strict=True
+        ):
+            if total is None:
+                _side_backward(kernels, side, sample, unit_grad, grads)
+            else:
+                total.add_(unit_grad)
+    for side, grads, total in zip(sides, side_grads, unit_grad_sums, strict=True):
+        if total is not None:
+            _side_backward(kernels, side, 0, total, grads)
+    image_grads, text_grads = side_grads
+    return [
+        like_input(image_grads.x, image),
+        like_input(text_grads.x, text),
+        None,
+        _sum_to(image_grads.mu, image_mu, needs[3]),
+        _sum_to(image_grads.sigma, image_sigma, needs[4]),
+        _sum_to(text_grads.mu, text_mu, needs[5]),
+        _sum_to(text_grads.sigma, text_sigma, needs[6]),
+    ]
+
+
+def _sum_to(grad: torch.Tensor | None, param: torch.Tensor | None, needed: bool):
+    if not needed or grad is None or param is None:
+        return None
+    return like_input(grad.sum_to_size(param.shape), param)
+
+
+def _row_losses(lse, target_logit, logit_sum, classes, label_smoothing):
+    """F.cross_entropy per row from its statistics: (1-e)(lse - x_t) + e(lse - mean(x))."""
+    nll = lse - target_logit
+    if label_smoothing == 0.0:
+        return nll
+    return (1.0 - label_smoothing) * nll + label_smoothing * (lse - logit_sum / classes)
+
+
+def _reduce(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return row_losses
+    if reduction == "sum":
+        return row_losses.sum()
+    return row_losses.mean()
+
+
+def _gradients_or_empty(grads, like: torch.Tensor) -> list[torch.Tensor]:
+    """Custom ops return tensors: an empty one stands for a gradient not asked for."""
+    return [like.new_empty(0) if grad is None else grad for grad in grads]
+
+
+def _fake_gradients(needs, tensors) -> list[torch.Tensor]:
+    like = tensors[0]
+    return [
+        torch.empty_like(tensor) if needed and tensor is not None else like.new_empty(0)
+        for needed, tensor in zip(needs, tensors, strict=True)
+    ]
+
+
+# --- the logits: custom op, fake, autograd --------------------------------------------------------
+
+
+@torch.library.custom_op("pini_kernels::noisy_cosine_logits", mutates_args=())
+def noisy_cosine_logits(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+    image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
+    seed: torch.Tensor, num_samples: int, multiply: bool, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """(num_samples, B, C) logits of noisy, normalized features; image: (B, D); text: (C, D) or
+    (num_samples, C, D), one set of class rows per sample; logit_scale is 0-d."""
+    kernels = _kernels(backend)
+    seed_value = _checks.seed_value(seed)
+    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    with on_device(image.device):
+        image_side, text_side = sides = _sides(
+            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_value, multiply
+        )
+        out = new_buffer((num_samples, image.shape[0], text.shape[-2]), dtype, image.device)
+        scale = logit_scale.to(device=image.device, dtype=torch.float32)
+        for sample in range(num_samples):
+            _normalize_sample(kernels, sides, sample)
+            out[sample] = torch.mm(image_side.unit, text_side.unit.t()).mul_(scale)
+    return out
+
+
+@noisy_cosine_logits.register_fake
+def _noisy_cosine_logits_fake(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
+    multiply, backend,
+):  # fmt: skip
+    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
+
+
+@torch.library.custom_op("pini_kernels::noisy_cosine_logits_backward", mutates_args=())
+def noisy_cosine_logits_backward(
+    grad_logits: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+    image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
+    seed: torch.Tensor, num_samples: int, multiply: bool, backend: str, needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """The gradients of the seven DIFFERENTIABLE_INPUTS for (num_samples, B, C) ``grad_logits``."""
+    scale = logit_scale.to(device=image.device, dtype=torch.float32)
+    scale_grad = torch.zeros((), dtype=torch.float32, device=image.device) if needs[2] else None
+
+    def cosine_grad(sample, cosine):
+        grad = grad_logits[sample].to(torch.float32)
+        if scale_grad is not None:
+            scale_grad.add_((grad * cosine).sum())
+        return grad * scale
+
+    with on_device(image.device):
+        grads = _backward(
+            _kernels(backend), cosine_grad, image, text, image_mu, image_sigma, text_mu,
+            text_sigma, _checks.seed_value(seed), num_samples, multiply, needs,
+        )  # fmt: skip
+    grads[2] = None if scale_grad is None else scale_grad.to(logit_scale.dtype)
+    return _gradients_or_empty(grads, image)
+
+
+@noisy_cosine_logits_backward.register_fake
+def _noisy_cosine_logits_backward_fake(
+    grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
+    num_samples, multiply, backend, needs,
+):  # fmt: skip
+    return _fake_gradients(needs, (image, text, logit_scale, image_mu, image_sigma, text_mu,
+                                   text_sigma))  # fmt: skip
+
+
+def _needs(ctx) -> list[bool]:
+    """Which of the seven DIFFERENTIABLE_INPUTS need a gradient."""
+    return [bool(flag) for flag in ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)]]
+
+
+def _input_grads(ctx, grads) -> tuple:
+    """A backward op's seven gradients as autograd wants them: None where no gradient is needed,
+    and for every input after the seven."""
+    needed = [grad if need else None for grad, need in zip(grads, _needs(ctx), strict=True)]
+    return (*needed, *[None] * (len(ctx.needs_input_grad) - len(DIFFERENTIABLE_INPUTS)))
+
+
+def _logits_setup_context(ctx, inputs, output):
+    *differentiable, seed, ctx.num_samples, ctx.multiply, ctx.backend = inputs
+    ctx.save_for_backward(*differentiable, seed)
+
+
+def _logits_backward(ctx, grad_logits):
+    grads = noisy_cosine_logits_backward(
+        grad_logits, *ctx.saved_tensors, ctx.num_samples, ctx.multiply, ctx.backend, _needs(ctx)
+    )
+    return _input_grads(ctx, grads)
+
+
+noisy_cosine_logits.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+# --- the loss: custom op, fake, autograd ----------------------------------------------------------
+
+
+@torch.library.custom_op("pini_kernels::noisy_cross_entropy", mutates_args=())
+def noisy_cross_entropy(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+    image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
+    target: torch.Tensor, seed: torch.Tensor, num_samples: int, multiply: bool, reduction: str,
+    label_smoothing: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(loss, lse): the float32 loss and the (num_samples, B) log-sum-exp saved for backward."""
+    _checks.check_target_values(target, text.shape[-2])
+    kernels = _kernels(backend)
+    seed_value = _checks.seed_value(seed)
+    rows, classes = image.shape[0], text.shape[-2]
+    with on_device(image.device):
+        sides = _sides(
+            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_value, multiply
+        )
+        scale = logit_scale.to(device=image.device, dtype=torch.float32)
+        # Separate buffers: only lse is saved for backward, and it should not pin the other two.
+        lse, target_logit, logit_sum = (
+            new_buffer((num_samples, rows), torch.float32, image.device) for _ in range(3)
+        )
+        target = target.to(torch.int64).contiguous()
+        for sample in range(num_samples):
+            _normalize_sample(kernels, sides, sample)
+            if rows > 0:
+                kernels.loss_stats(sides[0].unit, sides[1].unit, target, scale, lse[sample],
+                                   target_logit[sample], logit_sum[sample])  # fmt: skip
+    row_losses = _row_losses(lse, target_logit, logit_sum, classes, label_smoothing)
+    return _reduce(row_losses, reduction), lse
+
+
+@noisy_cross_entropy.register_fake
+def _noisy_cross_entropy_fake(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+    num_samples, multiply, reduction, label_smoothing, backend,
+):  # fmt: skip
+    rows = image.shape[0]
+    loss_shape = (num_samples, rows) if reduction == "none" else ()
+    lse = image.new_empty((num_samples, rows), dtype=torch.float32)
+    return image.new_empty(loss_shape, dtype=torch.float32), lse
+
+
+@torch.library.custom_op("pini_kernels::noisy_cross_entropy_backward", mutates_args=())
+def noisy_cross_entropy_backward(
+    grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+    image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
+    text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
+    target: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, num_samples: int, multiply: bool,
+    reduction: str, label_smoothing: float, backend: str, needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """The gradients of the seven DIFFERENTIABLE_INPUTS for the loss's gradient ``grad_loss``."""
+    kernels = _kernels(backend)
+    rows = image.shape[0]
+    device = image.device
+    scale = logit_scale.to(device=device, dtype=torch.float32)
+    grad_loss = grad_loss.to(torch.float32)
+    if reduction == "mean":
+        grad_loss = grad_loss / (num_samples * rows)
+    row_grads = grad_loss.expand(num_samples, rows).contiguous()  # "none": already (m, B)
+    scale_grad_rows = new_buffer((num_samples, rows), torch.float32, device)
+    target = target.to(torch.int64).contiguous()
+
+    def cosine_grad(sample, cosine):
+        kernels.loss_grad(cosine, lse[sample], target, row_grads[sample], scale, label_smoothing,
+                          scale_grad_rows[sample])  # fmt: skip
+        return cosine
+
+    with on_device(device):
+        grads = _backward(
+            kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma,
+            _checks.seed_value(seed), num_samples, multiply, needs,
+        )  # fmt: skip
+    grads[2] = scale_grad_rows.sum().to(logit_scale.dtype) if needs[2] else None
+    return _gradients_or_empty(grads, image)
+
+
+@noisy_cross_entropy_backward.register_fake
+def _noisy_cross_entropy_backward_fake(
+    grad_loss, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, lse,
+    seed, num_samples, multiply, reduction, label_smoothing, backend, needs,
+):  # fmt: skip
+    return _fake_gradients(needs, (image, text, logit_scale, image_mu, image_sigma, text_mu,
+                                   text_sigma))  # fmt: skip
+
+
+def _loss_setup_context(ctx, inputs, output):
+    *differentiable, target, seed = inputs[:9]
+    ctx.num_samples, ctx.multiply, ctx.reduction, ctx.label_smoothing, ctx.backend = inputs[9:]
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*differentiable, target, lse, seed)
+
+
+def _loss_backward(ctx, grad_loss, grad_lse):
+    grads = noisy_cross_entropy_backward(
+        grad_loss, *ctx.saved_tensors, ctx.num_samples, ctx.multiply, ctx.reduction,
+        ctx.label_smoothing, ctx.backend, _needs(ctx),
+    )  # fmt: skip
+    return _input_grads(ctx, grads)
+
+
+noisy_cross_entropy.register_autograd(_loss_backward, setup_context=_loss_setup_context)

@@ -1,0 +1,229 @@
+"""The ``fused_inject`` op: ``out[s] = x (+ or *) (mu + sigma * eps[s])`` for each noise sample.
+
+This module owns the op's contract; a backend only runs its kernels. In order:
+
+- how the noise parameters broadcast over ``x``, as a ``rows x width`` view (``BroadcastLayout``);
+- the backend table (``_kernels``): each fused backend has the same two functions, taking the same
+  arguments, in ``triton/inject.py`` and ``native.py`` (the "cpu" and "cuda" kernels of csrc/)::
+
+      inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out) -> None
+      inject_backward(grad_out, x, mu, sigma, seed, num_samples, multiply, rows, width, inner,
+                      grad_x, need_param_grad) -> (partial_mu, partial_sigma) or None
+
+  ``x`` and ``grad_out`` come contiguous, ``mu`` and ``sigma`` flat and contiguous (the
+  ``width // inner`` parameters, any float dtype), ``out`` and ``grad_x`` allocated here;
+- the ``pini_kernels::inject`` custom op and its fake (opaque to torch.compile: no graph break);
+- its autograd: what is saved for backward (the seed, never ``eps``; in add mode only a stand-in
+  for ``x``, which backward must not read) and how the parameters' gradients are reduced (each
+  backend returns one row of fp32 partial sums per chunk of rows; ``_reduce_partial_sums`` adds
+  them in a fixed order, so backward is deterministic).
+
+``reference.fused_inject`` (pure PyTorch) is the definition the backends are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from . import _checks
+from ._host import like_input, new_buffer, on_device
+
+# --- how mu and sigma broadcast over x ------------------------------------------------------------
+#
+# Every pattern that matters in practice has the parameter index of flat element ``i`` equal to
+# ``(i % width) // inner`` for a row-major view of ``x`` as ``rows x width``:
+#
+# | parameter vs ``x``        | example                             | rows | width | inner |
+# |---------------------------|-------------------------------------|------|-------|-------|
+# | same shape                | ``(B, D)`` vs ``(B, D)``            | 1    | N     | 1     |
+# | trailing dims (shared)    | ``(D,)``, ``(L, D)``, ``(3, H, W)`` | lead | trail | 1     |
+# | leading dims (per row)    | ``(B, 1)`` vs ``(B, D)``            | 1    | N     | trail |
+# | a middle run              | ``(3, 1, 1)`` vs ``(B, 3, H, W)``   | B    | 3HW   | HW    |
+# | a scalar                  | ``()``                              | 1    | N     | N     |
+#
+# Any other pattern (e.g. ``(B, 1, D)`` vs ``(B, L, D)``) is handled by expanding the parameters to
+# ``x``'s shape first (``expand=True``); their gradients are summed back to the given shapes.
+
+
+@dataclass(frozen=True)
+class BroadcastLayout:
+    rows: int  # leading extent over which the parameters repeat
+    width: int  # elements per row
+    inner: int  # consecutive elements that share one parameter value
+    expand: bool  # parameters must first be expanded to x's shape
+
+    @property
+    def num_params(self) -> int:
+        return self.width // self.inner
+
+
+def broadcast_layout(x_shape: torch.Size, param_shape: torch.Size) -> BroadcastLayout:
+    """The layout of ``param_shape`` broadcast over ``x_shape`` (it must broadcast to it)."""
+    numel = x_shape.numel()
+    padded = (1,) * (len(x_shape) - len(param_shape)) + tuple(param_shape)
+    kinds: list[str] = []
+    sizes: list[int] = []
+    for x_size, param_size in zip(x_shape, padded, strict=True):
+        if x_size == 1:
+            continue
+        kind = "full" if param_size == x_size else "shared"
+        if kinds and kinds[-1] == kind:
+            sizes[-1] *= x_size
+        else:
+            kinds.append(kind)
+            sizes.append(x_size)
+    pattern = tuple(kinds)
+    if pattern in ((), ("full",)):
+        return BroadcastLayout(rows=1, width=numel, inner=1, expand=False)
+    if pattern == ("shared",):
+        return BroadcastLayout(rows=1, width=numel, inner=numel, expand=False)
+    if pattern == ("shared", "full"):
+        return BroadcastLayout(rows=sizes[0], width=sizes[1], inner=1, expand=False)
+    if pattern == ("full", "shared"):
+        return BroadcastLayout(rows=1, width=numel, inner=sizes[1], expand=False)
+    if pattern == ("shared", "full", "shared"):
+        return BroadcastLayout(
+            rows=sizes[0], width=sizes[1] * sizes[2], inner=sizes[2], expand=False
+        )
+    return BroadcastLayout(rows=1, width=numel, inner=1, expand=True)
+
+
+def _flat_params(
+    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> tuple[BroadcastLayout, torch.Size, torch.Tensor, torch.Tensor]:
+    """The layout, the common parameter shape, and mu/sigma as contiguous flat tensors."""
+    param_shape = torch.broadcast_shapes(mu.shape, sigma.shape)
+    layout = broadcast_layout(x.shape, param_shape)
+    if layout.expand:
+        param_shape = x.shape
+    mu_flat = mu.expand(param_shape).contiguous().view(-1)
+    sigma_flat = sigma.expand(param_shape).contiguous().view(-1)
+    return layout, param_shape, mu_flat, sigma_flat
+
+
+def _reduce_partial_sums(partial: torch.Tensor, layout: BroadcastLayout) -> torch.Tensor:
+    """(row_chunks, width) fp32 partial sums -> (num_params,) sums, deterministically."""
+    per_column = partial.sum(dim=0)
+    if layout.inner == 1:
+        return per_column
+    return per_column.view(layout.num_params, layout.inner).sum(dim=1)
+
+
+# --- the backends ---------------------------------------------------------------------------------
+
+
+def _kernels(backend: str) -> ModuleType:
+    """The backend's inject_forward / inject_backward, imported on first use (Triton is
+    Linux-only)."""
+    if backend == "triton":
+        from .triton import inject as kernels
+    else:  # "cpu" or "cuda": the dispatcher runs the kernels of the tensors' device
+        from . import native as kernels
+    return kernels
+
+
+# --- the custom op, its fake and its autograd ----------------------------------------------------
+
+
+@torch.library.custom_op("pini_kernels::inject", mutates_args=())
+def inject(
+    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
+    multiply: bool, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """(num_samples, *x.shape): x (+ or *) (mu + sigma * eps); seed is a 0-d int64 CPU tensor."""
+    seed_value = _checks.seed_value(seed)
+    out = new_buffer((num_samples, *x.shape), _checks.result_dtype(x, mu, sigma), x.device)
+    if x.numel() == 0:
+        return out
+    layout, _, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
+    with on_device(x.device):
+        _kernels(backend).inject_forward(
+            x.contiguous(), mu_flat, sigma_flat, seed_value, num_samples, multiply,
+            layout.rows, layout.width, layout.inner, out,
+        )  # fmt: skip
+    return out
+
+
+@inject.register_fake
+def _inject_fake(x, mu, sigma, seed, num_samples, multiply, backend):
+    return x.new_empty((num_samples, *x.shape), dtype=_checks.result_dtype(x, mu, sigma))
+
+
+@torch.library.custom_op("pini_kernels::inject_backward", mutates_args=())
+def inject_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+    seed: torch.Tensor, num_samples: int, multiply: bool, backend: str, need_x_grad: bool,
+    need_param_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad_x, grad_mu, grad_sigma) in the inputs' shapes, dtypes and layouts, summed over
+    samples and broadcast dimensions; an empty tensor stands for a gradient not asked for."""
+    seed_value = _checks.seed_value(seed)
+    layout, param_shape, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
+    grad_x = new_buffer(x.shape, x.dtype, x.device) if need_x_grad else None
+    partial_sums = None
+    if x.numel() > 0:
+        with on_device(x.device):
+            partial_sums = _kernels(backend).inject_backward(
+                grad_out.contiguous(), x, mu_flat, sigma_flat, seed_value, num_samples, multiply,
+                layout.rows, layout.width, layout.inner, grad_x, need_param_grad,
+            )  # fmt: skip
+    grad_x = x.new_empty(0) if grad_x is None else like_input(grad_x, x)
+    if not need_param_grad:  # empty tensors for the gradients not asked for (outputs never alias)
+        return grad_x, x.new_empty(0), x.new_empty(0)
+    if partial_sums is None:  # an empty x: zero gradients, as torch gives
+        mu_grad = torch.zeros(param_shape, dtype=torch.float32, device=x.device)
+        sigma_grad = torch.zeros_like(mu_grad)
+    else:
+        mu_grad, sigma_grad = (
+            _reduce_partial_sums(partial, layout).view(param_shape) for partial in partial_sums
+        )
+    return (
+        grad_x,
+        like_input(mu_grad.sum_to_size(mu.shape), mu),
+        like_input(sigma_grad.sum_to_size(sigma.shape), sigma),
+    )
+
+
+@inject_backward.register_fake
+def _inject_backward_fake(
+    grad_out, x, mu, sigma, seed, num_samples, multiply, backend, need_x_grad, need_param_grad
+):
+    def like(tensor, needed):
+        return torch.empty_like(tensor) if needed else x.new_empty(0)
+
+    return like(x, need_x_grad), like(mu, need_param_grad), like(sigma, need_param_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mu, sigma, seed, num_samples, multiply, backend = inputs
+    if not multiply:
+        # Add mode's gradients do not depend on x, and no backend's inject_backward may read x in
+        # add mode: keep an 8-byte stand-in with its shape and dtype, so x is neither kept alive
+        # nor checked for in-place changes.
+        x = x.new_empty(()).expand(x.shape)
+    ctx.save_for_backward(x, mu, sigma, seed)  # the seed, never eps: backward draws eps again
+    ctx.num_samples, ctx.multiply, ctx.backend = num_samples, multiply, backend
+
+
+def _backward(ctx, grad_out):
+    x, mu, sigma, seed = ctx.saved_tensors
+    need_x_grad, need_mu_grad, need_sigma_grad = ctx.needs_input_grad[:3]
+    grad_x, grad_mu, grad_sigma = inject_backward(
+        grad_out, x, mu, sigma, seed, ctx.num_samples, ctx.multiply, ctx.backend,
+        need_x_grad, need_mu_grad or need_sigma_grad,
+    )  # fmt: skip
+    return (
+        grad_x if need_x_grad else None,
+        grad_mu if need_mu_grad else None,
+        grad_sigma if need_sigma_grad else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+inject.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,145 @@
+"""fused_inject in Triton: ``out[s] = x (+ or *) (mu + sigma * eps[s])`` for each noise sample.
+
+Forward reads ``x``, ``mu`` and ``sigma`` once and writes every sample; ``eps`` is generated in
+registers from the seed and never stored. Backward regenerates ``eps`` from the same seed and
+element indices, writes ``grad_x`` (summed over samples) and one row of fp32 partial sums of the
+parameter gradients per program, which ``pini_kernels/inject.py`` reduces (no atomics).
+
+Data layout (``pini_kernels/inject.py``, ``BroadcastLayout``): ``x`` is viewed as
+``rows x width``; the parameter of column ``c`` is ``c // inner``; sample ``s`` of flat element
+``i`` is stream element ``s * N + i``. A program owns a block of columns and a chunk of rows
+(``launch.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._host import new_buffer
+from .launch import elementwise_config
+from .noise_stream import normal_tile
+
+
+@triton.jit
+def _program_tile(
+    mu_ptr, sigma_ptr, rows, width, inner, rows_per_program,
+    HAS_INNER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """This program's block of columns and chunk of rows, and the columns' parameters in fp32:
+    (first column, lanes, column mask, row chunk, first row, end row, mu, sigma)."""
+    column_start = tl.program_id(0).to(tl.int64) * BLOCK
+    row_chunk = tl.program_id(1).to(tl.int64)
+    row_start = row_chunk * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, rows)
+    lanes = tl.arange(0, BLOCK)
+    columns = column_start + lanes
+    mask = columns < width
+    param_index = columns // inner if HAS_INNER else columns
+    mu = tl.load(mu_ptr + param_index, mask=mask, other=0.0).to(tl.float32)
+    sigma = tl.load(sigma_ptr + param_index, mask=mask, other=0.0).to(tl.float32)
+    return column_start, lanes, mask, row_chunk, row_start, row_end, mu, sigma
+
+
+@triton.jit
+def _inject_forward_kernel(
+    x_ptr, mu_ptr, sigma_ptr, out_ptr,
+    seed, num_samples, numel, rows, width, inner, rows_per_program,
+    HAS_INNER: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    column_start, lanes, mask, _row_chunk, row_start, row_end, mu, sigma = _program_tile(
+        mu_ptr, sigma_ptr, rows, width, inner, rows_per_program, HAS_INNER, BLOCK
+    )
+    for row in range(row_start, row_end):
+        base = row * width + column_start
+        x = tl.load(x_ptr + base + lanes, mask=mask, other=0.0).to(tl.float32)
+        first = base  # int64 stream index of this block's first element, sample by sample
+        for _ in range(num_samples):
+            eps = normal_tile(seed, first, ALIGNED, BLOCK)
+            sample_noise = mu + sigma * eps
+            out = x * sample_noise if MULTIPLY else x + sample_noise
+            tl.store(out_ptr + first + lanes, out.to(out_ptr.dtype.element_ty), mask=mask)
+            first += numel
+
+
+@triton.jit
+def _inject_backward_kernel(
+    grad_out_ptr, x_ptr, mu_ptr, sigma_ptr, grad_x_ptr, partial_mu_ptr, partial_sigma_ptr,
+    seed, num_samples, numel, rows, width, inner, rows_per_program,
+    HAS_INNER: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr,
+    NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    column_start, lanes, mask, row_chunk, row_start, row_end, mu, sigma = _program_tile(
+        mu_ptr, sigma_ptr, rows, width, inner, rows_per_program, HAS_INNER, BLOCK
+    )
+    mu_grad = tl.zeros((BLOCK,), dtype=tl.float32)
+    sigma_grad = tl.zeros((BLOCK,), dtype=tl.float32)
+    for row in range(row_start, row_end):
+        base = row * width + column_start
+        x_grad = tl.zeros((BLOCK,), dtype=tl.float32)
+        if MULTIPLY:
+            x = tl.load(x_ptr + base + lanes, mask=mask, other=0.0).to(tl.float32)
+        first = base  # int64 stream index of this block's first element, sample by sample
+        for _ in range(num_samples):
+            grad = tl.load(grad_out_ptr + first + lanes, mask=mask, other=0.0).to(tl.float32)
+            if MULTIPLY:
+                eps = normal_tile(seed, first, ALIGNED, BLOCK)
+                x_grad += grad * (mu + sigma * eps)
+                grad_x_product = grad * x
+                mu_grad += grad_x_product
+                sigma_grad += grad_x_product * eps
+            else:
+                x_grad += grad
+                if NEED_PARAM_GRAD:
+                    eps = normal_tile(seed, first, ALIGNED, BLOCK)
+                    mu_grad += grad
+                    sigma_grad += grad * eps
+            first += numel
+        if NEED_X_GRAD:
+            tl.store(grad_x_ptr + base + lanes, x_grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if NEED_PARAM_GRAD:
+        partial_offsets = row_chunk * width + column_start + lanes
+        tl.store(partial_mu_ptr + partial_offsets, mu_grad, mask=mask)
+        tl.store(partial_sigma_ptr + partial_offsets, sigma_grad, mask=mask)
+
+
+def inject_forward(
+    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: int, num_samples: int,
+    multiply: bool, rows: int, width: int, inner: int, out: torch.Tensor,
+) -> None:  # fmt: skip
+    """Writes ``out``: (num_samples, *S). x: contiguous (*S), viewed as rows x width; mu, sigma:
+    contiguous (width // inner,), any float dtype."""
+    config = elementwise_config(width, rows, x.device)
+    _inject_forward_kernel[config.grid](
+        x, mu, sigma, out,
+        seed, num_samples, x.numel(), rows, width, inner, config.rows_per_program,
+        HAS_INNER=inner > 1, MULTIPLY=multiply, ALIGNED=width % 4 == 0,
+        BLOCK=config.block, num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def inject_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: int,
+    num_samples: int, multiply: bool, rows: int, width: int, inner: int,
+    grad_x: torch.Tensor | None, need_param_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """Writes ``grad_x`` (x's shape and dtype) unless it is None. grad_out: contiguous
+    (num_samples, *S). Returns the (row_chunks, width) fp32 partial sums of mu's and sigma's
+    gradients, one row per chunk of rows, when ``need_param_grad``."""
+    config = elementwise_config(width, rows, x.device)
+    if need_param_grad:
+        partial_mu = new_buffer((config.row_chunks, width), torch.float32, x.device)
+        partial_sigma = new_buffer((config.row_chunks, width), torch.float32, x.device)
+    else:
+        partial_mu = partial_sigma = mu  # not written; any pointer will do
+    x_data = x.contiguous() if multiply else grad_out  # add mode never reads x
+    _inject_backward_kernel[config.grid](
+        grad_out, x_data, mu, sigma, x_data if grad_x is None else grad_x,
+        partial_mu, partial_sigma,
+        seed, num_samples, x.numel(), rows, width, inner, config.rows_per_program,
+        HAS_INNER=inner > 1, MULTIPLY=multiply, ALIGNED=width % 4 == 0,
+        NEED_X_GRAD=grad_x is not None, NEED_PARAM_GRAD=need_param_grad,
+        BLOCK=config.block, num_warps=config.num_warps,
+    )  # fmt: skip
+    return (partial_mu, partial_sigma) if need_param_grad else None
