@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -75,6 +76,25 @@ def _probe_native(backend: str) -> str | None:
     return None
 
 
+_warned_native_missing: set[str] = set()
+
+
+def _warn_native_missing_once(backend: str) -> None:
+    """The first time a missing native backend would have been chosen, one warning says so and
+    how to build it (a plain ``pip install -e .`` builds without torch, hence without them)."""
+    if backend in _warned_native_missing or _native_missing_reason(backend) is None:
+        return
+    _warned_native_missing.add(backend)
+    from .build import native_missing_hint
+
+    warnings.warn(
+        f"pini_kernels: the compiled {backend!r} kernels are not available, so the slower "
+        f"'reference' backend runs instead. {native_missing_hint()}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _unavailable_reason(backend: str, device: torch.device | None) -> str | None:
     """None when ``backend`` can run on ``device`` (any device when None), else why not."""
     if backend == "reference":
@@ -123,6 +143,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         for name in preferred:
             if _unavailable_reason(name, device) is None:
                 return name
+        _warn_native_missing_once(preferred[-1])
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")

@@ -224,3 +224,26 @@ def test_native_missing_hint_is_one_line_naming_the_command():
     hint = native_missing_hint()
     assert "\n" not in hint
     assert f"`{BUILD_COMMAND}`" in hint  # this test runs from a source checkout
+
+
+def test_a_missing_native_backend_warns_once_when_it_would_have_been_chosen(monkeypatch):
+    """A plain `pip install -e .` (isolated build, no torch) leaves no native kernels: the first
+    call that would have used them says so, once, with the command that builds them."""
+    import warnings
+
+    import torch
+
+    from pini_kernels import backends
+
+    monkeypatch.setattr(backends, "_native_probe", {"cpu": "not built (simulated)"})
+    monkeypatch.setattr(backends, "_warned_native_missing", set())
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = backends.resolve_backend(None, torch.device("cpu"))
+        second = backends.resolve_backend(None, torch.device("cpu"))
+    assert first == second == "reference"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "'cpu' kernels are not available" in messages[0]
+    assert "python -m pini_kernels.build" in messages[0]
