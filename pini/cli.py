@@ -7,13 +7,22 @@ and the CoOp datasets:
     pini train --model ViT-B-16 --pretrained openai --root DATA --dataset oxford_pets \\
         --shots 16 --seed 1 --noise feature+prompt --output runs/pets-16-1
 
-A run folder holds one run: ``run.json`` (what the run is: model, data, every resolved option),
-the few-shot split with a fingerprint of the images it was drawn from, ``metrics.jsonl``,
+``--method`` runs one of the paper's baselines instead (``pini.baselines``) on the same backbone,
+split, preprocessing, evaluation and run folder; ``pini sweep`` runs methods x datasets x shots
+x seeds and writes the paper's Table 2 and Fig. 5 (``pini.sweep``).
+
+A run folder holds one run: ``run.json`` (what the run is: method, model, data, every resolved
+option), the few-shot split with a fingerprint of the images it was drawn from, ``metrics.jsonl``,
 ``checkpoint.pt`` and ``summary.json``. A new run never writes into a folder that holds
 something (``--overwrite`` replaces a run), ``--resume`` continues exactly the stored run (a flag
 that differs is an error), and ``eval`` rebuilds the model from the checkpoint. Every problem
 with what the user gave is one line on stderr and exit status 2 (``--debug`` shows the
 traceback).
+
+Frozen image features are encoded once per process where that is exact (``FEATURES``): the test
+set of every method except PiNI with image-level noise, and the few-shot, validation and
+augmented cache images of the linear probe and Tip-Adapter. Training with augmentations
+encodes each epoch's crops anew.
 """
 
 from __future__ import annotations
@@ -23,16 +32,18 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from . import demo
-from .data import clip_transforms, few_shot, load_dataset
+from . import baselines, demo
+from .data import FeatureCache, clip_transforms, encode_samples, few_shot, load_dataset
+from .datasets import listing_fingerprint, sample_id
 from .errors import InputError
 from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip, check_weights
+from .sweep import METHOD_NAMES, mean_and_interval  # noqa: F401 (cli.mean_and_interval)
 from .train import (
     CHECKPOINT,
     METRICS,
@@ -41,12 +52,33 @@ from .train import (
     evaluate,
     load_checkpoint,
     read_checkpoint,
+    save_fitted_checkpoint,
     train,
+    update_checkpoint_state,
 )
 
-# The embedded default run: tiny model, digits, few epochs (well under two minutes on 2 cores).
+# `--method`: PiNI and the paper's baselines (pini/baselines.py).
+METHODS = ("pini", *baselines.METHODS)
+# Trained with pini.train.train (epochs, lr, batch size, checkpoints per epoch, exact resume);
+# the others are built (zero-shot CLIP) or fitted on frozen features.
+TRAINED_METHODS = ("pini", "coop", "clip-adapter", "tip-adapter-f")
+# Methods that choose hyper-parameters on a validation split (C; alpha and beta).
+VALIDATED_METHODS = ("linear-probe", "tip-adapter", "tip-adapter-f")
+# The validation split: CoOp's datasets draw min(K, 4) shots per class from the val part.
+VALIDATION_SHOTS = 4
+
+# The embedded default run: tiny model, digits. Each method's epochs and lr on the demo were
+# chosen from its training-loss and test-accuracy curves (README, "Baselines and the paper's
+# comparison"): the fewest epochs at which the loss has flattened, at the lr that reaches the
+# lowest loss without diverging; the other settings are the method's own (training_defaults).
 DEFAULT_EPOCHS_EMBEDDED = 20
 DEFAULT_LR_EMBEDDED = 0.05
+DEMO_TRAINING = {
+    "pini": dict(epochs=DEFAULT_EPOCHS_EMBEDDED, lr=DEFAULT_LR_EMBEDDED, batch_size=32),
+    "coop": dict(epochs=50, lr=0.05, batch_size=32),
+    "clip-adapter": dict(epochs=50, lr=0.05, batch_size=32),
+    "tip-adapter-f": dict(epochs=50, lr=0.001, batch_size=32),
+}
 DEFAULT_ROW = "feature+prompt"
 RUN_FILE = "run.json"
 SUMMARY = "summary.json"
@@ -90,44 +122,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert, accept, expected: str):
+    """An argparse ``type``: ``convert`` the text, then ``accept`` the value, else one error
+    line saying what was ``expected`` and what came."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2^62), got {text!r}")
-    return value
+_positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+_positive_float = _checked(
+    float, lambda value: math.isfinite(value) and value > 0, "a positive number"
+)
+_seed = _checked(int, lambda value: 0 <= value < MAX_SEED, "a seed in [0, 2^62)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,8 +253,15 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--shots", type=_positive_int, default=None, help="shots per class (16)")
     one.add_argument("--seed", type=_seed, default=None, help="run seed (default 1)")
 
-    commands.add_parser(
+    train_parser = commands.add_parser(
         "train", parents=[general, data, model, one, run], help="train and evaluate one run"
+    )
+    train_parser.add_argument(
+        "--method",
+        default=None,
+        choices=METHODS,
+        help="pini (default) or one of the paper's baselines on the same backbone, split and "
+        "evaluation; --noise and the other noise flags are PiNI's",
     )
     evaluate_parser = commands.add_parser(
         "eval",
@@ -280,10 +303,26 @@ def _parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep",
         parents=[general, data, model, run],
-        help="train over shots x seeds, print the mean and 95%% interval",
-        description="Train and evaluate one run per shot count and seed (run folders "
-        "OUTPUT/<K>shot-seed<S>, default OUTPUT runs/sweep); print the mean accuracy and its "
-        "95% interval per shot count.",
+        help="methods x datasets x shots x seeds: the paper's Table 2 and Fig. 5, mean and 95%% "
+        "interval",
+        description="Train and evaluate one run per method, dataset, shot count and seed (run "
+        "folders OUTPUT/<dataset>/<method>/<K>shot-seed<S>, default OUTPUT runs/sweep); a run "
+        "already finished with the same configuration is skipped, an unfinished one resumed, "
+        "one with another configuration is an error (--overwrite replaces every run). Writes "
+        "OUTPUT/sweep.md (mean accuracy and its 95% interval over seeds per method and dataset, "
+        "PiNI's gain over each baseline), sweep.png (accuracy against shots) and sweep.json. "
+        "Noise flags apply to the pini runs; --epochs, --lr and --batch-size to every trained "
+        "method. With no --root: every method on the bundled digits.",
+    )
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="methods (default: all)",
+    )
+    sweep.add_argument(
+        "--datasets", nargs="+", default=None, help="dataset folder names under --root"
     )
     sweep.add_argument(
         "--shot-list",
@@ -380,10 +419,14 @@ def _zero_shot_template(split) -> str:
     return zero_shot_template(split.name)
 
 
-def _build_model(run: dict, split, device: str, progress: bool) -> PiNI:
-    """The frozen backbone and PiNI with the run's configuration; seeded by the run's seed so a
-    random-weight backbone and the generators' initialisation are the same in every process,
-    cached demo backbone or not."""
+def _random_weights(run: dict) -> bool:
+    """A backbone without CLIP weights: pini-tiny at random, seeded by the run's seed."""
+    return run["pretrained"] is None and not run["demo_backbone"]
+
+
+def _backbone(run: dict, device: str, progress: bool):
+    """(clip, tokenizer): the run's frozen backbone; a random-weight one is seeded by the run's
+    seed, so it is the same in every process, cached demo backbone or not."""
     torch.manual_seed(run["seed"])
     if run["demo_backbone"]:
         clip, tokenizer = demo.digits_clip(demo.DEFAULT_CACHE, progress=progress)
@@ -391,32 +434,153 @@ def _build_model(run: dict, split, device: str, progress: bool) -> PiNI:
         clip, tokenizer = build_clip(
             run["model"], run["pretrained"], trusted=run["trusted"], device=device
         )
-    torch.manual_seed(run["seed"])  # the generators' initialisation: independent of the cache
-    model = PiNI(
-        clip.to(device),
-        tokenizer,
-        split.classnames,
-        _template(run, split),
-        PiNIConfig(**run["pini_config"]),
-        zero_shot_template=_zero_shot_template(split),
-    )
-    return model.to(device)
+    return clip.to(device), tokenizer
 
 
-def _new_run(args, shots: int | None, seed: int | None, split) -> dict:
-    """The record of a new run from the arguments and the defaults (16 shots, seed 1)."""
+def _build_method(run: dict, split, clip, tokenizer, cache=None, stored=None):
+    """The run's method on the backbone: PiNI with the run's configuration, a baseline module,
+    or a fitted method (``LinearProbe``, ``TipAdapter``), not yet fitted. The method's own
+    initialisation is seeded by the run's seed. Tip-Adapter-F needs its cache: ``cache``
+    (features (views, N, D), labels (N,)) for a new run, else a checkpoint's state ``stored``
+    to size it (its keys are then loaded from that state)."""
+    method, classnames = run["method"], list(split.classnames)
+    options = dict(run["method_config"])
+    zero_shot_template = _zero_shot_template(split)
+    device = clip.token_embedding.weight.device
+    torch.manual_seed(run["seed"])  # the method's initialisation: independent of the backbone
+    if method == "pini":
+        model = PiNI(
+            clip,
+            tokenizer,
+            classnames,
+            _template(run, split),
+            PiNIConfig(**run["pini_config"]),
+            zero_shot_template=zero_shot_template,
+        )
+        return model.to(device)
+    if method == "zero-shot":
+        return baselines.ZeroShotCLIP(clip, tokenizer, classnames, zero_shot_template)
+    if method == "coop":
+        return baselines.CoOp(
+            clip, tokenizer, classnames, zero_shot_template=zero_shot_template, **options
+        )
+    if method == "clip-adapter":
+        return baselines.CLIPAdapter(clip, tokenizer, classnames, zero_shot_template, **options)
+    if method == "linear-probe":
+        options["coarse_grid"] = tuple(options["coarse_grid"])
+        return baselines.LinearProbe(len(classnames), **options)
+    if method == "tip-adapter":
+        return baselines.TipAdapter(clip, tokenizer, classnames, zero_shot_template, **options)
+    if cache is None:  # Tip-Adapter-F rebuilt to load a checkpoint: keys of the stored shape
+        shape = stored["generators"]["cache_keys"].shape
+        cache = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long)
+    return baselines.TipAdapterF(
+        clip, tokenizer, classnames, *cache, zero_shot_template, **options
+    ).to(device)
+
+
+def _build_model(run: dict, split, device: str, progress: bool) -> PiNI:
+    """The frozen backbone and PiNI (or the run's baseline module) with the run's
+    configuration; seeded by the run's seed so a random-weight backbone and the generators'
+    initialisation are the same in every process, cached demo backbone or not."""
+    clip, tokenizer = _backbone(run, device, progress)
+    return _build_method(run, split, clip, tokenizer)
+
+
+def _method_flags_given(args) -> list[str]:
+    """The PiNI-only flags the user gave (noise options, --template, --precision)."""
+    flags = [CONFIG_FLAGS[key] for key in _given(args, CONFIG_FLAGS)]
+    if getattr(args, "noise", None):
+        flags.insert(0, "--noise")
+    if getattr(args, "template", None) is not None:
+        flags.append("--template")
+    return flags
+
+
+def _check_method_flags(args, methods: list[str], *, sweep: bool = False) -> None:
+    """PiNI's flags need a pini run, training flags a trained method (``methods``: the run's
+    method, or the sweep's ``--methods``)."""
+    pini_flags = _method_flags_given(args)
+    if pini_flags and "pini" not in methods:
+        flags = ", ".join(pini_flags)
+        plural = len(pini_flags) > 1
+        if sweep:
+            raise InputError(
+                f"{flags}: PiNI's option{'s' if plural else ''}, but --methods has no pini"
+            )
+        raise InputError(
+            f"{flags} {'are' if plural else 'is'} PiNI's option{'s' if plural else ''}; "
+            f"--method {methods[0]} has none"
+        )
+    train_flags = [TRAIN_FLAGS[key] for key in _given(args, TRAIN_FLAGS)]
+    if getattr(args, "eval_every", None):
+        train_flags.append("--eval-every")
+    if train_flags and not any(method in TRAINED_METHODS for method in methods):
+        raise InputError(
+            f"{', '.join(train_flags)}: {', '.join(methods)} "
+            f"{'is' if len(methods) == 1 else 'are'} not trained (fitted or zero-shot)"
+        )
+
+
+def _train_config(args, method: str, shots: int, seed: int, split) -> dict | None:
+    """The run's TrainConfig fields (None for a method that is not trained): the flags, else
+    the demo's settings (DEMO_TRAINING) on the embedded default, else the method's paper's."""
+    if method not in TRAINED_METHODS:
+        return None
+    embedded = args.root is None
+    if method == "pini":
+        large = len(split.classnames) >= 1000
+        defaults = dict(epochs=100 if large else 200, lr=0.001 if large else 0.002, batch_size=32)
+    else:
+        defaults = baselines.training_defaults(method, shots, split.name)
+        defaults.pop("crop_scale")
+    if embedded:
+        defaults.update(DEMO_TRAINING[method])
+    defaults.update(_given(args, TRAIN_FLAGS))
+    config = TrainConfig(**defaults, seed=seed)
+    return {
+        key: value
+        for key, value in dataclasses.asdict(config).items()
+        if key not in ("num_workers", "progress")
+    }
+
+
+def _crop_scale(method: str, embedded: bool) -> list[float] | None:
+    """The random resized crop's scale range of the run's training images (or Tip-Adapter's
+    augmented cache); None where no image is augmented."""
+    if method in ("zero-shot", "linear-probe"):
+        return None
+    if embedded:  # the demo's 32-pixel digits keep at least half of each image in a crop
+        return list(demo.CROP_SCALE)
+    if method == "pini":
+        return [0.08, 1.0]  # Dassl's default, the authors' code base
+    trained_like = "tip-adapter-f" if method == "tip-adapter" else method
+    return list(baselines.training_defaults(trained_like, 1)["crop_scale"])
+
+
+def _method_config(method: str) -> dict:
+    """The method's options (its dataclass's defaults); PiNI's are its pini_config."""
+    configs = {
+        "zero-shot": baselines.ZeroShotConfig,
+        "linear-probe": baselines.LinearProbeConfig,
+        "coop": baselines.CoOpConfig,
+        "clip-adapter": baselines.CLIPAdapterConfig,
+        "tip-adapter": baselines.TipAdapterConfig,
+        "tip-adapter-f": baselines.TipAdapterConfig,
+    }
+    if method == "pini":
+        return {}
+    return json.loads(json.dumps(dataclasses.asdict(configs[method]())))
+
+
+def _new_run(args, shots: int | None, seed: int | None, split, method: str | None = None) -> dict:
+    """The record of a new run from the arguments and the defaults (PiNI, 16 shots, seed 1).
+    ``method``: the sweep's (else ``--method``); PiNI's flags only shape a pini run."""
+    method = method or getattr(args, "method", None) or "pini"
     shots = 16 if shots is None else shots
     seed = 1 if seed is None else seed
     embedded = args.root is None
-    classes = len(split.classnames)
-    large = classes >= 1000
-    config = _pini_config(_config_request(args))
-    train_config = TrainConfig(
-        epochs=args.epochs or (DEFAULT_EPOCHS_EMBEDDED if embedded else 100 if large else 200),
-        lr=args.lr or (DEFAULT_LR_EMBEDDED if embedded else 0.001 if large else 0.002),
-        batch_size=args.batch_size or 32,
-        seed=seed,
-    )
+    config = _pini_config(_config_request(args)) if method == "pini" else None
     demo_backbone = embedded and args.model is None and args.pretrained is None
     model_name = args.model or ("pini-tiny" if embedded else "ViT-B-16")
     if args.pretrained is None and model_name != "pini-tiny":
@@ -427,24 +591,41 @@ def _new_run(args, shots: int | None, seed: int | None, split) -> dict:
     check_weights(model_name, args.pretrained)
     return {
         "format": RUN_FORMAT,
+        "method": method,
         "model": model_name,
         "pretrained": _resolve_pretrained(args.pretrained),
         "trusted": bool(args.trusted),
         "demo_backbone": demo_backbone,
         "root": _resolve_root(args.root),
         "dataset": split.name,
-        "template": args.template,
+        "template": args.template if method == "pini" else None,
         "classnames": list(split.classnames),
         "shots": shots,
         "seed": seed,
-        "noise": _row_name(config),
-        "pini_config": dataclasses.asdict(config),
-        "train_config": {
-            key: value
-            for key, value in dataclasses.asdict(train_config).items()
-            if key not in ("num_workers", "progress")
-        },
+        "noise": _row_name(config) if config else None,
+        "pini_config": dataclasses.asdict(config) if config else None,
+        "method_config": _method_config(method),
+        "crop_scale": _crop_scale(method, embedded),
+        "train_config": _train_config(args, method, shots, seed, split),
     }
+
+
+def _normalized_run(run: dict) -> dict:
+    """A stored run record with the keys this version added filled as that run had them: runs
+    before ``--method`` were PiNI runs with Dassl's crops (the demo's on the digits) and SGD."""
+    run = dict(run)
+    run.setdefault("method", "pini")
+    run.setdefault("method_config", {})
+    if "crop_scale" not in run:
+        run["crop_scale"] = _crop_scale(run["method"], run.get("root") is None)
+    if run.get("train_config") is not None:
+        stored = {**run["train_config"], "num_workers": 0, "progress": False}
+        run["train_config"] = {
+            key: value
+            for key, value in dataclasses.asdict(TrainConfig(**stored)).items()
+            if key not in ("num_workers", "progress")
+        }
+    return json.loads(json.dumps(run))
 
 
 def _requested(args, shots: int | None, seed: int | None) -> dict:
@@ -468,28 +649,56 @@ def _requested(args, shots: int | None, seed: int | None) -> dict:
 def _differences(stored: dict, args, shots=None, seed=None, keys=None) -> list[str]:
     """``--flag given`` vs the stored run, for every option the user gave that differs."""
     found = []
+    method = stored.get("method", "pini")
+    if getattr(args, "method", None) and args.method != method:
+        found.append(f"--method {args.method} (the run has {method})")
     requested = _requested(args, shots, seed)
     for key, value in requested.items():
         if keys is not None and key not in keys:
             continue
         if key == "dataset":
             continue  # compared through the loaded split's canonical name
-        if stored.get(key) != value:
+        if key == "template" and method != "pini":
+            found.append(f"--template {value} (the run is {method}, which has no template)")
+        elif stored.get(key) != value:
             found.append(f"{_flag_for(key, args)} {value} (the run has {stored.get(key)})")
     for key, value in _config_request(args).items():
-        if stored["pini_config"].get(key) != value:
+        if method != "pini":
+            found.append(f"{_flag_for(key, args)} {value} (the run is {method}: no PiNI options)")
+        elif stored["pini_config"].get(key) != value:
             found.append(
                 f"{_flag_for(key, args)} {value} (the run has {stored['pini_config'].get(key)})"
             )
     if keys is None:
+        train_config = stored.get("train_config")
         for key in TRAIN_FLAGS:
             value = getattr(args, key, None)
-            if value is not None and stored["train_config"].get(key) != value:
-                found.append(
-                    f"{TRAIN_FLAGS[key]} {value} (the run has {stored['train_config'].get(key)})"
-                )
+            if value is None:
+                continue
+            if train_config is None:
+                found.append(f"{TRAIN_FLAGS[key]} {value} (the run is {method}, not trained)")
+            elif train_config.get(key) != value:
+                found.append(f"{TRAIN_FLAGS[key]} {value} (the run has {train_config.get(key)})")
     if args.trusted and not stored.get("trusted"):
         found.append("--trusted (the run did not use it)")
+    return found
+
+
+def _record_differences(stored: dict, requested: dict) -> list[str]:
+    """What differs between two run records, one short item per key."""
+    found = []
+    for key in sorted(set(stored) | set(requested)):
+        old, new = stored.get(key), requested.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            for field in sorted(set(old) | set(new)):
+                if old.get(field) != new.get(field):
+                    found.append(f"{key}.{field} {old.get(field)} -> {new.get(field)}")
+        elif key == "classnames":
+            found.append("the class list")
+        else:
+            found.append(f"{key} {old} -> {new}")
     return found
 
 
@@ -499,7 +708,7 @@ def _stored_run(folder: Path) -> dict | None:
     if checkpoint.exists():
         run = read_checkpoint(checkpoint).get("run")
         if isinstance(run, dict) and run.get("format") == RUN_FORMAT:
-            return run
+            return _normalized_run(run)
         raise InputError(f"checkpoint {checkpoint} has no run record; it cannot be resumed")
     record = folder / RUN_FILE
     if record.exists():
@@ -508,7 +717,7 @@ def _stored_run(folder: Path) -> dict | None:
         except (OSError, ValueError) as error:
             raise InputError(f"{record} cannot be read ({error})") from None
         if isinstance(run, dict) and run.get("format") == RUN_FORMAT:
-            return run
+            return _normalized_run(run)
         raise InputError(f"{record} is not a run record this version wrote")
     return None
 
@@ -577,7 +786,10 @@ def _default_output(args, shots: int, seed: int) -> Path:
         name = Path(args.root).expanduser().resolve().name or "data"
     else:
         name = "digits"
-    row = args.noise or ("custom" if _given(args, CONFIG_FLAGS) else DEFAULT_ROW)
+    if args.method not in (None, "pini"):
+        row = args.method
+    else:
+        row = args.noise or ("custom" if _given(args, CONFIG_FLAGS) else DEFAULT_ROW)
     return Path("runs") / f"{name}-{row}-{shots}shot-seed{seed}"
 
 
@@ -586,12 +798,14 @@ def _default_output(args, shots: int, seed: int) -> Path:
 
 @dataclasses.dataclass
 class _Plan:
-    """One run, checked and ready: its folder, its record, its data."""
+    """One run, checked and ready: its folder, its record, its data; ``finished``: the summary
+    of a sweep's run that is already done (skipped)."""
 
     folder: Path
     run: dict
     split: object
     resume: bool
+    finished: dict | None = None
 
 
 def _plan(args, shots: int | None, seed: int | None, folder: Path, split) -> _Plan:
@@ -619,13 +833,134 @@ def _plan(args, shots: int | None, seed: int | None, folder: Path, split) -> _Pl
             )
         run = stored
     else:
+        _check_method_flags(args, [args.method or "pini"])
         run = _new_run(args, shots, seed, split)  # checks the options before the folder
         _check_folder(folder, overwrite=bool(args.overwrite))
     return _Plan(folder, run, split, resume)
 
 
+def _sweep_plan(args, method: str, shots: int, seed: int, folder: Path, split) -> _Plan:
+    """One run of a sweep, checked before any work: new (an empty or missing folder, or any
+    folder with --overwrite), finished (its summary exists: skipped), or unfinished (resumed);
+    a stored run of another configuration is an error naming what differs."""
+    requested = _normalized_run(_new_run(args, shots, seed, split, method))
+    stored = None if args.overwrite or not folder.is_dir() else _stored_run(folder)
+    if stored is None:
+        _check_folder(folder, overwrite=bool(args.overwrite))
+        return _Plan(folder, requested, split, resume=False)
+    differences = _record_differences(stored, requested)
+    if differences:
+        raise InputError(
+            f"run folder {folder} holds a run of another configuration ("
+            + "; ".join(differences[:4])
+            + "); use another --output, or --overwrite to replace the sweep's runs"
+        )
+    summary = folder / SUMMARY
+    if summary.is_file():
+        try:
+            return _Plan(folder, stored, split, True, json.loads(summary.read_text()))
+        except (OSError, ValueError) as error:
+            raise InputError(f"{summary} cannot be read ({error}); delete it to rerun") from None
+    return _Plan(folder, stored, split, resume=True)
+
+
+# Frozen image features of this process, shared by a run's evaluations and a sweep's runs.
+FEATURES = FeatureCache()
+
+
+def _features(run: dict, part: str, samples: list[tuple], transform_key: tuple, compute):
+    """``compute()``'s features of ``samples``, from ``FEATURES`` when the same backbone (model,
+    weights, seed of random weights, precision) already encoded the same listing through the
+    same transform (``transform_key``)."""
+    precision = (run["pini_config"] or {}).get("precision", "fp32")
+    demo_version = (demo.CACHE_VERSION, demo.PRETRAIN_STEPS) if run["demo_backbone"] else None
+    backbone = (
+        run["model"],
+        run["pretrained"],
+        run["trusted"],
+        demo_version,
+        run["seed"] if _random_weights(run) else None,
+        precision,
+    )
+    key = (backbone, part, listing_fingerprint(samples), transform_key)
+    return FEATURES.get(key, compute)
+
+
+def _image_encoder(model, clip):
+    """images (B, 3, H, W) -> (B, D) float32 frozen features, as ``model`` encodes them."""
+    if isinstance(model, PiNI):
+        return model._encode_image  # in the run's precision
+    return lambda images: clip.encode_image(images).float()
+
+
+def _test_features(run: dict, model, clip, split, test_transform, device: str):
+    """The frozen features of the test images, or None where the model perturbs the images
+    (PiNI's image-level noise) and must see them."""
+    if run["method"] == "pini" and run["pini_config"]["visual"] == "image":
+        return None
+    size = _image_size(clip)
+
+    def compute():
+        return encode_samples(_image_encoder(model, clip), split.test, test_transform, 64, device)
+
+    return _features(run, "test", split.test, ("test", size, 64, str(device)), compute)
+
+
+def _plain_features(run, part: str, samples, clip, test_transform, device: str):
+    """(features (N, D), labels (N,)) of ``samples`` through the test transform."""
+    size = _image_size(clip)
+
+    def compute():
+        return encode_samples(_image_encoder(None, clip), samples, test_transform, 64, device)
+
+    encoded = _features(run, part, samples, ("test", size, 64, str(device)), compute)
+    return encoded.features, encoded.labels
+
+
+def _cache_views(run: dict, samples, clip, train_transform, device: str):
+    """Tip-Adapter's cache: (features (views, N, D), labels (N,)) of ``cache_views`` augmented
+    passes over the few-shot images (pass v seeded by the run's seed + v)."""
+    views = run["method_config"]["cache_views"]
+    key = ("views", _image_size(clip), tuple(run["crop_scale"]), views, run["seed"], str(device))
+
+    def compute():
+        return baselines.encode_augmented_views(
+            clip, samples, train_transform, views=views, seed=run["seed"], device=device
+        )
+
+    return _features(run, "few-shot", samples, key, compute)
+
+
+def _validation_samples(run: dict, split, samples: list[tuple], folder: Path) -> list[tuple]:
+    """The validation split of the methods that search hyper-parameters: min(K, 4) images per
+    class (CoOp's few-shot val), drawn by the run's seed from the dataset's val part, or where
+    it has none from the training images outside the K shots; stored in the run folder like
+    the few-shot split."""
+    if split.val:
+        pool, part = split.val, "val"
+    else:
+        chosen = {sample_id(source) for source, _ in samples}
+        pool = [item for item in split.train if sample_id(item[0]) not in chosen]
+        part = "train outside the shots"
+    if not pool:
+        raise InputError(
+            f"dataset {split.name} has no images left for {run['method']}'s validation split "
+            "(no val part, and every training image is one of the shots)"
+        )
+    shots = min(run["shots"], VALIDATION_SHOTS)
+    source = {"dataset": run["dataset"], "root": run["root"], "part": part}
+    cache = folder / f"split-val-{shots}shot-seed{run['seed']}.json"
+    return few_shot(pool, shots, run["seed"], cache=cache, source=source)
+
+
+def _image_size(clip) -> int:
+    size = clip.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
 def _execute(args, plan: _Plan) -> dict | None:
     run, split, folder = plan.run, plan.split, plan.folder
+    method = run["method"]
     progress = not args.no_progress
     rank, world = distributed_rank_world()
     if rank == 0 and not plan.resume:
@@ -633,13 +968,11 @@ def _execute(args, plan: _Plan) -> dict | None:
         _write_json(folder / RUN_FILE, run)
     if world > 1:
         torch.distributed.barrier()  # the folder exists before any rank uses it
-    model = _build_model(run, split, args.device, progress)
-    embedded = run["root"] is None
-    size = model.clip.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    # The demo's 32-pixel digits keep at least half of each image in a crop.
-    crop_scale = demo.CROP_SCALE if embedded else (0.08, 1.0)
-    train_transform, test_transform = clip_transforms(size, crop_scale)
+    if rank != 0 and method not in TRAINED_METHODS:
+        return None  # fitting and evaluating is rank 0's
+    clip, tokenizer = _backbone(run, args.device, progress)
+    crop_scale = run["crop_scale"] or (0.08, 1.0)
+    train_transform, test_transform = clip_transforms(_image_size(clip), tuple(crop_scale))
     cache = folder / f"split-{run['shots']}shot-seed{run['seed']}.json"
     source = {"dataset": run["dataset"], "root": run["root"]}
     if rank == 0:
@@ -647,55 +980,72 @@ def _execute(args, plan: _Plan) -> dict | None:
     if world > 1:
         torch.distributed.barrier()  # every rank then reads the split rank 0 wrote
     samples = few_shot(split.train, run["shots"], run["seed"], cache=cache, source=source)
-    config = TrainConfig(**run["train_config"], num_workers=args.workers, progress=progress)
+    checkpoint = folder / CHECKPOINT
+    stored = read_checkpoint(checkpoint) if plan.resume and checkpoint.is_file() else None
+    tip_cache = None
+    if method in ("tip-adapter", "tip-adapter-f") and stored is None:
+        tip_cache = _cache_views(run, samples, clip, train_transform, args.device)
+    model = _build_method(run, split, clip, tokenizer, tip_cache, stored)
     subset = getattr(split, "class_subset", None)
+    test_features = None
     if rank == 0:
-        zero_shot = evaluate(
-            model,
-            split.test,
-            test_transform,
-            zero_shot=True,
-            device=args.device,
-            progress=progress,
-            class_subset=subset,
+        test_features = _test_features(run, model, clip, split, test_transform, args.device)
+    evaluation = dict(
+        device=args.device, class_subset=subset, features=test_features, progress=progress
+    )
+    if rank == 0:
+        zero_shot_model = (
+            model
+            if isinstance(model, nn.Module)
+            else baselines.ZeroShotCLIP(
+                clip, tokenizer, split.classnames, _zero_shot_template(split)
+            )
         )
-    evaluator = None
-    if args.eval_every and rank == 0:
+        zero_shot = evaluate(
+            zero_shot_model, split.test, test_transform, zero_shot=True, **evaluation
+        )
+    fitted = None
+    if method in TRAINED_METHODS:
+        evaluator = None
+        if args.eval_every and rank == 0:
 
-        def evaluator() -> float:
-            return evaluate(
-                model,
-                split.test,
-                test_transform,
-                device=args.device,
-                progress=False,
-                class_subset=subset,
-            )["accuracy"]
+            def evaluator() -> float:
+                return evaluate(
+                    model, split.test, test_transform, **{**evaluation, "progress": False}
+                )["accuracy"]
 
-    train(
-        model,
-        samples,
-        train_transform,
-        config,
-        folder,
-        resume=plan.resume,
-        device=args.device,
-        run=run,
-        evaluate_every=args.eval_every or 0,
-        evaluator=evaluator,
-    )
-    if rank != 0:
-        return None
-    result = evaluate(
-        model,
-        split.test,
-        test_transform,
-        device=args.device,
-        progress=progress,
-        class_subset=subset,
-    )
+        config = TrainConfig(**run["train_config"], num_workers=args.workers, progress=progress)
+        train(
+            model,
+            samples,
+            train_transform,
+            config,
+            folder,
+            resume=plan.resume,
+            device=args.device,
+            run=run,
+            evaluate_every=args.eval_every or 0,
+            evaluator=evaluator,
+        )
+        if rank != 0:
+            return None
+        if method == "tip-adapter-f" and model.config.search:
+            validation = _validation_samples(run, split, samples, folder)
+            features, labels = _plain_features(
+                run, "validation", validation, clip, test_transform, args.device
+            )
+            alpha, beta, accuracy = model.search_hyperparameters(features, labels)
+            update_checkpoint_state(checkpoint, model)
+            fitted = {"alpha": alpha, "beta": beta, "validation_accuracy": accuracy}
+    else:
+        fitted = _fit(run, model, split, samples, clip, test_transform, folder, stored, tip_cache,
+                      args.device)  # fmt: skip
+        state = {} if method == "zero-shot" else model.state_dict()
+        save_fitted_checkpoint(checkpoint, method, state, run["method_config"], run)
+    result = evaluate(model, split.test, test_transform, **evaluation)
     summary = {
         "dataset": split.name,
+        "method": method,
         "shots": run["shots"],
         "seed": run["seed"],
         "noise": run["noise"],
@@ -706,7 +1056,9 @@ def _execute(args, plan: _Plan) -> dict | None:
         "test_images": result["samples"],
         "skipped_images": result["skipped_images"],
         "pini_config": run["pini_config"],
+        "method_config": run["method_config"],
         "train_config": run["train_config"],
+        "fitted": fitted,
     }
     if args.per_class:
         summary["per_class_accuracy"] = dict(
@@ -716,11 +1068,49 @@ def _execute(args, plan: _Plan) -> dict | None:
     return summary
 
 
+def _fit(run, model, split, samples, clip, test_transform, folder, stored, tip_cache, device):
+    """Fits the linear probe or Tip-Adapter (nothing for zero-shot CLIP), or on --resume loads
+    what the checkpoint holds; returns what was chosen (C; alpha, beta) for the summary."""
+    method = run["method"]
+    if method == "zero-shot":
+        return None
+    if stored is not None:
+        _load_fitted(model, stored["generators"], run)
+    else:
+        validation = _validation_samples(run, split, samples, folder)
+        val_features, val_labels = _plain_features(
+            run, "validation", validation, clip, test_transform, device
+        )
+        if method == "linear-probe":
+            features, labels = _plain_features(
+                run, "few-shot", samples, clip, test_transform, device
+            )
+        else:
+            features, labels = tip_cache
+        model.fit(features, labels, val_features, val_labels)
+    if method == "linear-probe":
+        return {"C": model.C}
+    return {
+        "alpha": model.alpha,
+        "beta": model.beta,
+        "validation_accuracy": model.validation_accuracy,
+    }
+
+
+def _load_fitted(model, state: dict, run: dict) -> None:
+    try:
+        model.load_state_dict(state)
+    except ValueError as error:
+        raise InputError(f"the checkpoint's {run['method']} state does not fit: {error}") from None
+
+
 def _print_summary(summary: dict) -> None:
+    method = summary.get("method", "pini")
+    what = f"noise {summary['noise']}" if method == "pini" else method
     print(
         f"{summary['dataset']}, {summary['shots']} shots, seed {summary['seed']}, "
-        f"noise {summary['noise']}: zero-shot CLIP {summary['zero_shot_accuracy']:.2f}% -> "
-        f"PiNI {summary['accuracy']:.2f}% (macro-F1 {summary['macro_f1']:.2f}%)"
+        f"{what}: zero-shot CLIP {summary['zero_shot_accuracy']:.2f}% -> "
+        f"{METHOD_NAMES[method]} {summary['accuracy']:.2f}% (macro-F1 {summary['macro_f1']:.2f}%)"
     )
     for name, accuracy in summary.get("per_class_accuracy", {}).items():
         print(f"  {name:<24} {accuracy:6.2f}%")
@@ -738,58 +1128,84 @@ def _train_command(args) -> int:
 
 
 def _sweep_command(args) -> int:
+    from . import sweep
+
     _check_data_args(args)
-    split = _load_split(args.root, args.dataset, "train", "test")
-    root = Path(args.output or "runs/sweep")
+    if args.datasets and args.dataset:
+        raise InputError("give the datasets with --datasets or --dataset, not both")
+    names = args.datasets or [args.dataset]
+    if args.root is None and any(name not in (None, "digits") for name in names):
+        raise InputError(
+            f"--datasets {' '.join(names)} needs --root, the folder that holds them (without "
+            "it, pini uses the bundled digits)"
+        )
+    methods = list(dict.fromkeys(args.methods))
+    _check_method_flags(args, methods, sweep=True)
+    output = Path(args.output or "runs/sweep")
+    splits = [_load_split(args.root, name, "train", "test") for name in names]
     # Every run is checked before the first one starts.
-    plans = {
-        (shots, seed): _plan(args, shots, seed, root / f"{shots}shot-seed{seed}", split)
+    plans = [
+        _sweep_plan(
+            args,
+            method,
+            shots,
+            seed,
+            output / split.name / method / f"{shots}shot-seed{seed}",
+            split,
+        )
+        for split in splits
+        for method in methods
         for shots in args.shot_list
         for seed in args.seeds
-    }
-    for shots in args.shot_list:
-        accuracies = []
-        for seed in args.seeds:
-            summary = _execute(args, plans[shots, seed])
-            if summary is not None:
-                accuracies.append(summary["accuracy"])
-        if not accuracies:  # ranks other than 0 only train
+    ]
+    rank, _ = distributed_rank_world()
+    summaries = []
+    for number, plan in enumerate(plans, 1):
+        run = plan.run
+        summary = plan.finished or _execute(args, plan)
+        if summary is None:  # ranks other than 0 only train
             continue
-        mean, interval = mean_and_interval(accuracies)
+        summaries.append({**summary, "folder": str(plan.folder)})
+        state = "done before" if plan.finished else "resumed" if plan.resume else "new"
         print(
-            f"{shots:>3} shots: {mean:.2f}% +- {interval:.2f} (95% interval, Student's t over "
-            f"{len(accuracies)} seeds)"
+            f"[{number}/{len(plans)}] {run['dataset']} {run['method']} {run['shots']} shots "
+            f"seed {run['seed']}: {summary['accuracy']:.2f}% ({state})",
+            flush=True,
         )
+    if rank != 0:
+        return 0
+    datasets = [split.name for split in splits]
+    report = sweep.report(summaries, methods, datasets, args.shot_list, args.seeds)
+    written = sweep.write(report, output)
+    print(sweep.markdown(report), end="")
+    print("written: " + ", ".join(str(path) for path in written))
     return 0
 
 
-def mean_and_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the ``confidence`` interval of the mean): Student's t with n - 1
-    degrees of freedom, right for the few seeds of a sweep (with 3 seeds the normal's 1.96 would
-    understate the 95% half-width by 2.2x); 0 for a single value."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    quantile = stats.t.ppf(0.5 + confidence / 2, len(values) - 1)
-    return mean, float(quantile * statistics.stdev(values) / math.sqrt(len(values)))
-
-
 # Options whose trained parameters depend on the class list: evaluating them on other classes
-# would silently pair class c's learned noise with another class.
-def _depends_on_classes(pini_config: dict) -> bool:
-    return pini_config.get("text") == "feature" and pini_config.get("text_generator") == "embedding"
+# would silently pair class c's learned state with another class.
+def _depends_on_classes(run: dict) -> str | None:
+    """What the run learned per class (for the error), or None."""
+    method = run["method"]
+    if method == "linear-probe":
+        return "a classifier per class"
+    if method in ("tip-adapter", "tip-adapter-f"):
+        return "a cache of labelled features"
+    config = run["pini_config"] or {}
+    if config.get("text") == "feature" and config.get("text_generator") == "embedding":
+        return "noise per class (--text feature with --text-generator embedding)"
+    return None
 
 
-def _stored_model(args, command: str):
-    """(run record, split, model with the checkpoint's state) for ``eval``, ``visualize`` and
-    ``interpret``: the model the checkpoint stores, on the run's own data or on ``--root`` /
-    ``--dataset``; checked before any work."""
+def _stored_method(args, command: str):
+    """(run record, split, model with the checkpoint's state, frozen CLIP) for ``eval``,
+    ``visualize`` and ``interpret``: the method the checkpoint stores, on the run's own data or
+    on ``--root`` / ``--dataset``; checked before any work."""
     state = read_checkpoint(args.checkpoint)
     run = state.get("run")
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
         raise InputError(f"checkpoint {args.checkpoint} has no run record; retrain it")
+    run = _normalized_run(run)
     differences = _differences(run, args, keys=("model", "pretrained", "template"))
     if differences:
         raise InputError(
@@ -805,27 +1221,47 @@ def _stored_model(args, command: str):
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
     split = _load_split(root, dataset, "test")
-    if _depends_on_classes(run["pini_config"]) and list(split.classnames) != run["classnames"]:
+    learned = _depends_on_classes(run)
+    if learned and list(split.classnames) != run["classnames"]:
         raise InputError(
-            f"the run learned noise per class of {run['dataset']} (--text feature with "
-            f"--text-generator embedding); {split.name} has other classes, so it cannot be "
-            "evaluated there"
+            f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
+            "so it cannot be evaluated there"
         )
-    model = _build_model(run, split, args.device, not args.no_progress)
-    load_checkpoint(state, model)
+    clip, tokenizer = _backbone(run, args.device, not args.no_progress)
+    model = _build_method(run, split, clip, tokenizer, stored=state)
+    if isinstance(model, nn.Module):
+        load_checkpoint(state, model)
+    else:
+        _load_fitted(model, state["generators"], run)
+    return run, split, model, clip
+
+
+def _stored_model(args, command: str):
+    """(run record, split, PiNI with the checkpoint's state) for ``visualize`` and
+    ``interpret``, which draw PiNI's learned noise."""
+    method = read_checkpoint(args.checkpoint).get("method", "pini")
+    if method != "pini":
+        raise InputError(
+            f"{command} shows PiNI's learned noise; the run in {Path(args.checkpoint).parent} "
+            f"is {method}"
+        )
+    run, split, model, _ = _stored_method(args, command)
     return run, split, model
 
 
 def _eval_command(args) -> int:
-    _, split, model = _stored_model(args, "eval")
+    run, split, model, clip = _stored_method(args, "eval")
     progress = not args.no_progress
+    test_transform = clip_transforms(_image_size(clip))[1]
+    features = _test_features(run, model, clip, split, test_transform, args.device)
     result = evaluate(
         model,
         split.test,
-        _test_transform(model),
+        test_transform,
         device=args.device,
         progress=progress,
         class_subset=getattr(split, "class_subset", None),
+        features=features,
     )
     print(
         f"{split.name}: accuracy {result['accuracy']:.2f}%, macro-F1 "
@@ -884,7 +1320,11 @@ def _interpret_command(args) -> int:
 
     state = read_checkpoint(args.checkpoint)
     run = state.get("run")
-    if isinstance(run, dict) and run.get("pini_config", {}).get("text") != "prompt":
+    if (
+        state.get("method", "pini") == "pini"
+        and isinstance(run, dict)
+        and run.get("pini_config", {}).get("text") != "prompt"
+    ):
         raise InputError(
             f"the run in {Path(args.checkpoint).parent} has no prompt noise to interpret (it "
             f"was trained with --text {run['pini_config'].get('text')}, not --text prompt)"

@@ -87,6 +87,12 @@ def trained(tmp_path_factory):
     return copy
 
 
+def resume(root, output, *extra) -> list:
+    """`pini train --resume` of the run in ``output`` on the dataset "toy" under ``root``."""
+    return ["train", "--no-progress", "--root", root, "--dataset", "toy", "--output", output,
+            "--resume", *extra]  # fmt: skip
+
+
 def train_run(data, output, capsys, *extra):
     result = run_cli(
         [
@@ -267,18 +273,7 @@ def test_resume_refuses_a_changed_flag(trained, tmp_path, capsys):
     checkpoint = (output / "checkpoint.pt").read_bytes()
     for flag, fragment in RESUME_CHANGES:
         result = run_cli(
-            [
-                "train",
-                "--no-progress",
-                "--root",
-                data,
-                "--dataset",
-                "toy",
-                "--output",
-                output,
-                "--resume",
-                *flag,
-            ],
+            resume(data, output, *flag),
             capsys,
         )
         assert_one_line_error(result, "--resume continues the run", fragment, "another --output")
@@ -289,17 +284,7 @@ def test_resume_refuses_other_data(trained, tmp_path, capsys):
     make_folder(tmp_path / "other" / "toy", classes=["ant", "bee", "cow"])
     _, output = trained(tmp_path)
     result = run_cli(
-        [
-            "train",
-            "--no-progress",
-            "--root",
-            tmp_path / "other",
-            "--dataset",
-            "toy",
-            "--output",
-            output,
-            "--resume",
-        ],
+        resume(tmp_path / "other", output),
         capsys,
     )
     assert_one_line_error(result, "--root", str(tmp_path / "other"), "(the run has")
@@ -328,17 +313,7 @@ def test_resume_refuses_a_changed_image_listing(data, tmp_path, capsys):
     (output / "metrics.jsonl").write_text(lines[0] + "\n")
     Image.new("RGB", (8, 8), (1, 2, 3)).save(data / "toy" / "train" / "cat" / "new.png")
     result = run_cli(
-        [
-            "train",
-            "--no-progress",
-            "--root",
-            data,
-            "--dataset",
-            "toy",
-            "--output",
-            output,
-            "--resume",
-        ],
+        resume(data, output),
         capsys,
     )
     assert_one_line_error(result, "split-2shot-seed1.json", "image listing")
@@ -354,17 +329,7 @@ def test_resume_continues_with_the_stored_options_and_drops_extra_metric_lines(
     # A kill between the metrics append and the checkpoint write: an epoch too many, torn.
     metrics.write_text("\n".join(first) + '\n{"epoch": 2, "loss": 1.0}\n{"epo')
     status, _out, err = run_cli(
-        [
-            "train",
-            "--no-progress",
-            "--root",
-            data,
-            "--dataset",
-            "toy",
-            "--output",
-            output,
-            "--resume",
-        ],
+        resume(data, output),
         capsys,
     )
     assert status == 0, err
