@@ -293,22 +293,7 @@ def test_resume_refuses_other_data(trained, tmp_path, capsys):
 def test_resume_refuses_a_changed_image_listing(data, tmp_path, capsys):
     """Images added after the split was drawn: the cached split no longer describes the data."""
     output = tmp_path / "run"
-    run_cli(
-        [
-            "train",
-            *TINY[:-1],
-            "3",
-            "--root",
-            data,
-            "--dataset",
-            "toy",
-            "--shots",
-            "2",
-            "--output",
-            output,
-        ],
-        capsys,
-    )
+    train_run(data, output, capsys, "--epochs", "3")
     lines = (output / "metrics.jsonl").read_text().splitlines()
     (output / "metrics.jsonl").write_text(lines[0] + "\n")
     Image.new("RGB", (8, 8), (1, 2, 3)).save(data / "toy" / "train" / "cat" / "new.png")
