@@ -1,7 +1,8 @@
 """Argument checks shared by the public functions (SPEC.md, "Errors").
 
-Every message names the argument, what was expected and what was given. The checks look only at
-shapes, dtypes and devices, never at values, so they cost no device sync.
+Every message names the argument, what was expected and what was given. The checks look at
+shapes, dtypes and devices; the two that look at values on a GPU (targets in range, a seed tensor's
+sign) do so with a device-side assert, so no check costs a device sync.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def as_tensor_like(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, Real) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+        # torch.full, not torch.tensor: a copy from host memory would sync the GPU.
+        return torch.full((), float(value), dtype=torch.float32, device=like.device)
     raise TypeError(f"{name} must be a float tensor or a Python number, got {describe(value)}")
 
 
@@ -80,34 +82,35 @@ def check_num_samples(num_samples, *, allow_none: bool) -> int | None:
     return num_samples
 
 
-def check_seed(seed):
-    """Checks an int seed (None and 0-d integer CPU tensors pass through; tensors are checked by
-    ``seed_value`` when the op runs). Under torch.compile the value is not inspected, so that a
-    new seed per step does not specialize the graph; the op checks it at run time instead."""
+def check_seed(seed, device: torch.device | None = None):
+    """Checks a seed: None, an int in [0, 2^63), or a 0-d integer tensor on the CPU or on
+    ``device`` (the op's tensors' device; a value there is checked by the op without a sync, see
+    ``kernel_seed``). Under torch.compile an int is not inspected, so that a new seed per step
+    does not specialize the graph; the op checks it at run time instead."""
     if seed is None:
         return None
     if isinstance(seed, torch.Tensor):
         if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise TypeError(f"seed must be an integer tensor, got dtype {seed.dtype}")
-        if seed.numel() != 1 or seed.device.type != "cpu":
-            raise ValueError(
-                f"a tensor seed must be a 0-d CPU tensor (reading it must not sync a device), "
-                f"got {describe(seed)}"
-            )
+        on_allowed_device = seed.device.type == "cpu" or device is None or seed.device == device
+        if seed.numel() != 1 or not on_allowed_device:
+            also = "" if device is None or device.type == "cpu" else f" or a 0-d tensor on {device}"
+            raise ValueError(f"a tensor seed must be a 0-d CPU tensor{also}, got {describe(seed)}")
         return seed
     if torch.compiler.is_compiling():
         return seed
-    seed = _as_int("seed", seed, "None or an int in [0, 2^63)")
+    seed = _as_int("seed", seed, "None or an int in [0, 2^63), or a 0-d int64 tensor")
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     return seed
 
 
 def seed_tensor(seed) -> torch.Tensor:
-    """The seed as a 0-d int64 CPU tensor; None draws one from torch's default CPU generator.
+    """The seed as a 0-d int64 tensor; None draws one from torch's default CPU generator.
 
-    A CPU tensor (not an int) keeps the seed out of torch.compile's guards, so a new drawn seed
-    per step does not recompile, and reading it back in the op costs no device sync.
+    An int (or None) becomes a CPU tensor: it keeps the seed out of torch.compile's guards, so a
+    new seed per step does not recompile, and reading it in the op costs no device sync. A seed
+    tensor on a GPU stays there, read by the kernels (CUDA graphs replay it with fresh values).
     """
     if seed is None:
         return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
@@ -117,11 +120,31 @@ def seed_tensor(seed) -> torch.Tensor:
 
 
 def seed_value(seed: torch.Tensor) -> int:
-    """The int of a seed tensor inside an op (a CPU read, no device sync), range-checked."""
+    """The int of a seed tensor, range-checked (a host read: no sync for a CPU tensor)."""
     value = int(seed)
     if not 0 <= value < MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {value}")
     return value
+
+
+def kernel_seed(seed: torch.Tensor, device: torch.device) -> int | torch.Tensor:
+    """What a fused backend's kernels take as the seed, from the op's 0-d int64 seed tensor.
+
+    - a seed tensor on the op's ``device``: the tensor itself, read by the kernels (no sync; a
+      captured CUDA graph reads the value written before each replay). Its sign is checked with a
+      device-side assert on a GPU, a ValueError on the CPU;
+    - a CPU seed tensor for a GPU op (ints and None arrive so): an int read on the host (no sync).
+
+    Every backend's kernels take either (``triton/noise_stream.py``'s ``seed_launch_args``,
+    ``native.py``'s ``_seed_tensor``).
+    """
+    if seed.device != device:
+        return seed_value(seed)
+    if seed.device.type == "cpu":
+        seed_value(seed)
+    else:
+        torch._assert_async(seed >= 0, "seed must be in [0, 2^63)")
+    return seed
 
 
 def check_broadcast_to(name: str, value: torch.Tensor, shape: torch.Size, target: str) -> None:
@@ -220,11 +243,16 @@ def check_target(target, batch: int) -> None:
 
 
 def check_target_values(target: torch.Tensor, classes: int) -> None:
-    """Class indices in [0, classes). On a GPU this reads back one flag (a device sync)."""
+    """Class indices in [0, classes): a ValueError for CPU tensors; on a GPU a device-side assert
+    (as F.cross_entropy does there), which fails the next synchronizing call with this message
+    instead of reading a flag back, so the check costs no device sync."""
     if target.numel() == 0:
         return
-    out_of_range = (target < 0) | (target >= classes)
-    if bool(out_of_range.any()):
+    in_range = ((target >= 0) & (target < classes)).all()
+    if target.device.type != "cpu":
+        torch._assert_async(in_range, f"target must hold class indices in [0, {classes})")
+        return
+    if not bool(in_range):
         raise ValueError(
             f"target must hold class indices in [0, {classes}), got values in "
             f"[{int(target.min())}, {int(target.max())}]"

@@ -9,6 +9,8 @@ L2-normalize the image rows (stream of ``seed``, elements ``s*B*D + b*D + d``) a
 fp32 buffers of one sample (``Side``); then:
 
 - logits: ``logit_scale * image_unit @ text_unit^T`` into the ``(m, B, C)`` output;
+- cosines (``_cosines``): the backend's own product, the same in forward and backward (for
+  Triton the ``tl.dot`` of its loss kernel, at one precision in both passes);
 - loss: the backend's ``loss_stats`` gives each row's log-sum-exp, target logit and sum of logits
   (the Triton kernel never stores the ``(B, C)`` tile; the CPU one uses one BLAS product);
 - what is saved for backward: the inputs and the seed, never ``eps``; the loss adds only its
@@ -59,6 +61,16 @@ def _kernels(backend: str) -> ModuleType:
     return kernels
 
 
+def _cosines(kernels: ModuleType, image_unit: torch.Tensor, text_unit: torch.Tensor):
+    """(B, C) fp32 cosines of unit rows with the backend's own product: the one its
+    ``loss_stats`` takes the log-sum-exp from, so that forward and backward agree (issue 12,
+    item 4). The native backends' loss_stats use torch.mm, as this fallback does."""
+    product = getattr(kernels, "cosines", None)
+    if product is None:
+        return torch.mm(image_unit, text_unit.t())
+    return product(image_unit, text_unit)
+
+
 # --- the per-sample flow --------------------------------------------------------------------------
 
 
@@ -69,7 +81,7 @@ class Side:
     features: torch.Tensor  # (N, D), unit stride along D: the current sample's rows
     mu: torch.Tensor | None  # fp32, expanded to (N, D) (stride 0 on broadcast dims)
     sigma: torch.Tensor | None
-    seed: int
+    seed: int | torch.Tensor  # an int, or a 0-d int64 tensor on the device read by the kernels
     multiply: bool
     unit: torch.Tensor  # (N, D) fp32: this sample's normalized rows
     norm: torch.Tensor  # (N,) fp32: their norms before normalization
@@ -125,7 +137,9 @@ class SideGrads:
         return self
 
 
-def _make_side(kernels: ModuleType, features, mu, sigma, seed: int, multiply: bool) -> Side:
+def _make_side(
+    kernels: ModuleType, features, mu, sigma, seed: int | torch.Tensor, multiply: bool
+) -> Side:
     """features: (N, D), or (num_samples, N, D) for one set of rows per sample."""
     rows, dim = features.shape[-2:]
     if dim > kernels.MAX_FEATURE_DIM:
@@ -148,6 +162,7 @@ def _make_side(kernels: ModuleType, features, mu, sigma, seed: int, multiply: bo
 def _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply):
     return (
         _make_side(kernels, image, image_mu, image_sigma, seed, multiply),
+        # A tensor seed's + 1 runs on the device (no sync); 2^63 wraps to -2^63, the same key.
         _make_side(kernels, text, text_mu, text_sigma, seed + 1, multiply),
     )
 
@@ -194,7 +209,7 @@ def _backward(
         _normalize_sample(kernels, sides, sample)
         if image.shape[0] == 0:
             continue
-        cosine = cosine_grad(sample, torch.mm(image_side.unit, text_side.unit.t()))
+        cosine = cosine_grad(sample, _cosines(kernels, image_side.unit, text_side.unit))
         unit_grads = (torch.mm(cosine, text_side.unit), torch.mm(cosine.t(), image_side.unit))
         for side, grads, unit_grad, total in zip(
             sides, side_grads, unit_grads, unit_grad_sums, strict=True
@@ -266,17 +281,17 @@ def noisy_cosine_logits(
     """(num_samples, B, C) logits of noisy, normalized features; image: (B, D); text: (C, D) or
     (num_samples, C, D), one set of class rows per sample; logit_scale is 0-d."""
     kernels = _kernels(backend)
-    seed_value = _checks.seed_value(seed)
+    seed_arg = _checks.kernel_seed(seed, image.device)
     dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
     with on_device(image.device):
         image_side, text_side = sides = _sides(
-            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_value, multiply
+            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg, multiply
         )
         out = new_buffer((num_samples, image.shape[0], text.shape[-2]), dtype, image.device)
         scale = logit_scale.to(device=image.device, dtype=torch.float32)
         for sample in range(num_samples):
             _normalize_sample(kernels, sides, sample)
-            out[sample] = torch.mm(image_side.unit, text_side.unit.t()).mul_(scale)
+            out[sample] = _cosines(kernels, image_side.unit, text_side.unit).mul_(scale)
     return out
 
 
@@ -309,7 +324,8 @@ def noisy_cosine_logits_backward(
     with on_device(image.device):
         grads = _backward(
             _kernels(backend), cosine_grad, image, text, image_mu, image_sigma, text_mu,
-            text_sigma, _checks.seed_value(seed), num_samples, multiply, needs,
+            text_sigma, _checks.kernel_seed(seed, image.device), num_samples, multiply,
+            needs,
         )  # fmt: skip
     grads[2] = None if scale_grad is None else scale_grad.to(logit_scale.dtype)
     return _gradients_or_empty(grads, image)
@@ -365,11 +381,11 @@ def noisy_cross_entropy(
     """(loss, lse): the float32 loss and the (num_samples, B) log-sum-exp saved for backward."""
     _checks.check_target_values(target, text.shape[-2])
     kernels = _kernels(backend)
-    seed_value = _checks.seed_value(seed)
+    seed_arg = _checks.kernel_seed(seed, image.device)
     rows, classes = image.shape[0], text.shape[-2]
     with on_device(image.device):
         sides = _sides(
-            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_value, multiply
+            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg, multiply
         )
         scale = logit_scale.to(device=image.device, dtype=torch.float32)
         # Separate buffers: only lse is saved for backward, and it should not pin the other two.
@@ -425,7 +441,7 @@ def noisy_cross_entropy_backward(
     with on_device(device):
         grads = _backward(
             kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma,
-            _checks.seed_value(seed), num_samples, multiply, needs,
+            _checks.kernel_seed(seed, image.device), num_samples, multiply, needs,
         )  # fmt: skip
     grads[2] = scale_grad_rows.sum().to(logit_scale.dtype) if needs[2] else None
     return _gradients_or_empty(grads, image)

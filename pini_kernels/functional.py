@@ -20,7 +20,9 @@ def noise(
 ) -> torch.Tensor:
     """The ``eps`` stream of ``seed`` as a tensor of ``shape`` (row-major), N(0, 1) per element.
 
-    Element ``k`` of the flattened tensor is lane ``k % 4`` of Triton's ``tl.randn4x(seed, k // 4)``
+    seed: an int in [0, 2^63), None (drawn from torch's default CPU generator) or a 0-d int64
+    tensor (on a GPU ``device`` the kernels read it there, without a sync). Element ``k`` of the
+    flattened tensor is lane ``k % 4`` of Triton's ``tl.randn4x(seed, k // 4)``
     on every backend, so ``fused_inject(x, mu, sigma, num_samples=m, seed=s)`` equals
     ``x + mu + sigma * noise((m, *x.shape), seed=s)``.
     """
@@ -34,11 +36,11 @@ def noise(
         raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
     if dtype not in (*_checks.FLOAT_DTYPES, torch.float64):
         raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
-    seed = _checks.seed_value(_checks.seed_tensor(_checks.check_seed(seed)))
     device = torch.device("cpu") if device is None else torch.device(device)
+    seed = _checks.seed_tensor(_checks.check_seed(seed, device))
     chosen = resolve_backend(backend, device)
     if chosen == "reference" or dtype == torch.float64:
-        return reference.noise(shape, seed=seed, device=device, dtype=dtype)
+        return reference.noise(shape, seed=_reference_seed(seed), device=device, dtype=dtype)
     return noise_stream.noise(shape, seed, device, dtype, chosen)
 
 
@@ -57,8 +59,10 @@ def fused_inject(
     x: (*S) float tensor. mu, sigma: tensors (or numbers) broadcastable to S, e.g. a per-feature
     (D,), a per-row (B, D), or embeddings (L, D) shared by every leading index.
     mode: "add" or "mul". num_samples: None gives (*S); an int m gives (m, *S), m noise samples
-    of the same x in one pass. seed: the noise stream's seed (None draws one from torch's default
-    CPU generator). backend: see ``pini_kernels.available_backends()``.
+    of the same x in one pass. seed: the noise stream's seed, an int, None (drawn from torch's
+    default CPU generator) or a 0-d int64 tensor (on x's GPU the kernels read it there: a CUDA
+    graph replays with whatever value was written into it; backward uses the same tensor).
+    backend: see ``pini_kernels.available_backends()``.
 
     Differentiable in x, mu and sigma; gradients come back in their own shapes, summed over
     broadcast dimensions and samples. ``eps`` is regenerated in backward, never stored.
@@ -74,7 +78,7 @@ def fused_inject(
     _checks.check_broadcast_to("mu", mu, x.shape, "x")
     _checks.check_broadcast_to("sigma", sigma, x.shape, "x")
     _checks.check_total_elements(samples or 1, x.numel())
-    seed = _checks.check_seed(seed)
+    seed = _checks.check_seed(seed, x.device)
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
         return reference.fused_inject(
@@ -112,7 +116,7 @@ def _prepare_logits_call(
     _checks.check_same_device(**named)
     rows = max(image_features.shape[0], text_features.shape[-2]) * image_features.shape[1]
     _checks.check_total_elements(samples, rows)
-    seed = _checks.check_seed(seed)
+    seed = _checks.check_seed(seed, image_features.device)
     chosen = resolve_backend(backend, image_features.device)
     if chosen != "reference":
         for name, tensor in named.items():
@@ -191,7 +195,8 @@ def noisy_cross_entropy(
     recomputes the rest from the seed. Returns float32 (float64 for float64 inputs on
     ``backend="reference"``).
 
-    Targets outside [0, C) raise ValueError; on a GPU that check reads back one flag.
+    Targets outside [0, C) raise ValueError for CPU tensors; on a GPU they fail a device-side
+    assert (as ``F.cross_entropy`` does there), so the check never syncs.
     """
     image_pair, text_pair, scale, multiply, samples, seed, chosen = _prepare_logits_call(
         image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
@@ -217,7 +222,9 @@ def noisy_cross_entropy(
 
 
 def _reference_seed(seed) -> torch.Tensor:
-    """The reference path's seed tensor, range-checked here (the fused ops check in the op)."""
+    """The reference path's seed tensor, range-checked here (the fused ops check in the op).
+    The reference reads a GPU seed tensor on the host (a sync): it is the definition, not a
+    graph-safe backend."""
     tensor = _checks.seed_tensor(seed)
     if not torch.compiler.is_compiling():
         _checks.seed_value(tensor)

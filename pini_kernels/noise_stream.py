@@ -15,6 +15,7 @@ from types import ModuleType
 
 import torch
 
+from . import _checks
 from ._host import on_device
 
 
@@ -30,8 +31,10 @@ def _kernels(backend: str) -> ModuleType:
 
 
 def noise(
-    shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype, backend: str
+    shape: torch.Size, seed: torch.Tensor, device: torch.device, dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
-    """The stream of ``seed`` as a tensor of ``shape`` and ``dtype`` on ``device``."""
+    """The stream of ``seed`` (a 0-d int64 tensor on the CPU or on ``device``) as a tensor of
+    ``shape`` and ``dtype`` on ``device``."""
+    seed_arg = _checks.kernel_seed(seed, device)
     with on_device(device):
-        return _kernels(backend).noise_forward(shape.numel(), seed, device, dtype).view(shape)
+        return _kernels(backend).noise_forward(shape.numel(), seed_arg, device, dtype).view(shape)

@@ -1,14 +1,25 @@
 """Compile every Triton kernel for NVIDIA GPUs ahead of time, without a GPU.
 
 Run as a script (tests/test_gpu_compile.py does, in a process without TRITON_INTERPRET): the
-interpreter accepts programs the GPU compiler rejects, so this catches what it cannot.
-Prints one line per compiled variant; exits non-zero on the first failure.
+interpreter accepts programs the GPU compiler rejects, so this catches what it cannot. Exits
+non-zero on the first failure.
+
+``--resources`` also runs ``ptxas -v`` on each sm_90 variant's PTX and prints the resource table
+(registers per thread, spill stores/loads, shared memory); it fails when any kernel spills or a
+memory-bound kernel (noise, inject, normalize) needs more than MEMORY_BOUND_MAX_REGISTERS: at 4
+warps a thread's registers bound how many warps fit on an SM, and a memory-bound kernel needs many
+in flight to approach copy bandwidth.
 """
 
 import itertools
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
@@ -16,19 +27,73 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pini_kernels.triton import cosine, inject, noise_stream  # noqa: E402
+from pini_kernels.triton import cosine, inject, launch, noise_stream  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
+# 65536 registers per SM / (96 x 32 threads) = 21 warps: five 4-warp programs in flight per SM.
+MEMORY_BOUND_MAX_REGISTERS = 96
+MEMORY_BOUND_KERNELS = ("noise", "inject_forward", "inject_backward", "normalize",
+                        "normalize_backward")  # fmt: skip
 
 
-def compile_kernel(kernel, types: dict, constants: dict, target) -> None:
+def compile_kernel(kernel, types: dict, constants: dict, target, num_warps: int):
+    """The kernel compiled as the launch code runs it: its types, constexprs and warps."""
+    if constants.get("SEED_IN_MEMORY"):  # the seed as a pointer to a 0-d int64 tensor
+        types = dict(types, seed="*i64")
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    triton.compile(source, target=target)
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
+
+
+def find_ptxas() -> str | None:
+    """PINI_PTXAS, the CUDA toolkit's ptxas, or the one Triton ships."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for candidate in (os.environ.get("PINI_PTXAS"), "/usr/local/cuda/bin/ptxas",
+                      shutil.which("ptxas"), str(bundled)):  # fmt: skip
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def ptxas_resources(ptxas: str, ptx: str) -> dict:
+    """registers, spill_stores, spill_loads (bytes), shared (bytes) of the kernel in ``ptx``."""
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.ptx"
+        path.write_text(ptx)
+        result = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={arch}", str(path), "-o", str(Path(folder) / "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    report = result.stdout + result.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, report)
+        return int(found.group(1)) if found else 0
+
+    return dict(
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        shared=number(r"(\d+) bytes smem"),
+    )
+
+
+def describe_flags(flags: dict) -> str:
+    """The flags that vary between variants, short: MULTIPLY=True -> MULTIPLY."""
+    words = []
+    for name, value in flags.items():
+        if value is True:
+            words.append(name)
+        elif value is not False:
+            words.append(f"{name}={value}")
+    return " ".join(words)
 
 
 def variants():
+    """(name, kernel, argument types, constexprs, warps) of every variant the launchers use."""
+    warps = launch.NUM_WARPS_GPU
     sizes = dict(
         seed="i64",
         num_samples="i32",
@@ -42,24 +107,28 @@ def variants():
         ("fp32", "bf16", "fp16"), itertools.product((False, True), repeat=3)
     ):
         pointers = dict(x_ptr=f"*{dtype}", mu_ptr="*fp32", sigma_ptr="*fp32", out_ptr=f"*{dtype}")
-        flags = dict(HAS_INNER=has_inner, MULTIPLY=multiply, ALIGNED=aligned, BLOCK=1024)
-        yield "inject_forward", inject._inject_forward_kernel, {**pointers, **sizes}, flags
+        # The seed in memory on the fp32 variants: every other flag is seen with both seed kinds.
+        flags = dict(SEED_IN_MEMORY=dtype == "fp32", HAS_INNER=has_inner, MULTIPLY=multiply,
+                     ALIGNED=aligned, BLOCK=launch.MAX_BLOCK_GPU)  # fmt: skip
+        yield "inject_forward", inject._inject_forward_kernel, {**pointers, **sizes}, flags, warps
     for multiply, aligned, need_x, need_params in itertools.product((False, True), repeat=4):
         pointers = dict(grad_out_ptr="*bf16", x_ptr="*bf16", grad_x_ptr="*bf16")
         for name in ("mu_ptr", "sigma_ptr", "partial_mu_ptr", "partial_sigma_ptr"):
             pointers[name] = "*fp32"
         flags = dict(
+            SEED_IN_MEMORY=need_x != aligned,
             HAS_INNER=aligned,
             MULTIPLY=multiply,
             ALIGNED=aligned,
             NEED_X_GRAD=need_x,
             NEED_PARAM_GRAD=need_params,
-            BLOCK=1024,
+            BLOCK=launch.MAX_BLOCK_GPU,
         )
-        yield "inject_backward", inject._inject_backward_kernel, {**pointers, **sizes}, flags
-    for aligned in (False, True):
+        yield "inject_backward", inject._inject_backward_kernel, {**pointers, **sizes}, flags, warps
+    for aligned, in_memory in itertools.product((False, True), repeat=2):
         types = dict(out_ptr="*fp32", seed="i64", start="i64", numel="i64")
-        yield "noise", noise_stream._noise_kernel, types, dict(ALIGNED=aligned, BLOCK=1024)
+        flags = dict(SEED_IN_MEMORY=in_memory, ALIGNED=aligned, BLOCK=launch.MAX_BLOCK_GPU)
+        yield "noise", noise_stream._noise_kernel, types, flags, warps
     yield from cosine_variants()
 
 
@@ -80,16 +149,24 @@ def cosine_variants():
         "grad_sigma_ptr",
     ):
         row_types[name] = "*fp32"
-    for has_noise, multiply, aligned in itertools.product((False, True), repeat=3):
-        flags = dict(HAS_NOISE=has_noise, MULTIPLY=multiply, ALIGNED=aligned, ROWS=4, BLOCK=512)
-        yield "normalize", cosine._noisy_normalize_kernel, row_types, flags
+    # CLIP's widths (ViT-B 512, ViT-L 768), tiled as the launcher tiles them.
+    for dim, has_noise, multiply, aligned in itertools.product(
+        (512, 768), (False, True), (False, True), (False, True)
+    ):
+        if dim == 768 and not has_noise:
+            continue
+        block, rows, warps = cosine._row_tiling(dim)
+        flags = dict(SEED_IN_MEMORY=has_noise and multiply != aligned, HAS_NOISE=has_noise,
+                     MULTIPLY=multiply, ALIGNED=aligned, ROWS=rows, BLOCK=block)  # fmt: skip
+        yield "normalize", cosine._noisy_normalize_kernel, row_types, flags, warps
         for need_x, need_params in ((True, True), (True, False), (False, True)):
             backward_flags = dict(flags, NEED_X_GRAD=need_x, NEED_PARAM_GRAD=need_params)
             yield (
                 "normalize_backward",
                 cosine._noisy_normalize_backward_kernel,
                 row_types,
-                (backward_flags),
+                backward_flags,
+                warps,
             )
     loss_types = dict(
         rows="i32", classes="i32", dim="i32", classes_per_split="i32", target_ptr="*i64"
@@ -111,7 +188,13 @@ def cosine_variants():
             BLOCK_DIM=cosine.BLOCK_DIM,
             INPUT_PRECISION=precision,
         )
-        yield "cosine_cross_entropy", cosine._cosine_cross_entropy_kernel, loss_types, flags
+        warps = cosine.LOGITS_TILE_WARPS
+        yield "cosine_cross_entropy", cosine._cosine_cross_entropy_kernel, loss_types, flags, warps
+        cosine_types = dict(
+            image_ptr="*fp32", text_ptr="*fp32", out_ptr="*fp32", rows="i32", classes="i32",
+            dim="i32",
+        )  # fmt: skip
+        yield "cosines", cosine._cosine_kernel, cosine_types, flags, warps
     grad_types = dict(
         cosine_ptr="*fp32",
         lse_ptr="*fp32",
@@ -122,23 +205,46 @@ def cosine_variants():
         classes="i32",
         label_smoothing="fp32",
     )
-    yield "cross_entropy_grad", cosine._cross_entropy_grad_kernel, grad_types, dict(BLOCK=1024)
+    flags = dict(BLOCK=cosine.BLOCK_GRAD_CLASSES)
+    yield "cross_entropy_grad", cosine._cross_entropy_grad_kernel, grad_types, flags, 4
 
 
 def main() -> int:
     count = 0
     started = time.perf_counter()
     only_first_target = "--quick" in sys.argv
+    ptxas = find_ptxas() if "--resources" in sys.argv else None
+    if "--resources" in sys.argv and ptxas is None:
+        print("no ptxas found (set PINI_PTXAS): resource table skipped")
+    rows, problems = [], []
     for target in TARGETS[:1] if only_first_target else TARGETS:
-        for name, kernel, types, flags in variants():
+        for name, kernel, types, flags, warps in variants():
             try:
-                compile_kernel(kernel, types, flags, target)
+                compiled = compile_kernel(kernel, types, flags, target, warps)
             except Exception as error:
                 print(f"FAILED {name} sm_{target.arch} {types} {flags}: {error}")
                 return 1
             count += 1
+            if ptxas is not None and target.arch == 90:
+                used = ptxas_resources(ptxas, compiled.asm["ptx"])
+                rows.append((name, f"{describe_flags(flags)} warps={warps}", used))
+                if used["spill_stores"] or used["spill_loads"]:
+                    problems.append(f"{name} [{describe_flags(flags)}] spills")
+                over = used["registers"] > MEMORY_BOUND_MAX_REGISTERS
+                if name in MEMORY_BOUND_KERNELS and over:
+                    problems.append(
+                        f"{name} [{describe_flags(flags)}] uses {used['registers']} registers "
+                        f"(memory-bound kernels: at most {MEMORY_BOUND_MAX_REGISTERS})"
+                    )
+    if rows:
+        print(f"{'kernel':<22} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'smem':>6}  flags")
+        for name, flags, used in rows:
+            print(f"{name:<22} {used['registers']:>4} {used['spill_stores']:>8} "
+                  f"{used['spill_loads']:>8} {used['shared']:>6}  {flags}")  # fmt: skip
     print(f"compiled {count} kernel variants in {time.perf_counter() - started:.1f} s")
-    return 0
+    for problem in problems:
+        print(f"RESOURCE PROBLEM: {problem}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -288,6 +288,17 @@ def test_bad_targets(backend):
         pini_kernels.noisy_cross_entropy(image, text, scale, target[:3], backend=backend)
 
 
+def test_device_targets_checked_without_reading_them_back():
+    """Off the CPU the range check is a device-side assert (no sync). A meta tensor has no values
+    to read: reading one back (the old ``bool(flag)``) raises, a device-side assert does not."""
+    from pini_kernels import _checks
+
+    target = torch.tensor([0, 7, -1], device="meta")
+    _checks.check_target_values(target, 6)  # would raise if the check read the flag back
+    with pytest.raises(RuntimeError, match="meta"):
+        bool(((target >= 0) & (target < 6)).all())
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize(
     ("change", "error", "words"),
@@ -755,6 +766,52 @@ def test_loss_split_merge_matches_reference(monkeypatch, splits, inputs):
         _compare_rows("triton", pini_kernels.noisy_cross_entropy, tensors, target,
                  label=f"{splits} splits", atol=atol, num_samples=2, seed=9, mode="mul",
                  reduction=reduction, label_smoothing=0.1)  # fmt: skip
+
+
+# --- one precision for forward and backward (issue 12, item 4) -------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_backward_recomputes_the_forward_cosines(monkeypatch, precision):
+    """Backward's cosines must be the ones forward took its log-sum-exp from: at logit_scale 100
+    a cosine off by 1e-7 moves a probability by 1e-5, so the probabilities backward computes from
+    forward's lse no longer sum to 1. Sums checked to 1e-6 per row, in both precisions (TF32 when
+    the caller allowed it for matmuls: then in both passes)."""
+    from pini_kernels.triton import cosine
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        _check_backward_recomputes_forward(monkeypatch, cosine)
+        assert cosine._input_precision() == ("tf32" if precision == "high" else "ieee")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_backward_recomputes_forward(monkeypatch, cosine):
+    seen = []
+    loss_grad = cosine.loss_grad
+
+    def recording_loss_grad(cosines, lse, target, row_grad, scale, *rest):
+        seen.append(torch.exp(cosines * scale - lse[:, None]).sum(dim=1))
+        loss_grad(cosines, lse, target, row_grad, scale, *rest)
+
+    monkeypatch.setattr(cosine, "loss_grad", recording_loss_grad)
+    generator = torch.Generator().manual_seed(5)
+    batch, classes, dim = 70, 130, 300  # past one 64 x 64 tile and many 32-wide steps over D
+    image = _random(generator, batch, dim).requires_grad_(True)
+    text = _random(generator, classes, dim)
+    target = torch.randint(0, classes, (batch,), generator=generator)
+    device = backend_device("triton")
+    loss = pini_kernels.noisy_cross_entropy(
+        image.to(device), text.to(device), 100.0, target.to(device),
+        image_noise=_noise_pair(generator, dim), num_samples=2, seed=3, backend="triton",
+    )  # fmt: skip
+    loss.backward()
+    assert len(seen) == 2
+    for sums in seen:
+        _assert_rows_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0, name="probability sums")
 
 
 # --- zero-norm rows -------------------------------------------------------------------------

@@ -230,6 +230,87 @@ def test_noise_rejects_bad_arguments():
         pini_kernels.noise((4,), seed=1, backend="tpu")
 
 
+# --- the seed as a 0-d int64 tensor (issue 12, item 5) ----------------------------------------
+
+
+def _every_op_with_seed(backend, seed):
+    """Every op's output and gradients for one seed (noise on every side, mul mode, 2 samples)."""
+    device = backend_device(backend)
+    generator = torch.Generator().manual_seed(3)
+    leaf = lambda *shape: torch.randn(shape, generator=generator).to(device).requires_grad_(True)
+    results = [pini_kernels.noise((3, 37), seed=seed, device=device, backend=backend)]
+    x, mu, sigma = leaf(5, 37), leaf(37), leaf(37)
+    out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=seed,
+                                    backend=backend)  # fmt: skip
+    results += [out, *torch.autograd.grad(out.square().sum(), (x, mu, sigma))]
+    image, text, image_mu, image_sigma = leaf(6, 12), leaf(9, 12), leaf(12), leaf(12)
+    text_mu, text_sigma = leaf(9, 12), leaf(9, 12)
+    target = torch.randint(0, 9, (6,), generator=generator).to(device)
+    loss = pini_kernels.noisy_cross_entropy(
+        image, text, 14.0, target, image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma), num_samples=2, seed=seed, backend=backend,
+    )  # fmt: skip
+    inputs = (image, text, image_mu, image_sigma, text_mu, text_sigma)
+    results += [loss, *torch.autograd.grad(loss, inputs)]
+    return results
+
+
+@pytest.mark.parametrize("seed", [5, 2**63 - 1])  # 2^63 - 1: the text stream's seed + 1 wraps
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_int_and_tensor_seeds_give_identical_results(backend, seed):
+    by_int = _every_op_with_seed(backend, seed)
+    by_tensor = _every_op_with_seed(backend, torch.tensor(seed, dtype=torch.int64))
+    for index, (got, want) in enumerate(zip(by_tensor, by_int, strict=True)):
+        assert torch.equal(got, want), f"result {index} differs between an int and a tensor seed"
+    other = _every_op_with_seed(backend, torch.tensor(seed - 1, dtype=torch.int64))
+    assert not torch.equal(other[0], by_int[0]), "a new seed value must draw new noise"
+
+
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="the Triton backend is not available")
+def test_triton_kernels_read_a_tensor_seed_in_the_kernel(monkeypatch):
+    """A seed tensor on the data's device reaches the Triton kernels as a pointer (read there,
+    so a CUDA graph replays it; no .item()), in forward and backward. (Int seeds arrive as CPU
+    tensors: on a GPU they become int arguments, which the stream tests launch directly.)"""
+    from pini_kernels.triton import cosine, inject, noise_stream
+
+    seen = []
+    seed_launch_args = noise_stream.seed_launch_args
+
+    def spy(seed):
+        seen.append(type(seed))
+        return seed_launch_args(seed)
+
+    for module in (cosine, inject, noise_stream):
+        monkeypatch.setattr(module, "seed_launch_args", spy)
+    _every_op_with_seed("triton", torch.tensor(11, dtype=torch.int64))
+    assert seen and set(seen) == {torch.Tensor}
+
+
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="the Triton backend is not available")
+@pytest.mark.parametrize("seed", [0, 2**32 + 7, 2**63 - 1, 2**63])
+def test_triton_noise_from_a_seed_in_memory_matches_reference(seed):
+    """The kernel's in-memory seed path, keys past 2^63 (a text stream's seed + 1) given as the
+    wrapped int64 that a device-side ``seed + 1`` produces."""
+    from pini_kernels.triton import noise_stream
+
+    device = backend_device("triton")
+    wrapped = seed - (1 << 64) if seed >= (1 << 63) else seed
+    seed_tensor = torch.tensor(wrapped, dtype=torch.int64, device=device)
+    got = noise_stream.noise_forward(1001, seed_tensor, device, torch.float32, start=6)
+    want = reference.normal_stream(seed, 6, 1001, device=device)
+    assert_close(got, want, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="in-memory seed stream")
+
+
+def test_tensor_seed_errors():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^63\), got -3"):
+        pini_kernels.noise((4,), seed=torch.tensor(-3))
+    with pytest.raises(ValueError, match="0-d CPU tensor"):
+        pini_kernels.fused_inject(x, 0.0, 1.0, seed=torch.tensor(1, device="meta"))
+    with pytest.raises(TypeError, match="seed must be an integer tensor"):
+        pini_kernels.noise((4,), seed=torch.tensor(True))
+
+
 # --- draws past one block, chunk and tile ------------------------------------------------------
 
 # More than two interpreter blocks (16384), 4096-element CPU chunks and 1024-element GPU blocks,

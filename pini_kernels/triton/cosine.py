@@ -9,6 +9,8 @@ backend (``pini_kernels/native.py``) has the same functions with the same argume
 - ``loss_stats``: the logits tile by tile with ``tl.dot``, keeping only running row statistics
   (max, sum of exp, target logit, sum of logits) so no logits are stored
   (``_cosine_cross_entropy_kernel``);
+- ``cosines``: the ``(B, C)`` cosine tile with the same ``tl.dot`` product and precision as
+  ``loss_stats`` (``_cosine_kernel``), for the logits and for every backward recompute;
 - ``loss_grad``: ``d loss / d cosine`` in place over one sample's cosine tile
   (``_cross_entropy_grad_kernel``).
 """
@@ -22,22 +24,29 @@ import triton.language as tl
 from .._host import new_buffer
 from ..backends import triton_interpreting
 from .launch import MIN_BLOCK
-from .noise_stream import normal_rows
+from .noise_stream import load_seed, normal_rows, seed_launch_args
 
 # Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR), its default eps.
 NORM_FLOOR = tl.constexpr(1e-12)
 # One program holds a whole feature row; CLIP widths are 512-1024. Past this, a row no longer fits
 # in registers and the kernel would need a loop over D.
 MAX_FEATURE_DIM = 16384
-# Row-wise kernels (noise + normalization) work on tiles of whole rows of about this many
-# elements: 4 rows of a 512-wide CLIP feature per program with 4 warps on a GPU (a row per warp);
-# under the interpreter, wide tiles cut the per-program overhead.
-ROW_TILE_ELEMENTS = 16384 if triton_interpreting() else 2048
-ROW_TILE_WARPS = 4
-# Logits tiles for tl.dot: 64 x 64 outputs, 32-wide steps over D (fp32: 8 KB per operand tile).
+# Row-wise kernels (noise + normalization) work on tiles of whole rows, at least this many
+# elements: one 512-wide CLIP row per program on a GPU; under the interpreter, wide tiles cut the
+# per-program overhead.
+ROW_TILE_ELEMENTS = 16384 if triton_interpreting() else 512
+# Elements of a tile per GPU thread (warps = tile / (32 * this), at most ROW_TILE_MAX_WARPS): each
+# element of noise keeps a Philox state and a Box-Muller pair live, so 4 keep the row kernels
+# under ~96 registers (ptxas -v, tests/gpu_compile_check.py --resources); at 16 they took 224+.
+ROW_TILE_ELEMENTS_PER_THREAD = 4
+ROW_TILE_MAX_WARPS = 16
+# Logits tiles for tl.dot: 64 x 64 outputs, 32-wide steps over D (fp32: 8 KB per operand tile),
+# over 8 warps: 16 accumulators per thread. At 4 warps (32 per thread) the IEEE loss kernel used
+# 255 registers and spilled.
 BLOCK_ROWS = 64
 BLOCK_CLASSES = 64
 BLOCK_DIM = 32
+LOGITS_TILE_WARPS = 8
 # Row-wise loss gradient: classes per step.
 BLOCK_GRAD_CLASSES = 1024
 # Grid target for the loss kernel on a GPU: classes are split so about this many programs per SM
@@ -62,12 +71,13 @@ def _load_noise_params(
     return mu, sigma
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _noisy_normalize_kernel(
     x_ptr, x_row_stride,
     mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
     unit_ptr, norm_ptr, seed, stream_offset, rows, dim,
-    HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """For ROWS rows: unit = v / max(|v|, floor), v = x (+ or *) (mu + sigma * eps); norm = |v|."""
@@ -82,7 +92,8 @@ def _noisy_normalize_kernel(
             mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
             row, columns, mask,
         )  # fmt: skip
-        eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
+        eps = normal_rows(load_seed(seed, SEED_IN_MEMORY), stream_offset + row * dim, ALIGNED,
+                          BLOCK)  # fmt: skip
         sample_noise = mu + sigma * eps
         value = value * sample_noise if MULTIPLY else value + sample_noise
         value = tl.where(mask, value, 0.0)
@@ -92,13 +103,14 @@ def _noisy_normalize_kernel(
     tl.store(norm_ptr + row, norm, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _noisy_normalize_backward_kernel(
     x_ptr, x_row_stride,
     mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
     unit_ptr, norm_ptr, grad_unit_ptr, grad_x_ptr, grad_mu_ptr, grad_sigma_ptr,
     seed, stream_offset, rows, dim,
-    HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr, ALIGNED: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr,
     NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -118,7 +130,8 @@ def _noisy_normalize_backward_kernel(
     divisor = tl.maximum(norm, NORM_FLOOR)
     grad_value = tl.where(norm > NORM_FLOOR, grad_unit - unit * radial, grad_unit) / divisor
     if HAS_NOISE and (MULTIPLY or NEED_PARAM_GRAD):
-        eps = normal_rows(seed, stream_offset + row * dim, ALIGNED, BLOCK)
+        eps = normal_rows(load_seed(seed, SEED_IN_MEMORY), stream_offset + row * dim, ALIGNED,
+                          BLOCK)  # fmt: skip
     if NEED_X_GRAD:
         if HAS_NOISE and MULTIPLY:
             mu, sigma = _load_noise_params(
@@ -144,6 +157,52 @@ def _noisy_normalize_backward_kernel(
 
 
 @triton.jit
+def _cosine_tile(
+    image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
+    BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_ROWS, BLOCK_CLASSES) fp32 ``image @ text^T`` of unit rows: the one product both the
+    loss's forward (``_cosine_cross_entropy_kernel``) and its backward (``_cosine_kernel``) use,
+    so backward's probabilities are exactly those whose log-sum-exp forward saved."""
+    dim_index = tl.arange(0, BLOCK_DIM)
+    dots = tl.zeros((BLOCK_ROWS, BLOCK_CLASSES), dtype=tl.float32)
+    for dim_start in range(0, dim, BLOCK_DIM):
+        dim_mask = dim_start + dim_index < dim
+        image = tl.load(
+            image_ptr + row_index[:, None] * dim + dim_start + dim_index[None, :],
+            mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+        )  # fmt: skip
+        text = tl.load(
+            text_ptr + class_index[:, None] * dim + dim_start + dim_index[None, :],
+            mask=class_mask[:, None] & dim_mask[None, :], other=0.0,
+        )  # fmt: skip
+        dots = tl.dot(image, tl.trans(text), dots, input_precision=INPUT_PRECISION)
+    return dots
+
+
+@triton.jit
+def _cosine_kernel(
+    image_ptr, text_ptr, out_ptr, rows, classes, dim,
+    BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out (rows, classes) fp32 = image @ text^T, one tile per program."""
+    row_index = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    class_index = tl.program_id(1).to(tl.int64) * BLOCK_CLASSES + tl.arange(0, BLOCK_CLASSES)
+    row_mask = row_index < rows
+    class_mask = class_index < classes
+    dots = _cosine_tile(
+        image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
+        BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DIM, INPUT_PRECISION,
+    )  # fmt: skip
+    tl.store(
+        out_ptr + row_index[:, None] * classes + class_index[None, :], dots,
+        mask=row_mask[:, None] & class_mask[None, :],
+    )  # fmt: skip
+
+
+@triton.jit
 def _cosine_cross_entropy_kernel(
     image_ptr, text_ptr, target_ptr, scale_ptr,
     partial_max_ptr, partial_sum_ptr, partial_target_ptr, partial_logit_sum_ptr,
@@ -165,22 +224,13 @@ def _cosine_cross_entropy_kernel(
     logit_sum = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     class_start = split * classes_per_split
     class_end = tl.minimum(class_start + classes_per_split, classes)
-    dim_index = tl.arange(0, BLOCK_DIM)
     for class_block in range(class_start, class_end, BLOCK_CLASSES):
         class_index = class_block + tl.arange(0, BLOCK_CLASSES)
         class_mask = class_index < class_end
-        dots = tl.zeros((BLOCK_ROWS, BLOCK_CLASSES), dtype=tl.float32)
-        for dim_start in range(0, dim, BLOCK_DIM):
-            dim_mask = dim_start + dim_index < dim
-            image = tl.load(
-                image_ptr + row_index[:, None] * dim + dim_start + dim_index[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
-            )  # fmt: skip
-            text = tl.load(
-                text_ptr + class_index[:, None] * dim + dim_start + dim_index[None, :],
-                mask=class_mask[:, None] & dim_mask[None, :], other=0.0,
-            )  # fmt: skip
-            dots = tl.dot(image, tl.trans(text), dots, input_precision=INPUT_PRECISION)
+        dots = _cosine_tile(
+            image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
+            BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DIM, INPUT_PRECISION,
+        )  # fmt: skip
         logits = tl.where(class_mask[None, :], dots * scale, float("-inf"))
         block_max = tl.max(logits, axis=1)
         new_max = tl.maximum(running_max, block_max)
@@ -229,8 +279,11 @@ def _cross_entropy_grad_kernel(
 def _row_tiling(dim: int) -> tuple[int, int, int]:
     """(columns per row tile, rows per program, warps) of the row kernels for rows of ``dim``."""
     block = max(triton.next_power_of_2(dim), MIN_BLOCK)
-    warps = 1 if triton_interpreting() else ROW_TILE_WARPS
-    return block, max(1, ROW_TILE_ELEMENTS // block), warps
+    rows = max(1, ROW_TILE_ELEMENTS // block)
+    if triton_interpreting():
+        return block, rows, 1
+    threads = rows * block // ROW_TILE_ELEMENTS_PER_THREAD
+    return block, rows, max(1, min(ROW_TILE_MAX_WARPS, threads // 32))
 
 
 def _noise_param_args(features, mu, sigma) -> tuple:
@@ -242,27 +295,32 @@ def _noise_param_args(features, mu, sigma) -> tuple:
 
 
 def normalize(
-    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None, seed: int,
-    stream_offset: int, multiply: bool, unit: torch.Tensor, norm: torch.Tensor,
+    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None,
+    seed: int | torch.Tensor, stream_offset: int, multiply: bool, unit: torch.Tensor,
+    norm: torch.Tensor,
 ) -> None:  # fmt: skip
     """Writes ``unit`` (N, D) fp32, the noisy rows normalized, and ``norm`` (N,) fp32, their norms.
 
     features: (N, D) with unit stride along D; mu, sigma: None (no noise) or fp32 views expanded
-    to (N, D); the noise of element (r, d) is stream element ``stream_offset + r * D + d``.
+    to (N, D); the noise of element (r, d) is stream element ``stream_offset + r * D + d`` of
+    ``seed`` (an int, or a 0-d int64 tensor on the features' device, read by the kernel).
     """
     rows, dim = features.shape
     block, rows_per_program, warps = _row_tiling(dim)
+    seed, seed_in_memory = seed_launch_args(seed)
     _noisy_normalize_kernel[(triton.cdiv(rows, rows_per_program),)](
         features, features.stride(0), *_noise_param_args(features, mu, sigma),
         unit, norm, seed, stream_offset, rows, dim,
-        HAS_NOISE=mu is not None, MULTIPLY=multiply, ALIGNED=dim % 4 == 0,
+        SEED_IN_MEMORY=seed_in_memory, HAS_NOISE=mu is not None, MULTIPLY=multiply,
+        ALIGNED=dim % 4 == 0,
         ROWS=rows_per_program, BLOCK=block, num_warps=warps,
     )  # fmt: skip
 
 
 def normalize_backward(
-    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None, seed: int,
-    stream_offset: int, multiply: bool, unit: torch.Tensor, norm: torch.Tensor,
+    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None,
+    seed: int | torch.Tensor, stream_offset: int, multiply: bool, unit: torch.Tensor,
+    norm: torch.Tensor,
     grad_unit: torch.Tensor, grad_x: torch.Tensor | None, grad_mu: torch.Tensor | None,
     grad_sigma: torch.Tensor | None,
 ) -> None:  # fmt: skip
@@ -270,6 +328,7 @@ def normalize_backward(
     ``grad_sigma`` (None: not needed), given ``grad_unit``, the gradient of ``unit``."""
     rows, dim = features.shape
     block, rows_per_program, warps = _row_tiling(dim)
+    seed, seed_in_memory = seed_launch_args(seed)
     _noisy_normalize_backward_kernel[(triton.cdiv(rows, rows_per_program),)](
         features, features.stride(0), *_noise_param_args(features, mu, sigma),
         unit, norm, grad_unit,
@@ -277,7 +336,8 @@ def normalize_backward(
         unit if grad_mu is None else grad_mu,
         unit if grad_sigma is None else grad_sigma,
         seed, stream_offset, rows, dim,
-        HAS_NOISE=mu is not None, MULTIPLY=multiply, ALIGNED=dim % 4 == 0,
+        SEED_IN_MEMORY=seed_in_memory, HAS_NOISE=mu is not None, MULTIPLY=multiply,
+        ALIGNED=dim % 4 == 0,
         NEED_X_GRAD=grad_x is not None, NEED_PARAM_GRAD=grad_mu is not None,
         ROWS=rows_per_program, BLOCK=block, num_warps=warps,
     )  # fmt: skip
@@ -299,7 +359,7 @@ def loss_stats(
         image_unit, text_unit, target, scale, stats[0], stats[1], stats[2], stats[3],
         rows, classes, dim, classes_per_split,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
-        INPUT_PRECISION=_input_precision(), num_warps=4,
+        INPUT_PRECISION=_input_precision(), num_warps=LOGITS_TILE_WARPS,
     )  # fmt: skip
     split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
     row_max = split_max.amax(dim=0)
@@ -307,6 +367,21 @@ def loss_stats(
     lse.add_(row_max)
     torch.sum(split_target, dim=0, out=target_logit)
     torch.sum(split_logit_sum, dim=0, out=logit_sum)
+
+
+def cosines(image_unit: torch.Tensor, text_unit: torch.Tensor) -> torch.Tensor:
+    """(B, C) fp32 ``image_unit @ text_unit^T`` for (B, D) and (C, D) fp32 unit rows, with the
+    product and precision ``loss_stats`` takes its logits from (the logits and every backward
+    recompute use it, so forward and backward agree to the last bit)."""
+    rows, dim = image_unit.shape
+    classes = text_unit.shape[0]
+    out = new_buffer((rows, classes), torch.float32, image_unit.device)
+    _cosine_kernel[(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(classes, BLOCK_CLASSES))](
+        image_unit, text_unit, out, rows, classes, dim,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
+        INPUT_PRECISION=_input_precision(), num_warps=LOGITS_TILE_WARPS,
+    )  # fmt: skip
+    return out
 
 
 def loss_grad(
@@ -324,6 +399,9 @@ def loss_grad(
 
 
 def _input_precision() -> str:
+    """tl.dot's precision, the caller's choice for float32 matmuls: IEEE by default, TF32 only
+    where allowed (``torch.backends.cuda.matmul.allow_tf32``, which
+    ``torch.set_float32_matmul_precision("high")`` sets), then in forward and backward alike."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 

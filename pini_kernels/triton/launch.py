@@ -15,10 +15,12 @@ import triton
 
 from ..backends import triton_interpreting
 
-# 1024 columns = 4 warps x 8 elements per thread: enough bytes in flight per SM for a
-# bandwidth-bound loop, while the Philox state (a few dozen registers per quad) still fits.
+# 1024 columns = 8 warps x 4 elements per thread: enough bytes in flight per SM for a
+# bandwidth-bound loop, while each element's Philox state and Box-Muller pair stay in registers
+# (at 8 elements per thread, 4 warps, the unaligned kernels took 112-168 registers and spilled;
+# ptxas -v, tests/gpu_compile_check.py --resources).
 MAX_BLOCK_GPU = 1024
-NUM_WARPS_GPU = 4
+NUM_WARPS_GPU = 8
 # The interpreter pays per program and per op, not per element: fewer, wider programs.
 MAX_BLOCK_INTERPRETER = 16384
 # At least 16 so that a block holds whole quads of the noise stream (and a power of two).

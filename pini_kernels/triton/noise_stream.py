@@ -3,8 +3,14 @@
 Two ways to produce a block of the stream, chosen per launch by a constexpr:
 - ``normal_block``: the block starts at a multiple of 4, so each ``randn4x`` call feeds four
   consecutive elements (one Philox call and two Box-Muller pairs per quad);
-- ``normal_at``: arbitrary element indices; one Philox call per element, lane picked after.
-Both give identical values; the first does a quarter of the work.
+- ``normal_at``: arbitrary element indices; one Philox call and one Box-Muller pair per
+  element (the pair of its lane).
+Both give identical values; the first runs a quarter of the Philox calls and half the Box-Muller.
+
+Every kernel that draws noise takes its ``seed`` either as an int (``do_not_specialize``: a new seed
+per call reuses the compiled kernel) or as a pointer to a 0-d int64 tensor on the GPU, read inside
+the kernel (``SEED_IN_MEMORY``; a captured CUDA graph then draws the value written before each
+replay). ``seed_launch_args`` gives both from what the op modules pass.
 """
 
 from __future__ import annotations
@@ -12,9 +18,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 from .._host import new_buffer
 from .launch import elementwise_config
+
+
+def seed_launch_args(seed: int | torch.Tensor) -> tuple[int | torch.Tensor, bool]:
+    """(the kernel's ``seed`` argument, ``SEED_IN_MEMORY``) for an int or a 0-d int64 tensor on
+    the launch's device."""
+    return seed, isinstance(seed, torch.Tensor)
+
+
+@triton.jit
+def load_seed(seed, SEED_IN_MEMORY: tl.constexpr):
+    """The stream's 64-bit seed: the int argument, or the int64 that ``seed`` points to. Keys
+    past 2^63 (a text stream's ``seed + 1``) arrive wrapped to negative int64 and have the same
+    64 bits, which is all ``tl.randn4x`` uses."""
+    return tl.load(seed) if SEED_IN_MEMORY else seed
 
 
 @triton.jit
@@ -28,12 +49,19 @@ def normal_block(seed, first, BLOCK: tl.constexpr):
 
 @triton.jit
 def normal_at(seed, index):
-    """Stream elements at int64 ``index`` (any block of indices), float32."""
-    n0, n1, n2, n3 = tl.randn4x(seed, index // 4)
+    """Stream elements at int64 ``index`` (any block of indices), float32.
+
+    The same operations as ``tl.randn4x`` (its Philox words, uniforms and Box-Muller), but only
+    the Box-Muller pair of each element's lane: half the transcendentals and live values of
+    drawing all four lanes and picking one after (224 -> fewer registers in the row kernels).
+    """
+    c0, c1, c2, c3 = tl.randint4x(seed, index // 4)
     lane = index % 4
-    low = tl.where(lane == 0, n0, n1)
-    high = tl.where(lane == 2, n2, n3)
-    return tl.where(lane < 2, low, high)
+    first_pair = lane < 2
+    u_radius = uint_to_uniform_float(tl.where(first_pair, c0, c2))
+    u_angle = uint_to_uniform_float(tl.where(first_pair, c1, c3))
+    by_cos, by_sin = pair_uniform_to_normal(u_radius, u_angle)
+    return tl.where(lane % 2 == 0, by_cos, by_sin)
 
 
 @triton.jit
@@ -57,18 +85,22 @@ def normal_rows(seed, first, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         return normal_at(seed, first[:, None] + tl.arange(0, BLOCK)[None, :])
 
 
-@triton.jit
-def _noise_kernel(out_ptr, seed, start, numel, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def _noise_kernel(
+    out_ptr, seed, start, numel,
+    SEED_IN_MEMORY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offsets = block_start + tl.arange(0, BLOCK)
-    values = normal_tile(seed, start + block_start, ALIGNED, BLOCK)
+    values = normal_tile(load_seed(seed, SEED_IN_MEMORY), start + block_start, ALIGNED, BLOCK)
     tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=offsets < numel)
 
 
 def noise_forward(
-    numel: int, seed: int, device: torch.device, dtype: torch.dtype, start: int = 0
+    numel: int, seed: int | torch.Tensor, device: torch.device, dtype: torch.dtype, start: int = 0
 ) -> torch.Tensor:
-    """Stream elements ``start .. start + numel - 1`` of ``seed`` as a flat tensor of ``dtype``.
+    """Stream elements ``start .. start + numel - 1`` of ``seed`` (an int, or a 0-d int64 tensor
+    on ``device``, read by the kernel) as a flat tensor of ``dtype``.
 
     ``start`` exists for tests of the counter arithmetic past 2^32 without a huge tensor.
     """
@@ -77,8 +109,9 @@ def noise_forward(
         return out
     config = elementwise_config(width=numel, rows=1, device=device)
     grid = (config.column_blocks,)
+    seed, seed_in_memory = seed_launch_args(seed)
     _noise_kernel[grid](
-        out, seed, start, numel, ALIGNED=start % 4 == 0, BLOCK=config.block,
-        num_warps=config.num_warps,
+        out, seed, start, numel, SEED_IN_MEMORY=seed_in_memory, ALIGNED=start % 4 == 0,
+        BLOCK=config.block, num_warps=config.num_warps,
     )  # fmt: skip
     return out
