@@ -13,9 +13,11 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "inject_launch.h"
 
 namespace pini {
 namespace {
@@ -23,7 +25,11 @@ namespace {
 using at::Tensor;
 constexpr auto kCPU = c10::DeviceType::CPU;
 
-uint64_t as_seed(int64_t seed) { return static_cast<uint64_t>(seed); }
+// The seed tensor's value as the noise stream's uint64 key, read on the host (checks::seed).
+uint64_t as_seed(const Tensor& seed, const Tensor& data) {
+  checks::seed(seed, data.device());
+  return static_cast<uint64_t>(*seed.data_ptr<int64_t>());
+}
 
 int threads() { return at::get_num_threads(); }
 
@@ -51,32 +57,35 @@ void dispatch_in(at::ScalarType in, Fn&& fn) {
   TORCH_CHECK(false, "unsupported dtype ", in, " (expected float32, float16 or bfloat16)");
 }
 
-void noise_cpu(int64_t seed, int64_t start, Tensor& out) {
+void noise_cpu(const Tensor& seed, int64_t start, Tensor& out) {
   checks::noise(start, out, kCPU);
-  cpu::normal_fill(as_seed(seed), start, out.numel(), out.data_ptr<float>(), threads());
+  cpu::normal_fill(as_seed(seed, out), start, out.numel(), out.data_ptr<float>(), threads());
 }
 
-void inject_forward_cpu(const Tensor& x, const Tensor& mu, const Tensor& sigma, int64_t seed,
+void inject_forward_cpu(const Tensor& x, const Tensor& mu, const Tensor& sigma, const Tensor& seed,
                         int64_t num_samples, bool multiply, int64_t rows, int64_t width,
                         int64_t inner, Tensor& out) {
   checks::inject_forward(x, mu, sigma, num_samples, rows, width, inner, out, kCPU);
+  const uint64_t seed_value = as_seed(seed, x);
   if (x.numel() == 0) return;
   const cpu::InjectShape shape{rows, width, inner, num_samples, multiply};
   dispatch_in_out(x.scalar_type(), out.scalar_type(), [&](auto in_type, auto out_type) {
     using In = decltype(in_type);
     using Out = decltype(out_type);
     cpu::inject_forward<In, Out>(x.data_ptr<In>(), mu.data_ptr<float>(), sigma.data_ptr<float>(),
-                                 out.data_ptr<Out>(), as_seed(seed), shape, threads());
+                                 out.data_ptr<Out>(), seed_value, shape, threads());
   });
 }
 
 void inject_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& mu,
-                         const Tensor& sigma, int64_t seed, int64_t num_samples, bool multiply,
-                         int64_t rows, int64_t width, int64_t inner, int64_t rows_per_chunk,
+                         const Tensor& sigma, const Tensor& seed, int64_t num_samples,
+                         bool multiply, int64_t rows, int64_t width, int64_t inner,
+                         int64_t rows_per_chunk,
                          std::optional<Tensor> grad_x, std::optional<Tensor> partial_mu,
                          std::optional<Tensor> partial_sigma) {
   checks::inject_backward(grad_out, x, mu, sigma, num_samples, multiply, rows, width, inner,
                           rows_per_chunk, grad_x, partial_mu, partial_sigma, kCPU);
+  const uint64_t seed_value = as_seed(seed, grad_out);
   if (x.numel() == 0) return;
   const cpu::InjectShape shape{rows, width, inner, num_samples, multiply};
   dispatch_in_out(x.scalar_type(), grad_out.scalar_type(), [&](auto in_type, auto out_type) {
@@ -86,7 +95,7 @@ void inject_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& 
         grad_out.data_ptr<Out>(), x.data_ptr<In>(), mu.data_ptr<float>(), sigma.data_ptr<float>(),
         grad_x ? grad_x->data_ptr<In>() : nullptr,
         partial_mu ? partial_mu->data_ptr<float>() : nullptr,
-        partial_sigma ? partial_sigma->data_ptr<float>() : nullptr, as_seed(seed), shape,
+        partial_sigma ? partial_sigma->data_ptr<float>() : nullptr, seed_value, shape,
         rows_per_chunk, threads());
   });
 }
@@ -101,28 +110,30 @@ cpu::FeatureRows<In> feature_rows(const Tensor& x, const checks::NoiseParams& no
 }
 
 void noisy_normalize_cpu(const Tensor& x, const std::optional<Tensor>& mu,
-                         const std::optional<Tensor>& sigma, int64_t seed, int64_t stream_offset,
-                         bool multiply, Tensor& unit, Tensor& norm) {
+                         const std::optional<Tensor>& sigma, const Tensor& seed,
+                         int64_t stream_offset, bool multiply, Tensor& unit, Tensor& norm) {
   const auto noise = checks::noisy_normalize(x, mu, sigma, unit, norm, kCPU);
+  const uint64_t seed_value = as_seed(seed, x);
   dispatch_in(x.scalar_type(), [&](auto in_type) {
     using In = decltype(in_type);
-    cpu::noisy_normalize<In>(feature_rows<In>(x, noise, multiply), as_seed(seed), stream_offset,
+    cpu::noisy_normalize<In>(feature_rows<In>(x, noise, multiply), seed_value, stream_offset,
                              unit.data_ptr<float>(), norm.data_ptr<float>(), threads());
   });
 }
 
 void noisy_normalize_backward_cpu(const Tensor& x, const std::optional<Tensor>& mu,
-                                  const std::optional<Tensor>& sigma, int64_t seed,
+                                  const std::optional<Tensor>& sigma, const Tensor& seed,
                                   int64_t stream_offset, bool multiply, const Tensor& unit,
                                   const Tensor& norm, const Tensor& grad_unit,
                                   std::optional<Tensor> grad_x, std::optional<Tensor> grad_mu,
                                   std::optional<Tensor> grad_sigma) {
   const auto noise = checks::noisy_normalize_backward(x, mu, sigma, unit, norm, grad_unit, grad_x,
                                                       grad_mu, grad_sigma, kCPU);
+  const uint64_t seed_value = as_seed(seed, x);
   dispatch_in(x.scalar_type(), [&](auto in_type) {
     using In = decltype(in_type);
     cpu::noisy_normalize_backward<In>(
-        feature_rows<In>(x, noise, multiply), as_seed(seed), stream_offset,
+        feature_rows<In>(x, noise, multiply), seed_value, stream_offset,
         unit.data_ptr<float>(), norm.data_ptr<float>(), grad_unit.data_ptr<float>(),
         grad_x ? grad_x->data_ptr<float>() : nullptr,
         grad_mu ? grad_mu->data_ptr<float>() : nullptr,
@@ -150,22 +161,32 @@ void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& tar
                           threads());
 }
 
+// The CUDA inject kernels' grid (inject_launch.h) as [column_threads, row_lanes, column_blocks,
+// rows_per_chunk, row_chunks]: in every build, so the tests check it on any machine.
+std::vector<int64_t> cuda_inject_launch(int64_t rows, int64_t width, int64_t multiprocessors) {
+  TORCH_CHECK(rows >= 0 && width >= 0, "rows and width must be >= 0, got ", rows, " and ", width);
+  const launch::InjectLaunch grid = launch::inject_launch(rows, width, multiprocessors);
+  return {grid.column_threads, grid.row_lanes, grid.column_blocks, grid.rows_per_chunk,
+          grid.row_chunks};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pini_native, m) {
-  m.def("noise(int seed, int start, Tensor(a!) out) -> ()");
+  m.def("noise(Tensor seed, int start, Tensor(a!) out) -> ()");
   m.def(
-      "inject_forward(Tensor x, Tensor mu, Tensor sigma, int seed, int num_samples, bool multiply, "
+      "inject_forward(Tensor x, Tensor mu, Tensor sigma, Tensor seed, int num_samples, "
+      "bool multiply, "
       "int rows, int width, int inner, Tensor(a!) out) -> ()");
   m.def(
-      "inject_backward(Tensor grad_out, Tensor x, Tensor mu, Tensor sigma, int seed, "
+      "inject_backward(Tensor grad_out, Tensor x, Tensor mu, Tensor sigma, Tensor seed, "
       "int num_samples, bool multiply, int rows, int width, int inner, int rows_per_chunk, "
       "Tensor(a!)? grad_x, Tensor(b!)? partial_mu, Tensor(c!)? partial_sigma) -> ()");
   m.def(
-      "noisy_normalize(Tensor x, Tensor? mu, Tensor? sigma, int seed, int stream_offset, "
+      "noisy_normalize(Tensor x, Tensor? mu, Tensor? sigma, Tensor seed, int stream_offset, "
       "bool multiply, Tensor(a!) unit, Tensor(b!) norm) -> ()");
   m.def(
-      "noisy_normalize_backward(Tensor x, Tensor? mu, Tensor? sigma, int seed, "
+      "noisy_normalize_backward(Tensor x, Tensor? mu, Tensor? sigma, Tensor seed, "
       "int stream_offset, bool multiply, Tensor unit, Tensor norm, Tensor grad_unit, "
       "Tensor(a!)? grad_x, Tensor(b!)? grad_mu, Tensor(c!)? grad_sigma) -> ()");
   m.def(
@@ -174,6 +195,8 @@ TORCH_LIBRARY(pini_native, m) {
   m.def(
       "cross_entropy_grad(Tensor(a!) cosine, Tensor lse, Tensor target, Tensor row_grad, "
       "Tensor scale, float label_smoothing, Tensor(b!) scale_grad) -> ()");
+  m.def("cuda_inject_launch(int rows, int width, int multiprocessors) -> int[]",
+        &cuda_inject_launch);
 }
 
 TORCH_LIBRARY_IMPL(pini_native, CPU, m) {

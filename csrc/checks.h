@@ -41,6 +41,18 @@ inline void float32_buffer(const Tensor& buffer, const char* name, int64_t numel
               buffer.numel());
 }
 
+// The seed of every op: a one-element int64 tensor (0-d, as pini_kernels/native.py passes it),
+// on the CPU for the CPU kernels (read on the host) and on the data's GPU for the CUDA kernels
+// (read inside them, so that a CUDA graph replays with the value it holds then). Its int64 value
+// is the noise stream's 64-bit key, seen as uint64.
+inline void seed(const Tensor& seed, const c10::Device& data_device) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " of shape ",
+              seed.sizes());
+  TORCH_CHECK(seed.device() == data_device, "seed must be on the data's device ", data_device,
+              ", got one on ", seed.device());
+}
+
 // noise(seed, start, out): out is filled with stream elements start, start + 1, ...
 inline void noise(int64_t start, const Tensor& out, DeviceType device) {
   on_device_contiguous(out, "out", device);

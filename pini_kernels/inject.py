@@ -133,15 +133,16 @@ def inject(
     x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
     multiply: bool, backend: str,
 ) -> torch.Tensor:  # fmt: skip
-    """(num_samples, *x.shape): x (+ or *) (mu + sigma * eps); seed is a 0-d int64 CPU tensor."""
-    seed_value = _checks.seed_value(seed)
+    """(num_samples, *x.shape): x (+ or *) (mu + sigma * eps); seed is a 0-d int64 tensor on the
+    CPU or on x's device (then read by the kernels, see ``_checks.kernel_seed``)."""
+    seed_arg = _checks.kernel_seed(seed, x.device)
     out = new_buffer((num_samples, *x.shape), _checks.result_dtype(x, mu, sigma), x.device)
     if x.numel() == 0:
         return out
     layout, _, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
     with on_device(x.device):
         _kernels(backend).inject_forward(
-            x.contiguous(), mu_flat, sigma_flat, seed_value, num_samples, multiply,
+            x.contiguous(), mu_flat, sigma_flat, seed_arg, num_samples, multiply,
             layout.rows, layout.width, layout.inner, out,
         )  # fmt: skip
     return out
@@ -159,15 +160,16 @@ def inject_backward(
     need_param_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(grad_x, grad_mu, grad_sigma) in the inputs' shapes, dtypes and layouts, summed over
-    samples and broadcast dimensions; an empty tensor stands for a gradient not asked for."""
-    seed_value = _checks.seed_value(seed)
+    samples and broadcast dimensions; an empty tensor stands for a gradient not asked for.
+    ``seed`` is the tensor forward was given (saved for backward), so eps is drawn again."""
+    seed_arg = _checks.kernel_seed(seed, x.device)
     layout, param_shape, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
     grad_x = new_buffer(x.shape, x.dtype, x.device) if need_x_grad else None
     partial_sums = None
     if x.numel() > 0:
         with on_device(x.device):
             partial_sums = _kernels(backend).inject_backward(
-                grad_out.contiguous(), x, mu_flat, sigma_flat, seed_value, num_samples, multiply,
+                grad_out.contiguous(), x, mu_flat, sigma_flat, seed_arg, num_samples, multiply,
                 layout.rows, layout.width, layout.inner, grad_x, need_param_grad,
             )  # fmt: skip
     grad_x = x.new_empty(0) if grad_x is None else like_input(grad_x, x)

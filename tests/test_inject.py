@@ -12,6 +12,9 @@ What each backend splits its work into, and so what a size must cross:
 Every output is poisoned with NaN (conftest.py), so an element no program writes fails.
 """
 
+import ctypes
+import mmap
+
 import pytest
 import torch
 from conftest import ALL_BACKENDS, FUSED_BACKENDS, backend_device
@@ -499,3 +502,61 @@ def test_inject_backward_partial_grads_many_rows(fused_backend, needs):
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         scale = max(1.0, want_grad.abs().max().item())
         assert_close(got_grad, want_grad, atol=1e-5 * scale, rtol=1e-5, name="grad")
+
+
+# --- add mode's backward never reads x (issue 12, item 1) ---------------------------------------
+
+
+def _float_before_unreadable_page() -> tuple[torch.Tensor, mmap.mmap]:
+    """A one-element float32 CPU tensor followed by an unreadable page: a kernel that reads one
+    element past it dies of a segmentation fault instead of reading stray memory. Returns the
+    tensor and the mapping that holds it (keep both alive)."""
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    protection_none = 0  # PROT_NONE (the mmap module does not name it)
+    if libc.mprotect(address + page, page, protection_none) != 0:
+        pytest.skip(f"mprotect failed: errno {ctypes.get_errno()}")
+    value = torch.frombuffer(region, dtype=torch.float32, count=1, offset=page - 4)
+    value.fill_(float("nan"))
+    return value, region
+
+
+@pytest.mark.parametrize("need_param_grad", [True, False])
+@pytest.mark.parametrize("x_shape", [(5, 37), (3, 64)])
+def test_add_backward_with_stand_in_x(fused_backend, x_shape, need_param_grad):
+    """Autograd keeps a one-element expanded stand-in for x in add mode; each backend's
+    inject_backward must not read it. On the CPU the stand-in's one element sits right before an
+    unreadable page (a read past it crashes); on a GPU, compute-sanitizer's memcheck in
+    benchmarks/gpu_check.sh flags the read. The gradients are checked against a hand
+    computation from the reference noise stream."""
+    from pini_kernels.inject import _kernels
+
+    device = backend_device(fused_backend)
+    rows, width = x_shape
+    num_samples, seed = 2, 21
+    if device.type == "cpu":
+        one_element, _region = _float_before_unreadable_page()
+    else:
+        one_element = torch.full((), float("nan"), device=device)
+    stand_in = one_element.reshape(()).expand(rows, width)
+    mu = torch.randn(width, device=device)
+    sigma = torch.rand(width, device=device) + 0.1
+    grad_out = torch.randn(num_samples, rows, width, device=device)
+    grad_x = torch.full((rows, width), float("nan"), device=device)
+    partial_sums = _kernels(fused_backend).inject_backward(
+        grad_out, stand_in, mu, sigma, seed, num_samples, False, rows, width, 1, grad_x,
+        need_param_grad,
+    )  # fmt: skip
+    assert_close(grad_x, grad_out.sum(0), atol=1e-5, rtol=1e-5, name="grad_x")
+    if not need_param_grad:
+        assert partial_sums is None
+        return
+    eps = reference.normal_stream(seed, 0, num_samples * rows * width, device=device)
+    eps = eps.view(num_samples, rows, width)
+    partial_mu, partial_sigma = (partial.sum(0) for partial in partial_sums)
+    assert_close(partial_mu, grad_out.sum((0, 1)), atol=1e-5, rtol=1e-5, name="grad_mu")
+    want_sigma = (grad_out * eps).sum((0, 1))
+    assert_close(partial_sigma, want_sigma, atol=1e-4, rtol=1e-5, name="grad_sigma")

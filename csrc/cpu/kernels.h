@@ -2,11 +2,14 @@
 // csrc/bindings.cpp checks arguments, allocates and calls these. Each runs the AVX-512 copy of the
 // kernels where the build has it and the CPU supports it, else the baseline copy (kernels.cpp).
 //
-// Layouts (see pini_kernels/_layout.py): the perturbed tensor is viewed as rows x width, and the
-// noise parameter of column c is c / inner; sample s of element i is stream element s * N + i.
+// Layouts (pini_kernels/inject.py, BroadcastLayout): the perturbed tensor is viewed as
+// rows x width, and the noise parameter of column c is c / inner; sample s of element i is stream
+// element s * N + i.
 #pragma once
 
 #include <cstdint>
+
+#include "../feature_rows.h"
 
 namespace pini::cpu {
 
@@ -35,18 +38,9 @@ void inject_backward(const Out* grad_out, const In* x, const float* mu, const fl
                      In* grad_x, float* partial_mu, float* partial_sigma, uint64_t seed,
                      InjectShape shape, int64_t rows_per_chunk, int num_threads);
 
-// One side (image or text) of the noisy cosine logits: rows of D features, optional noise with
-// parameters broadcast by strides (0 on broadcast dims).
+// One side (image or text) of the noisy cosine logits (../feature_rows.h), x stored as In.
 template <typename In>
-struct FeatureRows {
-  const In* x;
-  int64_t x_row_stride;
-  const float* mu;  // nullptr: no noise
-  const float* sigma;
-  int64_t mu_row_stride, mu_col_stride, sigma_row_stride, sigma_col_stride;
-  int64_t rows, dim;
-  bool multiply;
-};
+using FeatureRows = ::pini::FeatureRows<const In*>;
 
 // unit[r] = v / max(|v|, floor), norm[r] = |v|, v = x[r] (+ or *) (mu + sigma * eps).
 template <typename In>

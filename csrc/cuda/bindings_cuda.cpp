@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "../checks.h"
+#include "../inject_launch.h"
 #include "kernels_cuda.h"
 
 namespace pini {
@@ -34,73 +35,101 @@ cudaStream_t stream_of(const Tensor& tensor) {
   return c10::cuda::getCurrentCUDAStream(tensor.device().index()).stream();
 }
 
+// The SM count of the tensor's GPU (a host query; no sync).
+int64_t multiprocessors(const Tensor& tensor) {
+  int count = 0;
+  const cudaError_t error =
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, tensor.device().index());
+  TORCH_CHECK(error == cudaSuccess, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(error));
+  return count;
+}
+
+// The seed tensor as the kernels take it: a pointer they read on the device (checks::seed).
+const int64_t* seed_on_device(const Tensor& seed, const Tensor& data) {
+  checks::seed(seed, data.device());
+  return seed.data_ptr<int64_t>();
+}
+
 void check_launch() {
   const cudaError_t error = cudaGetLastError();
   TORCH_CHECK(error == cudaSuccess, "pini_native CUDA kernel launch failed: ",
               cudaGetErrorString(error));
 }
 
-void noise_cuda(int64_t seed, int64_t start, Tensor& out) {
+// The grid's limits (launch::inject_launch keeps to them; a caller's rows_per_chunk may not).
+void check_grid(const launch::InjectLaunch& launch) {
+  TORCH_CHECK(launch.row_chunks <= launch::kMaxRowChunks, "rows / rows_per_chunk = ",
+              launch.row_chunks, " row chunks exceed the CUDA grid's limit of ",
+              launch::kMaxRowChunks, " (pini_kernels.native.cuda_inject_launch picks a valid one)");
+  TORCH_CHECK(launch.column_blocks <= launch::kMaxColumnBlocks, "a row needs ",
+              launch.column_blocks, " column blocks, more than the CUDA grid's limit of ",
+              launch::kMaxColumnBlocks);
+}
+
+void noise_cuda(const Tensor& seed, int64_t start, Tensor& out) {
   checks::noise(start, out, kCUDA);
   const c10::cuda::CUDAGuard guard(out.device());
-  cuda::normal_fill(static_cast<uint64_t>(seed), start, out.numel(), out.data_ptr<float>(),
+  cuda::normal_fill(seed_on_device(seed, out), start, out.numel(), out.data_ptr<float>(),
                     stream_of(out));
   check_launch();
 }
 
-void inject_forward_cuda(const Tensor& x, const Tensor& mu, const Tensor& sigma, int64_t seed,
+void inject_forward_cuda(const Tensor& x, const Tensor& mu, const Tensor& sigma, const Tensor& seed,
                          int64_t num_samples, bool multiply, int64_t rows, int64_t width,
                          int64_t inner, Tensor& out) {
   checks::inject_forward(x, mu, sigma, num_samples, rows, width, inner, out, kCUDA);
   const cuda::InjectShape shape{rows, width, inner, num_samples, multiply};
   const c10::cuda::CUDAGuard guard(x.device());
+  const auto launch = launch::inject_launch(rows, width, multiprocessors(x));
+  check_grid(launch);
   cuda::inject_forward(x.data_ptr(), dtype_of(x, "x"), mu.data_ptr<float>(),
                        sigma.data_ptr<float>(), out.data_ptr(), dtype_of(out, "out"),
-                       static_cast<uint64_t>(seed), shape, stream_of(x));
+                       seed_on_device(seed, x), shape, launch, stream_of(x));
   check_launch();
 }
 
 void inject_backward_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& mu,
-                          const Tensor& sigma, int64_t seed, int64_t num_samples, bool multiply,
-                          int64_t rows, int64_t width, int64_t inner, int64_t rows_per_chunk,
+                          const Tensor& sigma, const Tensor& seed, int64_t num_samples,
+                          bool multiply, int64_t rows, int64_t width, int64_t inner,
+                          int64_t rows_per_chunk,
                           std::optional<Tensor> grad_x, std::optional<Tensor> partial_mu,
                           std::optional<Tensor> partial_sigma) {
-  const int64_t row_chunks =
-      checks::inject_backward(grad_out, x, mu, sigma, num_samples, multiply, rows, width, inner,
-                              rows_per_chunk, grad_x, partial_mu, partial_sigma, kCUDA);
-  TORCH_CHECK(row_chunks <= 65535, "rows / rows_per_chunk = ", row_chunks,
-              " row chunks exceed the CUDA grid's limit of 65535");
+  checks::inject_backward(grad_out, x, mu, sigma, num_samples, multiply, rows, width, inner,
+                          rows_per_chunk, grad_x, partial_mu, partial_sigma, kCUDA);
+  const auto launch = launch::inject_launch_for_chunks(rows, width, rows_per_chunk);
+  check_grid(launch);
   const cuda::InjectShape shape{rows, width, inner, num_samples, multiply};
-  const c10::cuda::CUDAGuard guard(x.device());
+  // grad_out, not x, names the device: in add mode x may be a stand-in that no kernel reads.
+  const c10::cuda::CUDAGuard guard(grad_out.device());
   cuda::inject_backward(grad_out.data_ptr(), dtype_of(grad_out, "grad_out"), x.data_ptr(),
                         dtype_of(x, "x"), mu.data_ptr<float>(), sigma.data_ptr<float>(),
                         grad_x ? grad_x->data_ptr() : nullptr,
                         partial_mu ? partial_mu->data_ptr<float>() : nullptr,
                         partial_sigma ? partial_sigma->data_ptr<float>() : nullptr,
-                        static_cast<uint64_t>(seed), shape, rows_per_chunk, stream_of(x));
+                        seed_on_device(seed, grad_out), shape, launch, stream_of(grad_out));
   check_launch();
 }
 
 // The kernels' view of checked feature rows x (rows, D) and their noise parameters.
 cuda::FeatureRows feature_rows(const Tensor& x, const checks::NoiseParams& noise, bool multiply) {
-  return {x.data_ptr(), dtype_of(x, "features"), x.stride(0), noise.mu, noise.sigma,
+  return {{x.data_ptr(), dtype_of(x, "features")}, x.stride(0), noise.mu, noise.sigma,
           noise.mu_row_stride, noise.mu_col_stride, noise.sigma_row_stride,
           noise.sigma_col_stride, x.size(0), x.size(1), multiply};
 }
 
 void noisy_normalize_cuda(const Tensor& x, const std::optional<Tensor>& mu,
-                          const std::optional<Tensor>& sigma, int64_t seed,
+                          const std::optional<Tensor>& sigma, const Tensor& seed,
                           int64_t stream_offset, bool multiply, Tensor& unit, Tensor& norm) {
   const auto noise = checks::noisy_normalize(x, mu, sigma, unit, norm, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  cuda::noisy_normalize(feature_rows(x, noise, multiply), static_cast<uint64_t>(seed),
+  cuda::noisy_normalize(feature_rows(x, noise, multiply), seed_on_device(seed, x),
                         stream_offset, unit.data_ptr<float>(), norm.data_ptr<float>(),
                         stream_of(x));
   check_launch();
 }
 
 void noisy_normalize_backward_cuda(const Tensor& x, const std::optional<Tensor>& mu,
-                                   const std::optional<Tensor>& sigma, int64_t seed,
+                                   const std::optional<Tensor>& sigma, const Tensor& seed,
                                    int64_t stream_offset, bool multiply, const Tensor& unit,
                                    const Tensor& norm, const Tensor& grad_unit,
                                    std::optional<Tensor> grad_x, std::optional<Tensor> grad_mu,
@@ -109,7 +138,7 @@ void noisy_normalize_backward_cuda(const Tensor& x, const std::optional<Tensor>&
                                                       grad_mu, grad_sigma, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   cuda::noisy_normalize_backward(
-      feature_rows(x, noise, multiply), static_cast<uint64_t>(seed), stream_offset,
+      feature_rows(x, noise, multiply), seed_on_device(seed, x), stream_offset,
       unit.data_ptr<float>(), norm.data_ptr<float>(), grad_unit.data_ptr<float>(),
       grad_x ? grad_x->data_ptr<float>() : nullptr,
       grad_mu ? grad_mu->data_ptr<float>() : nullptr,

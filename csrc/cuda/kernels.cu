@@ -1,10 +1,15 @@
 // CUDA kernels of the pini_native ops (see kernels_cuda.h). Small includes only: this file
 // compiles in seconds, unlike one that includes torch/extension.h.
 //
-// Noise: a thread works on 4 consecutive stream elements at a time; when they start at a multiple
-// of 4 (rows of a width divisible by 4), one Philox call feeds all four.
+// A thread works on 4 consecutive elements at a time. Where the host found them aligned (a width
+// divisible by 4 and pointers aligned to 4 elements; checked once per launch, and the kernels are
+// compiled for both cases), one Philox call gives their 4 normals and one 16-byte (float32) or
+// 8-byte (half) access loads or stores them; otherwise they are taken one by one. The seed is a
+// device pointer read inside every kernel, so a captured CUDA graph replays with fresh noise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <initializer_list>
 
 #include "../philox.h"
 #include "kernels_cuda.h"
@@ -16,6 +21,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+static_assert(kThreads == launch::kInjectThreads, "the inject grid assumes kThreads threads");
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float load_float(const void* data, Dtype dtype, int64_t index) {
@@ -68,6 +74,13 @@ __device__ __forceinline__ void stream_normals4(uint64_t seed, int64_t first, fl
   }
 }
 
+// The seed, a 0-d int64 tensor on the device, read inside the kernel (not on the host): a CUDA
+// graph captured around a launch draws the noise of whatever value the tensor holds at replay.
+// Every thread reads the same 8 bytes (one cached load); as uint64, the key of SPEC.md.
+__device__ __forceinline__ uint64_t read_seed(const int64_t* seed_ptr) {
+  return static_cast<uint64_t>(__ldg(seed_ptr));
+}
+
 __device__ __forceinline__ float warp_sum(float value) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
@@ -84,130 +97,273 @@ __device__ __forceinline__ float warp_max(float value) {
 
 int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
 
-__global__ void normal_fill_kernel(uint64_t seed, int64_t start, int64_t count, float* out) {
-  const int64_t element = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (element >= count) return;
-  float normals[4];
-  stream_normals4(seed, start + element, normals);
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    if (element + j < count) out[element + j] = normals[j];
+// --- four consecutive values: one vector access where aligned -----------------------------------
+//
+// "Aligned" (the host checks it once per launch, aligned4 below): every thread's first index is a
+// multiple of 4 and the pointer is aligned to 4 elements, so the 4 values are one 16-byte (float32)
+// or 8-byte (half) access. Otherwise the first `count` (1..4) values, one by one.
+
+__device__ __forceinline__ void float2_pair(float2 pair, float* out) {
+  out[0] = pair.x;
+  out[1] = pair.y;
 }
 
-__device__ __forceinline__ int64_t param_index(int64_t element, const InjectShape& shape) {
-  return (element % shape.width) / shape.inner;
-}
-
-// One thread: elements i .. i + 3 of x, every sample.
-__global__ void inject_forward_kernel(const void* x, Dtype x_dtype, const float* mu,
-                                      const float* sigma, void* out, Dtype out_dtype,
-                                      uint64_t seed, InjectShape shape) {
-  const int64_t numel = shape.rows * shape.width;
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (first >= numel) return;
-  float x_values[4], mu_values[4], sigma_values[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const bool inside = first + j < numel;
-    const int64_t param = inside ? param_index(first + j, shape) : 0;
-    x_values[j] = inside ? load_float(x, x_dtype, first + j) : 0.0f;
-    mu_values[j] = mu[param];
-    sigma_values[j] = sigma[param];
-  }
-  for (int64_t sample = 0; sample < shape.num_samples; ++sample) {
-    const int64_t stream_first = sample * numel + first;
-    float eps[4];
-    stream_normals4(seed, stream_first, eps);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (first + j >= numel) break;
-      const float noise = mu_values[j] + sigma_values[j] * eps[j];
-      const float value = shape.multiply ? x_values[j] * noise : x_values[j] + noise;
-      store_float(out, out_dtype, stream_first + j, value);
-    }
-  }
-}
-
-// One thread: columns c .. c + 3 of a chunk of rows, every sample; writes grad_x and one row of
-// parameter partial sums (no atomics: each column of each chunk has one owner).
-__global__ void inject_backward_kernel(const void* grad_out, Dtype out_dtype, const void* x,
-                                       Dtype x_dtype, const float* mu, const float* sigma,
-                                       void* grad_x, float* partial_mu, float* partial_sigma,
-                                       uint64_t seed, InjectShape shape, int64_t rows_per_chunk) {
-  const int64_t numel = shape.rows * shape.width;
-  const int64_t column = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (column >= shape.width) return;
-  const int64_t row_chunk = blockIdx.y;
-  const int64_t row_start = row_chunk * rows_per_chunk;
-  const int64_t row_end = min(row_start + rows_per_chunk, shape.rows);
-  const bool need_params = partial_mu != nullptr;
-  const bool need_eps = need_params || shape.multiply;
-  float mu_values[4], sigma_values[4], mu_grad[4] = {0, 0, 0, 0}, sigma_grad[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int64_t param = column + j < shape.width ? (column + j) / shape.inner : 0;
-    mu_values[j] = mu[param];
-    sigma_values[j] = sigma[param];
-  }
-  for (int64_t row = row_start; row < row_end; ++row) {
-    const int64_t base = row * shape.width + column;
-    float x_values[4], x_grad[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      x_values[j] = column + j < shape.width ? load_float(x, x_dtype, base + j) : 0.0f;
-    for (int64_t sample = 0; sample < shape.num_samples; ++sample) {
-      const int64_t stream_first = sample * numel + base;
-      float eps[4] = {0, 0, 0, 0};
-      if (need_eps) stream_normals4(seed, stream_first, eps);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (column + j >= shape.width) break;
-        const float g = load_float(grad_out, out_dtype, stream_first + j);
-        if (shape.multiply) {
-          x_grad[j] += g * (mu_values[j] + sigma_values[j] * eps[j]);
-          mu_grad[j] += g * x_values[j];
-          sigma_grad[j] += g * x_values[j] * eps[j];
-        } else {
-          x_grad[j] += g;
-          mu_grad[j] += g;
-          sigma_grad[j] += g * eps[j];
-        }
+template <bool kAligned>
+__device__ __forceinline__ void load4(const void* data, Dtype dtype, int64_t index, int count,
+                                      float out[4]) {
+  if constexpr (kAligned) {
+    switch (dtype) {
+      case Dtype::kFloat32: {
+        const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(data) + index);
+        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+        return;
+      }
+      case Dtype::kFloat16: {
+        const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __half*>(data) + index);
+        float2_pair(__half22float2(*reinterpret_cast<const __half2*>(&raw.x)), out);
+        float2_pair(__half22float2(*reinterpret_cast<const __half2*>(&raw.y)), out + 2);
+        return;
+      }
+      default: {
+        const uint2 raw =
+            *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(data) + index);
+        float2_pair(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x)), out);
+        float2_pair(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y)), out + 2);
+        return;
       }
     }
-    if (grad_x != nullptr) {
+  } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (column + j < shape.width) store_float(grad_x, x_dtype, base + j, x_grad[j]);
-    }
+    for (int j = 0; j < 4; ++j) out[j] = j < count ? load_float(data, dtype, index + j) : 0.0f;
   }
-  if (need_params) {
+}
+
+template <bool kAligned>
+__device__ __forceinline__ void store4(void* data, Dtype dtype, int64_t index, int count,
+                                       const float values[4]) {
+  if constexpr (kAligned) {
+    switch (dtype) {
+      case Dtype::kFloat32:
+        *reinterpret_cast<float4*>(static_cast<float*>(data) + index) =
+            make_float4(values[0], values[1], values[2], values[3]);
+        return;
+      case Dtype::kFloat16: {
+        uint2 raw;
+        *reinterpret_cast<__half2*>(&raw.x) = __floats2half2_rn(values[0], values[1]);
+        *reinterpret_cast<__half2*>(&raw.y) = __floats2half2_rn(values[2], values[3]);
+        *reinterpret_cast<uint2*>(static_cast<__half*>(data) + index) = raw;
+        return;
+      }
+      default: {
+        uint2 raw;
+        *reinterpret_cast<__nv_bfloat162*>(&raw.x) = __floats2bfloat162_rn(values[0], values[1]);
+        *reinterpret_cast<__nv_bfloat162*>(&raw.y) = __floats2bfloat162_rn(values[2], values[3]);
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(data) + index) = raw;
+        return;
+      }
+    }
+  } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (column + j >= shape.width) break;
-      partial_mu[row_chunk * shape.width + column + j] = mu_grad[j];
-      partial_sigma[row_chunk * shape.width + column + j] = sigma_grad[j];
+    for (int j = 0; j < 4; ++j)
+      if (j < count) store_float(data, dtype, index + j, values[j]);
+  }
+}
+
+// Stream elements first .. first + 3; kAligned: first % 4 == 0, one Philox call.
+template <bool kAligned>
+__device__ __forceinline__ void normals4(uint64_t seed, int64_t first, float out[4]) {
+  if constexpr (kAligned) {
+    normal_quad(seed, static_cast<uint64_t>(first) >> 2, out);
+  } else {
+    stream_normals4(seed, first, out);
+  }
+}
+
+size_t element_size(Dtype dtype) { return dtype == Dtype::kFloat32 ? 4 : 2; }
+
+// Whether 4 consecutive elements from `data` (and from every 4th element on) are one access.
+bool aligned4(const void* data, Dtype dtype) {
+  return data == nullptr || reinterpret_cast<uintptr_t>(data) % (4 * element_size(dtype)) == 0;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    normal_fill_kernel(const int64_t* seed_ptr, int64_t start, int64_t count, float* out,
+                       bool aligned) {
+  const uint64_t seed = read_seed(seed_ptr);
+  const int64_t element = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (element >= count) return;
+  const int valid = static_cast<int>(min(count - element, int64_t{4}));
+  float normals[4];
+  if (aligned && valid == 4) {  // start % 4 == 0 and out 16-byte aligned (checked on the host)
+    normals4<true>(seed, start + element, normals);
+    store4<true>(out, Dtype::kFloat32, element, 4, normals);
+  } else {
+    normals4<false>(seed, start + element, normals);
+    store4<false>(out, Dtype::kFloat32, element, valid, normals);
+  }
+}
+
+// --- fused_inject -------------------------------------------------------------------------------
+//
+// A block is column_threads x row_lanes threads (../inject_launch.h): thread t owns the 4 columns
+// from `column` of its row lane's rows in the block's chunk. The parameter index column / inner is
+// computed once per thread, the element and stream indices by multiplications and additions: no
+// 64-bit division or remainder per element. The stream index of sample s of element
+// row * width + column is s * rows * width + row * width + column, as before (SPEC.md).
+
+struct ThreadTile {
+  int64_t column;  // first of the thread's 4 columns
+  int count;       // how many of them exist (0 past the row's end)
+  int row_lane;
+  int row_lanes;
+  int64_t row_begin, row_end;  // the block's chunk of rows
+};
+
+__device__ __forceinline__ ThreadTile thread_tile(const InjectShape& shape, int column_threads,
+                                                  int64_t rows_per_chunk) {
+  ThreadTile tile;
+  const int column_thread = static_cast<int>(threadIdx.x) & (column_threads - 1);
+  tile.row_lane = static_cast<int>(threadIdx.x) / column_threads;
+  tile.row_lanes = kThreads / column_threads;
+  tile.column = 4 * (static_cast<int64_t>(blockIdx.x) * column_threads + column_thread);
+  tile.count = static_cast<int>(max(int64_t{0}, min(int64_t{4}, shape.width - tile.column)));
+  tile.row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  tile.row_end = min(tile.row_begin + rows_per_chunk, shape.rows);
+  return tile;
+}
+
+__device__ __forceinline__ void load_params4(const float* mu, const float* sigma,
+                                             const InjectShape& shape, const ThreadTile& tile,
+                                             float mu_values[4], float sigma_values[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t param = j < tile.count ? (tile.column + j) / shape.inner : 0;
+    mu_values[j] = mu[param];
+    sigma_values[j] = sigma[param];
+  }
+}
+
+template <bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    inject_forward_kernel(const void* x, Dtype x_dtype, const float* mu, const float* sigma,
+                          void* out, Dtype out_dtype, const int64_t* seed_ptr, InjectShape shape,
+                          int column_threads, int64_t rows_per_chunk) {
+  const uint64_t seed = read_seed(seed_ptr);
+  const ThreadTile tile = thread_tile(shape, column_threads, rows_per_chunk);
+  if (tile.count == 0) return;
+  const int64_t numel = shape.rows * shape.width;
+  float mu_values[4], sigma_values[4];
+  load_params4(mu, sigma, shape, tile, mu_values, sigma_values);
+  for (int64_t row = tile.row_begin + tile.row_lane; row < tile.row_end; row += tile.row_lanes) {
+    const int64_t element = row * shape.width + tile.column;
+    float x_values[4];
+    load4<kAligned>(x, x_dtype, element, tile.count, x_values);
+    int64_t stream_first = element;
+    for (int64_t sample = 0; sample < shape.num_samples; ++sample, stream_first += numel) {
+      float values[4];
+      normals4<kAligned>(seed, stream_first, values);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float noise = mu_values[j] + sigma_values[j] * values[j];
+        values[j] = shape.multiply ? x_values[j] * noise : x_values[j] + noise;
+      }
+      store4<kAligned>(out, out_dtype, stream_first, tile.count, values);
     }
   }
 }
 
-// v[d .. d + 3] of one row: x (+ or *) (mu + sigma * eps).
+__device__ __forceinline__ void add_to(float4& sum, const float4 value) {
+  sum.x += value.x;
+  sum.y += value.y;
+  sum.z += value.z;
+  sum.w += value.w;
+}
+
+// Writes grad_x (summed over samples) and, when partial_mu is given, one row of parameter partial
+// sums per block: its row lanes' sums added in shared memory in a fixed order (deterministic).
+template <bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    inject_backward_kernel(const void* grad_out, Dtype out_dtype, const void* x, Dtype x_dtype,
+                           const float* mu, const float* sigma, void* grad_x, float* partial_mu,
+                           float* partial_sigma, const int64_t* seed_ptr, InjectShape shape,
+                           int column_threads, int64_t rows_per_chunk) {
+  const uint64_t seed = read_seed(seed_ptr);
+  __shared__ float4 lane_mu_grad[kThreads], lane_sigma_grad[kThreads];
+  const ThreadTile tile = thread_tile(shape, column_threads, rows_per_chunk);
+  const int64_t numel = shape.rows * shape.width;
+  const bool need_params = partial_mu != nullptr;
+  const bool need_eps = need_params || shape.multiply;
+  float mu_grad[4] = {0, 0, 0, 0}, sigma_grad[4] = {0, 0, 0, 0};
+  if (tile.count > 0) {
+    float mu_values[4], sigma_values[4];
+    load_params4(mu, sigma, shape, tile, mu_values, sigma_values);
+    for (int64_t row = tile.row_begin + tile.row_lane; row < tile.row_end;
+         row += tile.row_lanes) {
+      const int64_t element = row * shape.width + tile.column;
+      // Add mode never reads x: autograd saves a one-element stand-in for it (inject.py).
+      float x_values[4] = {0, 0, 0, 0}, x_grad[4] = {0, 0, 0, 0};
+      if (shape.multiply) load4<kAligned>(x, x_dtype, element, tile.count, x_values);
+      int64_t stream_first = element;
+      for (int64_t sample = 0; sample < shape.num_samples; ++sample, stream_first += numel) {
+        float grad[4], eps[4] = {0, 0, 0, 0};
+        load4<kAligned>(grad_out, out_dtype, stream_first, tile.count, grad);
+        if (need_eps) normals4<kAligned>(seed, stream_first, eps);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (shape.multiply) {
+            x_grad[j] += grad[j] * (mu_values[j] + sigma_values[j] * eps[j]);
+            mu_grad[j] += grad[j] * x_values[j];
+            sigma_grad[j] += grad[j] * x_values[j] * eps[j];
+          } else {
+            x_grad[j] += grad[j];
+            mu_grad[j] += grad[j];
+            sigma_grad[j] += grad[j] * eps[j];
+          }
+        }
+      }
+      if (grad_x != nullptr) store4<kAligned>(grad_x, x_dtype, element, tile.count, x_grad);
+    }
+  }
+  if (!need_params) return;  // the same for the whole block: no thread skips a barrier below
+  lane_mu_grad[threadIdx.x] = make_float4(mu_grad[0], mu_grad[1], mu_grad[2], mu_grad[3]);
+  lane_sigma_grad[threadIdx.x] =
+      make_float4(sigma_grad[0], sigma_grad[1], sigma_grad[2], sigma_grad[3]);
+  for (int stride = tile.row_lanes / 2; stride > 0; stride /= 2) {
+    __syncthreads();
+    if (tile.row_lane < stride) {  // lanes [0, stride) add lanes [stride, 2 * stride)
+      const int other = threadIdx.x + stride * column_threads;
+      add_to(lane_mu_grad[threadIdx.x], lane_mu_grad[other]);
+      add_to(lane_sigma_grad[threadIdx.x], lane_sigma_grad[other]);
+    }
+  }
+  if (tile.row_lane != 0 || tile.count == 0) return;
+  const float4 mu_sum = lane_mu_grad[threadIdx.x], sigma_sum = lane_sigma_grad[threadIdx.x];
+  const float mu_values[4] = {mu_sum.x, mu_sum.y, mu_sum.z, mu_sum.w};
+  const float sigma_values[4] = {sigma_sum.x, sigma_sum.y, sigma_sum.z, sigma_sum.w};
+  const int64_t offset = static_cast<int64_t>(blockIdx.y) * shape.width + tile.column;
+  store4<kAligned>(partial_mu, Dtype::kFloat32, offset, tile.count, mu_values);
+  store4<kAligned>(partial_sigma, Dtype::kFloat32, offset, tile.count, sigma_values);
+}
+
+// --- noisy features, normalized -----------------------------------------------------------------
+//
+// One warp per row; lane l owns columns 4l .. 4l + 3, then 4l + 128, ... kAligned (checked on the
+// host, rows_aligned below): D and the row strides are multiples of 4 and the pointers aligned, so
+// a lane's 4 columns are one vector access and one Philox call.
+
+// v[d .. d + 3] of one row: x (+ or *) (mu + sigma * eps); 0 past the row's end.
+template <bool kAligned>
 __device__ __forceinline__ void noisy_values4(const FeatureRows& side, uint64_t seed,
                                               int64_t stream_offset, int64_t row, int64_t d,
-                                              float values[4], float eps[4]) {
+                                              int count, float values[4], float eps[4]) {
+  load4<kAligned>(side.x.data, side.x.dtype, row * side.x_row_stride + d, count, values);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    values[j] = d + j < side.dim ? load_float(side.x, side.x_dtype, row * side.x_row_stride + d + j)
-                                 : 0.0f;
-    eps[j] = 0.0f;
-  }
+  for (int j = 0; j < 4; ++j) eps[j] = 0.0f;
   if (side.mu == nullptr) return;
-  stream_normals4(seed, stream_offset + row * side.dim + d, eps);
+  normals4<kAligned>(seed, stream_offset + row * side.dim + d, eps);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (d + j >= side.dim) {
-      values[j] = 0.0f;
-      continue;
-    }
+    if (j >= count) continue;
     const float noise = side.mu[row * side.mu_row_stride + (d + j) * side.mu_col_stride] +
                         side.sigma[row * side.sigma_row_stride + (d + j) * side.sigma_col_stride] *
                             eps[j];
@@ -215,73 +371,104 @@ __device__ __forceinline__ void noisy_values4(const FeatureRows& side, uint64_t 
   }
 }
 
-// One warp per row: unit = v / max(|v|, floor), norm = |v|.
-__global__ void noisy_normalize_kernel(FeatureRows side, uint64_t seed, int64_t stream_offset,
-                                       float* unit, float* norm) {
+__device__ __forceinline__ int count4(int64_t d, int64_t dim) {
+  return static_cast<int>(min(int64_t{4}, dim - d));
+}
+
+// unit = v / max(|v|, floor), norm = |v|.
+template <bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    noisy_normalize_kernel(FeatureRows side, const int64_t* seed_ptr, int64_t stream_offset,
+                           float* unit, float* norm) {
+  const uint64_t seed = read_seed(seed_ptr);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (row >= side.rows) return;
+  float* unit_row = unit + row * side.dim;
   float squares = 0.0f;
   for (int64_t d = 4 * lane; d < side.dim; d += 4 * kWarpSize) {
+    const int count = count4(d, side.dim);
     float values[4], eps[4];
-    noisy_values4(side, seed, stream_offset, row, d, values, eps);
+    noisy_values4<kAligned>(side, seed, stream_offset, row, d, count, values, eps);
+    store4<kAligned>(unit_row, Dtype::kFloat32, d, count, values);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (d + j < side.dim) unit[row * side.dim + d + j] = values[j];
-      squares += values[j] * values[j];
-    }
+    for (int j = 0; j < 4; ++j) squares += values[j] * values[j];
   }
   const float row_norm = sqrtf(warp_sum(squares));
   const float inverse = 1.0f / fmaxf(row_norm, kNormFloor);
-  for (int64_t d = 4 * lane; d < side.dim; d += 4 * kWarpSize) {
+  for (int64_t d = 4 * lane; d < side.dim; d += 4 * kWarpSize) {  // the lane's own values
+    const int count = count4(d, side.dim);
+    float values[4];
+    load4<kAligned>(unit_row, Dtype::kFloat32, d, count, values);
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (d + j < side.dim) unit[row * side.dim + d + j] *= inverse;
+    for (int j = 0; j < 4; ++j) values[j] *= inverse;
+    store4<kAligned>(unit_row, Dtype::kFloat32, d, count, values);
   }
   if (lane == 0) norm[row] = row_norm;
 }
 
-// One warp per row: add this sample's gradients for x, mu, sigma (fp32 rows x D accumulators).
-__global__ void noisy_normalize_backward_kernel(FeatureRows side, uint64_t seed,
-                                                int64_t stream_offset, const float* unit,
-                                                const float* norm, const float* grad_unit,
-                                                float* grad_x, float* grad_mu,
-                                                float* grad_sigma) {
+// Adds this sample's gradients for x, mu, sigma (fp32 rows x D accumulators; nullptr: not needed).
+template <bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    noisy_normalize_backward_kernel(FeatureRows side, const int64_t* seed_ptr,
+                                    int64_t stream_offset, const float* unit, const float* norm,
+                                    const float* grad_unit,
+                                    float* grad_x, float* grad_mu, float* grad_sigma) {
+  const uint64_t seed = read_seed(seed_ptr);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (row >= side.rows) return;
   const int64_t offset = row * side.dim;
   float radial = 0.0f;
-  for (int64_t d = lane; d < side.dim; d += kWarpSize) radial += unit[offset + d] * grad_unit[offset + d];
+  for (int64_t d = 4 * lane; d < side.dim; d += 4 * kWarpSize) {
+    const int count = count4(d, side.dim);
+    float u[4], g[4];
+    load4<kAligned>(unit, Dtype::kFloat32, offset + d, count, u);
+    load4<kAligned>(grad_unit, Dtype::kFloat32, offset + d, count, g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) radial += u[j] * g[j];
+  }
   radial = warp_sum(radial);
   const float row_norm = norm[row];
   const bool has_noise = side.mu != nullptr;
+  const bool need_x = has_noise && side.multiply && grad_mu != nullptr;
   for (int64_t d = 4 * lane; d < side.dim; d += 4 * kWarpSize) {
-    float eps[4] = {0, 0, 0, 0};
+    const int count = count4(d, side.dim);
+    float u[4], g[4], eps[4] = {0, 0, 0, 0}, x[4] = {0, 0, 0, 0}, grad_value[4];
+    load4<kAligned>(unit, Dtype::kFloat32, offset + d, count, u);
+    load4<kAligned>(grad_unit, Dtype::kFloat32, offset + d, count, g);
     if (has_noise && (side.multiply || grad_mu != nullptr))
-      stream_normals4(seed, stream_offset + offset + d, eps);
+      normals4<kAligned>(seed, stream_offset + offset + d, eps);
+    if (need_x) load4<kAligned>(side.x.data, side.x.dtype, row * side.x_row_stride + d, count, x);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t column = d + j;
-      if (column >= side.dim) break;
-      const float u = unit[offset + column], g = grad_unit[offset + column];
-      const float grad_value = row_norm > kNormFloor ? (g - u * radial) / row_norm : g / kNormFloor;
-      float mu = 0.0f, sigma = 0.0f;
-      if (has_noise) {
-        mu = side.mu[row * side.mu_row_stride + column * side.mu_col_stride];
-        sigma = side.sigma[row * side.sigma_row_stride + column * side.sigma_col_stride];
+    for (int j = 0; j < 4; ++j)
+      grad_value[j] = row_norm > kNormFloor ? (g[j] - u[j] * radial) / row_norm : g[j] / kNormFloor;
+    if (grad_x != nullptr) {
+      float accumulated[4];
+      load4<kAligned>(grad_x, Dtype::kFloat32, offset + d, count, accumulated);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float noise = 1.0f;
+        if (has_noise && side.multiply && j < count)
+          noise = side.mu[row * side.mu_row_stride + (d + j) * side.mu_col_stride] +
+                  side.sigma[row * side.sigma_row_stride + (d + j) * side.sigma_col_stride] *
+                      eps[j];
+        accumulated[j] += grad_value[j] * noise;
       }
-      if (grad_x != nullptr)
-        grad_x[offset + column] +=
-            has_noise && side.multiply ? grad_value * (mu + sigma * eps[j]) : grad_value;
-      if (has_noise && grad_mu != nullptr) {
-        const float mu_grad =
-            side.multiply
-                ? grad_value * load_float(side.x, side.x_dtype, row * side.x_row_stride + column)
-                : grad_value;
-        grad_mu[offset + column] += mu_grad;
-        grad_sigma[offset + column] += mu_grad * eps[j];
+      store4<kAligned>(grad_x, Dtype::kFloat32, offset + d, count, accumulated);
+    }
+    if (has_noise && grad_mu != nullptr) {
+      float mu_sum[4], sigma_sum[4];
+      load4<kAligned>(grad_mu, Dtype::kFloat32, offset + d, count, mu_sum);
+      load4<kAligned>(grad_sigma, Dtype::kFloat32, offset + d, count, sigma_sum);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float mu_grad = side.multiply ? grad_value[j] * x[j] : grad_value[j];
+        mu_sum[j] += mu_grad;
+        sigma_sum[j] += mu_grad * eps[j];
       }
+      store4<kAligned>(grad_mu, Dtype::kFloat32, offset + d, count, mu_sum);
+      store4<kAligned>(grad_sigma, Dtype::kFloat32, offset + d, count, sigma_sum);
     }
   }
 }
@@ -341,47 +528,83 @@ __global__ void cross_entropy_grad_kernel(float* cosine, const float* lse, const
 
 }  // namespace
 
-void normal_fill(uint64_t seed, int64_t start, int64_t count, float* out, cudaStream_t stream) {
+void normal_fill(const int64_t* seed, int64_t start, int64_t count, float* out,
+                 cudaStream_t stream) {
   if (count == 0) return;
-  normal_fill_kernel<<<blocks_for((count + 3) / 4), kThreads, 0, stream>>>(seed, start, count,
-                                                                           out);
+  const bool aligned = start % 4 == 0 && aligned4(out, Dtype::kFloat32);
+  normal_fill_kernel<<<blocks_for((count + 3) / 4), kThreads, 0, stream>>>(seed, start, count, out,
+                                                                           aligned);
 }
 
+namespace {
+
+dim3 inject_grid(const launch::InjectLaunch& launch) {
+  return dim3(static_cast<unsigned>(launch.column_blocks),
+              static_cast<unsigned>(launch.row_chunks));
+}
+
+}  // namespace
+
 void inject_forward(const void* x, Dtype x_dtype, const float* mu, const float* sigma, void* out,
-                    Dtype out_dtype, uint64_t seed, InjectShape shape, cudaStream_t stream) {
-  const int64_t numel = shape.rows * shape.width;
-  if (numel == 0) return;
-  inject_forward_kernel<<<blocks_for((numel + 3) / 4), kThreads, 0, stream>>>(
-      x, x_dtype, mu, sigma, out, out_dtype, seed, shape);
+                    Dtype out_dtype, const int64_t* seed, InjectShape shape,
+                    const launch::InjectLaunch& launch, cudaStream_t stream) {
+  if (shape.rows * shape.width == 0) return;
+  const bool aligned = shape.width % 4 == 0 && aligned4(x, x_dtype) && aligned4(out, out_dtype);
+  const auto kernel = aligned ? inject_forward_kernel<true> : inject_forward_kernel<false>;
+  kernel<<<inject_grid(launch), kThreads, 0, stream>>>(
+      x, x_dtype, mu, sigma, out, out_dtype, seed, shape,
+      static_cast<int>(launch.column_threads), launch.rows_per_chunk);
 }
 
 void inject_backward(const void* grad_out, Dtype out_dtype, const void* x, Dtype x_dtype,
                      const float* mu, const float* sigma, void* grad_x, float* partial_mu,
-                     float* partial_sigma, uint64_t seed, InjectShape shape,
-                     int64_t rows_per_chunk, cudaStream_t stream) {
+                     float* partial_sigma, const int64_t* seed, InjectShape shape,
+                     const launch::InjectLaunch& launch, cudaStream_t stream) {
   if (shape.rows * shape.width == 0) return;
-  const int64_t row_chunks = (shape.rows + rows_per_chunk - 1) / rows_per_chunk;
-  const dim3 grid(static_cast<unsigned>(blocks_for((shape.width + 3) / 4)),
-                  static_cast<unsigned>(row_chunks));
-  inject_backward_kernel<<<grid, kThreads, 0, stream>>>(grad_out, out_dtype, x, x_dtype, mu,
-                                                        sigma, grad_x, partial_mu, partial_sigma,
-                                                        seed, shape, rows_per_chunk);
+  const bool aligned = shape.width % 4 == 0 && aligned4(grad_out, out_dtype) &&
+                       (!shape.multiply || aligned4(x, x_dtype)) && aligned4(grad_x, x_dtype) &&
+                       aligned4(partial_mu, Dtype::kFloat32) &&
+                       aligned4(partial_sigma, Dtype::kFloat32);
+  const auto kernel = aligned ? inject_backward_kernel<true> : inject_backward_kernel<false>;
+  kernel<<<inject_grid(launch), kThreads, 0, stream>>>(
+      grad_out, out_dtype, x, x_dtype, mu, sigma, grad_x, partial_mu, partial_sigma, seed, shape,
+      static_cast<int>(launch.column_threads), launch.rows_per_chunk);
 }
 
-void noisy_normalize(const FeatureRows& side, uint64_t seed, int64_t stream_offset, float* unit,
-                     float* norm, cudaStream_t stream) {
+namespace {
+
+// Whether the row kernels may take a lane's 4 columns as one vector access: D, the row stride
+// and the stream offset multiples of 4, and every pointer aligned to 4 elements.
+bool rows_aligned(const FeatureRows& side, int64_t stream_offset,
+                  std::initializer_list<const float*> buffers) {
+  bool aligned = side.dim % 4 == 0 && side.x_row_stride % 4 == 0 && stream_offset % 4 == 0 &&
+                 aligned4(side.x.data, side.x.dtype);
+  for (const float* buffer : buffers) aligned = aligned && aligned4(buffer, Dtype::kFloat32);
+  return aligned;
+}
+
+int64_t row_blocks(int64_t rows) { return (rows + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+
+}  // namespace
+
+void noisy_normalize(const FeatureRows& side, const int64_t* seed, int64_t stream_offset,
+                     float* unit, float* norm, cudaStream_t stream) {
   if (side.rows == 0) return;
-  const int64_t blocks = (side.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  noisy_normalize_kernel<<<blocks, kThreads, 0, stream>>>(side, seed, stream_offset, unit, norm);
+  const auto kernel = rows_aligned(side, stream_offset, {unit}) ? noisy_normalize_kernel<true>
+                                                                : noisy_normalize_kernel<false>;
+  kernel<<<row_blocks(side.rows), kThreads, 0, stream>>>(side, seed, stream_offset, unit, norm);
 }
 
-void noisy_normalize_backward(const FeatureRows& side, uint64_t seed, int64_t stream_offset,
+void noisy_normalize_backward(const FeatureRows& side, const int64_t* seed, int64_t stream_offset,
                               const float* unit, const float* norm, const float* grad_unit,
                               float* grad_x, float* grad_mu, float* grad_sigma,
                               cudaStream_t stream) {
   if (side.rows == 0) return;
-  const int64_t blocks = (side.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  noisy_normalize_backward_kernel<<<blocks, kThreads, 0, stream>>>(
+  const bool aligned =
+      rows_aligned(side, stream_offset, {unit, grad_unit, grad_x, grad_mu, grad_sigma});
+  const auto kernel =
+      aligned ? noisy_normalize_backward_kernel<true> : noisy_normalize_backward_kernel<false>;
+  kernel<<<row_blocks(side.rows), kThreads, 0, stream>>>(
       side, seed, stream_offset, unit, norm, grad_unit, grad_x, grad_mu, grad_sigma);
 }
 
@@ -389,8 +612,7 @@ void cross_entropy_stats(const float* cosine, const int64_t* target, const float
                          int64_t rows, int64_t classes, float* lse, float* target_logit,
                          float* logit_sum, cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  cross_entropy_stats_kernel<<<blocks, kThreads, 0, stream>>>(cosine, target, scale, rows,
+  cross_entropy_stats_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(cosine, target, scale, rows,
                                                               classes, lse, target_logit,
                                                               logit_sum);
 }
@@ -399,8 +621,7 @@ void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
                         const float* row_grad, const float* scale, float label_smoothing,
                         int64_t rows, int64_t classes, float* scale_grad, cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  cross_entropy_grad_kernel<<<blocks, kThreads, 0, stream>>>(
+  cross_entropy_grad_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(
       cosine, lse, target, row_grad, scale, label_smoothing, rows, classes, scale_grad);
 }
 

@@ -6,6 +6,9 @@
 
 #include <cstdint>
 
+#include "../feature_rows.h"
+#include "../inject_launch.h"
+
 namespace pini::cuda {
 
 enum class Dtype { kFloat32, kFloat16, kBFloat16 };
@@ -15,31 +18,35 @@ struct InjectShape {
   bool multiply;
 };
 
-struct FeatureRows {
-  const void* x;
-  Dtype x_dtype;
-  int64_t x_row_stride;
-  const float* mu;  // nullptr: no noise
-  const float* sigma;
-  int64_t mu_row_stride, mu_col_stride, sigma_row_stride, sigma_col_stride;
-  int64_t rows, dim;
-  bool multiply;
+// x of a side of the noisy cosine logits: its data and storage type, read as float32.
+struct TypedData {
+  const void* data;
+  Dtype dtype;
 };
 
-void normal_fill(uint64_t seed, int64_t start, int64_t count, float* out, cudaStream_t stream);
+// One side (image or text) of the noisy cosine logits (../feature_rows.h).
+using FeatureRows = ::pini::FeatureRows<TypedData>;
 
+// `seed` is always a device pointer to the 0-d int64 seed tensor: the kernels read it, so a
+// captured CUDA graph replays with the value the tensor holds then.
+
+void normal_fill(const int64_t* seed, int64_t start, int64_t count, float* out,
+                 cudaStream_t stream);
+
+// The grid of both inject kernels: launch::inject_launch (../inject_launch.h).
 void inject_forward(const void* x, Dtype x_dtype, const float* mu, const float* sigma, void* out,
-                    Dtype out_dtype, uint64_t seed, InjectShape shape, cudaStream_t stream);
+                    Dtype out_dtype, const int64_t* seed, InjectShape shape,
+                    const launch::InjectLaunch& launch, cudaStream_t stream);
 
 void inject_backward(const void* grad_out, Dtype out_dtype, const void* x, Dtype x_dtype,
                      const float* mu, const float* sigma, void* grad_x, float* partial_mu,
-                     float* partial_sigma, uint64_t seed, InjectShape shape,
-                     int64_t rows_per_chunk, cudaStream_t stream);
+                     float* partial_sigma, const int64_t* seed, InjectShape shape,
+                     const launch::InjectLaunch& launch, cudaStream_t stream);
 
-void noisy_normalize(const FeatureRows& side, uint64_t seed, int64_t stream_offset, float* unit,
-                     float* norm, cudaStream_t stream);
+void noisy_normalize(const FeatureRows& side, const int64_t* seed, int64_t stream_offset,
+                     float* unit, float* norm, cudaStream_t stream);
 
-void noisy_normalize_backward(const FeatureRows& side, uint64_t seed, int64_t stream_offset,
+void noisy_normalize_backward(const FeatureRows& side, const int64_t* seed, int64_t stream_offset,
                               const float* unit, const float* norm, const float* grad_unit,
                               float* grad_x, float* grad_mu, float* grad_sigma,
                               cudaStream_t stream);
