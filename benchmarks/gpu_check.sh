@@ -110,7 +110,8 @@ sys.exit('cuda' not in pini_kernels.available_backends())" 2>> "$OUT/build.log";
     fi
 fi
 if [ "$HAS_CUDA_BACKEND" = 1 ]; then
-    stage gpu_only_cuda 150 "${PYTEST[@]}" tests/test_gpu_only.py -k "cuda"
+    stage gpu_only_cuda 150 "${PYTEST[@]}" tests/test_gpu_only.py tests/test_cuda_launch.py \
+        -k "cuda or graph or sync or launch"
 else
     skip gpu_only_cuda "no native 'cuda' backend (see build above)"
 fi
