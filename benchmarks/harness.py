@@ -46,7 +46,9 @@ __all__ = [
     "machine_slug",
     "measure_machine_rates",
     "provider_function",
+    "rounds_for",
     "run_case",
+    "share_of_step",
     "skip_slow_reference",
     "tensor_bytes",
 ]
@@ -326,6 +328,12 @@ def _rounds_for(seconds_per_call: float) -> int:
     return max(MIN_ROUNDS, min(MAX_ROUNDS, round(SECONDS_PER_CASE / max(seconds_per_call, 1e-9))))
 
 
+def rounds_for(seconds_per_call: float) -> int:
+    """How many timed rounds a call of ``seconds_per_call`` gets: about ``SECONDS_PER_CASE`` of
+    work, at least ``MIN_ROUNDS`` and at most ``MAX_ROUNDS``."""
+    return _rounds_for(seconds_per_call)
+
+
 def run_case(
     benchmark,
     *,
@@ -404,3 +412,93 @@ def run_case(
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         benchmark.extra_info["fraction_of_floor"] = floor_seconds / median if median > 0 else None
+
+
+# --- the share of a step spent in labelled code --------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShare:
+    """How much of one profiled step ran in the ranges labelled ``label`` and their backward."""
+
+    label: str
+    labelled_seconds: float  # the labelled forward ranges plus the backward of their ops
+    step_seconds: float  # the whole step under the profiler (CPU: wall time; CUDA: kernel time)
+    method: str  # how both were measured, in words for the report
+
+    @property
+    def share(self) -> float:
+        return self.labelled_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+
+
+def _within(event, interval) -> bool:
+    """Whether profiler ``event`` ran inside ``interval`` (another event) on the same thread."""
+    return (
+        event.thread == interval.thread
+        and interval.time_range.start <= event.time_range.start
+        and event.time_range.end <= interval.time_range.end
+    )
+
+
+def _outermost(events: list) -> list:
+    """``events`` that are not nested inside another of them."""
+    return [
+        event
+        for event in events
+        if not any(other is not event and _within(event, other) for other in events)
+    ]
+
+
+def share_of_step(step: Callable[[], object], label: str) -> StepShare:
+    """Run ``step`` once under torch.profiler and measure the share of it spent in code that ran
+    inside ``torch.profiler.record_function(label)`` ranges, forward and backward.
+
+    The forward is the labelled ranges themselves (nested ranges count once). Their backward is
+    every ``autograd::engine::evaluate_function`` node whose sequence number is that of an op
+    recorded inside a labelled range: the profiler's link between a forward op and its backward.
+    On a CPU both are wall time on the profiled thread, over the step's wall time; on CUDA both
+    are kernel time (each kernel counted once, in the op that launched it), over all kernel time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if DEVICE.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        wall_seconds = time.perf_counter() - start
+    events = list(profiler.events())
+    ranges = _outermost([event for event in events if event.name == label])
+    sequence_numbers = {
+        event.sequence_nr
+        for event in events
+        if event.sequence_nr >= 0 and any(_within(event, interval) for interval in ranges)
+    }
+    backward = _outermost(
+        [
+            event
+            for event in events
+            if event.name.startswith("autograd::engine::evaluate_function")
+            and event.sequence_nr in sequence_numbers
+        ]
+    )
+    intervals = ranges + backward
+    if DEVICE.type == "cuda":
+        # The ops that launched kernels (a range's own GPU-side annotation is no kernel).
+        owners = [
+            event
+            for event in events
+            if event.device_type == torch.autograd.DeviceType.CPU and event.name != label
+        ]
+        total = sum(event.self_device_time_total for event in owners)
+        labelled = sum(
+            event.self_device_time_total
+            for event in owners
+            if any(_within(event, interval) for interval in intervals)
+        )
+        return StepShare(label, labelled * 1e-6, total * 1e-6, "profiler kernel time")
+    labelled = sum(interval.time_range.elapsed_us() for interval in intervals)
+    return StepShare(label, labelled * 1e-6, wall_seconds, "profiler wall time")

@@ -12,6 +12,10 @@ PyTorch and over torch.compile of it (above 1: the fused op is faster), the peak
 ratio to eager's (below 1: the fused op needs less), and the fraction of the floor (the least time
 the op's bytes and FLOPs take at this machine's measured copy bandwidth and matmul rate; 1 is the
 machine's limit).
+
+The training step (``benchmarks/test_train_step_bench.py``) gets a table of its own: per model and
+Table 1 row, the step with pini_kernels' noise path against the same model with the eager noise
+path, their ratio, peak memory and the share of the step spent in the noise path and loss.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ BASELINES = ("eager", "compiled")
 OP_ORDER = ("noise", "fused_inject", "noisy_cosine_logits", "noisy_cross_entropy")
 DIRECTION_ORDER = ("forward", "forward+backward")
 MEBIBYTE = 1 << 20
+TRAIN_STEP_OP = "train_step"  # one PiNI training step, fused against eager noise path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Measurement:
     peak_bytes: int
     fraction_of_floor: float | None
     floor_bound: str
+    noise_loss_share: float | None = None  # training steps: the share in the noise path and loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,7 @@ def load_measurements(saved: dict) -> list[Measurement]:
                 peak_bytes=info["peak_bytes"],
                 fraction_of_floor=info.get("fraction_of_floor"),
                 floor_bound=info.get("floor_bound", ""),
+                noise_loss_share=info.get("noise_loss_share"),
             )
         )
     return measurements
@@ -196,8 +203,48 @@ def _header(saved: dict, source: Path) -> list[str]:
     return lines
 
 
-def render_markdown(saved: dict, rows: list[Row], source: Path) -> str:
+def _share(measurement: Measurement | None) -> str:
+    if measurement is None or measurement.noise_loss_share is None:
+        return "-"
+    return f"{100 * measurement.noise_loss_share:.0f}%"
+
+
+def render_train_steps(rows: list[Row]) -> list[str]:
+    """The "training step" section: fused against eager noise path, one row per case."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Training step (forward, backward, optimizer)",
+        "",
+        "One PiNI training step on the same model, weights and batch, with pini_kernels' noise "
+        'path (`PiNIConfig(noise_path="fused")`) and with the eager one as the authors write it '
+        '(`noise_path="eager"`). *vs eager* is the eager median over the fused median (above 1: '
+        "the kernels make the step faster). *noise+loss share* is the part of one profiled step "
+        "spent in the noise path and loss, forward and the backward of its ops (record_function "
+        "ranges; CPU: wall time, CUDA: kernel time).",
+        "",
+        "| case | fused | fused ms | eager ms | vs eager | peak MiB fused / eager "
+        "| memory vs eager | noise+loss share fused / eager |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        memory_ratio = "-" if row.memory_ratio is None else f"{row.memory_ratio:.2f}"
+        peaks = " / ".join(_mebibytes(m) for m in (row.fused, row.eager))
+        lines.append(
+            f"| {row.case} | {row.fused.provider.removeprefix('fused-')} "
+            f"| {_milliseconds(row.fused)} | {_milliseconds(row.eager)} "
+            f"| {_times(row.speedup_over(row.eager))} | {peaks} | {memory_ratio} "
+            f"| {_share(row.fused)} / {_share(row.eager)} |"
+        )
+    return lines
+
+
+def render_markdown(
+    saved: dict, rows: list[Row], source: Path, train_step_rows: list[Row] = ()
+) -> str:
     lines = _header(saved, source)
+    lines += render_train_steps(list(train_step_rows))
     section = None
     for row in rows:
         if (row.op, row.direction) != section:
@@ -219,7 +266,9 @@ def render_markdown(saved: dict, rows: list[Row], source: Path) -> str:
             f"| {_times(row.speedup_over(row.compiled))} | {peaks} | {memory_ratio} "
             f"| {_floor(row.fused)} |"
         )
-    cases = dict.fromkeys((row.op, row.case, row.fused.description) for row in rows)
+    cases = dict.fromkeys(
+        (row.op, row.case, row.fused.description) for row in [*train_step_rows, *rows]
+    )
     lines += ["", "## Cases", ""]
     lines += [f"- {op} `{case}`: {description}" for op, case, description in cases]
     return "\n".join(lines) + "\n"
@@ -330,18 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     source = arguments.json or newest_json()
     saved = json.loads(source.read_text())
-    rows = build_rows(load_measurements(saved))
-    if not rows:
+    measurements = load_measurements(saved)
+    rows = build_rows([m for m in measurements if m.op != TRAIN_STEP_OP])
+    train_step_rows = build_rows([m for m in measurements if m.op == TRAIN_STEP_OP])
+    if not rows and not train_step_rows:
         raise SystemExit(f"{source} holds no pini benchmark with a fused backend")
     machine = saved["machine_info"].get("pini_machine", "unknown machine")
     arguments.out.mkdir(parents=True, exist_ok=True)
     stem = arguments.out / machine_slug(machine)
 
     markdown_path = stem.with_suffix(".md")
-    markdown_path.write_text(render_markdown(saved, rows, source))
+    markdown_path.write_text(render_markdown(saved, rows, source, train_step_rows))
     stem.with_suffix(".json").write_text(json.dumps(_summary(saved), indent=1) + "\n")
     written = [markdown_path, stem.with_suffix(".json")]
-    if render_plot(saved, rows, stem.with_suffix(".png")):
+    if rows and render_plot(saved, rows, stem.with_suffix(".png")):
         written.append(stem.with_suffix(".png"))
     print(f"read {source}")
     for path in written:

@@ -3,7 +3,9 @@
 One ``PiNIConfig`` names a combination of the paper's Table 1: where visual noise goes (none, the
 raw image, the visual features) and with which generator, where text noise goes (none, the prompt
 word embeddings, the text features), the mode and the number of samples. Only the generators
-train; CLIP is frozen and kept in eval mode. Every noise path calls ``pini_kernels``.
+train; CLIP is frozen and kept in eval mode. Every noise path calls ``pini_kernels`` through
+``FusedNoisePath``; ``noise_path="eager"`` swaps in ``EagerNoisePath``, the same noise and loss in
+plain PyTorch as the authors write it.
 
 Eq. (13) averages over ``num_samples`` = m noise samples, and every noise source is drawn anew for
 each sample: the prompt noise (one (L, width) draw per sample, shared by every class), the image
@@ -50,6 +52,9 @@ INFERENCE_MODES = ("sample", "mean", "average")
 # "shared": one (L, width) prompt noise draw per sample added to every class's prompt (the paper:
 # the template is the random variable); "per-class": each class's prompt gets its own draw.
 PROMPT_NOISE_DRAWS = ("shared", "per-class")
+# "fused": every noise path on pini_kernels' ops; "eager": the same noise and loss in plain
+# PyTorch as the authors write it (EagerNoisePath), e.g. to measure what the kernels gain.
+NOISE_PATHS = ("fused", "eager")
 TINY_MODEL = "pini-tiny"
 
 
@@ -63,6 +68,8 @@ class PiNIConfig:
     (the paper's: CLIP's patch tokens attend over the class text features), or the lighter
     "mlp", "cnn-light", "attention-pixels"; for "feature" noise: "attention" or "mlp".
     prompt_noise_draw: "shared" (the paper) or "per-class" (each class its own draw).
+    noise_path: "fused" (pini_kernels' ops) or "eager" (plain PyTorch as the authors write it,
+    eps drawn from the same streams: the same loss and gradients for the same seed).
     """
 
     visual: str = "feature"
@@ -77,6 +84,7 @@ class PiNIConfig:
     scaled_attention: bool = False
     sigma_activation: str = "abs"
     precision: str = "fp32"  # the frozen towers: "fp32", or autocast "bf16" / "fp16"
+    noise_path: str = "fused"  # or "eager": the same noise and loss in plain PyTorch
 
     def __post_init__(self):
         _choice("visual", self.visual, VISUAL_LOCATIONS)
@@ -90,6 +98,7 @@ class PiNIConfig:
         _choice("prompt_noise_draw", self.prompt_noise_draw, PROMPT_NOISE_DRAWS)
         _choice("sigma_activation", self.sigma_activation, gen.SIGMA_ACTIVATIONS)
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("noise_path", self.noise_path, NOISE_PATHS)
         for name in ("num_samples", "inference_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -141,6 +150,141 @@ def _step_seed(seed: int | None) -> int:
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+# --- the noise path: pini_kernels, or the same in eager PyTorch --------------------------------
+
+NoisePair = tuple[torch.Tensor, torch.Tensor]
+
+
+class FusedNoisePath:
+    """The noise path on pini_kernels' fused ops (``noise_path="fused"``, the default).
+
+    ``PiNI`` calls these four methods, never pini_kernels directly, so one object decides how
+    every noise sample, noisy logit and loss of the model is computed; ``EagerNoisePath`` has the
+    same methods in plain PyTorch.
+    """
+
+    def fused_inject(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        *,
+        mode: str = "add",
+        num_samples: int | None = None,
+        seed: int,
+    ) -> torch.Tensor:
+        """x (*S) with noise ``mu + sigma * eps``, eps = noise((num_samples, *S), seed) (or of
+        shape S): (*S), or (num_samples, *S). mu, sigma: broadcastable to S."""
+        return pini_kernels.fused_inject(
+            x, mu, sigma, mode=mode, num_samples=num_samples, seed=seed
+        )
+
+    def sample_noise(
+        self,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        shape: torch.Size,
+        *,
+        num_samples: int,
+        seed: int,
+    ) -> torch.Tensor:
+        """(num_samples, *shape) draws of the noise itself, ``mu + sigma * eps`` with eps =
+        noise((num_samples, *shape), seed); mu, sigma broadcastable to shape."""
+        zeros = mu.new_zeros(()).expand(shape)
+        return pini_kernels.fused_inject(zeros, mu, sigma, num_samples=num_samples, seed=seed)
+
+    def noisy_cosine_logits(self, **call) -> torch.Tensor:
+        """``pini_kernels.noisy_cosine_logits``: (num_samples, B, C) logits."""
+        return pini_kernels.noisy_cosine_logits(**call)
+
+    def noisy_cross_entropy(self, **call) -> torch.Tensor:
+        """``pini_kernels.noisy_cross_entropy``: the mean loss of Eq. (13), a float32 scalar."""
+        return pini_kernels.noisy_cross_entropy(**call)
+
+
+class EagerNoisePath:
+    """The same noise path in plain PyTorch, as the authors write it (``noise_path="eager"``):
+    ``mu + sigma * eps`` added to (or multiplying) the tensor, ``F.normalize``, a matmul and
+    ``F.cross_entropy`` over the m-times-repeated rows, every intermediate materialized.
+
+    Only eps differs from the authors' ``torch.randn_like``: it is ``pini_kernels.noise`` on the
+    streams the fused ops draw (SPEC.md), so both paths give the same loss and gradients for the
+    same seed, to float rounding.
+    """
+
+    def fused_inject(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        *,
+        mode: str = "add",
+        num_samples: int | None = None,
+        seed: int,
+    ) -> torch.Tensor:
+        """``FusedNoisePath.fused_inject`` with eps materialized."""
+        shape = x.shape if num_samples is None else (num_samples, *x.shape)
+        noise = mu + sigma * pini_kernels.noise(shape, seed=seed, device=x.device)
+        return x * noise if mode == "mul" else x + noise
+
+    def sample_noise(
+        self,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        shape: torch.Size,
+        *,
+        num_samples: int,
+        seed: int,
+    ) -> torch.Tensor:
+        """``FusedNoisePath.sample_noise``: (num_samples, *shape)."""
+        return mu + sigma * pini_kernels.noise((num_samples, *shape), seed=seed, device=mu.device)
+
+    def _noisy(
+        self,
+        features: torch.Tensor,
+        noise: NoisePair | None,
+        mode: str,
+        num_samples: int,
+        seed: int,
+    ) -> torch.Tensor:
+        """features (N, D) or (num_samples, N, D) with noise of the stream ``seed`` over
+        (num_samples, N, D); the features as given without noise."""
+        if noise is None:
+            return features
+        samples = None if features.dim() == 3 else num_samples
+        return self.fused_inject(features, *noise, mode=mode, num_samples=samples, seed=seed)
+
+    def noisy_cosine_logits(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        *,
+        image_noise: NoisePair | None = None,
+        text_noise: NoisePair | None = None,
+        mode: str = "add",
+        num_samples: int = 1,
+        seed: int,
+    ) -> torch.Tensor:
+        """(num_samples, B, C) logits; image_features (B, D), text_features (C, D) or
+        (num_samples, C, D). Image noise on the stream of ``seed``, text noise on ``seed + 1``."""
+        image = self._noisy(image_features, image_noise, mode, num_samples, seed)
+        text = self._noisy(text_features, text_noise, mode, num_samples, seed + 1)
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        logits = logit_scale * (image @ text.transpose(-1, -2))
+        return logits.expand(num_samples, *logits.shape[-2:])
+
+    def noisy_cross_entropy(self, *, target: torch.Tensor, **call) -> torch.Tensor:
+        """Eq. (13): ``F.cross_entropy`` (mean) over the (num_samples * B, C) logits of
+        ``noisy_cosine_logits(**call)``, the (B,) ``target`` repeated per sample."""
+        logits = self.noisy_cosine_logits(**call)
+        samples, batch, classes = logits.shape
+        return F.cross_entropy(logits.reshape(samples * batch, classes), target.repeat(samples))
+
+
+NOISE_PATH_OPS = {"fused": FusedNoisePath(), "eager": EagerNoisePath()}
 
 
 # --- the frozen backbone ----------------------------------------------------------------------
@@ -307,6 +451,11 @@ class PiNI(nn.Module):
         self.register_buffer("zero_shot_text", zero_shot_text, persistent=False)
 
     @property
+    def noise_ops(self) -> FusedNoisePath | EagerNoisePath:
+        """What computes every noise sample, noisy logit and loss: ``config.noise_path``'s."""
+        return NOISE_PATH_OPS[self.config.noise_path]
+
+    @property
     def num_classes(self) -> int:
         return int(self.token_ids.shape[0])
 
@@ -355,7 +504,7 @@ class PiNI(nn.Module):
         (num_samples, *x.shape) (one pair per sample)."""
         if max(mu.dim(), sigma.dim()) > x.dim():
             x, num_samples = x.expand(num_samples, *x.shape), None
-        return pini_kernels.fused_inject(
+        return self.noise_ops.fused_inject(
             x, mu, sigma, mode=self.config.mode, num_samples=num_samples, seed=seed
         )
 
@@ -386,10 +535,9 @@ class PiNI(nn.Module):
             if self.config.prompt_noise_draw == "per-class":
                 noisy = self._inject_samples(prefix, mu, sigma, num_samples, seed + PROMPT_STREAM)
             else:
-                # The noise itself, mu + sigma * eps: injected into zeros, then into every class.
-                zeros = prefix.new_zeros(()).expand(prefix.shape[1:])
-                noise = pini_kernels.fused_inject(
-                    zeros, mu, sigma, num_samples=num_samples, seed=seed + PROMPT_STREAM
+                # The noise itself, mu + sigma * eps, added to (or multiplying) every class.
+                noise = self.noise_ops.sample_noise(
+                    mu, sigma, prefix.shape[1:], num_samples=num_samples, seed=seed + PROMPT_STREAM
                 ).unsqueeze(1)  # (num_samples, 1, L, width)
                 noisy = prefix + noise if self.config.mode == "add" else prefix * noise
             rest = (num_samples, *embeddings.shape[1:2])
@@ -518,7 +666,7 @@ class PiNI(nn.Module):
         if not per_sample_text:
             text = text.expand(num_samples, *text.shape)
         if text_noise is not None:  # the stream the op would draw: (num_samples, C, D) of seed + 1
-            text = pini_kernels.fused_inject(
+            text = self.noise_ops.fused_inject(
                 text, *text_noise, mode=self.config.mode, seed=seed + TEXT_FEATURE_STREAM
             )
         return [
@@ -533,7 +681,7 @@ class PiNI(nn.Module):
         ``num_samples`` noise samples per image, each sample with all its noise drawn anew.
         images: (B, 3, H, W); labels: (B,). Returns a float32 scalar."""
         calls = self._logits_op_calls(images, self.config.num_samples, 1.0, _step_seed(seed))
-        losses = [pini_kernels.noisy_cross_entropy(target=labels, **call) for call in calls]
+        losses = [self.noise_ops.noisy_cross_entropy(target=labels, **call) for call in calls]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def sample_logits(
@@ -545,7 +693,7 @@ class PiNI(nn.Module):
     ) -> torch.Tensor:
         """(num_samples, B, C) logits, each sample with its own draw of every noise source."""
         calls = self._logits_op_calls(images, num_samples, sigma_scale, _step_seed(seed))
-        return torch.cat([pini_kernels.noisy_cosine_logits(**call) for call in calls])
+        return torch.cat([self.noise_ops.noisy_cosine_logits(**call) for call in calls])
 
     def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """(B, C) logits for classification with the configured inference noise: one sample
