@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -31,7 +32,17 @@ uint64_t as_seed(const Tensor& seed, const Tensor& data) {
   return static_cast<uint64_t>(*seed.data_ptr<int64_t>());
 }
 
-int threads() { return at::get_num_threads(); }
+// Elements per thread below which another thread costs more than it gives: waking an OpenMP
+// team costs microseconds (tens on a loaded machine), while one thread draws and writes 32k
+// normals in about 25 us. ATen parallelizes its elementwise kernels from the same size.
+constexpr int64_t kElementsPerThread = 32768;
+
+// Threads for a kernel over `elements` elements: torch's thread count, fewer for small work (a
+// single thread runs without an OpenMP team). The kernels' results do not depend on it.
+int threads(int64_t elements) {
+  const int64_t wanted = std::max<int64_t>(1, elements / kElementsPerThread);
+  return static_cast<int>(std::min<int64_t>(wanted, at::get_num_threads()));
+}
 
 // Calls fn(In{}, Out{}) with the storage types of x and out.
 template <typename Fn>
@@ -59,7 +70,8 @@ void dispatch_in(at::ScalarType in, Fn&& fn) {
 
 void noise_cpu(const Tensor& seed, int64_t start, Tensor& out) {
   checks::noise(start, out, kCPU);
-  cpu::normal_fill(as_seed(seed, out), start, out.numel(), out.data_ptr<float>(), threads());
+  cpu::normal_fill(as_seed(seed, out), start, out.numel(), out.data_ptr<float>(),
+                   threads(out.numel()));
 }
 
 void inject_forward_cpu(const Tensor& x, const Tensor& mu, const Tensor& sigma, const Tensor& seed,
@@ -73,7 +85,8 @@ void inject_forward_cpu(const Tensor& x, const Tensor& mu, const Tensor& sigma, 
     using In = decltype(in_type);
     using Out = decltype(out_type);
     cpu::inject_forward<In, Out>(x.data_ptr<In>(), mu.data_ptr<float>(), sigma.data_ptr<float>(),
-                                 out.data_ptr<Out>(), seed_value, shape, threads());
+                                 out.data_ptr<Out>(), seed_value, shape,
+                                 threads(num_samples * x.numel()));
   });
 }
 
@@ -96,7 +109,7 @@ void inject_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& 
         grad_x ? grad_x->data_ptr<In>() : nullptr,
         partial_mu ? partial_mu->data_ptr<float>() : nullptr,
         partial_sigma ? partial_sigma->data_ptr<float>() : nullptr, seed_value, shape,
-        rows_per_chunk, threads());
+        rows_per_chunk, threads(num_samples * x.numel()));
   });
 }
 
@@ -117,7 +130,7 @@ void noisy_normalize_cpu(const Tensor& x, const std::optional<Tensor>& mu,
   dispatch_in(x.scalar_type(), [&](auto in_type) {
     using In = decltype(in_type);
     cpu::noisy_normalize<In>(feature_rows<In>(x, noise, multiply), seed_value, stream_offset,
-                             unit.data_ptr<float>(), norm.data_ptr<float>(), threads());
+                             unit.data_ptr<float>(), norm.data_ptr<float>(), threads(x.numel()));
   });
 }
 
@@ -137,7 +150,7 @@ void noisy_normalize_backward_cpu(const Tensor& x, const std::optional<Tensor>& 
         unit.data_ptr<float>(), norm.data_ptr<float>(), grad_unit.data_ptr<float>(),
         grad_x ? grad_x->data_ptr<float>() : nullptr,
         grad_mu ? grad_mu->data_ptr<float>() : nullptr,
-        grad_sigma ? grad_sigma->data_ptr<float>() : nullptr, threads());
+        grad_sigma ? grad_sigma->data_ptr<float>() : nullptr, threads(x.numel()));
   });
 }
 
@@ -147,7 +160,7 @@ void cross_entropy_stats_cpu(const Tensor& cosine, const Tensor& target, const T
   cpu::cross_entropy_stats(cosine.data_ptr<float>(), target.data_ptr<int64_t>(),
                            *scale.data_ptr<float>(), cosine.size(0), cosine.size(1),
                            lse.data_ptr<float>(), target_logit.data_ptr<float>(),
-                           logit_sum.data_ptr<float>(), threads());
+                           logit_sum.data_ptr<float>(), threads(cosine.numel()));
 }
 
 void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& target,
@@ -158,7 +171,7 @@ void cross_entropy_grad_cpu(Tensor& cosine, const Tensor& lse, const Tensor& tar
                           target.data_ptr<int64_t>(), row_grad.data_ptr<float>(),
                           *scale.data_ptr<float>(), static_cast<float>(label_smoothing),
                           cosine.size(0), cosine.size(1), scale_grad.data_ptr<float>(),
-                          threads());
+                          threads(cosine.numel()));
 }
 
 // The CUDA inject kernels' grid (inject_launch.h) as [column_threads, row_lanes, column_blocks,

@@ -27,7 +27,8 @@ def like_input(grad: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor 
     torch.compile's stride checks hold for channels-last or transposed inputs too."""
     if grad is None:
         return None
-    grad = grad.to(tensor.dtype)
+    if grad.dtype != tensor.dtype:  # (each call costs host time, which small tensors feel)
+        grad = grad.to(tensor.dtype)
     if tensor.is_contiguous():
         return grad
     return torch.empty_like(tensor).copy_(grad)

@@ -86,7 +86,7 @@ def fused_inject(
         )
     for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
         _checks.check_float_tensor(name, tensor, allow_float64=False)
-    out = inject.inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
+    out = inject.run_inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
     return out.view(x.shape) if samples is None else out
 
 

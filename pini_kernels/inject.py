@@ -12,8 +12,11 @@ This module owns the op's contract; a backend only runs its kernels. In order:
 
   ``x`` and ``grad_out`` come contiguous, ``mu`` and ``sigma`` flat and contiguous (the
   ``width // inner`` parameters, any float dtype), ``out`` and ``grad_x`` allocated here;
-- the ``pini_kernels::inject`` custom op and its fake (opaque to torch.compile: no graph break);
-- its autograd: what is saved for backward (the seed, never ``eps``; in add mode only a stand-in
+- the op's forward and backward (``inject_forward`` / ``inject_backward``), run by the
+  ``pini_kernels::inject`` custom op and its fake under torch.compile (opaque to it: no graph
+  break), and by ``_InjectFunction`` (an ``autograd.Function``) in eager mode, which skips the
+  custom-op dispatch: ``run_inject`` picks one;
+- their autograd: what is saved for backward (the seed, never ``eps``; in add mode only a stand-in
   for ``x``, which backward must not read) and how the parameters' gradients are reduced (each
   backend returns one row of fp32 partial sums per chunk of rows; ``_reduce_partial_sums`` adds
   them in a fixed order, so backward is deterministic).
@@ -23,6 +26,7 @@ This module owns the op's contract; a backend only runs its kernels. In order:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -60,6 +64,7 @@ class BroadcastLayout:
         return self.width // self.inner
 
 
+@functools.lru_cache(maxsize=256)  # shapes repeat every step: compute each layout once
 def broadcast_layout(x_shape: torch.Size, param_shape: torch.Size) -> BroadcastLayout:
     """The layout of ``param_shape`` broadcast over ``x_shape`` (it must broadcast to it)."""
     numel = x_shape.numel()
@@ -91,22 +96,37 @@ def broadcast_layout(x_shape: torch.Size, param_shape: torch.Size) -> BroadcastL
     return BroadcastLayout(rows=1, width=numel, inner=1, expand=True)
 
 
+@functools.lru_cache(maxsize=256)
+def _param_layout(
+    x_shape: torch.Size, mu_shape: torch.Size, sigma_shape: torch.Size
+) -> tuple[BroadcastLayout, torch.Size]:
+    """The layout and the common parameter shape (``x_shape`` when the parameters are expanded),
+    cached: shapes repeat every step, and broadcasting them costs microseconds per call."""
+    param_shape = (
+        mu_shape if mu_shape == sigma_shape else torch.broadcast_shapes(mu_shape, sigma_shape)
+    )
+    layout = broadcast_layout(x_shape, torch.Size(param_shape))
+    return layout, x_shape if layout.expand else torch.Size(param_shape)
+
+
+def _flat(param: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``param`` expanded to ``shape``, contiguous and flat (a view when it already is so)."""
+    if param.shape == shape and param.is_contiguous():
+        return param.view(-1)
+    return param.expand(shape).contiguous().view(-1)
+
+
 def _flat_params(
     x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
 ) -> tuple[BroadcastLayout, torch.Size, torch.Tensor, torch.Tensor]:
     """The layout, the common parameter shape, and mu/sigma as contiguous flat tensors."""
-    param_shape = torch.broadcast_shapes(mu.shape, sigma.shape)
-    layout = broadcast_layout(x.shape, param_shape)
-    if layout.expand:
-        param_shape = x.shape
-    mu_flat = mu.expand(param_shape).contiguous().view(-1)
-    sigma_flat = sigma.expand(param_shape).contiguous().view(-1)
-    return layout, param_shape, mu_flat, sigma_flat
+    layout, param_shape = _param_layout(x.shape, mu.shape, sigma.shape)
+    return layout, param_shape, _flat(mu, param_shape), _flat(sigma, param_shape)
 
 
 def _reduce_partial_sums(partial: torch.Tensor, layout: BroadcastLayout) -> torch.Tensor:
     """(row_chunks, width) fp32 partial sums -> (num_params,) sums, deterministically."""
-    per_column = partial.sum(dim=0)
+    per_column = partial.view(-1) if partial.shape[0] == 1 else partial.sum(dim=0)
     if layout.inner == 1:
         return per_column
     return per_column.view(layout.num_params, layout.inner).sum(dim=1)
@@ -115,6 +135,7 @@ def _reduce_partial_sums(partial: torch.Tensor, layout: BroadcastLayout) -> torc
 # --- the backends ---------------------------------------------------------------------------------
 
 
+@functools.cache  # an import statement per call costs host time
 def _kernels(backend: str) -> ModuleType:
     """The backend's inject_forward / inject_backward, imported on first use (Triton is
     Linux-only)."""
@@ -125,11 +146,19 @@ def _kernels(backend: str) -> ModuleType:
     return kernels
 
 
-# --- the custom op, its fake and its autograd ----------------------------------------------------
+# --- the op's two halves, the custom ops around them, and their autograd --------------------------
+#
+# ``inject_forward`` / ``inject_backward`` below are what the op computes; two entry points run them
+# (``run_inject`` picks one):
+#
+# - under torch.compile, the custom ops ``pini_kernels::inject`` and ``::inject_backward`` (opaque
+#   to the compiler, with fakes for shapes, so no graph break) and the custom op's autograd;
+# - in eager mode, ``_InjectFunction`` (an ``autograd.Function`` calling the same two functions),
+#   or the forward alone when no gradient is wanted: the custom-op dispatch costs tens of
+#   microseconds per call, more than the kernels take on small tensors.
 
 
-@torch.library.custom_op("pini_kernels::inject", mutates_args=())
-def inject(
+def inject_forward(
     x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
     multiply: bool, backend: str,
 ) -> torch.Tensor:  # fmt: skip
@@ -148,20 +177,17 @@ def inject(
     return out
 
 
-@inject.register_fake
-def _inject_fake(x, mu, sigma, seed, num_samples, multiply, backend):
-    return x.new_empty((num_samples, *x.shape), dtype=_checks.result_dtype(x, mu, sigma))
-
-
-@torch.library.custom_op("pini_kernels::inject_backward", mutates_args=())
 def inject_backward(
     grad_out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
     seed: torch.Tensor, num_samples: int, multiply: bool, backend: str, need_x_grad: bool,
     need_param_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(grad_x, grad_mu, grad_sigma) in the inputs' shapes, dtypes and layouts, summed over
-    samples and broadcast dimensions; an empty tensor stands for a gradient not asked for.
-    ``seed`` is the tensor forward was given (saved for backward), so eps is drawn again."""
+    """(grad_x, grad_mu, grad_sigma) summed over samples and broadcast dimensions; an empty tensor
+    stands for a gradient not asked for. ``seed`` is the tensor forward was given, so eps is drawn
+    again. The parameters' gradients come in their shapes, dtypes and layouts; grad_x in x's dtype,
+    in x's layout in mul mode and contiguous in add mode (where ``x`` is autograd's stand-in,
+    ``_save_for_backward``, whose ``empty_like`` is contiguous: copying into another layout would
+    cost one more pass over grad_x)."""
     seed_arg = _checks.kernel_seed(seed, x.device)
     layout, param_shape, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
     grad_x = new_buffer(x.shape, x.dtype, x.device) if need_x_grad else None
@@ -172,7 +198,10 @@ def inject_backward(
                 grad_out.contiguous(), x, mu_flat, sigma_flat, seed_arg, num_samples, multiply,
                 layout.rows, layout.width, layout.inner, grad_x, need_param_grad,
             )  # fmt: skip
-    grad_x = x.new_empty(0) if grad_x is None else like_input(grad_x, x)
+    if grad_x is None:
+        grad_x = x.new_empty(0)
+    elif multiply:
+        grad_x = like_input(grad_x, x)
     if not need_param_grad:  # empty tensors for the gradients not asked for (outputs never alias)
         return grad_x, x.new_empty(0), x.new_empty(0)
     if partial_sums is None:  # an empty x: zero gradients, as torch gives
@@ -182,25 +211,18 @@ def inject_backward(
         mu_grad, sigma_grad = (
             _reduce_partial_sums(partial, layout).view(param_shape) for partial in partial_sums
         )
-    return (
-        grad_x,
-        like_input(mu_grad.sum_to_size(mu.shape), mu),
-        like_input(sigma_grad.sum_to_size(sigma.shape), sigma),
-    )
+    return grad_x, _param_grad(mu_grad, mu), _param_grad(sigma_grad, sigma)
 
 
-@inject_backward.register_fake
-def _inject_backward_fake(
-    grad_out, x, mu, sigma, seed, num_samples, multiply, backend, need_x_grad, need_param_grad
-):
-    def like(tensor, needed):
-        return torch.empty_like(tensor) if needed else x.new_empty(0)
-
-    return like(x, need_x_grad), like(mu, need_param_grad), like(sigma, need_param_grad)
+def _param_grad(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A gradient of the common parameter shape as ``param``'s, summed over its broadcast
+    dimensions, in its dtype and layout."""
+    if grad.shape != param.shape:
+        grad = grad.sum_to_size(param.shape)
+    return like_input(grad, param)
 
 
-def _setup_context(ctx, inputs, output):
-    x, mu, sigma, seed, num_samples, multiply, backend = inputs
+def _save_for_backward(ctx, x, mu, sigma, seed, num_samples, multiply, backend) -> None:
     if not multiply:
         # Add mode's gradients do not depend on x, and no backend's inject_backward may read x in
         # add mode: keep an 8-byte stand-in with its shape and dtype, so x is neither kept alive
@@ -210,10 +232,12 @@ def _setup_context(ctx, inputs, output):
     ctx.num_samples, ctx.multiply, ctx.backend = num_samples, multiply, backend
 
 
-def _backward(ctx, grad_out):
+def _gradients(ctx, grad_out, backward) -> tuple[torch.Tensor | None, ...]:
+    """The inputs' gradients from the saved tensors, with ``backward`` (the custom op or the plain
+    function, the same arguments)."""
     x, mu, sigma, seed = ctx.saved_tensors
     need_x_grad, need_mu_grad, need_sigma_grad = ctx.needs_input_grad[:3]
-    grad_x, grad_mu, grad_sigma = inject_backward(
+    grad_x, grad_mu, grad_sigma = backward(
         grad_out, x, mu, sigma, seed, ctx.num_samples, ctx.multiply, ctx.backend,
         need_x_grad, need_mu_grad or need_sigma_grad,
     )  # fmt: skip
@@ -228,4 +252,59 @@ def _backward(ctx, grad_out):
     )
 
 
-inject.register_autograd(_backward, setup_context=_setup_context)
+inject = torch.library.custom_op("pini_kernels::inject", inject_forward, mutates_args=())
+
+
+@inject.register_fake
+def _inject_fake(x, mu, sigma, seed, num_samples, multiply, backend):
+    return x.new_empty((num_samples, *x.shape), dtype=_checks.result_dtype(x, mu, sigma))
+
+
+inject_backward_op = torch.library.custom_op(
+    "pini_kernels::inject_backward", inject_backward, mutates_args=()
+)
+
+
+@inject_backward_op.register_fake
+def _inject_backward_fake(
+    grad_out, x, mu, sigma, seed, num_samples, multiply, backend, need_x_grad, need_param_grad
+):
+    def like(tensor, needed):
+        return torch.empty_like(tensor) if needed else x.new_empty(0)
+
+    grad_x = like(x, need_x_grad) if multiply or not need_x_grad else x.new_empty(x.shape)
+    return grad_x, like(mu, need_param_grad), like(sigma, need_param_grad)
+
+
+inject.register_autograd(
+    lambda ctx, grad_out: _gradients(ctx, grad_out, inject_backward_op),
+    setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, *inputs),
+)
+
+
+class _InjectFunction(torch.autograd.Function):
+    """The eager entry point: the same forward, saved tensors and backward as the custom op's
+    autograd, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, mu, sigma, seed, num_samples, multiply, backend):
+        _save_for_backward(ctx, x, mu, sigma, seed, num_samples, multiply, backend)
+        return inject_forward(x, mu, sigma, seed, num_samples, multiply, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return _gradients(ctx, grad_out, inject_backward)
+
+
+def run_inject(
+    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
+    multiply: bool, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """The op on checked arguments (``inject_forward``'s), with autograd: the custom op under
+    torch.compile, else the eager entry point, or the forward alone when no gradient is wanted."""
+    if torch.compiler.is_compiling():
+        return inject(x, mu, sigma, seed, num_samples, multiply, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or sigma.requires_grad):
+        return _InjectFunction.apply(x, mu, sigma, seed, num_samples, multiply, backend)
+    return inject_forward(x, mu, sigma, seed, num_samples, multiply, backend)

@@ -31,6 +31,7 @@ ROWS_PER_CHUNK = {"cpu": 64}
 MAX_FEATURE_DIM = 1 << 20
 
 
+@functools.cache  # once: an import statement per kernel call costs microseconds
 def _ops():
     from . import _C  # noqa: F401  (registers torch.ops.pini_native)
 
@@ -81,6 +82,8 @@ def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor
     is (no copy, no sync); a CPU tensor for a GPU is read on the host (no sync) and written there
     by a fill kernel, as an int is (no host-to-device copy, so graph capture works too)."""
     if isinstance(seed, torch.Tensor):
+        if seed.dim() == 0 and seed.dtype == torch.int64 and seed.device == device:
+            return seed  # the common case first: small tensors feel every host-side check
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(
                 f"seed must be an int or a one-element int64 tensor, got a {seed.dtype} tensor "
@@ -100,6 +103,12 @@ def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor
     return torch.full((), key, dtype=torch.int64, device=device)
 
 
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """The compiled kernels read fp32 parameters (no call when they already are: small tensors
+    pay for every host-side call)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+
+
 def noise_forward(
     numel: int, seed: int | torch.Tensor, device: torch.device, dtype: torch.dtype, start: int = 0
 ) -> torch.Tensor:
@@ -114,7 +123,7 @@ def noise_forward(
 def inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out) -> None:
     """See triton/inject.py's inject_forward; the compiled kernels read fp32 parameters."""
     _ops().inject_forward(
-        x, mu.to(torch.float32), sigma.to(torch.float32), _seed_tensor(seed, x.device),
+        x, _float32(mu), _float32(sigma), _seed_tensor(seed, x.device),
         num_samples, multiply, rows, width, inner, out,
     )  # fmt: skip
 
@@ -134,7 +143,7 @@ def inject_backward(
     # In add mode x may be autograd's one-element stand-in (inject.py): no kernel reads it there.
     x_data = x.contiguous() if multiply else x
     _ops().inject_backward(
-        grad_out, x_data, mu.to(torch.float32), sigma.to(torch.float32),
+        grad_out, x_data, _float32(mu), _float32(sigma),
         _seed_tensor(seed, grad_out.device), num_samples, multiply, rows, width, inner,
         rows_per_chunk, grad_x, partial_mu, partial_sigma,
     )  # fmt: skip

@@ -330,6 +330,64 @@ def test_add_mode_keeps_no_reference_to_x(backend):
     torch.testing.assert_close(mu.grad, torch.full_like(mu, 4.0))
 
 
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the operators dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="needs the native CPU kernels")
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_eager_call_runs_the_kernels_without_custom_op_or_copies(mode):
+    """Outside torch.compile, forward+backward runs one forward and one backward kernel: no
+    custom-op dispatch (host time that small tensors feel) and no copy of grad_x (add mode's
+    stand-in for x is not contiguous; its gradient must not be copied into another layout)."""
+    x, mu, sigma = (t.requires_grad_() for t in _inputs((4, 3, 5), (3, 5), (3, 5),
+                                                         torch.float32, "cpu"))  # fmt: skip
+    with _RecordOps() as recorded:
+        out = pini_kernels.fused_inject(x, mu, sigma, mode=mode, num_samples=2, seed=5,
+                                        backend="cpu")  # fmt: skip
+        grads = torch.autograd.grad(out, (x, mu, sigma), torch.ones_like(out))
+    names = recorded.names
+    assert names.count("pini_native::inject_forward") == 1, names
+    assert names.count("pini_native::inject_backward") == 1, names
+    assert not any(name.startswith("pini_kernels::") for name in names), names
+    assert "aten::copy_" not in names, names
+    eps = pini_kernels.noise((2, 4, 3, 5), seed=5, backend="cpu")
+    noise = mu.detach() + sigma.detach() * eps
+    expected_x = (noise.sum(0) if mode == "mul" else torch.full_like(x, 2.0)).detach()
+    factor = x.detach() if mode == "mul" else torch.ones_like(x)
+    assert_close(grads[0], expected_x, atol=1e-5, rtol=1e-5, name="grad_x")
+    assert_close(grads[1], (factor * 2).sum(0), atol=1e-5, rtol=1e-5, name="grad_mu")
+    assert_close(grads[2], (factor * eps).sum((0, 1)), atol=1e-5, rtol=1e-5, name="grad_sigma")
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="needs the native CPU kernels")
+@pytest.mark.parametrize("x_shape", [(32, 512), (16, 3, 32, 32)], ids=["one-thread", "threads"])
+def test_cpu_results_do_not_depend_on_thread_count(x_shape):
+    """Small work runs on one thread, larger work on several: same bits either way."""
+    x, mu, sigma = (t.requires_grad_() for t in _inputs(x_shape, x_shape[1:], x_shape[1:],
+                                                         torch.float32, "cpu"))  # fmt: skip
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=3, seed=8,
+                                            backend="cpu")  # fmt: skip
+            results.append((out, *torch.autograd.grad(out, (x, mu, sigma), out.detach())))
+    finally:
+        torch.set_num_threads(threads)
+    for single, several in zip(*results, strict=True):
+        assert torch.equal(single, several)
+
+
 def _inject_twice(x, mu, sigma, backend):
     first = pini_kernels.fused_inject(x, mu, sigma, num_samples=2, seed=3, backend=backend)
     second = pini_kernels.fused_inject(first, mu, sigma, mode="mul", seed=4, backend=backend)
@@ -426,6 +484,9 @@ WIDE_PATTERNS = {
     "per-row": ((3, 13_336), (3, 13_336)),
     # rows 1 x width 40004, 10001 consecutive elements share a parameter.
     "leading": ((4, 10_001), (4, 1)),
+    # rows 2 x width 16800, runs of 7 elements share a parameter: CPU tiles (2048 = 7 * 292 + 4)
+    # start inside a run.
+    "middle": ((2, 2400, 7), (2400, 1)),
 }
 
 

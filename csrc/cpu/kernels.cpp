@@ -20,29 +20,7 @@ namespace pini::cpu {
 
 #if PINI_CPU_AVX512_COPY
 namespace avx512 {  // kernels_avx512.cpp: the same kernels compiled for AVX-512
-
-void normal_fill(uint64_t seed, int64_t start, int64_t count, float* out, int num_threads);
-template <typename In, typename Out>
-void inject_forward(const In* x, const float* mu, const float* sigma, Out* out, uint64_t seed,
-                    InjectShape shape, int num_threads);
-template <typename In, typename Out>
-void inject_backward(const Out* grad_out, const In* x, const float* mu, const float* sigma,
-                     In* grad_x, float* partial_mu, float* partial_sigma, uint64_t seed,
-                     InjectShape shape, int64_t rows_per_chunk, int num_threads);
-template <typename In>
-void noisy_normalize(const FeatureRows<In>& side, uint64_t seed, int64_t stream_offset,
-                     float* unit, float* norm, int num_threads);
-template <typename In>
-void noisy_normalize_backward(const FeatureRows<In>& side, uint64_t seed, int64_t stream_offset,
-                              const float* unit, const float* norm, const float* grad_unit,
-                              float* grad_x, float* grad_mu, float* grad_sigma, int num_threads);
-void cross_entropy_stats(const float* cosine, const int64_t* target, float scale, int64_t rows,
-                         int64_t classes, float* lse, float* target_logit, float* logit_sum,
-                         int num_threads);
-void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
-                        const float* row_grad, float scale, float label_smoothing, int64_t rows,
-                        int64_t classes, float* scale_grad, int num_threads);
-
+#include "kernel_declarations.inc"
 }  // namespace avx512
 #endif
 

@@ -56,6 +56,8 @@ constexpr int kBatchQuads = 64;
 // Columns per task: 2048 floats per tile row (8 KB) keeps x, mu, sigma, eps and the accumulators
 // of a tile in L1/L2 while a task walks its rows and samples.
 constexpr int64_t kColumnChunk = 2048;
+// Normals the inject kernels draw at a time (one Philox batch) before using them.
+constexpr int64_t kEpsBatch = 4 * kBatchQuads;
 
 #if PINI_CPU_AVX512
 // High 32 bits of the 32 x 32-bit products of 16 lanes: vpmuludq on the even and the odd lanes
@@ -247,13 +249,26 @@ Tiling tile(int64_t rows, int64_t width, int64_t rows_per_chunk) {
   return {column_chunks, row_chunks, rows_per_chunk};
 }
 
-// mu/sigma of the columns column_start .. column_start + length - 1.
+// mu/sigma of the columns column_start .. column_start + length - 1. One division per tile, not
+// per element (a 64-bit division costs tens of cycles, as much as drawing the element's normal):
+// inner == 1 is a plain copy, else a run of `inner` columns repeats each parameter.
 void gather_params(const float* mu, const float* sigma, int64_t inner, int64_t column_start,
                    int64_t length, float* mu_tile, float* sigma_tile) {
-  for (int64_t c = 0; c < length; ++c) {
-    const int64_t param = (column_start + c) / inner;
-    mu_tile[c] = mu[param];
-    sigma_tile[c] = sigma[param];
+  if (inner == 1) {
+    std::memcpy(mu_tile, mu + column_start, static_cast<size_t>(length) * sizeof(float));
+    std::memcpy(sigma_tile, sigma + column_start, static_cast<size_t>(length) * sizeof(float));
+    return;
+  }
+  int64_t param = column_start / inner;
+  int64_t c = 0;
+  int64_t run_end = std::min(length, (param + 1) * inner - column_start);
+  while (c < length) {
+    const float mu_value = mu[param], sigma_value = sigma[param];
+    std::fill(mu_tile + c, mu_tile + run_end, mu_value);
+    std::fill(sigma_tile + c, sigma_tile + run_end, sigma_value);
+    c = run_end;
+    ++param;
+    run_end = std::min(length, run_end + inner);
   }
 }
 
@@ -262,7 +277,7 @@ void gather_params(const float* mu, const float* sigma, int64_t inner, int64_t c
 void normal_fill(uint64_t seed, int64_t start, int64_t count, float* out, int num_threads) {
   const int64_t chunk = 4 * kBatchQuads * 16;
   const int64_t chunks = (count + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
   for (int64_t index = 0; index < chunks; ++index) {
     const int64_t offset = index * chunk;
     fill_span(seed, start + offset, std::min(chunk, count - offset), out + offset);
@@ -273,31 +288,47 @@ template <typename In, typename Out>
 void inject_forward(const In* x, const float* mu, const float* sigma, Out* out, uint64_t seed,
                     InjectShape shape, int num_threads) {
   const int64_t numel = shape.rows * shape.width;
-  // Forward has no reductions: one row per chunk when there are enough column chunks.
-  const Tiling tiling = tile(shape.rows, shape.width, 1);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  // Forward has no reductions: a task walks a chunk of rows of one column tile, gathering the
+  // tile's parameters once; the rows are split into as few chunks as give each thread about 8
+  // tasks (one row per chunk when there are few column tiles).
+  const int64_t column_chunks = (shape.width + kColumnChunk - 1) / kColumnChunk;
+  const int64_t row_chunks = std::min<int64_t>(
+      shape.rows, std::max<int64_t>(1, (8 * num_threads + column_chunks - 1) / column_chunks));
+  const Tiling tiling = tile(shape.rows, shape.width, (shape.rows + row_chunks - 1) / row_chunks);
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
   for (int64_t task = 0; task < tiling.tasks(); ++task) {
     alignas(64) float mu_tile[kColumnChunk], sigma_tile[kColumnChunk], x_tile[kColumnChunk],
-        eps[kColumnChunk];
+        eps[kEpsBatch];
     const int64_t column_start = (task % tiling.column_chunks) * kColumnChunk;
-    const int64_t row = task / tiling.column_chunks;
+    const int64_t row_start = (task / tiling.column_chunks) * tiling.rows_per_chunk;
+    const int64_t row_end = std::min(row_start + tiling.rows_per_chunk, shape.rows);
     const int64_t length = std::min(kColumnChunk, shape.width - column_start);
     gather_params(mu, sigma, shape.inner, column_start, length, mu_tile, sigma_tile);
-    const int64_t base = row * shape.width + column_start;
+    for (int64_t row = row_start; row < row_end; ++row) {
+      const int64_t base = row * shape.width + column_start;
 #pragma omp simd
-    for (int64_t c = 0; c < length; ++c) x_tile[c] = to_float(x[base + c]);
-    for (int64_t sample = 0; sample < shape.num_samples; ++sample) {
-      const int64_t first = sample * numel + base;
-      fill_span(seed, first, length, eps);
-      Out* destination = out + first;
-      if (shape.multiply) {
+      for (int64_t c = 0; c < length; ++c) x_tile[c] = to_float(x[base + c]);
+      for (int64_t sample = 0; sample < shape.num_samples; ++sample) {
+        const int64_t first = sample * numel + base;
+        // A batch of normals at a time, used while it is in L1: drawing the tile's normals first
+        // and then reading them back costs about a tenth more.
+        for (int64_t c0 = 0; c0 < length; c0 += kEpsBatch) {
+          const int64_t n = std::min(kEpsBatch, length - c0);
+          fill_span(seed, first + c0, n, eps);
+          Out* destination = out + first + c0;
+          const float* xs = x_tile + c0;
+          const float* ms = mu_tile + c0;
+          const float* ss = sigma_tile + c0;
+          if (shape.multiply) {
 #pragma omp simd
-        for (int64_t c = 0; c < length; ++c)
-          destination[c] = from_float<Out>(x_tile[c] * (mu_tile[c] + sigma_tile[c] * eps[c]));
-      } else {
+            for (int64_t c = 0; c < n; ++c)
+              destination[c] = from_float<Out>(xs[c] * (ms[c] + ss[c] * eps[c]));
+          } else {
 #pragma omp simd
-        for (int64_t c = 0; c < length; ++c)
-          destination[c] = from_float<Out>(x_tile[c] + (mu_tile[c] + sigma_tile[c] * eps[c]));
+            for (int64_t c = 0; c < n; ++c)
+              destination[c] = from_float<Out>(xs[c] + (ms[c] + ss[c] * eps[c]));
+          }
+        }
       }
     }
   }
@@ -311,11 +342,10 @@ void inject_backward(const Out* grad_out, const In* x, const float* mu, const fl
   const bool need_params = partial_mu != nullptr;
   const bool need_eps = need_params || shape.multiply;
   const Tiling tiling = tile(shape.rows, shape.width, rows_per_chunk);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
   for (int64_t task = 0; task < tiling.tasks(); ++task) {
     alignas(64) float mu_tile[kColumnChunk], sigma_tile[kColumnChunk], x_tile[kColumnChunk],
-        eps[kColumnChunk], x_grad[kColumnChunk], mu_grad[kColumnChunk],
-        sigma_grad[kColumnChunk];
+        eps[kEpsBatch], x_grad[kColumnChunk], mu_grad[kColumnChunk], sigma_grad[kColumnChunk];
     const int64_t column_start = (task % tiling.column_chunks) * kColumnChunk;
     const int64_t row_chunk = task / tiling.column_chunks;
     const int64_t length = std::min(kColumnChunk, shape.width - column_start);
@@ -333,28 +363,41 @@ void inject_backward(const Out* grad_out, const In* x, const float* mu, const fl
       std::fill(x_grad, x_grad + length, 0.0f);
       for (int64_t sample = 0; sample < shape.num_samples; ++sample) {
         const int64_t first = sample * numel + base;
-        const Out* grad = grad_out + first;
-        if (need_eps) fill_span(seed, first, length, eps);
-        if (shape.multiply) {
-#pragma omp simd
-          for (int64_t c = 0; c < length; ++c) {
-            const float g = to_float(grad[c]);
-            x_grad[c] += g * (mu_tile[c] + sigma_tile[c] * eps[c]);
-            const float g_x = g * x_tile[c];
-            mu_grad[c] += g_x;
-            sigma_grad[c] += g_x * eps[c];
-          }
-        } else if (need_params) {
-#pragma omp simd
-          for (int64_t c = 0; c < length; ++c) {
-            const float g = to_float(grad[c]);
-            x_grad[c] += g;
-            mu_grad[c] += g;
-            sigma_grad[c] += g * eps[c];
-          }
-        } else {
+        if (!need_eps) {
+          const Out* grad = grad_out + first;
 #pragma omp simd
           for (int64_t c = 0; c < length; ++c) x_grad[c] += to_float(grad[c]);
+          continue;
+        }
+        // A batch of normals at a time, used while it is in L1 (see inject_forward).
+        for (int64_t c0 = 0; c0 < length; c0 += kEpsBatch) {
+          const int64_t n = std::min(kEpsBatch, length - c0);
+          fill_span(seed, first + c0, n, eps);
+          const Out* grad = grad_out + first + c0;
+          float* xg = x_grad + c0;
+          float* mg = mu_grad + c0;
+          float* sg = sigma_grad + c0;
+          if (shape.multiply) {
+            const float* xs = x_tile + c0;
+            const float* ms = mu_tile + c0;
+            const float* ss = sigma_tile + c0;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const float g = to_float(grad[c]);
+              xg[c] += g * (ms[c] + ss[c] * eps[c]);
+              const float g_x = g * xs[c];
+              mg[c] += g_x;
+              sg[c] += g_x * eps[c];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const float g = to_float(grad[c]);
+              xg[c] += g;
+              mg[c] += g;
+              sg[c] += g * eps[c];
+            }
+          }
         }
       }
       if (grad_x != nullptr) {
@@ -395,7 +438,7 @@ void noisy_row(const FeatureRows<In>& side, uint64_t seed, int64_t stream_offset
 template <typename In>
 void noisy_normalize(const FeatureRows<In>& side, uint64_t seed, int64_t stream_offset,
                      float* unit, float* norm, int num_threads) {
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
     float* eps = new float[side.dim];
 #pragma omp for schedule(static)
@@ -421,7 +464,7 @@ void noisy_normalize_backward(const FeatureRows<In>& side, uint64_t seed, int64_
                               float* grad_x, float* grad_mu, float* grad_sigma, int num_threads) {
   const bool has_noise = side.mu != nullptr;
   const bool need_eps = has_noise && (side.multiply || grad_mu != nullptr);
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
     float* eps = new float[side.dim];
     float* grad_value = new float[side.dim];
@@ -472,7 +515,7 @@ void noisy_normalize_backward(const FeatureRows<In>& side, uint64_t seed, int64_
 void cross_entropy_stats(const float* cosine, const int64_t* target, float scale, int64_t rows,
                          int64_t classes, float* lse, float* target_logit, float* logit_sum,
                          int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const float* values = cosine + row * classes;
     float row_max = -INFINITY, total = 0.0f;
@@ -497,7 +540,7 @@ void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
                         const float* row_grad, float scale, float label_smoothing, int64_t rows,
                         int64_t classes, float* scale_grad, int num_threads) {
   const float smoothing_share = label_smoothing / static_cast<float>(classes);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     float* values = cosine + row * classes;
     const float g = row_grad[row], row_lse = lse[row];
