@@ -212,15 +212,7 @@ TORCH_LIBRARY(pini_native, m) {
         &cuda_inject_launch);
 }
 
-TORCH_LIBRARY_IMPL(pini_native, CPU, m) {
-  m.impl("noise", &noise_cpu);
-  m.impl("inject_forward", &inject_forward_cpu);
-  m.impl("inject_backward", &inject_backward_cpu);
-  m.impl("noisy_normalize", &noisy_normalize_cpu);
-  m.impl("noisy_normalize_backward", &noisy_normalize_backward_cpu);
-  m.impl("cross_entropy_stats", &cross_entropy_stats_cpu);
-  m.impl("cross_entropy_grad", &cross_entropy_grad_cpu);
-}
+TORCH_LIBRARY_IMPL(pini_native, CPU, m) { PINI_NATIVE_IMPLS(m, cpu); }
 
 }  // namespace pini
 

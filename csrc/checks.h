@@ -215,3 +215,17 @@ inline void cross_entropy_grad(const Tensor& cosine, const Tensor& lse, const Te
 }
 
 }  // namespace pini::checks
+
+// The implementations of the seven pini_native ops for one dispatch key: every backend names its
+// functions <op>_<suffix> (noise_cpu, noise_cuda, ...), so the CPU and CUDA registrations are one
+// list: `TORCH_LIBRARY_IMPL(pini_native, CPU, m) { PINI_NATIVE_IMPLS(m, cpu); }`.
+#define PINI_NATIVE_IMPLS(m, suffix)                                          \
+  do {                                                                        \
+    (m).impl("noise", &noise_##suffix);                                       \
+    (m).impl("inject_forward", &inject_forward_##suffix);                     \
+    (m).impl("inject_backward", &inject_backward_##suffix);                   \
+    (m).impl("noisy_normalize", &noisy_normalize_##suffix);                   \
+    (m).impl("noisy_normalize_backward", &noisy_normalize_backward_##suffix); \
+    (m).impl("cross_entropy_stats", &cross_entropy_stats_##suffix);           \
+    (m).impl("cross_entropy_grad", &cross_entropy_grad_##suffix);             \
+  } while (false)

@@ -35,11 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 import pini_kernels
 
-from .data import ImageList, collate_skipping
+from .data import encode_samples
 from .errors import InputError
 from .model import encode_text_embeddings
 from .prompts import (
@@ -885,19 +884,8 @@ def encode_images(
     left in eval mode."""
     _check_positive_int("batch_size", batch_size)
     clip.to(device).eval()
-    loader = DataLoader(
-        ImageList(samples, transform), batch_size=batch_size, collate_fn=collate_skipping
-    )
-    features, labels, skipped = [], [], 0
-    for images, batch_labels, batch_skipped in loader:
-        skipped += batch_skipped
-        if images is None:
-            continue
-        features.append(clip.encode_image(images.to(device)).float().cpu())
-        labels.append(batch_labels)
-    if not features:
-        raise InputError(f"no image could be encoded: {len(samples)} samples, {skipped} unreadable")
-    return torch.cat(features), torch.cat(labels).long()
+    encoded = encode_samples(clip.encode_image, samples, transform, batch_size, device)
+    return encoded.features, encoded.labels
 
 
 def encode_augmented_views(
@@ -940,10 +928,10 @@ def coop_epochs(shots: int, dataset_name: str | None = None) -> int:
 
 
 def training_defaults(method: str, shots: int, dataset_name: str | None = None) -> dict:
-    """The training settings of a trained baseline, as its paper's code sets them: the fields
-    of ``pini.train.TrainConfig`` (epochs, lr, batch_size, momentum, weight_decay,
-    warmup_epochs, warmup_lr), plus ``optimizer`` ("sgd" or "adamw") and ``crop_scale`` (the
-    random resized crop's scale range).
+    """The training settings of a trained baseline, as its paper's code sets them: fields of
+    ``pini.train.TrainConfig`` (epochs, lr, batch_size, momentum, weight_decay, warmup_epochs,
+    warmup_lr, optimizer "sgd" or "adamw"), plus ``crop_scale`` (the random resized crop's
+    scale range).
 
     - "coop": CoOp's ``configs/trainers/CoOp/vit_b16*.yaml`` on Dassl: SGD lr 0.002 (momentum
       0.9, weight decay 5e-4: Dassl's defaults), batch 32, cosine, one warm-up epoch at a
@@ -952,8 +940,8 @@ def training_defaults(method: str, shots: int, dataset_name: str | None = None) 
       configuration of its own was published, so CoOp's ViT-B/16 settings (200 epochs).
     - "tip-adapter-f": Tip-Adapter's ``main.py`` and configs: AdamW (lr 0.001, eps 1e-4, its
       default weight decay 0.01), cosine over every step, no warm-up, batch 256, 20 epochs,
-      crops of scale (0.5, 1). ``pini.train.train`` only has SGD: "adamw" must be honoured by
-      the caller, or the difference reported.
+      crops of scale (0.5, 1) (``TrainConfig(optimizer="adamw")``; its schedule is cosine
+      per epoch, not per step).
     """
     _check_positive_int("shots", shots)
     if method == "coop" or method == "clip-adapter":

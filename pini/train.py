@@ -15,6 +15,7 @@ from a single-process run's; with the noise switched off the two runs agree to f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,19 +31,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from .data import ImageList, collate_skipping
+from .data import EncodedImages, ImageList, collate_skipping
 from .errors import InputError
 from .model import PiNI
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+OPTIMIZERS = ("sgd", "adamw")
+# Tip-Adapter-F's AdamW (its main.py): eps 1e-4 instead of PyTorch's 1e-8.
+ADAMW_EPS = 1e-4
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """The paper's defaults (appendix A.3): SGD, batch 32, a cosine schedule after one warm-up
     epoch at a constant 1e-5, lr 0.002, 200 epochs. Momentum 0.9 and weight decay 5e-4 are
-    Dassl's defaults (the authors' code base): the paper does not state them."""
+    Dassl's defaults (the authors' code base): the paper does not state them. ``optimizer``
+    "adamw" is AdamW with ``weight_decay`` and eps ``ADAMW_EPS`` (Tip-Adapter-F's)."""
 
     epochs: int = 200
     lr: float = 0.002
@@ -54,8 +59,11 @@ class TrainConfig:
     seed: int = 1
     num_workers: int = 0
     progress: bool = True
+    optimizer: str = "sgd"  # or "adamw" (Tip-Adapter-F's; ``momentum`` is then unused)
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("epochs", "batch_size", "warmup_epochs"):
             value = getattr(self, name)
             minimum = 0 if name == "warmup_epochs" else 1
@@ -161,9 +169,11 @@ def save_checkpoint(
     run: dict | None = None,
 ) -> None:
     """The generators' state, the optimizer, where we are and what the run is (``run``: the
-    resolved options of the command that started it); written atomically."""
+    resolved options of the command that started it; its "method", "pini" if absent, is also
+    stored as the checkpoint's "method"); written atomically."""
     state = {
         "format": CHECKPOINT_FORMAT,
+        "method": (run or {}).get("method", "pini"),
         "epoch": epoch,
         "generators": generator_state(model),
         "optimizer": optimizer.state_dict(),
@@ -171,6 +181,38 @@ def save_checkpoint(
         "pini_config": dataclasses.asdict(model.config),
         "run": run or {},
     }
+    _save_atomically(path, state)
+
+
+def save_fitted_checkpoint(
+    path: Path, method: str, fitted_state: dict, method_config: dict, run: dict
+) -> None:
+    """The checkpoint of a method that is fitted or built rather than trained (zero-shot CLIP,
+    the linear probe, Tip-Adapter): the same format as ``save_checkpoint``'s, its "method",
+    ``fitted_state`` (the method's ``state_dict()``, empty for zero-shot CLIP) where a trained
+    run has its generators' state, epoch 0 and no optimizer; written atomically."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "method": method,
+        "epoch": 0,
+        "generators": fitted_state,
+        "optimizer": {},
+        "train_config": {},
+        "pini_config": method_config,
+        "run": run,
+    }
+    _save_atomically(path, state)
+
+
+def update_checkpoint_state(path: Path, model: nn.Module) -> None:
+    """Replaces the trained state in the checkpoint at ``path`` by ``model``'s (e.g. what a
+    search after training changed: Tip-Adapter-F's alpha and beta); the rest is kept."""
+    state = read_checkpoint(path)
+    state["generators"] = generator_state(model)
+    _save_atomically(path, state)
+
+
+def _save_atomically(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     torch.save(state, temporary)
@@ -241,6 +283,16 @@ def load_checkpoint(checkpoint: str | Path | dict, model: PiNI, optimizer=None) 
     return int(state["epoch"])
 
 
+def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(
+            parameters, lr=config.lr, weight_decay=config.weight_decay, eps=ADAMW_EPS
+        )
+    return torch.optim.SGD(
+        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
 def _keep_metrics_through(path: Path, epochs_done: int) -> None:
     """Drops metric lines past the checkpoint (a kill between the metrics append and the
     checkpoint write leaves an epoch that will run again) and any torn last line."""
@@ -299,10 +351,7 @@ def train(
     if world > 1:
         device_ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
         step_module = DistributedDataParallel(step_module, device_ids=device_ids)
-    parameters = list(_trainable(model).values())
-    optimizer = torch.optim.SGD(
-        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = _optimizer(list(_trainable(model).values()), config)
     start_epoch = 0
     if resume and checkpoint.is_file():
         start_epoch = load_checkpoint(read_checkpoint(checkpoint), model, optimizer) + 1
@@ -384,9 +433,28 @@ def train(
     return metrics
 
 
+@contextlib.contextmanager
+def features_in_place_of_images(clip: nn.Module):
+    """While active, ``clip.encode_image(x)`` returns ``x``: the image tower is replaced by the
+    identity, so a model that encodes its images with the frozen CLIP (PiNI without image-level
+    noise, the baselines' modules) can be given their precomputed features (B, D) instead."""
+    visual = clip.visual
+    clip.visual = nn.Identity()
+    try:
+        yield
+    finally:
+        clip.visual = visual
+
+
+def _perturbs_images(model) -> bool:
+    """Whether ``model`` changes raw images (PiNI's image-level noise): then its logits cannot
+    come from features encoded beforehand."""
+    return getattr(getattr(model, "config", None), "visual", None) == "image"
+
+
 @torch.no_grad()
 def evaluate(
-    model: PiNI,
+    model,
     samples: list[tuple],
     transform,
     *,
@@ -396,56 +464,99 @@ def evaluate(
     progress: bool = True,
     seed: int = 0,
     class_subset: list[int] | None = None,
+    features: EncodedImages | None = None,
 ) -> dict:
-    """Accuracy, macro-F1 and per-class accuracy (in %) of PiNI (or zero-shot CLIP) on
+    """Accuracy, macro-F1 and per-class accuracy (in %) of ``model`` (or of zero-shot CLIP) on
     ``samples``; unreadable images are skipped and counted. The inference noise of batch ``i``
     is drawn with seed ``seed + i``, so an evaluation is exactly repeatable. ``class_subset``
     (indices into the model's classes, e.g. ImageNet-A's 200 of ImageNet's 1000) restricts the
-    prediction to those classes. No readable image at all is an ``InputError``."""
-    model.to(device).eval()
-    loader = DataLoader(
-        ImageList(samples, transform), batch_size=batch_size, collate_fn=collate_skipping
-    )
+    prediction to those classes. No readable image at all is an ``InputError``. Macro-F1 and
+    the confusion matrix are scikit-learn's (``f1_score`` over the classes that have test
+    images, ``confusion_matrix``).
+
+    ``model``: PiNI, a module of ``pini.baselines`` (``forward(images, seed)``,
+    ``zero_shot_logits``), or a fitted method with only ``logits(features)`` and
+    ``num_classes`` (``LinearProbe``, ``TipAdapter``; needs ``features``). ``features``: the
+    frozen image features of ``samples`` (``pini.data.encode_samples`` with this ``transform``
+    and ``batch_size``), used instead of the images; batch i then holds the same images with the
+    same noise seed, so the result is the one the images give. Not for PiNI with image-level
+    noise, which perturbs the images themselves.
+    """
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    module = isinstance(model, nn.Module)
+    if features is None and not module:
+        raise ValueError(
+            f"a {type(model).__name__} predicts from features: pass features=encode_samples(...)"
+        )
+    if features is not None:
+        if _perturbs_images(model):
+            raise ValueError("features cannot stand in for images under image-level noise")
+        if features.batch_size != batch_size:
+            raise ValueError(
+                f"features were encoded in batches of {features.batch_size}, batch_size is "
+                f"{batch_size}: the per-batch noise seeds would not match"
+            )
+        if features.features.shape[0] + features.skipped != len(samples):
+            raise ValueError(
+                f"features hold {features.features.shape[0]} rows and {features.skipped} "
+                f"skipped images, samples has {len(samples)}"
+            )
+    if module:
+        model.to(device).eval()
     classes = model.num_classes
     subset = None if class_subset is None else torch.tensor(class_subset, dtype=torch.long)
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
-    skipped = 0
-    batches = tqdm(loader, desc="evaluate", leave=False, disable=not progress)
-    for batch_index, (images, labels, batch_skipped) in enumerate(batches):
-        skipped += batch_skipped
-        if images is None:
-            continue
-        images = images.to(device)
-        if zero_shot:
-            logits = model.zero_shot_logits(images)
-        else:
-            logits = model(images, seed=(seed + batch_index) % (1 << 62))
-        if subset is None:
-            predictions = logits.argmax(dim=-1).cpu()
-        else:
-            predictions = subset[logits[:, subset.to(logits.device)].argmax(dim=-1).cpu()]
-        confusion += torch.bincount(
-            labels * classes + predictions, minlength=classes * classes
-        ).view(classes, classes)
-    if confusion.sum() == 0:
+    if features is not None:
+        batches = ((index, rows, labels, 0) for index, rows, labels in features.batches())
+        skipped = features.skipped
+        bypass = features_in_place_of_images(model.clip) if module else contextlib.nullcontext()
+    else:
+        loader = DataLoader(
+            ImageList(samples, transform), batch_size=batch_size, collate_fn=collate_skipping
+        )
+        batches, skipped, bypass = _image_batches(loader), 0, contextlib.nullcontext()
+    all_labels, all_predictions = [], []
+    with bypass:
+        for batch_index, inputs, labels, batch_skipped in tqdm(
+            batches, desc="evaluate", leave=False, disable=not progress
+        ):
+            skipped += batch_skipped
+            if inputs is None:
+                continue
+            inputs = inputs.to(device)
+            if zero_shot:
+                logits = model.zero_shot_logits(inputs)
+            elif module:
+                logits = model(inputs, seed=(seed + batch_index) % (1 << 62))
+            else:
+                logits = model.logits(inputs)
+            if subset is None:
+                predictions = logits.argmax(dim=-1).cpu()
+            else:
+                predictions = subset[logits[:, subset.to(logits.device)].argmax(dim=-1).cpu()]
+            all_labels.append(labels.cpu())
+            all_predictions.append(predictions)
+    if not all_labels:
         raise InputError(f"no image to evaluate: {len(samples)} test samples, {skipped} unreadable")
-    correct = confusion.diag().double()
-    support = confusion.sum(dim=1).double()
-    predicted = confusion.sum(dim=0).double()
-    recall = torch.where(support > 0, correct / support.clamp_min(1), torch.zeros_like(correct))
-    precision = torch.where(
-        predicted > 0, correct / predicted.clamp_min(1), torch.zeros_like(correct)
-    )
-    f1 = torch.where(
-        precision + recall > 0,
-        2 * precision * recall / (precision + recall).clamp_min(1e-12),
-        torch.zeros_like(correct),
-    )
-    present = support > 0
+    labels, predictions = torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy()
+    confusion = confusion_matrix(labels, predictions, labels=list(range(classes)))
+    support = confusion.sum(axis=1)
+    present = [label for label in range(classes) if support[label] > 0]
+    macro_f1 = f1_score(labels, predictions, labels=present, average="macro", zero_division=0)
+    recall = [
+        100.0 * confusion[label, label] / support[label] if support[label] else 0.0
+        for label in range(classes)
+    ]
     return {
-        "accuracy": 100.0 * correct.sum().item() / max(support.sum().item(), 1),
-        "macro_f1": 100.0 * f1[present].mean().item() if present.any() else 0.0,
-        "per_class_accuracy": (100.0 * recall).tolist(),
+        "accuracy": 100.0 * float(confusion.trace()) / float(support.sum()),
+        "macro_f1": 100.0 * float(macro_f1),
+        "per_class_accuracy": [float(value) for value in recall],
         "skipped_images": skipped,
-        "samples": int(support.sum().item()),
+        "samples": int(support.sum()),
     }
+
+
+def _image_batches(loader: DataLoader):
+    """(batch index, images, labels, skipped images) per loader batch."""
+    for index, (images, labels, skipped) in enumerate(loader):
+        yield index, images, labels, skipped

@@ -172,14 +172,6 @@ void cross_entropy_grad_cuda(Tensor& cosine, const Tensor& lse, const Tensor& ta
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pini_native, CUDA, m) {
-  m.impl("noise", &noise_cuda);
-  m.impl("inject_forward", &inject_forward_cuda);
-  m.impl("inject_backward", &inject_backward_cuda);
-  m.impl("noisy_normalize", &noisy_normalize_cuda);
-  m.impl("noisy_normalize_backward", &noisy_normalize_backward_cuda);
-  m.impl("cross_entropy_stats", &cross_entropy_stats_cuda);
-  m.impl("cross_entropy_grad", &cross_entropy_grad_cuda);
-}
+TORCH_LIBRARY_IMPL(pini_native, CUDA, m) { PINI_NATIVE_IMPLS(m, cuda); }
 
 }  // namespace pini

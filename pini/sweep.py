@@ -1,0 +1,235 @@
+"""The report of ``pini sweep``: the paper's Table 2 and Fig. 5 from the runs' summaries.
+
+``report`` gathers every run's numbers and, per method, dataset and shot count, the mean test
+accuracy over seeds with the half-width of its 95% interval (Student's t, ``mean_and_interval``),
+the same for the average over datasets (per seed, the mean over datasets, then over seeds) and
+PiNI's gain over each baseline (per seed, PiNI's average minus the baseline's: paired, since both
+ran on the same few-shot split). ``write`` stores it as ``sweep.json`` (everything, so a report
+can be rebuilt), ``sweep.md`` (the tables) and ``sweep.png`` (accuracy against shots).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+SWEEP_FORMAT = "pini-sweep/1"
+CONFIDENCE = 0.95
+METHOD_NAMES = {
+    "pini": "PiNI",
+    "zero-shot": "zero-shot CLIP",
+    "linear-probe": "linear probe",
+    "coop": "CoOp",
+    "clip-adapter": "CLIP-Adapter",
+    "tip-adapter": "Tip-Adapter",
+    "tip-adapter-f": "Tip-Adapter-F",
+}
+# What sweep.json keeps of each run's summary.
+RUN_KEYS = (
+    "method", "dataset", "shots", "seed", "accuracy", "macro_f1", "zero_shot_accuracy",
+    "test_images", "skipped_images", "noise", "fitted", "train_config", "folder",
+)  # fmt: skip
+
+
+def mean_and_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """(mean, half-width of the ``confidence`` interval of the mean): Student's t with n - 1
+    degrees of freedom, right for the few seeds of a sweep (with 3 seeds the normal's 1.96 would
+    understate the 95% half-width by 2.2x); 0 for a single value."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    quantile = stats.t.ppf(0.5 + confidence / 2, len(values) - 1)
+    return mean, float(quantile * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def _cell(values_by_seed: dict[int, float]) -> dict:
+    seeds = sorted(values_by_seed)
+    values = [values_by_seed[seed] for seed in seeds]
+    mean, interval = mean_and_interval(values)
+    return {"mean": mean, "interval": interval, "seeds": seeds, "values": values}
+
+
+def report(
+    summaries: list[dict],
+    methods: list[str],
+    datasets: list[str],
+    shots: list[int],
+    seeds: list[int],
+) -> dict:
+    """The sweep's numbers from its runs' summaries (each with "method", "dataset", "shots",
+    "seed", "accuracy", ...): see the module's docstring. Cells without runs are left out; an
+    average needs every dataset of its seed."""
+    accuracy = {
+        (s["method"], s["dataset"], s["shots"], s["seed"]): s["accuracy"] for s in summaries
+    }
+    table: dict = {}
+    averages: dict = {}  # (method, K) -> {seed: mean over datasets}
+    for method in methods:
+        per_dataset: dict = {}
+        for dataset in datasets:
+            per_shots = {}
+            for k in shots:
+                found = {seed: accuracy[method, dataset, k, seed] for seed in seeds
+                         if (method, dataset, k, seed) in accuracy}  # fmt: skip
+                if found:
+                    per_shots[str(k)] = _cell(found)
+            per_dataset[dataset] = per_shots
+        average = {}
+        for k in shots:
+            by_seed = {
+                seed: statistics.fmean(accuracy[method, dataset, k, seed] for dataset in datasets)
+                for seed in seeds
+                if all((method, dataset, k, seed) in accuracy for dataset in datasets)
+            }
+            averages[method, k] = by_seed
+            if by_seed:
+                average[str(k)] = _cell(by_seed)
+        table[method] = {"datasets": per_dataset, "average": average}
+    gain: dict = {}
+    if "pini" in methods:
+        for method in methods:
+            if method == "pini":
+                continue
+            gain[method] = {}
+            for k in shots:
+                pini, other = averages["pini", k], averages[method, k]
+                paired = {seed: pini[seed] - other[seed] for seed in pini if seed in other}
+                if paired:
+                    gain[method][str(k)] = _cell(paired)
+    return {
+        "format": SWEEP_FORMAT,
+        "confidence": CONFIDENCE,
+        "methods": list(methods),
+        "datasets": list(datasets),
+        "shots": list(shots),
+        "seeds": list(seeds),
+        "accuracy": table,
+        "pini_gain": gain,
+        "runs": [{key: summary.get(key) for key in RUN_KEYS} for summary in summaries],
+    }
+
+
+def _format(cell: dict | None, signed: bool = False) -> str:
+    if cell is None:
+        return "–"
+    sign = "+" if signed else ""
+    return f"{cell['mean']:{sign}.2f} ± {cell['interval']:.2f}"
+
+
+def markdown(result: dict) -> str:
+    """Table 2 per shot count (rows: methods; columns: datasets, their average and PiNI's gain
+    on the average), largest shot count first, then the average against shots (Fig. 5)."""
+    methods, datasets, table = result["methods"], result["datasets"], result["accuracy"]
+    seeds = ", ".join(str(seed) for seed in result["seeds"])
+    lines = [
+        "# pini sweep",
+        "",
+        f"Test accuracy (%): mean ± half-width of the {result['confidence']:.0%} interval over "
+        f"seeds {seeds} (Student's t, n - 1 degrees of freedom). Average: per seed, the mean "
+        "over datasets. PiNI gain: PiNI's average minus the method's, paired by seed (the same "
+        "few-shot split).",
+    ]
+    with_gain = bool(result["pini_gain"])
+    for k in sorted(result["shots"], reverse=True):
+        header = ["method", *datasets, "average"] + (["PiNI gain"] if with_gain else [])
+        lines += [
+            "",
+            f"## {_shots(k)}",
+            "",
+            _row(header),
+            _row(["---"] + ["---:"] * (len(header) - 1)),
+        ]
+        for method in methods:
+            cells = [_format(table[method]["datasets"][d].get(str(k))) for d in datasets]
+            cells.append(_format(table[method]["average"].get(str(k))))
+            if with_gain:
+                gain = result["pini_gain"].get(method, {}).get(str(k))
+                cells.append(_format(gain, signed=True) if method != "pini" else "")
+            lines.append(_row([METHOD_NAMES.get(method, method), *cells]))
+    lines += ["", "## Average over datasets against shots", ""]
+    header = ["method", *(_shots(k) for k in result["shots"])]
+    lines += [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
+    for method in methods:
+        cells = [_format(table[method]["average"].get(str(k))) for k in result["shots"]]
+        lines.append(_row([METHOD_NAMES.get(method, method), *cells]))
+    return "\n".join(lines) + "\n"
+
+
+def _shots(k: int) -> str:
+    return f"{k} shot" if k == 1 else f"{k} shots"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """Fig. 5: test accuracy against shots (log scale), one line per method with its 95%
+    interval as a band; one panel per dataset, plus their average where there are several."""
+    from .visualize import _pyplot
+
+    plt = _pyplot()
+    datasets = result["datasets"]
+    panels = [(name, "datasets", name) for name in datasets]
+    if len(datasets) > 1:
+        panels.append(("average", "average", None))
+    width = 5.0 * len(panels) if len(panels) > 1 else 6.5
+    figure, axes = plt.subplots(1, len(panels), figsize=(width, 4.4), squeeze=False)
+    for axis, (title, kind, name) in zip(axes[0], panels, strict=True):
+        for method in result["methods"]:
+            cells = result["accuracy"][method][kind]
+            cells = cells[name] if name is not None else cells
+            shots = [k for k in result["shots"] if str(k) in cells]
+            if not shots:
+                continue
+            mean = [cells[str(k)]["mean"] for k in shots]
+            interval = [cells[str(k)]["interval"] for k in shots]
+            emphasis = dict(linewidth=2.5) if method == "pini" else dict(linewidth=1.5)
+            style = "--" if method == "zero-shot" else "-"
+            (line,) = axis.plot(shots, mean, style, marker="o", markersize=4,
+                                label=METHOD_NAMES.get(method, method), **emphasis)  # fmt: skip
+            axis.fill_between(
+                shots,
+                [m - i for m, i in zip(mean, interval, strict=True)],
+                [m + i for m, i in zip(mean, interval, strict=True)],
+                color=line.get_color(),
+                alpha=0.15,
+                linewidth=0,
+            )
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(result["shots"], [str(k) for k in result["shots"]])
+        axis.minorticks_off()
+        axis.set_xlabel("shots per class")
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right", ncols=2)
+    figure.suptitle(
+        f"mean and {result['confidence']:.0%} interval over seeds "
+        + ", ".join(str(seed) for seed in result["seeds"]),
+        fontsize=10,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write(result: dict, folder: str | Path) -> list[Path]:
+    """``folder``/sweep.json, sweep.md and sweep.png; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "sweep.json", folder / "sweep.md", folder / "sweep.png"]
+    for path, text in ((paths[0], json.dumps(result, indent=1)), (paths[1], markdown(result))):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    plot(result, paths[2])
+    return paths
