@@ -193,6 +193,19 @@ class _FrozenCLIPMethod(nn.Module):
         image_features = _encode_frozen(self.clip, images)
         return _cosine_logits(image_features, self.zero_shot_text, self._logit_scale())
 
+    # Every method defines ``logits(image_features)`` and, if it trains,
+    # ``loss_on_features(image_features, labels)`` on raw CLIP features (B, D); these run them on
+    # images through the frozen image tower.
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None):
+        """The method's loss on a batch: images (B, 3, H, W), labels (B,); a float32 scalar.
+        ``seed`` is ignored (no noise)."""
+        return self.loss_on_features(_encode_frozen(self.clip, images), labels)
+
+    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """(B, C) logits of images (B, 3, H, W); ``seed`` is ignored (no noise)."""
+        return self.logits(_encode_frozen(self.clip, images))
+
 
 # --- zero-shot CLIP ---------------------------------------------------------------------------
 
@@ -223,10 +236,6 @@ class ZeroShotCLIP(_FrozenCLIPMethod):
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits from raw CLIP image features (B, D)."""
         return _cosine_logits(image_features, self.zero_shot_text, self._logit_scale())
-
-    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """(B, C) logits of images (B, 3, H, W); ``seed`` is ignored (no noise)."""
-        return self.zero_shot_logits(images)
 
 
 # --- CoOp -------------------------------------------------------------------------------------
@@ -310,14 +319,6 @@ class CoOp(_FrozenCLIPMethod):
         return _cosine_cross_entropy(
             image_features, self.text_features(), self._logit_scale(), labels
         )
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None):
-        """CoOp's loss on a batch: images (B, 3, H, W), labels (B,); a float32 scalar."""
-        return self.loss_on_features(_encode_frozen(self.clip, images), labels)
-
-    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """(B, C) logits of images (B, 3, H, W); ``seed`` is ignored (no noise)."""
-        return self.logits(_encode_frozen(self.clip, images))
 
 
 # --- CLIP-Adapter -----------------------------------------------------------------------------
@@ -406,14 +407,6 @@ class CLIPAdapter(_FrozenCLIPMethod):
             self.adapted_features(image_features), self.zero_shot_text, self._logit_scale(),
             labels,
         )  # fmt: skip
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None):
-        """CLIP-Adapter's loss on a batch: images (B, 3, H, W), labels (B,); a float32 scalar."""
-        return self.loss_on_features(_encode_frozen(self.clip, images), labels)
-
-    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """(B, C) logits of images (B, 3, H, W); ``seed`` is ignored (no noise)."""
-        return self.logits(_encode_frozen(self.clip, images))
 
 
 # --- Tip-Adapter ------------------------------------------------------------------------------
@@ -656,14 +649,6 @@ class TipAdapterF(_FrozenCLIPMethod):
     def loss_on_features(self, image_features: torch.Tensor, labels: torch.Tensor):
         """Mean cross-entropy of the logits: image_features (B, D) raw, labels (B,)."""
         return F.cross_entropy(self.logits(image_features), labels)
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None):
-        """Tip-Adapter-F's loss on a batch: images (B, 3, H, W), labels (B,); a float32 scalar."""
-        return self.loss_on_features(_encode_frozen(self.clip, images), labels)
-
-    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """(B, C) logits of images (B, 3, H, W); ``seed`` is ignored (no noise)."""
-        return self.logits(_encode_frozen(self.clip, images))
 
     @torch.no_grad()
     def search_hyperparameters(self, val_features, val_labels) -> tuple[float, float, float]:
