@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-import pini_kernels
-
 from .data import CLIP_MEAN, CLIP_STD, ImageList, collate_skipping
 from .errors import InputError
 from .model import IMAGE_STREAM, PROMPT_STREAM, PiNI
@@ -71,8 +69,10 @@ def image_noise_figure(
     text, _ = model.text_features(seed=seed)
     mu, sigma = model.image_noise(images, text)
     mu, sigma = mu.expand_as(images), sigma.expand_as(images)
-    zeros = images.new_zeros(()).expand(images.shape)
-    noise = pini_kernels.fused_inject(zeros, mu, sigma, seed=seed + IMAGE_STREAM)
+    # The draw the model's prediction below uses: sample 0 of the stream of seed + 3.
+    noise = model.noise_ops.sample_noise(
+        mu, sigma, images.shape, num_samples=1, seed=seed + IMAGE_STREAM
+    )[0]
     noisy = images + noise if model.config.mode == "add" else images * noise
     with_noise = model(images, seed=seed).argmax(-1).cpu()
     without = model.zero_shot_logits(images).argmax(-1).cpu()
@@ -224,9 +224,8 @@ def interpret_prompt_noise(
     mu = model._centered(mu)
     vocabulary = model.clip.token_embedding.weight
     prefix = model.clip.token_embedding(model.token_ids[0, 1 : 1 + model.prefix_length])
-    zeros = prefix.new_zeros(()).expand(prefix.shape)
-    noise = pini_kernels.fused_inject(
-        zeros, mu, sigma, num_samples=draws, seed=seed + PROMPT_STREAM
+    noise = model.noise_ops.sample_noise(
+        mu, sigma, prefix.shape, num_samples=draws, seed=seed + PROMPT_STREAM
     )
     noisy = prefix + noise if model.config.mode == "add" else prefix * noise  # (draws, L, width)
     nearest = nearest_tokens(noisy.flatten(0, 1), vocabulary, count).view(draws, len(prefix), -1)
