@@ -267,33 +267,33 @@ def _parser() -> argparse.ArgumentParser:
         help="pini (default) or one of the paper's baselines on the same backbone, split and "
         "evaluation; --noise and the other noise flags are PiNI's",
     )
-    evaluate_parser = commands.add_parser(
+    # eval, visualize and interpret rebuild the model a run's checkpoint stores.
+    stored = _Parser(add_help=False)
+    stored.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
+    commands.add_parser(
         "eval",
-        parents=[general, data, model],
+        parents=[general, data, model, stored],
         help="evaluate a run's checkpoint (on its own data, or another dataset via --root and "
         "--dataset)",
     )
-    evaluate_parser.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
     draw = commands.add_parser(
         "visualize",
-        parents=[general, data, model],
+        parents=[general, data, model, stored],
         help="draw a run's learned noise (PNGs in its run folder)",
         description="Draw a run's learned noise into its run folder: image-level noise (the "
         "paper's Fig. 4: image, |mu|, |sigma|, a noise sample, the noisy image), feature-level "
         "mu and sigma, and prompt noise per template position.",
     )
-    draw.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
     draw.add_argument("--images", type=_positive_int, default=4, help="test images (4)")
     draw.add_argument("--seed", type=_seed, default=0, help="the noise draw shown (0)")
     words = commands.add_parser(
         "interpret",
-        parents=[general, model],
+        parents=[general, model, stored],
         help="the vocabulary words nearest to a run's noisy prompts (the paper's Table 8)",
         description="For --draws noise samples, the --top vocabulary tokens nearest to the noisy "
         "prompt embedding at each template position, with how often each appears; printed and "
         "written to RUN/interpretation.md.",
     )
-    words.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
     words.add_argument("--draws", type=_positive_int, default=100, help="noise draws (100)")
     words.add_argument("--top", type=_positive_int, default=5, help="tokens per position (5)")
     words.add_argument("--seed", type=_seed, default=0, help="seed of the draws (0)")

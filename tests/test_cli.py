@@ -87,6 +87,11 @@ def trained(tmp_path_factory):
     return copy
 
 
+def toy_train(root, output, *extra) -> list:
+    """`pini train` of the tiny model on the dataset "toy" under ``root`` into ``output``."""
+    return ["train", *TINY, "--root", root, "--dataset", "toy", "--output", output, *extra]
+
+
 def resume(root, output, *extra) -> list:
     """`pini train --resume` of the run in ``output`` on the dataset "toy" under ``root``."""
     return ["train", "--no-progress", "--root", root, "--dataset", "toy", "--output", output,
@@ -192,20 +197,7 @@ def test_model_without_weights_and_unknown_weights_are_refused(data, capsys, tmp
 
 def test_invalid_config_combination_is_one_line(data, capsys, tmp_path):
     result = run_cli(
-        [
-            "train",
-            *TINY,
-            "--root",
-            data,
-            "--dataset",
-            "toy",
-            "--output",
-            tmp_path / "r",
-            "--visual",
-            "feature",
-            "--visual-generator",
-            "cnn",
-        ],
+        toy_train(data, tmp_path / "r", "--visual", "feature", "--visual-generator", "cnn"),
         capsys,
     )
     assert_one_line_error(result, "visual_generator", "'cnn'")
@@ -370,17 +362,7 @@ def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "checkpoint.pt").write_bytes(b"junk")
     result = run_cli(
-        [
-            "train",
-            *TINY,
-            "--root",
-            data,
-            "--dataset",
-            "toy",
-            "--output",
-            tmp_path / "y",
-            "--resume",
-        ],
+        toy_train(data, tmp_path / "y", "--resume"),
         capsys,
     )
     assert_one_line_error(result, "cannot be read")
