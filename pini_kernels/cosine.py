@@ -13,11 +13,17 @@ fp32 buffers of one sample (``Side``); then:
   Triton the ``tl.dot`` of its loss kernel, at one precision in both passes);
 - loss: the backend's ``loss_stats`` gives each row's log-sum-exp, target logit and sum of logits
   (the Triton kernel never stores the ``(B, C)`` tile; the CPU one uses one BLAS product);
-- what is saved for backward: the inputs and the seed, never ``eps``; the loss adds only its
-  ``(m, B)`` log-sum-exp, never the logits;
-- backward (``_backward``): recompute the sample's unit rows and cosines (one ``(B, C)`` tile),
-  turn them into ``d loss / d cosine``, two matrix products, then the row kernels backpropagate
-  through normalization and noise into fp32 accumulators (``SideGrads``), summed over samples.
+- the loss's gradients: for a "mean" or "sum" loss that an input needs a gradient of, forward
+  computes them while each sample's cosines are at hand (``loss_stats_grad`` gives the row
+  statistics and d loss / d cosine of one tile, then the per-sample backward below runs), keeps
+  input-sized gradients and nothing else, and backward only scales them by the loss's gradient:
+  three matrix products per sample, as eager does, and no ``m*B*C`` memory traffic. A "none"
+  loss (a gradient per row, known only in backward) keeps its ``(m, B)`` log-sum-exp and
+  recomputes; the logits op saves the inputs and the seed. Never ``eps``, never the logits;
+- the per-sample backward (``_backward``): the sample's unit rows and cosines (one ``(B, C)``
+  tile), turned into ``d loss / d cosine``, two matrix products, then the row kernels
+  backpropagate through normalization and noise into fp32 accumulators (``SideGrads``), summed
+  over samples.
 
 Each fused backend has the same functions, taking the same arguments, in ``triton/cosine.py`` and
 ``native.py`` (``_kernels`` is the table); they see one sample's ``(N, D)`` rows at a time, so
@@ -28,6 +34,8 @@ per-sample text features need nothing from them::
                        grad_unit, grad_x, grad_mu, grad_sigma)
     loss_stats(image_unit, text_unit, target, scale, lse, target_logit, logit_sum)
     loss_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)
+    loss_stats_grad(cosine, target, row_grad, scale, label_smoothing, lse, target_logit,
+                    logit_sum, scale_grad)
     MAX_FEATURE_DIM
 
 ``reference.noisy_cosine_logits`` / ``reference.noisy_cross_entropy`` (pure PyTorch) are the
@@ -268,11 +276,20 @@ def _fake_gradients(needs, tensors) -> list[torch.Tensor]:
     ]
 
 
-# --- the logits: custom op, fake, autograd --------------------------------------------------------
+# --- the ops' halves -----------------------------------------------------------------------------
+#
+# What the two ops compute, as plain functions; two entry points run them (``run_logits`` and
+# ``run_cross_entropy`` pick one):
+#
+# - under torch.compile, the custom ops ``pini_kernels::noisy_cosine_logits`` /
+#   ``::noisy_cross_entropy`` and their backward ops (opaque to the compiler, with fakes for
+#   shapes, so no graph break), with the custom ops' autograd;
+# - in eager mode, an ``autograd.Function`` calling the same functions, or the forward alone when
+#   no gradient is wanted: the custom-op dispatch costs tens of microseconds per call, more than
+#   the kernels take on small tensors.
 
 
-@torch.library.custom_op("pini_kernels::noisy_cosine_logits", mutates_args=())
-def noisy_cosine_logits(
+def logits_forward(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
     image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
     text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
@@ -295,17 +312,7 @@ def noisy_cosine_logits(
     return out
 
 
-@noisy_cosine_logits.register_fake
-def _noisy_cosine_logits_fake(
-    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
-    multiply, backend,
-):  # fmt: skip
-    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
-    return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
-
-
-@torch.library.custom_op("pini_kernels::noisy_cosine_logits_backward", mutates_args=())
-def noisy_cosine_logits_backward(
+def logits_backward(
     grad_logits: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
     image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
     text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
@@ -331,97 +338,82 @@ def noisy_cosine_logits_backward(
     return _gradients_or_empty(grads, image)
 
 
-@noisy_cosine_logits_backward.register_fake
-def _noisy_cosine_logits_backward_fake(
-    grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
-    num_samples, multiply, backend, needs,
-):  # fmt: skip
-    return _fake_gradients(needs, (image, text, logit_scale, image_mu, image_sigma, text_mu,
-                                   text_sigma))  # fmt: skip
+def gradients_in_forward(reduction: str, needs) -> bool:
+    """Whether the loss computes its inputs' gradients in forward: for a "mean" or "sum" loss
+    backward only scales them by the loss's gradient (a number), so forward computes them while
+    each sample's (B, C) cosines are at hand, and backward recomputes nothing. A "none" loss
+    gets a gradient per row only in backward: it keeps the log-sum-exp and recomputes."""
+    return reduction != "none" and any(needs)
 
 
-def _needs(ctx) -> list[bool]:
-    """Which of the seven DIFFERENTIABLE_INPUTS need a gradient."""
-    return [bool(flag) for flag in ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)]]
-
-
-def _input_grads(ctx, grads) -> tuple:
-    """A backward op's seven gradients as autograd wants them: None where no gradient is needed,
-    and for every input after the seven."""
-    needed = [grad if need else None for grad, need in zip(grads, _needs(ctx), strict=True)]
-    return (*needed, *[None] * (len(ctx.needs_input_grad) - len(DIFFERENTIABLE_INPUTS)))
-
-
-def _logits_setup_context(ctx, inputs, output):
-    *differentiable, seed, ctx.num_samples, ctx.multiply, ctx.backend = inputs
-    ctx.save_for_backward(*differentiable, seed)
-
-
-def _logits_backward(ctx, grad_logits):
-    grads = noisy_cosine_logits_backward(
-        grad_logits, *ctx.saved_tensors, ctx.num_samples, ctx.multiply, ctx.backend, _needs(ctx)
-    )
-    return _input_grads(ctx, grads)
-
-
-noisy_cosine_logits.register_autograd(_logits_backward, setup_context=_logits_setup_context)
-
-
-# --- the loss: custom op, fake, autograd ----------------------------------------------------------
-
-
-@torch.library.custom_op("pini_kernels::noisy_cross_entropy", mutates_args=())
-def noisy_cross_entropy(
+def cross_entropy_forward(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
     image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
     text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
     target: torch.Tensor, seed: torch.Tensor, num_samples: int, multiply: bool, reduction: str,
-    label_smoothing: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(loss, lse): the float32 loss and the (num_samples, B) log-sum-exp saved for backward."""
+    label_smoothing: float, backend: str, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(loss, lse, *gradients): the float32 loss; with ``gradients_in_forward``, the seven
+    DIFFERENTIABLE_INPUTS' gradients of the loss (those ``needs`` asks for, empty tensors for the
+    others) and an empty lse; else the (num_samples, B) log-sum-exp backward recomputes from and
+    seven empty tensors. With no gradient needed, no work is done for gradients."""
     _checks.check_target_values(target, text.shape[-2])
     kernels = _kernels(backend)
     seed_arg = _checks.kernel_seed(seed, image.device)
     rows, classes = image.shape[0], text.shape[-2]
-    with on_device(image.device):
-        sides = _sides(
-            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg, multiply
-        )
-        scale = logit_scale.to(device=image.device, dtype=torch.float32)
-        # Separate buffers: only lse is saved for backward, and it should not pin the other two.
-        lse, target_logit, logit_sum = (
-            new_buffer((num_samples, rows), torch.float32, image.device) for _ in range(3)
-        )
-        target = target.to(torch.int64).contiguous()
-        for sample in range(num_samples):
-            _normalize_sample(kernels, sides, sample)
-            if rows > 0:
-                kernels.loss_stats(sides[0].unit, sides[1].unit, target, scale, lse[sample],
-                                   target_logit[sample], logit_sum[sample])  # fmt: skip
+    device = image.device
+    scale = logit_scale.to(device=device, dtype=torch.float32)
+    # Separate buffers: only lse is saved for backward, and it should not pin the other two.
+    lse, target_logit, logit_sum = (
+        new_buffer((num_samples, rows), torch.float32, device) for _ in range(3)
+    )
+    target = target.to(torch.int64).contiguous()
+    grads: list = [None] * len(DIFFERENTIABLE_INPUTS)
+    in_forward = gradients_in_forward(reduction, needs)
+    with on_device(device):
+        if in_forward:
+            weight = 1.0 / (num_samples * rows) if reduction == "mean" and rows else 1.0
+            row_grads = torch.full((num_samples, rows), weight, device=device)
+            scale_grad_rows = new_buffer((num_samples, rows), torch.float32, device)
+
+            def cosine_grad(sample, cosine):
+                kernels.loss_stats_grad(
+                    cosine, target, row_grads[sample], scale, label_smoothing, lse[sample],
+                    target_logit[sample], logit_sum[sample], scale_grad_rows[sample],
+                )  # fmt: skip
+                return cosine
+
+            grads = _backward(
+                kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma,
+                seed_arg, num_samples, multiply, needs,
+            )  # fmt: skip
+            if needs[2]:
+                grads[2] = scale_grad_rows.sum().to(logit_scale.dtype)
+        else:
+            sides = _sides(
+                kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg,
+                multiply,
+            )  # fmt: skip
+            for sample in range(num_samples):
+                _normalize_sample(kernels, sides, sample)
+                if rows > 0:
+                    kernels.loss_stats(sides[0].unit, sides[1].unit, target, scale, lse[sample],
+                                       target_logit[sample], logit_sum[sample])  # fmt: skip
     row_losses = _row_losses(lse, target_logit, logit_sum, classes, label_smoothing)
-    return _reduce(row_losses, reduction), lse
+    saved_lse = image.new_empty(0, dtype=torch.float32) if in_forward else lse
+    return (_reduce(row_losses, reduction), saved_lse, *_gradients_or_empty(grads, image))
 
 
-@noisy_cross_entropy.register_fake
-def _noisy_cross_entropy_fake(
-    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
-    num_samples, multiply, reduction, label_smoothing, backend,
-):  # fmt: skip
-    rows = image.shape[0]
-    loss_shape = (num_samples, rows) if reduction == "none" else ()
-    lse = image.new_empty((num_samples, rows), dtype=torch.float32)
-    return image.new_empty(loss_shape, dtype=torch.float32), lse
-
-
-@torch.library.custom_op("pini_kernels::noisy_cross_entropy_backward", mutates_args=())
-def noisy_cross_entropy_backward(
+def cross_entropy_backward(
     grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
     image_mu: torch.Tensor | None, image_sigma: torch.Tensor | None,
     text_mu: torch.Tensor | None, text_sigma: torch.Tensor | None,
     target: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, num_samples: int, multiply: bool,
     reduction: str, label_smoothing: float, backend: str, needs: list[bool],
 ) -> list[torch.Tensor]:  # fmt: skip
-    """The gradients of the seven DIFFERENTIABLE_INPUTS for the loss's gradient ``grad_loss``."""
+    """The recompute path (a "none" loss, see ``gradients_in_forward``): the gradients of the
+    seven DIFFERENTIABLE_INPUTS for the loss's gradient ``grad_loss``, from forward's lse."""
     kernels = _kernels(backend)
     rows = image.shape[0]
     device = image.device
@@ -447,6 +439,110 @@ def noisy_cross_entropy_backward(
     return _gradients_or_empty(grads, image)
 
 
+# --- autograd, shared by both entry points --------------------------------------------------------
+
+
+def _input_grads(needs, grads, inputs: int) -> tuple:
+    """Seven gradients as autograd wants them: None where no gradient is needed, and for each of
+    the op's other ``inputs``."""
+    needed = [grad if need else None for grad, need in zip(grads, needs, strict=True)]
+    return (*needed, *[None] * (inputs - len(DIFFERENTIABLE_INPUTS)))
+
+
+def _save_logits(ctx, differentiable, seed, num_samples, multiply, backend, needs) -> None:
+    ctx.save_for_backward(*differentiable, seed)
+    ctx.num_samples, ctx.multiply, ctx.backend, ctx.needs = num_samples, multiply, backend, needs
+
+
+def _logits_gradients(ctx, grad_logits, backward, inputs: int) -> tuple:
+    grads = backward(
+        grad_logits, *ctx.saved_tensors, ctx.num_samples, ctx.multiply, ctx.backend, ctx.needs
+    )
+    return _input_grads(ctx.needs, grads, inputs)
+
+
+def _save_loss(ctx, differentiable, target, seed, outputs, settings, needs) -> None:
+    """settings: (num_samples, multiply, reduction, label_smoothing, backend)."""
+    _, lse, *grads = outputs
+    ctx.needs = needs
+    ctx.in_forward = gradients_in_forward(settings[2], needs)
+    if ctx.in_forward:  # backward only scales these: nothing else is kept
+        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, needs, strict=True)))
+    else:
+        ctx.save_for_backward(*differentiable, target, lse, seed)
+        ctx.settings = settings
+
+
+def _loss_gradients(ctx, grad_loss, backward, inputs: int) -> tuple:
+    if ctx.in_forward:
+        grads = [
+            None if grad is None else (grad * grad_loss).to(grad.dtype)
+            for grad in ctx.saved_tensors
+        ]
+    else:
+        grads = backward(grad_loss, *ctx.saved_tensors, *ctx.settings, ctx.needs)
+    return _input_grads(ctx.needs, grads, inputs)
+
+
+def _needs(tensors) -> list[bool]:
+    """Which of the seven DIFFERENTIABLE_INPUTS need a gradient (grad mode on, requires_grad)."""
+    enabled = torch.is_grad_enabled()
+    return [enabled and tensor is not None and tensor.requires_grad for tensor in tensors]
+
+
+# --- the custom ops (torch.compile's entry point) -------------------------------------------------
+
+_LOGITS_INPUTS = 11  # the custom ops' argument counts, for autograd's None per input
+_LOSS_INPUTS = 15
+
+noisy_cosine_logits = torch.library.custom_op(
+    "pini_kernels::noisy_cosine_logits", logits_forward, mutates_args=()
+)
+noisy_cosine_logits_backward = torch.library.custom_op(
+    "pini_kernels::noisy_cosine_logits_backward", logits_backward, mutates_args=()
+)
+noisy_cross_entropy = torch.library.custom_op(
+    "pini_kernels::noisy_cross_entropy", cross_entropy_forward, mutates_args=()
+)
+noisy_cross_entropy_backward = torch.library.custom_op(
+    "pini_kernels::noisy_cross_entropy_backward", cross_entropy_backward, mutates_args=()
+)
+
+
+@noisy_cosine_logits.register_fake
+def _noisy_cosine_logits_fake(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
+    multiply, backend,
+):  # fmt: skip
+    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
+
+
+@noisy_cosine_logits_backward.register_fake
+def _noisy_cosine_logits_backward_fake(
+    grad_logits, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
+    num_samples, multiply, backend, needs,
+):  # fmt: skip
+    return _fake_gradients(needs, (image, text, logit_scale, image_mu, image_sigma, text_mu,
+                                   text_sigma))  # fmt: skip
+
+
+@noisy_cross_entropy.register_fake
+def _noisy_cross_entropy_fake(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+    num_samples, multiply, reduction, label_smoothing, backend, needs,
+):  # fmt: skip
+    rows = image.shape[0]
+    loss_shape = (num_samples, rows) if reduction == "none" else ()
+    loss = image.new_empty(loss_shape, dtype=torch.float32)
+    differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+    if gradients_in_forward(reduction, needs):
+        lse = image.new_empty(0, dtype=torch.float32)
+        return (loss, lse, *_fake_gradients(needs, differentiable))
+    lse = image.new_empty((num_samples, rows), dtype=torch.float32)
+    return (loss, lse, *_fake_gradients([False] * len(needs), differentiable))
+
+
 @noisy_cross_entropy_backward.register_fake
 def _noisy_cross_entropy_backward_fake(
     grad_loss, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, lse,
@@ -456,20 +552,98 @@ def _noisy_cross_entropy_backward_fake(
                                    text_sigma))  # fmt: skip
 
 
+def _logits_setup_context(ctx, inputs, output):
+    *differentiable, seed, num_samples, multiply, backend = inputs
+    needs = [bool(flag) for flag in ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)]]
+    _save_logits(ctx, differentiable, seed, num_samples, multiply, backend, needs)
+
+
+noisy_cosine_logits.register_autograd(
+    lambda ctx, grad: _logits_gradients(ctx, grad, noisy_cosine_logits_backward, _LOGITS_INPUTS),
+    setup_context=_logits_setup_context,
+)
+
+
 def _loss_setup_context(ctx, inputs, output):
     *differentiable, target, seed = inputs[:9]
-    ctx.num_samples, ctx.multiply, ctx.reduction, ctx.label_smoothing, ctx.backend = inputs[9:]
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(*differentiable, target, lse, seed)
+    ctx.mark_non_differentiable(*output[1:])
+    _save_loss(ctx, differentiable, target, seed, output, inputs[9:14], inputs[14])
 
 
-def _loss_backward(ctx, grad_loss, grad_lse):
-    grads = noisy_cross_entropy_backward(
-        grad_loss, *ctx.saved_tensors, ctx.num_samples, ctx.multiply, ctx.reduction,
-        ctx.label_smoothing, ctx.backend, _needs(ctx),
-    )  # fmt: skip
-    return _input_grads(ctx, grads)
+noisy_cross_entropy.register_autograd(
+    lambda ctx, grad_loss, *_: _loss_gradients(
+        ctx, grad_loss, noisy_cross_entropy_backward, _LOSS_INPUTS
+    ),
+    setup_context=_loss_setup_context,
+)
 
 
-noisy_cross_entropy.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+# --- the eager entry points -----------------------------------------------------------------------
+
+
+class _LogitsFunction(torch.autograd.Function):
+    """The logits op in eager mode: the custom op's forward, saved tensors and backward, without
+    the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
+                num_samples, multiply, backend):  # fmt: skip
+        differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+        needs = list(ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)])
+        _save_logits(ctx, differentiable, seed, num_samples, multiply, backend, needs)
+        return logits_forward(*differentiable, seed, num_samples, multiply, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits):
+        return _logits_gradients(ctx, grad_logits, logits_backward, _LOGITS_INPUTS)
+
+
+class _LossFunction(torch.autograd.Function):
+    """The loss op in eager mode, as ``_LogitsFunction``; returns the loss alone."""
+
+    @staticmethod
+    def forward(ctx, image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
+                seed, num_samples, multiply, reduction, label_smoothing, backend):  # fmt: skip
+        differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+        settings = (num_samples, multiply, reduction, label_smoothing, backend)
+        needs = list(ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)])
+        outputs = cross_entropy_forward(*differentiable, target, seed, *settings, needs)
+        _save_loss(ctx, differentiable, target, seed, outputs, settings, needs)
+        return outputs[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        return _loss_gradients(ctx, grad_loss, cross_entropy_backward, _LOSS_INPUTS - 1)
+
+
+def run_logits(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed, num_samples,
+    multiply, backend,
+) -> torch.Tensor:  # fmt: skip
+    """The logits op on checked arguments (``logits_forward``'s), with autograd: the custom op
+    under torch.compile, else the eager entry point, or the forward alone without gradients."""
+    arguments = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, seed,
+                 num_samples, multiply, backend)  # fmt: skip
+    if torch.compiler.is_compiling():
+        return noisy_cosine_logits(*arguments)
+    if any(_needs(arguments[:7])):
+        return _LogitsFunction.apply(*arguments)
+    return logits_forward(*arguments)
+
+
+def run_cross_entropy(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+    num_samples, multiply, reduction, label_smoothing, backend,
+) -> torch.Tensor:  # fmt: skip
+    """The loss op on checked arguments (``cross_entropy_forward``'s but ``needs``), with
+    autograd, as ``run_logits``; returns the loss."""
+    arguments = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
+                 seed, num_samples, multiply, reduction, label_smoothing, backend)  # fmt: skip
+    needs = _needs(arguments[:7])
+    if torch.compiler.is_compiling():
+        return noisy_cross_entropy(*arguments, needs)[0]
+    if any(needs):
+        return _LossFunction.apply(*arguments)
+    return cross_entropy_forward(*arguments, needs)[0]

@@ -164,7 +164,7 @@ def noisy_cosine_logits(
             out_dtype=_checks.result_dtype(image_features, text_features, *(image_pair or ()),
                                            *(text_pair or ())),
         )  # fmt: skip
-    return cosine.noisy_cosine_logits(
+    return cosine.run_logits(
         image_features, text_features, scale, *_op_noise_args(image_pair, text_pair),
         _checks.seed_tensor(seed), samples, multiply, chosen,
     )  # fmt: skip
@@ -191,8 +191,9 @@ def noisy_cross_entropy(
     text_features may be (C, D) or (num_samples, C, D) here too) with the
     (num_samples, B, C) logits flattened to rows and ``target`` (B,) repeated per sample:
     "mean" averages over samples and batch, "sum" sums, "none" gives (num_samples, B). The fused
-    backends never store the logits or ``eps``: backward keeps one log-sum-exp per row and
-    recomputes the rest from the seed. Returns float32 (float64 for float64 inputs on
+    backends never store the logits or ``eps``: a "mean" or "sum" loss computes its gradients in
+    forward and keeps only those (input-sized); a "none" loss keeps one log-sum-exp per row and
+    backward recomputes the rest from the seed. Returns float32 (float64 for float64 inputs on
     ``backend="reference"``).
 
     Targets outside [0, C) raise ValueError for CPU tensors; on a GPU they fail a device-side
@@ -214,11 +215,10 @@ def noisy_cross_entropy(
             seed=_reference_seed(seed),
             reduction=reduction, label_smoothing=smoothing,
         )  # fmt: skip
-    loss, _ = cosine.noisy_cross_entropy(
+    return cosine.run_cross_entropy(
         image_features, text_features, scale, *_op_noise_args(image_pair, text_pair), target,
         _checks.seed_tensor(seed), samples, multiply, reduction, smoothing, chosen,
     )  # fmt: skip
-    return loss
 
 
 def _reference_seed(seed) -> torch.Tensor:

@@ -4,7 +4,8 @@ device).
 
 The same functions, taking the same arguments, as the Triton backend: ``noise_forward``
 (``triton/noise_stream.py``), ``inject_forward`` / ``inject_backward`` (``triton/inject.py``),
-``normalize`` / ``normalize_backward`` / ``loss_stats`` / ``loss_grad`` (``triton/cosine.py``);
+``normalize`` / ``normalize_backward`` / ``loss_stats`` / ``loss_stats_grad`` / ``loss_grad``
+(``triton/cosine.py``);
 the op modules (``noise_stream.py``, ``inject.py``, ``cosine.py``) say what each must do. The
 compiled ops write into buffers allocated here or by the op modules, so the tests' NaN poisoning
 covers them too, and check their arguments (``csrc/checks.h``).
@@ -178,3 +179,13 @@ def loss_stats(image_unit, text_unit, target, scale, lse, target_logit, logit_su
 def loss_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad) -> None:
     """See triton/cosine.py's loss_grad."""
     _ops().cross_entropy_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)
+
+
+def loss_stats_grad(
+    cosine, target, row_grad, scale, label_smoothing, lse, target_logit, logit_sum, scale_grad
+) -> None:
+    """See triton/cosine.py's loss_stats_grad: the row statistics, then the gradient, each row
+    still in cache from the first pass."""
+    ops = _ops()
+    ops.cross_entropy_stats(cosine, target, scale, lse, target_logit, logit_sum)
+    ops.cross_entropy_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)

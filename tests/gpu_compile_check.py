@@ -202,11 +202,15 @@ def cosine_variants():
         row_grad_ptr="*fp32",
         scale_ptr="*fp32",
         scale_grad_ptr="*fp32",
+        target_logit_ptr="*fp32",
+        logit_sum_ptr="*fp32",
         classes="i32",
         label_smoothing="fp32",
     )
-    flags = dict(BLOCK=cosine.BLOCK_GRAD_CLASSES)
-    yield "cross_entropy_grad", cosine._cross_entropy_grad_kernel, grad_types, flags, 4
+    for compute_stats in (False, True):
+        flags = dict(BLOCK=cosine.BLOCK_GRAD_CLASSES, COMPUTE_STATS=compute_stats)
+        name = "cross_entropy_stats_grad" if compute_stats else "cross_entropy_grad"
+        yield name, cosine._cross_entropy_grad_kernel, grad_types, flags, 4
 
 
 def main() -> int:

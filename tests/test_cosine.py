@@ -65,10 +65,11 @@ def _run(op, leaves, target, *, backend, **kwargs):
     return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def _compare(backend, op, inputs, *, dtype=torch.float32, label="", **kwargs):
+def _compare(backend, op, inputs, *, dtype=torch.float32, grad_dtype=None, label="", **kwargs):
     """The op on ``backend`` against the reference, output and every gradient, with the
-    tolerances of ``dtype`` (a gradient's scaled by its largest magnitude). inputs: as ``_make``
-    gives them. Returns the backend's output and gradients."""
+    tolerances of ``dtype`` (the gradients': ``grad_dtype``'s, by default ``dtype``'s, scaled by
+    the largest magnitude). inputs: as ``_make`` gives them. Returns the backend's output and
+    gradients."""
     image, text, scale, image_pair, text_pair, target = inputs
     tensors = _differentiable(image, text, scale, image_pair, text_pair)
     got_out, got_grads = _run(op, _leaves(tensors), target, backend=backend, **kwargs)
@@ -77,6 +78,7 @@ def _compare(backend, op, inputs, *, dtype=torch.float32, label="", **kwargs):
     name = f"{op.__name__}{label}"
     error = assert_close(got_out, want_out, atol=atol, rtol=rtol, name=f"{name} output")
     record_error(f"{name} {backend} x:{image.dtype} out", error)
+    atol, rtol = TOLERANCES[grad_dtype or dtype]
     for grad_name, got, want in zip(GRAD_NAMES, got_grads, want_grads, strict=True):
         if want is None:
             assert got is None, grad_name
@@ -189,11 +191,13 @@ def test_half_inputs(fused_backend, dtype):
         fused_backend, pini_kernels.noisy_cosine_logits, inputs, dtype=dtype, num_samples=2, seed=8
     )
     assert logits.dtype == dtype
+    # A float32 loss; its gradients come in the inputs' half dtype.
     loss, _ = _compare(
         fused_backend,
         pini_kernels.noisy_cross_entropy,
         inputs,
         dtype=torch.float32,
+        grad_dtype=dtype,
         num_samples=2,
         seed=8,
     )
@@ -402,7 +406,8 @@ def saved_bytes_beyond_inputs(fn, inputs) -> int:
     return total
 
 
-def _saved_bytes(backend, batch, classes, dim, num_samples):
+def _saved_bytes(backend, batch, classes, dim, num_samples, reduction="mean"):
+    """(bytes the loss saves beyond its inputs, bytes of its differentiable inputs)."""
     device = backend_device(backend)
     image, text, scale, image_pair, text_pair, target = _make(batch, classes, dim, "both", device)
     leaves = _leaves(_differentiable(image, text, scale, image_pair, text_pair))
@@ -416,20 +421,91 @@ def _saved_bytes(backend, batch, classes, dim, num_samples):
         text_noise=(text_mu, text_sigma),
         num_samples=num_samples,
         seed=1,
+        reduction=reduction,
         backend=backend,
     )
-    return saved_bytes_beyond_inputs(fn, [*leaves, target])
+    input_bytes = sum(leaf.untyped_storage().nbytes() for leaf in leaves)
+    return saved_bytes_beyond_inputs(fn, [*leaves, target]), input_bytes
 
 
-def test_fused_loss_saves_only_row_statistics(fused_backend):
-    """Beyond its inputs, the fused loss saves the (m, B) log-sum-exp and the seed: nothing that
-    grows with C, and only m * B with the samples. The eager reference saves m * B * C logits."""
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_loss_saves_no_logits(fused_backend, reduction):
+    """Beyond its inputs, the fused loss saves at most gradients of its inputs' sizes ("mean" and
+    "sum" compute them in forward) or the (m, B) log-sum-exp ("none"), plus the seed: nothing
+    that grows with m * B * C. The eager reference saves m * B * C logits."""
     batch, dim = 4, 8
+    saved = {}
     for classes, num_samples in ((5, 1), (40, 1), (40, 6)):
-        fused = _saved_bytes(fused_backend, batch, classes, dim, num_samples)
-        assert fused <= num_samples * batch * 4 + 64, (classes, num_samples, fused)
-        eager = _saved_bytes("reference", batch, classes, dim, num_samples)
+        fused, input_bytes = _saved_bytes(
+            fused_backend, batch, classes, dim, num_samples, reduction
+        )
+        if reduction == "none":
+            assert fused <= num_samples * batch * 4 + 64, (classes, num_samples, fused)
+        else:
+            assert fused <= input_bytes + 64, (classes, num_samples, fused, input_bytes)
+        saved[classes, num_samples] = fused
+        eager, _ = _saved_bytes("reference", batch, classes, dim, num_samples, reduction)
         assert eager >= num_samples * batch * classes * 4, (classes, num_samples, eager)
+    if reduction != "none":  # the gradients do not grow with the samples
+        assert saved[40, 6] == saved[40, 1], saved
+
+
+def _count_kernel_calls(monkeypatch, backend) -> dict[str, int]:
+    """Counts of the backend's cosine kernel calls, by name, from now on."""
+    from pini_kernels import cosine
+
+    kernels = cosine._kernels(backend)
+    calls: dict[str, int] = {}
+    names = ("normalize", "normalize_backward", "loss_stats", "loss_stats_grad", "loss_grad")
+    for name in names:
+        function = getattr(kernels, name)
+
+        def counted(*args, _function=function, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _function(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_gradients_in_forward_and_none_without_gradients(
+    fused_backend, monkeypatch, reduction
+):
+    """A "mean" or "sum" loss with a gradient wanted runs its gradients' kernels in forward
+    (loss_stats_grad per sample) and none in backward; "none" keeps the recompute path; without
+    a gradient wanted (no requires_grad, or no_grad) only the statistics are computed."""
+    device = backend_device(fused_backend)
+    image, text, scale, image_pair, _, target = _make(6, 7, 8, "image", device)
+    samples = 3
+
+    def loss_of(*tensors):
+        image, text, mu, sigma = tensors
+        return pini_kernels.noisy_cross_entropy(
+            image, text, scale, target, image_noise=(mu, sigma), num_samples=samples, seed=4,
+            reduction=reduction, backend=fused_backend,
+        )  # fmt: skip
+
+    calls = _count_kernel_calls(monkeypatch, fused_backend)
+    leaves = _leaves([image, text, *image_pair])
+    loss = loss_of(*leaves)
+    forward_calls = dict(calls)
+    calls.clear()
+    loss.sum().backward()
+    if reduction == "none":
+        assert forward_calls == {"normalize": samples + 1, "loss_stats": samples}
+        assert calls["loss_grad"] == samples and calls["normalize_backward"] == samples + 1
+    else:
+        assert forward_calls == {
+            "normalize": samples + 1, "loss_stats_grad": samples,
+            "normalize_backward": samples + 1,
+        }  # fmt: skip
+        assert calls == {}, calls
+    calls.clear()
+    loss_of(image, text, *image_pair)
+    with torch.no_grad():
+        loss_of(*leaves)
+    assert calls == {"normalize": 2 * (samples + 1), "loss_stats": 2 * samples}, calls
 
 
 def _pini_step(image, text, scale, image_mu, image_sigma, target, backend):
@@ -806,9 +882,10 @@ def _check_backward_recomputes_forward(monkeypatch, cosine):
     device = backend_device("triton")
     loss = pini_kernels.noisy_cross_entropy(
         image.to(device), text.to(device), 100.0, target.to(device),
-        image_noise=_noise_pair(generator, dim), num_samples=2, seed=3, backend="triton",
+        image_noise=_noise_pair(generator, dim), num_samples=2, seed=3, reduction="none",
+        backend="triton",
     )  # fmt: skip
-    loss.backward()
+    loss.sum().backward()  # "none" recomputes in backward (a "mean" loss has no recompute)
     assert len(seen) == 2
     for sums in seen:
         _assert_rows_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0, name="probability sums")

@@ -4,6 +4,7 @@ backend (``pini_kernels/native.py``). Imported only when the backend is used: Tr
 - ``noise_stream.py``: the noise stream (``noise_forward``) and the ``@triton.jit`` helpers that
   draw it inside the other kernels;
 - ``inject.py``: ``inject_forward`` / ``inject_backward``;
-- ``cosine.py``: ``normalize`` / ``normalize_backward`` / ``loss_stats`` / ``loss_grad``;
+- ``cosine.py``: ``normalize`` / ``normalize_backward`` / ``loss_stats`` / ``loss_stats_grad`` /
+  ``loss_grad``;
 - ``launch.py``: block sizes, warps and grids of the row-by-column kernels.
 """

@@ -12,7 +12,8 @@ backend (``pini_kernels/native.py``) has the same functions with the same argume
 - ``cosines``: the ``(B, C)`` cosine tile with the same ``tl.dot`` product and precision as
   ``loss_stats`` (``_cosine_kernel``), for the logits and for every backward recompute;
 - ``loss_grad``: ``d loss / d cosine`` in place over one sample's cosine tile
-  (``_cross_entropy_grad_kernel``).
+  (``_cross_entropy_grad_kernel``); ``loss_stats_grad``: the same kernel computing the row
+  statistics from the tile first (the loss's forward with its gradients).
 """
 
 from __future__ import annotations
@@ -251,13 +252,38 @@ def _cosine_cross_entropy_kernel(
 @triton.jit
 def _cross_entropy_grad_kernel(
     cosine_ptr, lse_ptr, target_ptr, row_grad_ptr, scale_ptr, scale_grad_ptr,
-    classes, label_smoothing, BLOCK: tl.constexpr,
+    target_logit_ptr, logit_sum_ptr, classes, label_smoothing,
+    BLOCK: tl.constexpr, COMPUTE_STATS: tl.constexpr,
 ):  # fmt: skip
-    """In place, per row: cosine -> d loss / d cosine; scale_grad[row] = sum(dlogits * cosine)."""
+    """In place, per row: cosine -> d loss / d cosine; scale_grad[row] = sum(dlogits * cosine).
+    COMPUTE_STATS: first write the row's log-sum-exp, target logit and sum of logits (a pass over
+    the row, which the second pass then finds in cache); else read the log-sum-exp."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr).to(tl.float32)
-    lse = tl.load(lse_ptr + row)
     target = tl.load(target_ptr + row)
+    if COMPUTE_STATS:
+        # A finite start: a lane with no class yet then adds exp(-inf - finite) = 0, never nan.
+        running_max = tl.full((BLOCK,), -3.0e38, dtype=tl.float32)
+        running_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        target_logit = tl.zeros((BLOCK,), dtype=tl.float32)
+        logit_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        for class_start in range(0, classes, BLOCK):
+            class_index = class_start + tl.arange(0, BLOCK)
+            mask = class_index < classes
+            cosine = tl.load(cosine_ptr + row * classes + class_index, mask=mask, other=0.0)
+            logits = tl.where(mask, cosine * scale, float("-inf"))
+            new_max = tl.maximum(running_max, logits)
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(logits - new_max)
+            running_max = new_max
+            target_logit += tl.where(class_index == target, logits, 0.0)
+            logit_sum += tl.where(mask, logits, 0.0)
+        row_max = tl.max(running_max, axis=0)
+        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+        tl.store(lse_ptr + row, lse)
+        tl.store(target_logit_ptr + row, tl.sum(target_logit, axis=0))
+        tl.store(logit_sum_ptr + row, tl.sum(logit_sum, axis=0))
+    else:
+        lse = tl.load(lse_ptr + row)
     row_grad = tl.load(row_grad_ptr + row)
     smoothing_share = label_smoothing / classes
     scale_grad = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -390,11 +416,36 @@ def loss_grad(
 ) -> None:  # fmt: skip
     """In place: one sample's (B, C) fp32 ``cosine`` becomes d loss / d cosine for the rows' loss
     weights ``row_grad`` (B,); ``scale_grad`` (B,) gets each row's d loss / d scale."""
+    _launch_cross_entropy_grad(
+        cosine, lse, target, row_grad, scale, label_smoothing, scale_grad, None, None
+    )
+
+
+def loss_stats_grad(
+    cosine: torch.Tensor, target: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor,
+    label_smoothing: float, lse: torch.Tensor, target_logit: torch.Tensor,
+    logit_sum: torch.Tensor, scale_grad: torch.Tensor,
+) -> None:  # fmt: skip
+    """``loss_stats`` of the logits ``scale * cosine`` (the rows' log-sum-exp, target logit and
+    sum of logits), then ``loss_grad`` with that log-sum-exp, in one kernel: the loss's forward
+    with its gradient (cosine.gradients_in_forward)."""
+    _launch_cross_entropy_grad(
+        cosine, lse, target, row_grad, scale, label_smoothing, scale_grad, target_logit,
+        logit_sum,
+    )  # fmt: skip
+
+
+def _launch_cross_entropy_grad(
+    cosine, lse, target, row_grad, scale, label_smoothing, scale_grad, target_logit, logit_sum
+) -> None:
     rows, classes = cosine.shape
+    compute_stats = target_logit is not None
     _cross_entropy_grad_kernel[(rows,)](
-        cosine, lse, target, row_grad, scale, scale_grad, classes, label_smoothing,
+        cosine, lse, target, row_grad, scale, scale_grad,
+        target_logit if compute_stats else lse, logit_sum if compute_stats else lse,
+        classes, label_smoothing,
         BLOCK=min(triton.next_power_of_2(classes), BLOCK_GRAD_CLASSES),
-        num_warps=1 if triton_interpreting() else 4,
+        COMPUTE_STATS=compute_stats, num_warps=1 if triton_interpreting() else 4,
     )  # fmt: skip
 
 
