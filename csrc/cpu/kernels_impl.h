@@ -515,24 +515,30 @@ void noisy_normalize_backward(const FeatureRows<In>& side, uint64_t seed, int64_
 void cross_entropy_stats(const float* cosine, const int64_t* target, float scale, int64_t rows,
                          int64_t classes, float* lse, float* target_logit, float* logit_sum,
                          int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* values = cosine + row * classes;
-    float row_max = -INFINITY, total = 0.0f;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+  {
+    const FlushDenormals flush_denormals;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* values = cosine + row * classes;
+      float row_max = -INFINITY, total = 0.0f;
 #pragma omp simd reduction(max : row_max) reduction(+ : total)
-    for (int64_t c = 0; c < classes; ++c) {
-      row_max = std::max(row_max, values[c] * scale);
-      total += values[c];
-    }
-    float exp_sum = 0.0f;
+      for (int64_t c = 0; c < classes; ++c) {
+        row_max = std::max(row_max, values[c] * scale);
+        total += values[c];
+      }
+      float exp_sum = 0.0f;
 #pragma omp simd reduction(+ : exp_sum)
-    for (int64_t c = 0; c < classes; ++c) exp_sum += exp_nonpositive(values[c] * scale - row_max);
-    lse[row] = row_max + std::log(exp_sum);
-    // Targets are validated before the call; an invalid one still never reads out of bounds.
-    const int64_t row_target = target[row];
-    const bool valid = row_target >= 0 && row_target < classes;
-    target_logit[row] = valid ? values[row_target] * scale : NAN;
-    logit_sum[row] = total * scale;
+      for (int64_t c = 0; c < classes; ++c) {
+        exp_sum += exp_nonpositive(values[c] * scale - row_max);
+      }
+      lse[row] = row_max + std::log(exp_sum);
+      // Targets are validated before the call; an invalid one still never reads out of bounds.
+      const int64_t row_target = target[row];
+      const bool valid = row_target >= 0 && row_target < classes;
+      target_logit[row] = valid ? values[row_target] * scale : NAN;
+      logit_sum[row] = total * scale;
+    }
   }
 }
 
@@ -540,21 +546,29 @@ void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
                         const float* row_grad, float scale, float label_smoothing, int64_t rows,
                         int64_t classes, float* scale_grad, int num_threads) {
   const float smoothing_share = label_smoothing / static_cast<float>(classes);
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    float* values = cosine + row * classes;
-    const float g = row_grad[row], row_lse = lse[row];
-    const int64_t row_target = target[row];
-    float scale_sum = 0.0f;
+  const float target_weight = 1.0f - label_smoothing;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+  {
+    const FlushDenormals flush_denormals;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      float* values = cosine + row * classes;
+      const float g = row_grad[row], row_lse = lse[row];
+      const int64_t row_target = target[row];
+      float scale_sum = 0.0f;
 #pragma omp simd reduction(+ : scale_sum)
-    for (int64_t c = 0; c < classes; ++c) {
-      const float probability = exp_nonpositive(values[c] * scale - row_lse);
-      const float one_hot = c == row_target ? 1.0f - label_smoothing : 0.0f;
-      const float logit_grad = g * (probability - one_hot - smoothing_share);
-      scale_sum += logit_grad * values[c];
-      values[c] = logit_grad * scale;
+      for (int64_t c = 0; c < classes; ++c) {
+        const float probability = exp_nonpositive(values[c] * scale - row_lse);
+        // 1 - label_smoothing at the target, as a bit mask (a float select here kept GCC from
+        // vectorizing the loop for AVX2).
+        const float one_hot = bits_to_float(float_to_bits(target_weight) &
+                                            -static_cast<int32_t>(c == row_target));
+        const float logit_grad = g * (probability - one_hot - smoothing_share);
+        scale_sum += logit_grad * values[c];
+        values[c] = logit_grad * scale;
+      }
+      scale_grad[row] = scale_sum;
     }
-    scale_grad[row] = scale_sum;
   }
 }
 
