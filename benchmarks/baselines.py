@@ -57,7 +57,7 @@ def eager_fused_inject(
     return x * sample_noise if mode == "mul" else x + sample_noise
 
 
-def _eager_noisy_features(
+def _eager_unit_features(
     features: torch.Tensor,
     noise_params: NoisePair | None,
     *,
@@ -65,11 +65,14 @@ def _eager_noisy_features(
     num_samples: int,
     eps: torch.Tensor | None,
 ) -> torch.Tensor:
-    """(num_samples, N, D) noisy copies of ``features`` (N, D) (a broadcast view without noise)."""
+    """(num_samples, N, D) normalized noisy copies of ``features`` (N, D); without noise the
+    (N, D) rows normalized once, as CLIP code does with its class text features (the matrix
+    product broadcasts them over the samples)."""
     if noise_params is None:
-        return features.expand(num_samples, *features.shape)
+        return F.normalize(features, dim=-1)
     mu, sigma = noise_params
-    return eager_fused_inject(features, mu, sigma, mode=mode, num_samples=num_samples, eps=eps)
+    noisy = eager_fused_inject(features, mu, sigma, mode=mode, num_samples=num_samples, eps=eps)
+    return F.normalize(noisy, dim=-1)
 
 
 def eager_noisy_cosine_logits(
@@ -89,15 +92,14 @@ def eager_noisy_cosine_logits(
     image_features: (B, D); text_features: (C, D); image_eps: (num_samples, B, D) and text_eps:
     (num_samples, C, D), drawn when None.
     """
-    image = _eager_noisy_features(
+    image = _eager_unit_features(
         image_features, image_noise, mode=mode, num_samples=num_samples, eps=image_eps
     )
-    text = _eager_noisy_features(
+    text = _eager_unit_features(
         text_features, text_noise, mode=mode, num_samples=num_samples, eps=text_eps
     )
-    image = F.normalize(image, dim=-1)
-    text = F.normalize(text, dim=-1)
-    return logit_scale * (image @ text.transpose(-1, -2))
+    logits = logit_scale * (image @ text.transpose(-1, -2))
+    return logits.expand(num_samples, *logits.shape[-2:])
 
 
 def eager_noisy_cross_entropy(

@@ -69,14 +69,21 @@ def _kernels(backend: str) -> ModuleType:
     return kernels
 
 
-def _cosines(kernels: ModuleType, image_unit: torch.Tensor, text_unit: torch.Tensor):
+def _cosines(
+    kernels: ModuleType, image_unit: torch.Tensor, text_unit: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """(B, C) fp32 cosines of unit rows with the backend's own product: the one its
     ``loss_stats`` takes the log-sum-exp from, so that forward and backward agree (issue 12,
-    item 4). The native backends' loss_stats use torch.mm, as this fallback does."""
+    item 4). The native backends' loss_stats use torch.mm, as this fallback does, into ``out``
+    when given (the CPU allocator gives each new large buffer fresh pages to fault in: a
+    per-sample loop reuses one)."""
     product = getattr(kernels, "cosines", None)
-    if product is None:
+    if product is not None:
+        return product(image_unit, text_unit)
+    if out is None:
         return torch.mm(image_unit, text_unit.t())
-    return product(image_unit, text_unit)
+    return torch.mm(image_unit, text_unit.t(), out=out)
 
 
 # --- the per-sample flow --------------------------------------------------------------------------
@@ -209,23 +216,39 @@ def _backward(
         SideGrads.zeros(image_side, needs[0], needs[3] or needs[4]),
         SideGrads.zeros(text_side, needs[1], needs[5] or needs[6]),
     )
-    # Sides equal in every sample: sum their unit gradients, backpropagate once.
+    # Sides equal in every sample: the matrix products sum their unit gradients in place
+    # (the first sample's product writes the sum, the others' add to it), and they are
+    # backpropagated once. The other sides' unit gradients and the cosines use one buffer each
+    # for all samples.
+    summed = image.shape[0] > 0 and num_samples > 0  # else the sums stay zero
     unit_grad_sums = [
-        None if side.changes_per_sample else torch.zeros_like(side.unit) for side in sides
+        None if side.changes_per_sample
+        else (torch.empty_like if summed else torch.zeros_like)(side.unit)
+        for side in sides
+    ]  # fmt: skip
+    unit_grad_buffers = [
+        torch.empty_like(side.unit) if side.changes_per_sample else None for side in sides
     ]
+    cosine_buffer = None
+    if image.shape[0] > 0 and not hasattr(kernels, "cosines"):
+        cosine_buffer = image_side.unit.new_empty((image.shape[0], text.shape[-2]))
     for sample in range(num_samples):
         _normalize_sample(kernels, sides, sample)
         if image.shape[0] == 0:
             continue
-        cosine = cosine_grad(sample, _cosines(kernels, image_side.unit, text_side.unit))
-        unit_grads = (torch.mm(cosine, text_side.unit), torch.mm(cosine.t(), image_side.unit))
-        for side, grads, unit_grad, total in zip(
-            sides, side_grads, unit_grads, unit_grad_sums, strict=True
+        cosine = _cosines(kernels, image_side.unit, text_side.unit, out=cosine_buffer)
+        cosine = cosine_grad(sample, cosine)
+        products = ((cosine, text_side.unit), (cosine.t(), image_side.unit))
+        for side, grads, (left, right), total, buffer in zip(
+            sides, side_grads, products, unit_grad_sums, unit_grad_buffers, strict=True
         ):
             if total is None:
+                unit_grad = torch.mm(left, right, out=buffer)
                 _side_backward(kernels, side, sample, unit_grad, grads)
+            elif sample == 0:
+                torch.mm(left, right, out=total)
             else:
-                total.add_(unit_grad)
+                total.addmm_(left, right)
     for side, grads, total in zip(sides, side_grads, unit_grad_sums, strict=True):
         if total is not None:
             _side_backward(kernels, side, 0, total, grads)
