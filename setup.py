@@ -154,6 +154,7 @@ def native_extension():
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", *target_flags]
     sources = [
         str(CSRC / "bindings.cpp"),
+        str(CSRC / "autograd.cpp"),
         str(CSRC / "cpu" / "kernels.cpp"),
         str(CSRC / "cpu" / "kernels_avx512.cpp"),  # empty unless x86-64 (csrc/cpu/isa.h)
     ]

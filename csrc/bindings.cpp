@@ -1,7 +1,8 @@
 // PyTorch binding of the native kernels: the `pini_native` operator library (schemas here, CPU
 // implementations here, CUDA implementations in cuda/bindings_cuda.cpp). The Python layer
-// (pini_kernels/native.py) allocates outputs and calls these ops; autograd lives in Python. The
-// argument checks, shared with the CUDA implementations, are in checks.h.
+// (pini_kernels/native.py) allocates outputs and calls these ops; autograd lives in Python, but
+// for fused_inject's eager calls (autograd.cpp: `inject`, whose node is C++). The argument
+// checks, shared with the CUDA implementations, are in checks.h.
 //
 // Every op writes into tensors it is given (`Tensor(a!)`), so the Python side controls allocation
 // (and the tests' NaN poisoning).

@@ -34,6 +34,9 @@ def like_input(grad: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor 
     return torch.empty_like(tensor).copy_(grad)
 
 
+_NO_DEVICE_CHANGE = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
 def on_device(device: torch.device):
     """Launch on ``device``'s GPU (Triton launches on the current device), not on cuda:0."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE_CHANGE

@@ -132,8 +132,23 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _unavailable_reason(name, None) is None]
 
 
+_resolved: dict[tuple, str] = {}  # (backend, environment, device) -> backend: a call's answer
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend a call on tensors of ``device`` runs on; raises if it cannot run there."""
+    """The backend a call on tensors of ``device`` runs on; raises if it cannot run there.
+    Answers are kept per argument, environment and device (small tensors feel every host-side
+    microsecond); under torch.compile it is worked out each time, as the graph is traced once."""
+    if torch.compiler.is_compiling():
+        return _resolve_backend(backend, device)
+    key = (backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device)
+    resolved = _resolved.get(key)
+    if resolved is None:
+        resolved = _resolved[key] = _resolve_backend(backend, device)
+    return resolved
+
+
+def _resolve_backend(backend: str | None, device: torch.device) -> str:
     source = "backend"
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None

@@ -84,8 +84,9 @@ def fused_inject(
         return reference.fused_inject(
             x, mu, sigma, seed=_reference_seed(seed), num_samples=samples, multiply=multiply
         )
-    for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
-        _checks.check_float_tensor(name, tensor, allow_float64=False)
+    if torch.float64 in (x.dtype, mu.dtype, sigma.dtype):  # the message names which
+        for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
+            _checks.check_float_tensor(name, tensor, allow_float64=False)
     out = inject.run_inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
     return out.view(x.shape) if samples is None else out
 

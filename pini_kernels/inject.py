@@ -15,7 +15,9 @@ This module owns the op's contract; a backend only runs its kernels. In order:
 - the op's forward and backward (``inject_forward`` / ``inject_backward``), run by the
   ``pini_kernels::inject`` custom op and its fake under torch.compile (opaque to it: no graph
   break), and by ``_InjectFunction`` (an ``autograd.Function``) in eager mode, which skips the
-  custom-op dispatch: ``run_inject`` picks one;
+  custom-op dispatch; on the native backends, eager calls on contiguous tensors take
+  ``pini_native::inject`` instead (csrc/autograd.cpp: the same kernels and saved tensors under a
+  C++ autograd node): ``run_inject`` picks one;
 - their autograd: what is saved for backward (the seed, never ``eps``; in add mode only a stand-in
   for ``x``, which backward must not read) and how the parameters' gradients are reduced (each
   backend returns one row of fp32 partial sums per chunk of rows; ``_reduce_partial_sums`` adds
@@ -124,12 +126,16 @@ def _flat_params(
     return layout, param_shape, _flat(mu, param_shape), _flat(sigma, param_shape)
 
 
-def _reduce_partial_sums(partial: torch.Tensor, layout: BroadcastLayout) -> torch.Tensor:
-    """(row_chunks, width) fp32 partial sums -> (num_params,) sums, deterministically."""
+def _reduce_partial_sums(
+    partial: torch.Tensor, layout: BroadcastLayout, param_shape: torch.Size
+) -> torch.Tensor:
+    """(row_chunks, width) fp32 partial sums -> sums of ``param_shape``, deterministically."""
+    if partial.shape[0] == 1 and layout.inner == 1:  # one chunk of rows: already the sums
+        return partial.view(param_shape)
     per_column = partial.view(-1) if partial.shape[0] == 1 else partial.sum(dim=0)
     if layout.inner == 1:
-        return per_column
-    return per_column.view(layout.num_params, layout.inner).sum(dim=1)
+        return per_column.view(param_shape)
+    return per_column.view(layout.num_params, layout.inner).sum(dim=1).view(param_shape)
 
 
 # --- the backends ---------------------------------------------------------------------------------
@@ -209,7 +215,7 @@ def inject_backward(
         sigma_grad = torch.zeros_like(mu_grad)
     else:
         mu_grad, sigma_grad = (
-            _reduce_partial_sums(partial, layout).view(param_shape) for partial in partial_sums
+            _reduce_partial_sums(partial, layout, param_shape) for partial in partial_sums
         )
     return grad_x, _param_grad(mu_grad, mu), _param_grad(sigma_grad, sigma)
 
@@ -217,6 +223,8 @@ def inject_backward(
 def _param_grad(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A gradient of the common parameter shape as ``param``'s, summed over its broadcast
     dimensions, in its dtype and layout."""
+    if grad.dtype == param.dtype and param.is_contiguous() and grad.shape == param.shape:
+        return grad  # the common case, with the fewest host calls
     if grad.shape != param.shape:
         grad = grad.sum_to_size(param.shape)
     return like_input(grad, param)
@@ -297,14 +305,50 @@ class _InjectFunction(torch.autograd.Function):
         return _gradients(ctx, grad_out, inject_backward)
 
 
+def _native_fast_path(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> bool:
+    """Whether ``pini_native::inject`` takes the call: contiguous x, mu and sigma of one shape
+    whose layout needs no expansion (the flat parameters are then views, so their gradients are
+    exactly the kernels' fp32 sums, in the given layouts). Other calls take ``_InjectFunction``."""
+    return (
+        mu.shape == sigma.shape
+        and x.is_contiguous()
+        and mu.is_contiguous()
+        and sigma.is_contiguous()
+        and not _param_layout(x.shape, mu.shape, sigma.shape)[0].expand
+    )
+
+
+def _native_inject(
+    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
+    multiply: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The native backends' eager entry point (``_native_fast_path``): ``pini_native::inject``
+    (csrc/autograd.cpp), the same kernels, saved tensors and gradients as ``_InjectFunction`` with
+    the autograd node in C++, which runs backward without Python. mu and sigma go in as flat
+    views, so autograd hands their gradients back in the given shapes."""
+    from . import native
+
+    layout, _, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
+    seed_arg = native._seed_tensor(_checks.kernel_seed(seed, x.device), x.device)
+    rows_per_chunk = native._rows_per_chunk(layout.rows, layout.width, x.device)
+    with on_device(x.device):
+        return native._ops().inject(
+            x, mu_flat, sigma_flat, seed_arg, num_samples, multiply, layout.rows,
+            layout.width, layout.inner, rows_per_chunk, _checks.result_dtype(x, mu, sigma),
+        )  # fmt: skip
+
+
 def run_inject(
     x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
     multiply: bool, backend: str,
 ) -> torch.Tensor:  # fmt: skip
     """The op on checked arguments (``inject_forward``'s), with autograd: the custom op under
-    torch.compile, else the eager entry point, or the forward alone when no gradient is wanted."""
+    torch.compile; else on the native backends ``pini_native::inject`` (autograd in C++), on
+    Triton ``_InjectFunction``, or the forward alone when no gradient is wanted."""
     if torch.compiler.is_compiling():
         return inject(x, mu, sigma, seed, num_samples, multiply, backend)
+    if backend != "triton" and _native_fast_path(x, mu, sigma):
+        return _native_inject(x, mu, sigma, seed, num_samples, multiply)
     if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or sigma.requires_grad):
         return _InjectFunction.apply(x, mu, sigma, seed, num_samples, multiply, backend)
     return inject_forward(x, mu, sigma, seed, num_samples, multiply, backend)

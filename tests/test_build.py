@@ -237,6 +237,7 @@ def test_a_missing_native_backend_warns_once_when_it_would_have_been_chosen(monk
 
     monkeypatch.setattr(backends, "_native_probe", {"cpu": "not built (simulated)"})
     monkeypatch.setattr(backends, "_warned_native_missing", set())
+    monkeypatch.setattr(backends, "_resolved", {})  # answers kept from before the simulation
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

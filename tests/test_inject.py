@@ -621,3 +621,64 @@ def test_add_backward_with_stand_in_x(fused_backend, x_shape, need_param_grad):
     assert_close(partial_mu, grad_out.sum((0, 1)), atol=1e-5, rtol=1e-5, name="grad_mu")
     want_sigma = (grad_out * eps).sum((0, 1))
     assert_close(partial_sigma, want_sigma, atol=1e-4, rtol=1e-5, name="grad_sigma")
+
+
+# --- the two eager entry points of the native backends -------------------------------------------
+
+NATIVE_FAST_PATH_CASES = {
+    # x shape, mu/sigma shape, dtype
+    "per-element": ((32, 512), (32, 512), torch.float32),
+    "per-feature": ((7, 130), (130,), torch.float32),
+    "middle run, half": ((3, 4, 5, 6), (4, 1, 1), torch.bfloat16),
+    "empty x": ((0, 8), (8,), torch.float32),
+}
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("case", list(NATIVE_FAST_PATH_CASES))
+def test_native_autograd_op_equals_the_python_function(case, mode):
+    """On the native backends, contiguous calls go through ``pini_native::inject``, whose autograd
+    node is C++ (csrc/autograd.cpp); the others through ``_InjectFunction``. Both must give the
+    same output and gradients, bit for bit, in the same dtypes."""
+    from pini_kernels import _checks, inject
+
+    if "cpu" not in pini_kernels.available_backends():
+        pytest.skip("needs the native CPU kernels")
+    x_shape, param_shape, dtype = NATIVE_FAST_PATH_CASES[case]
+    generator = torch.Generator().manual_seed(11)
+    tensors = [
+        torch.randn(x_shape, generator=generator).to(dtype),
+        torch.randn(param_shape, generator=generator).to(dtype),
+        torch.rand(param_shape, generator=generator).to(dtype) + 0.1,
+    ]
+    seed = _checks.seed_tensor(9)
+    multiply = mode == "mul"
+    assert inject._native_fast_path(*tensors)
+    results = []
+    for entry in ("native", "python"):
+        leaves = [tensor.clone().requires_grad_(True) for tensor in tensors]
+        if entry == "native":
+            out = inject._native_inject(*leaves, seed, 3, multiply)
+            assert type(out.grad_fn).__name__ == "CppFunction"  # backward runs no Python
+        else:
+            out = inject._InjectFunction.apply(*leaves, seed, 3, multiply, "cpu")
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        results.append((out, *grads))
+    for name, native, python in zip(("out", "x", "mu", "sigma"), *results, strict=True):
+        assert native.dtype == python.dtype and native.shape == python.shape, name
+        assert torch.equal(native, python), f"{case} {mode}: {name} differs"
+
+
+def test_native_fast_path_leaves_layouts_and_expansions_to_the_python_function():
+    """Non-contiguous inputs (whose gradients keep their layouts) and parameters that must be
+    expanded (whose gradients are summed in fp32) stay on ``_InjectFunction``."""
+    from pini_kernels import inject
+
+    x = torch.randn(4, 6)
+    assert inject._native_fast_path(x, torch.randn(6), torch.rand(6))
+    assert not inject._native_fast_path(x.t().contiguous().t(), torch.randn(6), torch.rand(6))
+    assert not inject._native_fast_path(x, torch.randn(6, 4).t(), torch.rand(4, 6))
+    assert not inject._native_fast_path(x, torch.randn(6), torch.rand(4, 6))  # shapes differ
+    assert not inject._native_fast_path(torch.randn(4, 5, 6), torch.randn(4, 1, 6),
+                                        torch.rand(4, 1, 6))  # fmt: skip
