@@ -155,6 +155,7 @@ def native_extension():
     sources = [
         str(CSRC / "bindings.cpp"),
         str(CSRC / "autograd.cpp"),
+        str(CSRC / "loss_flow.cpp"),
         str(CSRC / "cpu" / "kernels.cpp"),
         str(CSRC / "cpu" / "kernels_avx512.cpp"),  # empty unless x86-64 (csrc/cpu/isa.h)
     ]

@@ -14,6 +14,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "buffers.h"
+
 namespace pini {
 namespace {
 
@@ -31,7 +33,7 @@ Tensor call_forward(const Tensor& x, const Tensor& mu, const Tensor& sigma, cons
                                          Tensor&)>();
   std::vector<int64_t> shape{num_samples};
   shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
-  Tensor out = at::empty(shape, x.options().dtype(out_dtype));
+  Tensor out = new_buffer(shape, x.options().dtype(out_dtype));
   if (x.numel() > 0) {
     op.call(x, mu.to(at::kFloat), sigma.to(at::kFloat), seed, num_samples, multiply, rows, width,
             inner, out);
@@ -82,11 +84,11 @@ class InjectFunction : public torch::autograd::Function<InjectFunction> {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_params = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     std::optional<Tensor> grad_x, partial_mu, partial_sigma;
-    if (need_x) grad_x = at::empty(x.sizes(), x.options());
+    if (need_x) grad_x = new_buffer(x.sizes(), x.options());
     const int64_t row_chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
     if (need_params) {
-      partial_mu = at::empty({row_chunks, width}, x.options().dtype(at::kFloat));
-      partial_sigma = at::empty({row_chunks, width}, x.options().dtype(at::kFloat));
+      partial_mu = new_buffer({row_chunks, width}, x.options().dtype(at::kFloat));
+      partial_sigma = new_buffer({row_chunks, width}, x.options().dtype(at::kFloat));
     }
     Tensor mu_grad, sigma_grad;
     if (x.numel() > 0) {

@@ -299,6 +299,63 @@ def _fake_gradients(needs, tensors) -> list[torch.Tensor]:
     ]
 
 
+# --- the loss's flow on the native backends -----------------------------------------------------
+
+# The native backends run the loss's flow as one op; tests set this False to run the Python flow
+# (``_backward``, the Triton backend's) on the same native kernels and compare the two.
+NATIVE_LOSS_FLOW = True
+
+
+def _native_flow(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+    num_samples, multiply, label_smoothing, lse, row_grads, needs,
+) -> list[torch.Tensor]:  # fmt: skip
+    """The loss's per-sample flow of ``cross_entropy_forward`` / ``cross_entropy_backward`` as one
+    native op (csrc/loss_flow.cpp: the same kernels, call for call, without a Python frame per
+    kernel). seed: the kernels' seed (``_checks.kernel_seed``). Returns [lse, target_logit,
+    logit_sum, scale_grad_rows, then the fp32 accumulators of image, text, image_mu,
+    image_sigma, text_mu and text_sigma] (empty where not computed)."""
+    from . import native
+
+    device = image.device
+    sides = []
+    for features, mu, sigma, side_seed in (
+        (image, image_mu, image_sigma, seed), (text, text_mu, text_sigma, seed + 1),
+    ):  # fmt: skip
+        if features.stride(-1) != 1:
+            features = features.contiguous()
+        if mu is not None:  # the kernels read fp32 parameters (converted before expanding)
+            mu = mu.to(torch.float32).expand(features.shape[-2:])
+            sigma = sigma.to(torch.float32).expand(features.shape[-2:])
+        # A tensor seed's + 1 runs on the device (no sync); 2^63 wraps to -2^63, the same key.
+        sides += [features, mu, sigma, native._seed_tensor(side_seed, device)]
+    image, image_mu, image_sigma, image_seed, text, text_mu, text_sigma, text_seed = sides
+    need_bits = sum(1 << index for index, need in enumerate(needs) if need)
+    return native._ops().cross_entropy_flow(
+        image, text, logit_scale.to(device=device, dtype=torch.float32), image_mu, image_sigma,
+        text_mu, text_sigma, target, image_seed, text_seed, num_samples, multiply,
+        label_smoothing, lse, row_grads, need_bits,
+    )  # fmt: skip
+
+
+def _native_gradients(accumulators, scale_grad_rows, inputs, needs) -> list:
+    """The seven gradients from ``_native_flow``'s fp32 accumulators, in the inputs' shapes,
+    dtypes and layouts (None where not needed)."""
+    image_x, text_x, image_mu, image_sigma, text_mu, text_sigma = accumulators
+    image, text, logit_scale, *params = inputs
+    return [
+        like_input(image_x, image) if needs[0] else None,
+        like_input(text_x, text) if needs[1] else None,
+        scale_grad_rows.sum().to(logit_scale.dtype) if needs[2] else None,
+        *(
+            _sum_to(grad, param, need)
+            for grad, param, need in zip(
+                (image_mu, image_sigma, text_mu, text_sigma), params, needs[3:], strict=True
+            )
+        ),
+    ]
+
+
 # --- the ops' halves -----------------------------------------------------------------------------
 #
 # What the two ops compute, as plain functions; two entry points run them (``run_logits`` and
@@ -386,43 +443,57 @@ def cross_entropy_forward(
     seed_arg = _checks.kernel_seed(seed, image.device)
     rows, classes = image.shape[0], text.shape[-2]
     device = image.device
-    scale = logit_scale.to(device=device, dtype=torch.float32)
-    # Separate buffers: only lse is saved for backward, and it should not pin the other two.
-    lse, target_logit, logit_sum = (
-        new_buffer((num_samples, rows), torch.float32, device) for _ in range(3)
-    )
     target = target.to(torch.int64).contiguous()
     grads: list = [None] * len(DIFFERENTIABLE_INPUTS)
     in_forward = gradients_in_forward(reduction, needs)
-    with on_device(device):
+    row_grads = None
+    if in_forward:
+        weight = 1.0 / (num_samples * rows) if reduction == "mean" and rows else 1.0
+        row_grads = torch.full((num_samples, rows), weight, device=device)
+    if backend != "triton" and NATIVE_LOSS_FLOW:
+        with on_device(device):
+            lse, target_logit, logit_sum, scale_grad_rows, *accumulators = _native_flow(
+                image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
+                seed_arg, num_samples, multiply, label_smoothing, None, row_grads, needs,
+            )  # fmt: skip
         if in_forward:
-            weight = 1.0 / (num_samples * rows) if reduction == "mean" and rows else 1.0
-            row_grads = torch.full((num_samples, rows), weight, device=device)
-            scale_grad_rows = new_buffer((num_samples, rows), torch.float32, device)
+            inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+            grads = _native_gradients(accumulators, scale_grad_rows, inputs, needs)
+    else:
+        scale = logit_scale.to(device=device, dtype=torch.float32)
+        # Separate buffers: only lse is saved for backward, and it should not pin the other two.
+        lse, target_logit, logit_sum = (
+            new_buffer((num_samples, rows), torch.float32, device) for _ in range(3)
+        )
+        with on_device(device):
+            if in_forward:
+                scale_grad_rows = new_buffer((num_samples, rows), torch.float32, device)
 
-            def cosine_grad(sample, cosine):
-                kernels.loss_stats_grad(
-                    cosine, target, row_grads[sample], scale, label_smoothing, lse[sample],
-                    target_logit[sample], logit_sum[sample], scale_grad_rows[sample],
+                def cosine_grad(sample, cosine):
+                    kernels.loss_stats_grad(
+                        cosine, target, row_grads[sample], scale, label_smoothing, lse[sample],
+                        target_logit[sample], logit_sum[sample], scale_grad_rows[sample],
+                    )  # fmt: skip
+                    return cosine
+
+                grads = _backward(
+                    kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu,
+                    text_sigma, seed_arg, num_samples, multiply, needs,
                 )  # fmt: skip
-                return cosine
-
-            grads = _backward(
-                kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma,
-                seed_arg, num_samples, multiply, needs,
-            )  # fmt: skip
-            if needs[2]:
-                grads[2] = scale_grad_rows.sum().to(logit_scale.dtype)
-        else:
-            sides = _sides(
-                kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg,
-                multiply,
-            )  # fmt: skip
-            for sample in range(num_samples):
-                _normalize_sample(kernels, sides, sample)
-                if rows > 0:
-                    kernels.loss_stats(sides[0].unit, sides[1].unit, target, scale, lse[sample],
-                                       target_logit[sample], logit_sum[sample])  # fmt: skip
+                if needs[2]:
+                    grads[2] = scale_grad_rows.sum().to(logit_scale.dtype)
+            else:
+                sides = _sides(
+                    kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg,
+                    multiply,
+                )  # fmt: skip
+                for sample in range(num_samples):
+                    _normalize_sample(kernels, sides, sample)
+                    if rows > 0:
+                        kernels.loss_stats(
+                            sides[0].unit, sides[1].unit, target, scale, lse[sample],
+                            target_logit[sample], logit_sum[sample],
+                        )  # fmt: skip
     row_losses = _row_losses(lse, target_logit, logit_sum, classes, label_smoothing)
     saved_lse = image.new_empty(0, dtype=torch.float32) if in_forward else lse
     return (_reduce(row_losses, reduction), saved_lse, *_gradients_or_empty(grads, image))
@@ -453,10 +524,20 @@ def cross_entropy_backward(
                           scale_grad_rows[sample])  # fmt: skip
         return cosine
 
+    seed_arg = _checks.kernel_seed(seed, image.device)
     with on_device(device):
+        if backend != "triton" and NATIVE_LOSS_FLOW:
+            _, _, _, scale_grad_rows, *accumulators = _native_flow(
+                image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
+                seed_arg, num_samples, multiply, label_smoothing, lse, row_grads, needs,
+            )  # fmt: skip
+            inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+            return _gradients_or_empty(
+                _native_gradients(accumulators, scale_grad_rows, inputs, needs), image
+            )
         grads = _backward(
             kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma,
-            _checks.kernel_seed(seed, image.device), num_samples, multiply, needs,
+            seed_arg, num_samples, multiply, needs,
         )  # fmt: skip
     grads[2] = scale_grad_rows.sum().to(logit_scale.dtype) if needs[2] else None
     return _gradients_or_empty(grads, image)

@@ -450,6 +450,34 @@ def test_fused_loss_saves_no_logits(fused_backend, reduction):
         assert saved[40, 6] == saved[40, 1], saved
 
 
+def _check_native_flow_calls(monkeypatch, loss_of, tensors, reduction) -> None:
+    """The native backends run the loss's flow as one op (csrc/loss_flow.cpp): record each call
+    as "stats" (no gradients), "stats+grad" (forward with gradients) or "grad" (recompute)."""
+    from pini_kernels import cosine
+
+    calls = []
+    flow = cosine._native_flow
+
+    def recording_flow(*args):
+        lse, row_grads = args[12:14]
+        calls.append("grad" if lse is not None else "stats+grad" if row_grads is not None
+                     else "stats")  # fmt: skip
+        return flow(*args)
+
+    monkeypatch.setattr(cosine, "_native_flow", recording_flow)
+    leaves = _leaves(tensors)
+    loss = loss_of(*leaves)
+    assert calls == (["stats"] if reduction == "none" else ["stats+grad"])
+    calls.clear()
+    loss.sum().backward()
+    assert calls == (["grad"] if reduction == "none" else []), calls
+    calls.clear()
+    loss_of(*tensors)
+    with torch.no_grad():
+        loss_of(*leaves)
+    assert calls == ["stats", "stats"], calls
+
+
 def _count_kernel_calls(monkeypatch, backend) -> dict[str, int]:
     """Counts of the backend's cosine kernel calls, by name, from now on."""
     from pini_kernels import cosine
@@ -473,8 +501,9 @@ def test_loss_gradients_in_forward_and_none_without_gradients(
     fused_backend, monkeypatch, reduction
 ):
     """A "mean" or "sum" loss with a gradient wanted runs its gradients' kernels in forward
-    (loss_stats_grad per sample) and none in backward; "none" keeps the recompute path; without
-    a gradient wanted (no requires_grad, or no_grad) only the statistics are computed."""
+    (Triton: loss_stats_grad per sample; native: the flow op with row weights) and none in
+    backward; "none" keeps the recompute path; without a gradient wanted (no requires_grad, or
+    no_grad) only the statistics are computed."""
     device = backend_device(fused_backend)
     image, text, scale, image_pair, _, target = _make(6, 7, 8, "image", device)
     samples = 3
@@ -486,6 +515,9 @@ def test_loss_gradients_in_forward_and_none_without_gradients(
             reduction=reduction, backend=fused_backend,
         )  # fmt: skip
 
+    if fused_backend != "triton":
+        _check_native_flow_calls(monkeypatch, loss_of, [image, text, *image_pair], reduction)
+        return
     calls = _count_kernel_calls(monkeypatch, fused_backend)
     leaves = _leaves([image, text, *image_pair])
     loss = loss_of(*leaves)
@@ -971,3 +1003,48 @@ def test_reference_zero_rows_follow_f_normalize(zero_side, mode, noise_on):
     for name, want, leaf in zip(GRAD_NAMES, want_grads, leaves, strict=True):
         if leaf is not None:
             _assert_rows_close(want, leaf.grad, atol=2e-5, rtol=1e-5, name=name)
+
+
+# --- the native backends' loss flow (csrc/loss_flow.cpp) against the Python flow ----------------
+
+NATIVE_FLOW_CASES = {
+    # name: (make inputs, keyword arguments)
+    "both sides, add, mean": (lambda d: _make(67, 70, 40, "both", d), dict(num_samples=3)),
+    "image side, mul, sum": (lambda d: _make(6, 13, 24, "image", d),
+                             dict(num_samples=2, mode="mul", reduction="sum")),
+    "text side, none, smoothing": (lambda d: _make(6, 13, 24, "text", d),
+                                   dict(num_samples=2, reduction="none", label_smoothing=0.2)),
+    "per-sample text": (lambda d: _make_per_sample(*PER_SAMPLE_LARGE, "both", d),
+                        dict(num_samples=PER_SAMPLE_LARGE[3])),
+    "no noise, bfloat16": (lambda d: _make(5, 9, 12, "none", d, dtype=torch.bfloat16),
+                           dict(num_samples=2)),
+    "empty batch": (lambda d: _make(0, 9, 12, "both", d), dict(num_samples=2, reduction="sum")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(NATIVE_FLOW_CASES))
+def test_native_loss_flow_equals_the_python_flow(monkeypatch, case):
+    """On the native backends the loss's per-sample flow is one C++ op; with NATIVE_LOSS_FLOW off
+    the Python flow (the Triton backend's) runs the same kernels. Loss and every gradient agree
+    (to a few float32 roundings: the products may sum in another order)."""
+    from pini_kernels import cosine
+
+    if "cpu" not in pini_kernels.available_backends():
+        pytest.skip("needs the native CPU kernels")
+    make, kwargs = NATIVE_FLOW_CASES[case]
+    image, text, scale, image_pair, text_pair, target = make("cpu")
+    tensors = _differentiable(image, text, scale, image_pair, text_pair)
+    results = []
+    for native_flow in (True, False):
+        monkeypatch.setattr(cosine, "NATIVE_LOSS_FLOW", native_flow)
+        results.append(_run(pini_kernels.noisy_cross_entropy, _leaves(tensors), target,
+                            backend="cpu", seed=4, **kwargs))  # fmt: skip
+    (native_out, native_grads), (python_out, python_grads) = results
+    assert_close(native_out, python_out, atol=1e-6, rtol=1e-6, name=f"{case}: loss")
+    for name, native, python in zip(GRAD_NAMES, native_grads, python_grads, strict=True):
+        if python is None:
+            assert native is None, name
+            continue
+        assert native.dtype == python.dtype and native.shape == python.shape, name
+        magnitude = max(1.0, python.abs().max().item() if python.numel() else 0.0)
+        assert_close(native, python, atol=1e-6 * magnitude, rtol=1e-5, name=f"{case}: {name}")

@@ -1,0 +1,228 @@
+// The PiNI loss's per-sample flow for the native backends, in C++: the `pini_native::
+// cross_entropy_flow` op. pini_kernels/cosine.py says what it computes (its Python flow still runs
+// the Triton backend and the logits op); this is the same flow, call for call, without a Python
+// frame per kernel: on small problems (a batch of 32 against 37 classes) the Python loop cost
+// more than its kernels. It calls the row and loss kernels through the dispatcher and at::mm for
+// the products, so it runs on CPU and CUDA tensors alike.
+//
+// For each noise sample s: the image rows (stream of image_seed, elements s*B*D + ...) and the
+// text rows (text[s] when text is (m, C, D); stream of text_seed) are noised and normalized (a
+// side equal in every sample once), the (B, C) cosines come from one product, then
+// - without row_grads: the row statistics (lse, target logit, sum of logits) of the logits
+//   scale * cosine;
+// - with row_grads (m, B): d loss / d cosine for those row weights (from the statistics computed
+//   here, or from `lse` when given: backward's recompute), two products, and the row kernels'
+//   backward into fp32 accumulators; a side equal in every sample sums its unit gradients (addmm)
+//   and is backpropagated once.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "buffers.h"
+
+namespace pini {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+// Bits of the `needs` argument: which of the seven differentiable inputs need a gradient, in
+// cosine.py's DIFFERENTIABLE_INPUTS order.
+enum Need : int64_t {
+  kImage = 1, kText = 2, kScale = 4, kImageMu = 8, kImageSigma = 16, kTextMu = 32,
+  kTextSigma = 64,
+};
+
+void normalize(const Tensor& x, const OptionalTensor& mu, const OptionalTensor& sigma,
+               const Tensor& seed, int64_t stream_offset, bool multiply, Tensor& unit,
+               Tensor& norm) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pini_native::noisy_normalize", "")
+          .typed<void(const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+                      int64_t, bool, Tensor&, Tensor&)>();
+  op.call(x, mu, sigma, seed, stream_offset, multiply, unit, norm);
+}
+
+void normalize_backward(const Tensor& x, const OptionalTensor& mu, const OptionalTensor& sigma,
+                        const Tensor& seed, int64_t stream_offset, bool multiply,
+                        const Tensor& unit, const Tensor& norm, const Tensor& grad_unit,
+                        OptionalTensor grad_x, OptionalTensor grad_mu,
+                        OptionalTensor grad_sigma) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pini_native::noisy_normalize_backward", "")
+          .typed<void(const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+                      int64_t, bool, const Tensor&, const Tensor&, const Tensor&, OptionalTensor,
+                      OptionalTensor, OptionalTensor)>();
+  op.call(x, mu, sigma, seed, stream_offset, multiply, unit, norm, grad_unit, grad_x, grad_mu,
+          grad_sigma);
+}
+
+void cross_entropy_stats(const Tensor& cosine, const Tensor& target, const Tensor& scale,
+                         Tensor& lse, Tensor& target_logit, Tensor& logit_sum) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pini_native::cross_entropy_stats", "")
+                             .typed<void(const Tensor&, const Tensor&, const Tensor&, Tensor&,
+                                         Tensor&, Tensor&)>();
+  op.call(cosine, target, scale, lse, target_logit, logit_sum);
+}
+
+void cross_entropy_grad(Tensor& cosine, const Tensor& lse, const Tensor& target,
+                        const Tensor& row_grad, const Tensor& scale, double label_smoothing,
+                        Tensor& scale_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pini_native::cross_entropy_grad", "")
+                             .typed<void(Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, double, Tensor&)>();
+  op.call(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad);
+}
+
+// One side of the logits (cosine.py's Side and SideGrads).
+struct Side {
+  Tensor features;  // (N, D), or (m, N, D): one set of rows per sample
+  OptionalTensor mu, sigma;  // fp32, (N, D) (expanded: stride 0 on broadcast dims)
+  Tensor seed;
+  bool per_sample;
+  Tensor unit, norm;  // this sample's normalized rows and their norms
+  OptionalTensor grad_x, grad_mu, grad_sigma;  // fp32 accumulators
+  Tensor unit_grad;  // this sample's unit gradients, or their sum over samples (constant side)
+
+  Side(const Tensor& x, const OptionalTensor& mu_, const OptionalTensor& sigma_,
+       const Tensor& seed_)
+      : features(x), mu(mu_), sigma(sigma_), seed(seed_), per_sample(x.dim() == 3) {
+    const auto options = x.options().dtype(at::kFloat);
+    unit = new_buffer({rows(), dim()}, options);
+    norm = new_buffer({rows()}, options);
+  }
+
+  int64_t rows() const { return features.size(-2); }
+  int64_t dim() const { return features.size(-1); }
+  bool changes_per_sample() const { return mu.has_value() || per_sample; }
+  Tensor rows_of(int64_t sample) const { return per_sample ? features[sample] : features; }
+  int64_t stream_offset(int64_t sample) const { return sample * rows() * dim(); }
+
+  void want_gradients(bool need_x, bool need_params) {
+    const auto options = features.options().dtype(at::kFloat);
+    if (need_x) grad_x = at::zeros(features.sizes(), options);
+    if (need_params && mu.has_value()) {
+      grad_mu = at::zeros({rows(), dim()}, options);
+      grad_sigma = at::zeros({rows(), dim()}, options);
+    }
+  }
+
+  bool has_gradients() const { return grad_x.has_value() || grad_mu.has_value(); }
+
+  void normalize_sample(int64_t sample, bool multiply) {
+    if ((changes_per_sample() || sample == 0) && rows() > 0) {
+      normalize(rows_of(sample), mu, sigma, seed, stream_offset(sample), multiply, unit, norm);
+    }
+  }
+
+  // Backpropagates `unit_grad` through this sample's normalization and noise.
+  void backward_sample(int64_t sample, bool multiply) {
+    if (rows() == 0 || !has_gradients()) return;
+    OptionalTensor sample_grad_x = grad_x;
+    if (per_sample && grad_x.has_value()) sample_grad_x = (*grad_x)[sample];
+    normalize_backward(rows_of(sample), mu, sigma, seed, stream_offset(sample), multiply, unit,
+                       norm, unit_grad, sample_grad_x, grad_mu, grad_sigma);
+  }
+};
+
+Tensor empty_like_none(const Tensor& like) { return at::empty({0}, like.options()); }
+
+std::vector<Tensor> cross_entropy_flow(
+    const Tensor& image, const Tensor& text, const Tensor& scale, const OptionalTensor& image_mu,
+    const OptionalTensor& image_sigma, const OptionalTensor& text_mu,
+    const OptionalTensor& text_sigma, const Tensor& target, const Tensor& image_seed,
+    const Tensor& text_seed, int64_t num_samples, bool multiply, double label_smoothing,
+    const OptionalTensor& given_lse, const OptionalTensor& row_grads, int64_t needs) {
+  Side image_side(image, image_mu, image_sigma, image_seed);
+  Side text_side(text, text_mu, text_sigma, text_seed);
+  const int64_t batch = image_side.rows(), classes = text_side.rows();
+  const auto options = image.options().dtype(at::kFloat);
+  const bool gradients = row_grads.has_value();
+  const bool stats = !given_lse.has_value();
+  Tensor lse = stats ? new_buffer({num_samples, batch}, options) : *given_lse;
+  Tensor target_logit = stats ? new_buffer({num_samples, batch}, options) : empty_like_none(lse);
+  Tensor logit_sum = stats ? new_buffer({num_samples, batch}, options) : empty_like_none(lse);
+  Tensor scale_grad_rows = empty_like_none(lse);
+  if (gradients) {
+    scale_grad_rows = new_buffer({num_samples, batch}, options);
+    image_side.want_gradients(needs & kImage, needs & (kImageMu | kImageSigma));
+    text_side.want_gradients(needs & kText, needs & (kTextMu | kTextSigma));
+  }
+  const bool run = batch > 0 && num_samples > 0;
+  Side* sides[2] = {&image_side, &text_side};
+  for (Side* side : sides) {
+    if (gradients) side->unit_grad = new_buffer(side->unit.sizes(), side->unit.options());
+  }
+  Tensor cosine = new_buffer({batch, classes}, options);
+  for (int64_t sample = 0; sample < num_samples; ++sample) {
+    image_side.normalize_sample(sample, multiply);
+    text_side.normalize_sample(sample, multiply);
+    if (batch == 0) continue;
+    at::mm_out(cosine, image_side.unit, text_side.unit.t());
+    Tensor sample_lse = lse[sample];
+    if (stats) {
+      Tensor sample_target_logit = target_logit[sample], sample_logit_sum = logit_sum[sample];
+      cross_entropy_stats(cosine, target, scale, sample_lse, sample_target_logit,
+                          sample_logit_sum);
+    }
+    if (!gradients) continue;
+    Tensor sample_scale_grad = scale_grad_rows[sample];
+    cross_entropy_grad(cosine, sample_lse, target, (*row_grads)[sample], scale, label_smoothing,
+                       sample_scale_grad);
+    // d loss / d unit rows: cosine_grad @ text_unit for the image, its transpose @ image_unit
+    // for the text; a constant side adds into its sum (the first sample writes it).
+    const Tensor products[2][2] = {{cosine, text_side.unit}, {cosine.t(), image_side.unit}};
+    for (int index = 0; index < 2; ++index) {
+      Side& side = *sides[index];
+      if (!side.has_gradients()) continue;
+      const Tensor &left = products[index][0], &right = products[index][1];
+      if (side.changes_per_sample()) {
+        at::mm_out(side.unit_grad, left, right);
+        side.backward_sample(sample, multiply);
+      } else if (sample == 0) {
+        at::mm_out(side.unit_grad, left, right);
+      } else {
+        side.unit_grad.addmm_(left, right);
+      }
+    }
+  }
+  if (gradients) {
+    for (Side* side : sides) {
+      if (!side->changes_per_sample() && run) side->backward_sample(0, multiply);
+    }
+  }
+  const auto or_empty = [&](const OptionalTensor& tensor) {
+    return tensor.has_value() ? *tensor : empty_like_none(lse);
+  };
+  return {lse,
+          target_logit,
+          logit_sum,
+          scale_grad_rows,
+          or_empty(image_side.grad_x),
+          or_empty(text_side.grad_x),
+          or_empty(image_side.grad_mu),
+          or_empty(image_side.grad_sigma),
+          or_empty(text_side.grad_mu),
+          or_empty(text_side.grad_sigma)};
+}
+
+TORCH_LIBRARY_FRAGMENT(pini_native, m) {
+  m.def(
+      "cross_entropy_flow(Tensor image, Tensor text, Tensor scale, Tensor? image_mu, "
+      "Tensor? image_sigma, Tensor? text_mu, Tensor? text_sigma, Tensor target, "
+      "Tensor image_seed, Tensor text_seed, int num_samples, bool multiply, "
+      "float label_smoothing, Tensor? lse, Tensor? row_grads, int needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(pini_native, CompositeExplicitAutograd, m) {
+  m.impl("cross_entropy_flow", &cross_entropy_flow);
+}
+
+}  // namespace
+}  // namespace pini
