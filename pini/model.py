@@ -192,7 +192,9 @@ class FusedNoisePath:
     ) -> torch.Tensor:
         """(num_samples, *shape) draws of the noise itself, ``mu + sigma * eps`` with eps =
         noise((num_samples, *shape), seed); mu, sigma broadcastable to shape."""
-        zeros = mu.new_zeros(()).expand(shape)
+        # Contiguous zeros (not an expanded 0-d one): the native backends' C++ autograd entry
+        # point takes contiguous inputs (pini_kernels/inject.py), and noise shapes are small.
+        zeros = mu.new_zeros(shape)
         return pini_kernels.fused_inject(zeros, mu, sigma, num_samples=num_samples, seed=seed)
 
     def noisy_cosine_logits(self, **call) -> torch.Tensor:

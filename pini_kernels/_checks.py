@@ -253,14 +253,14 @@ def check_target_values(target: torch.Tensor, classes: int) -> None:
     instead of reading a flag back, so the check costs no device sync."""
     if target.numel() == 0:
         return
-    in_range = ((target >= 0) & (target < classes)).all()
     if target.device.type != "cpu":
+        in_range = ((target >= 0) & (target < classes)).all()
         torch._assert_async(in_range, f"target must hold class indices in [0, {classes})")
         return
-    if not bool(in_range):
+    low, high = (int(value) for value in torch.aminmax(target))  # one pass, host reads
+    if low < 0 or high >= classes:
         raise ValueError(
-            f"target must hold class indices in [0, {classes}), got values in "
-            f"[{int(target.min())}, {int(target.max())}]"
+            f"target must hold class indices in [0, {classes}), got values in [{low}, {high}]"
         )
 
 

@@ -438,6 +438,20 @@ def cross_entropy_forward(
     DIFFERENTIABLE_INPUTS' gradients of the loss (those ``needs`` asks for, empty tensors for the
     others) and an empty lse; else the (num_samples, B) log-sum-exp backward recomputes from and
     seven empty tensors. With no gradient needed, no work is done for gradients."""
+    loss, lse, grads = _cross_entropy(
+        image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+        num_samples, multiply, reduction, label_smoothing, backend, needs,
+    )  # fmt: skip
+    lse = image.new_empty(0, dtype=torch.float32) if lse is None else lse
+    return (loss, lse, *_gradients_or_empty(grads, image))
+
+
+def _cross_entropy(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+    num_samples, multiply, reduction, label_smoothing, backend, needs,
+) -> tuple[torch.Tensor, torch.Tensor | None, list]:  # fmt: skip
+    """``cross_entropy_forward`` with None for what is not computed: (loss, lse or None, the
+    seven gradients or None each)."""
     _checks.check_target_values(target, text.shape[-2])
     kernels = _kernels(backend)
     seed_arg = _checks.kernel_seed(seed, image.device)
@@ -495,8 +509,7 @@ def cross_entropy_forward(
                             target_logit[sample], logit_sum[sample],
                         )  # fmt: skip
     row_losses = _row_losses(lse, target_logit, logit_sum, classes, label_smoothing)
-    saved_lse = image.new_empty(0, dtype=torch.float32) if in_forward else lse
-    return (_reduce(row_losses, reduction), saved_lse, *_gradients_or_empty(grads, image))
+    return _reduce(row_losses, reduction), None if in_forward else lse, grads
 
 
 def cross_entropy_backward(
@@ -565,9 +578,8 @@ def _logits_gradients(ctx, grad_logits, backward, inputs: int) -> tuple:
     return _input_grads(ctx.needs, grads, inputs)
 
 
-def _save_loss(ctx, differentiable, target, seed, outputs, settings, needs) -> None:
+def _save_loss(ctx, differentiable, target, seed, lse, grads, settings, needs) -> None:
     """settings: (num_samples, multiply, reduction, label_smoothing, backend)."""
-    _, lse, *grads = outputs
     ctx.needs = needs
     ctx.in_forward = gradients_in_forward(settings[2], needs)
     if ctx.in_forward:  # backward only scales these: nothing else is kept
@@ -577,12 +589,13 @@ def _save_loss(ctx, differentiable, target, seed, outputs, settings, needs) -> N
         ctx.settings = settings
 
 
-def _loss_gradients(ctx, grad_loss, backward, inputs: int) -> tuple:
+def _loss_gradients(ctx, grad_loss, backward, inputs: int, eager: bool = False) -> tuple:
     if ctx.in_forward:
-        grads = [
-            None if grad is None else (grad * grad_loss).to(grad.dtype)
-            for grad in ctx.saved_tensors
-        ]
+        grads = ctx.saved_tensors
+        # In eager mode d loss / d loss = 1 (loss.backward()) needs no scaling; read on the host
+        # for a CPU tensor only (on a GPU that read would sync; traced, it has no value).
+        if not (eager and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+            grads = [None if grad is None else (grad * grad_loss).to(grad.dtype) for grad in grads]
     else:
         grads = backward(grad_loss, *ctx.saved_tensors, *ctx.settings, ctx.needs)
     return _input_grads(ctx.needs, grads, inputs)
@@ -671,7 +684,8 @@ noisy_cosine_logits.register_autograd(
 def _loss_setup_context(ctx, inputs, output):
     *differentiable, target, seed = inputs[:9]
     ctx.mark_non_differentiable(*output[1:])
-    _save_loss(ctx, differentiable, target, seed, output, inputs[9:14], inputs[14])
+    _, lse, *grads = output
+    _save_loss(ctx, differentiable, target, seed, lse, grads, inputs[9:14], inputs[14])
 
 
 noisy_cross_entropy.register_autograd(
@@ -712,14 +726,14 @@ class _LossFunction(torch.autograd.Function):
         differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
         settings = (num_samples, multiply, reduction, label_smoothing, backend)
         needs = list(ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)])
-        outputs = cross_entropy_forward(*differentiable, target, seed, *settings, needs)
-        _save_loss(ctx, differentiable, target, seed, outputs, settings, needs)
-        return outputs[0]
+        loss, lse, grads = _cross_entropy(*differentiable, target, seed, *settings, needs)
+        _save_loss(ctx, differentiable, target, seed, lse, grads, settings, needs)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return _loss_gradients(ctx, grad_loss, cross_entropy_backward, _LOSS_INPUTS - 1)
+        return _loss_gradients(ctx, grad_loss, cross_entropy_backward, _LOSS_INPUTS - 1, eager=True)
 
 
 def run_logits(
@@ -750,4 +764,4 @@ def run_cross_entropy(
         return noisy_cross_entropy(*arguments, needs)[0]
     if any(needs):
         return _LossFunction.apply(*arguments)
-    return cross_entropy_forward(*arguments, needs)[0]
+    return _cross_entropy(*arguments, needs)[0]
