@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "buffers.h"
+#include "once_differentiable.h"
 
 namespace pini {
 namespace {
@@ -103,8 +104,10 @@ class InjectFunction : public torch::autograd::Function<InjectFunction> {
       mu_grad = at::zeros_like(mu);
       sigma_grad = at::zeros_like(sigma);
     }
-    return {grad_x ? *grad_x : Tensor(), mu_grad, sigma_grad, Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable({grad_x ? *grad_x : Tensor(), mu_grad, sigma_grad, Tensor(),
+                                Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+                                Tensor()},
+                               "fused_inject");
   }
 };
 

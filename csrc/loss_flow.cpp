@@ -15,12 +15,14 @@
 //   backward into fp32 accumulators; a side equal in every sample sums its unit gradients (addmm)
 //   and is backpropagated once.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
 #include "buffers.h"
+#include "once_differentiable.h"
 
 namespace pini {
 namespace {
@@ -210,6 +212,217 @@ std::vector<Tensor> cross_entropy_flow(
           or_empty(image_side.grad_sigma),
           or_empty(text_side.grad_mu),
           or_empty(text_side.grad_sigma)};
+}
+
+// --- the loss op with its autograd (the eager entry point of pini_kernels/cosine.py) ----------
+
+// The flow through the dispatcher (so profilers and tests see each call).
+std::vector<Tensor> call_flow(const Tensor& image, const Tensor& text, const Tensor& scale,
+                              const OptionalTensor& image_mu, const OptionalTensor& image_sigma,
+                              const OptionalTensor& text_mu, const OptionalTensor& text_sigma,
+                              const Tensor& target, const Tensor& image_seed,
+                              const Tensor& text_seed, int64_t num_samples, bool multiply,
+                              double label_smoothing, const OptionalTensor& lse,
+                              const OptionalTensor& row_grads, int64_t needs) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pini_native::cross_entropy_flow", "")
+          .typed<std::vector<Tensor>(
+              const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+              const Tensor&, const Tensor&, int64_t, bool, double, const OptionalTensor&,
+              const OptionalTensor&, int64_t)>();
+  return op.call(image, text, scale, image_mu, image_sigma, text_mu, text_sigma, target,
+                 image_seed, text_seed, num_samples, multiply, label_smoothing, lse, row_grads,
+                 needs);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
+// The kernels' view of a side: unit stride along D; fp32 noise parameters expanded to (N, D).
+Tensor unit_stride(const Tensor& features) {
+  return features.stride(-1) == 1 ? features : features.contiguous();
+}
+
+OptionalTensor kernel_param(const OptionalTensor& param, const Tensor& features) {
+  if (!param.has_value() || !param->defined()) return std::nullopt;
+  return param->to(at::kFloat).expand({features.size(-2), features.size(-1)});
+}
+
+// `grad` (contiguous, of `tensor`'s shape) in `tensor`'s dtype and memory layout, as
+// pini_kernels/_host.py's like_input.
+Tensor like_input(Tensor grad, const Tensor& tensor) {
+  if (grad.scalar_type() != tensor.scalar_type()) grad = grad.to(tensor.scalar_type());
+  if (tensor.is_contiguous()) return grad;
+  return at::empty_like(tensor).copy_(grad);
+}
+
+// The flow's outputs as the seven inputs' gradients (undefined where not needed).
+variable_list gradients(const std::vector<Tensor>& flow, const Tensor& image, const Tensor& text,
+                        const Tensor& scale, const OptionalTensor params[4], int64_t needs) {
+  variable_list grads(7);
+  if (needs & kImage) grads[0] = like_input(flow[4], image);
+  if (needs & kText) grads[1] = like_input(flow[5], text);
+  if (needs & kScale) grads[2] = flow[3].sum().to(scale.scalar_type());
+  for (int index = 0; index < 4; ++index) {
+    if (!(needs & (kImageMu << index)) || !params[index].has_value()) continue;
+    const Tensor& param = *params[index];
+    const Tensor& grad = flow[6 + index];
+    grads[3 + index] =
+        like_input(grad.sizes() == param.sizes() ? grad : grad.sum_to_size(param.sizes()), param);
+  }
+  return grads;
+}
+
+// F.cross_entropy per row from its statistics, reduced: (1-e)(lse - x_t) + e(lse - mean(x)).
+Tensor loss_of(const Tensor& lse, const Tensor& target_logit, const Tensor& logit_sum,
+               int64_t classes, double smoothing, int64_t reduction) {
+  Tensor rows = lse - target_logit;
+  if (smoothing != 0.0) {
+    rows = (1.0 - smoothing) * rows + smoothing * (lse - logit_sum / static_cast<double>(classes));
+  }
+  if (reduction == kReductionSum) return rows.sum();
+  if (reduction == kReductionMean) return rows.mean();
+  return rows;
+}
+
+class LossFunction : public torch::autograd::Function<LossFunction> {
+ public:
+  // Tensor arguments 0-9 (the first seven differentiable, in cosine.py's order), then settings.
+  // needs: the Need bits of the inputs that require a gradient (forward runs without grad mode,
+  // so the caller works them out).
+  static Tensor forward(AutogradContext* ctx, const Tensor& image, const Tensor& text,
+                        const Tensor& scale, const OptionalTensor& image_mu,
+                        const OptionalTensor& image_sigma, const OptionalTensor& text_mu,
+                        const OptionalTensor& text_sigma, const Tensor& target,
+                        const Tensor& image_seed, const Tensor& text_seed, int64_t num_samples,
+                        bool multiply, int64_t reduction, double label_smoothing, int64_t needs) {
+    const bool in_forward = reduction != kReductionNone && needs != 0;
+    const int64_t batch = image.size(0);
+    OptionalTensor row_grads;
+    if (in_forward) {
+      const double weight = reduction == kReductionMean && batch > 0
+                                ? 1.0 / static_cast<double>(num_samples * batch)
+                                : 1.0;
+      row_grads = at::full({num_samples, batch}, weight, image.options().dtype(at::kFloat));
+    }
+    const auto flow = call_flow(
+        unit_stride(image), unit_stride(text), scale.to(at::kFloat),
+        kernel_param(image_mu, image), kernel_param(image_sigma, image),
+        kernel_param(text_mu, text), kernel_param(text_sigma, text), target, image_seed,
+        text_seed, num_samples, multiply, label_smoothing, std::nullopt, row_grads, needs);
+    ctx->saved_data["needs"] = needs;
+    ctx->saved_data["in_forward"] = in_forward;
+    if (in_forward) {  // backward only scales these: nothing else is kept
+      const OptionalTensor params[4] = {image_mu, image_sigma, text_mu, text_sigma};
+      ctx->save_for_backward(gradients(flow, image, text, scale, params, needs));
+    } else {
+      ctx->save_for_backward({image, text, scale, image_mu.value_or(Tensor()),
+                              image_sigma.value_or(Tensor()), text_mu.value_or(Tensor()),
+                              text_sigma.value_or(Tensor()), target, image_seed, text_seed,
+                              flow[0]});
+      ctx->saved_data["num_samples"] = num_samples;
+      ctx->saved_data["multiply"] = multiply;
+      ctx->saved_data["reduction"] = reduction;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+    }
+    return loss_of(flow[0], flow[1], flow[2], text.size(-2), label_smoothing, reduction);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const int64_t needs = ctx->saved_data["needs"].toInt();
+    const Tensor& grad_loss = grad_outputs[0];
+    variable_list grads = ctx->get_saved_variables();
+    if (ctx->saved_data["in_forward"].toBool()) {
+      // d loss / d loss = 1 (loss.backward()) needs no scaling: read on the host for a CPU
+      // tensor only (on a GPU that read would sync).
+      const bool unit = grad_loss.device().is_cpu() && grad_loss.item<double>() == 1.0;
+      if (!unit) {
+        for (Tensor& grad : grads) {
+          if (grad.defined()) grad = (grad * grad_loss).to(grad.scalar_type());
+        }
+      }
+    } else {
+      const Tensor &image = grads[0], &text = grads[1], &scale = grads[2];
+      const auto optional = [](const Tensor& tensor) -> OptionalTensor {
+        return tensor.defined() ? OptionalTensor(tensor) : std::nullopt;
+      };
+      const OptionalTensor params[4] = {optional(grads[3]), optional(grads[4]),
+                                        optional(grads[5]), optional(grads[6])};
+      const int64_t num_samples = ctx->saved_data["num_samples"].toInt();
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const int64_t batch = image.size(0);
+      Tensor row_grads = grad_loss.to(at::kFloat);
+      if (reduction == kReductionMean) row_grads = row_grads / static_cast<double>(num_samples * batch);
+      row_grads = row_grads.expand({num_samples, batch}).contiguous();
+      const auto flow = call_flow(
+          unit_stride(image), unit_stride(text), scale.to(at::kFloat),
+          kernel_param(params[0], image), kernel_param(params[1], image),
+          kernel_param(params[2], text), kernel_param(params[3], text), grads[7], grads[8],
+          grads[9], num_samples, ctx->saved_data["multiply"].toBool(),
+          ctx->saved_data["label_smoothing"].toDouble(), grads[10], row_grads, needs);
+      grads = gradients(flow, image, text, scale, params, needs);
+    }
+    grads.resize(15);  // none for target, the seeds and the settings
+    return once_differentiable(std::move(grads), "noisy_cross_entropy");
+  }
+};
+
+// The loss without autograd: the flow's statistics, reduced (no gradient wanted).
+Tensor cross_entropy_no_grad(const Tensor& image, const Tensor& text, const Tensor& scale,
+                             const OptionalTensor& image_mu, const OptionalTensor& image_sigma,
+                             const OptionalTensor& text_mu, const OptionalTensor& text_sigma,
+                             const Tensor& target, const Tensor& image_seed,
+                             const Tensor& text_seed, int64_t num_samples, bool multiply,
+                             int64_t reduction, double label_smoothing) {
+  const auto flow = call_flow(
+      unit_stride(image), unit_stride(text), scale.to(at::kFloat), kernel_param(image_mu, image),
+      kernel_param(image_sigma, image), kernel_param(text_mu, text),
+      kernel_param(text_sigma, text), target, image_seed, text_seed, num_samples, multiply,
+      label_smoothing, std::nullopt, std::nullopt, 0);
+  return loss_of(flow[0], flow[1], flow[2], text.size(-2), label_smoothing, reduction);
+}
+
+Tensor cross_entropy_autograd(const Tensor& image, const Tensor& text, const Tensor& scale,
+                              const OptionalTensor& image_mu, const OptionalTensor& image_sigma,
+                              const OptionalTensor& text_mu, const OptionalTensor& text_sigma,
+                              const Tensor& target, const Tensor& image_seed,
+                              const Tensor& text_seed, int64_t num_samples, bool multiply,
+                              int64_t reduction, double label_smoothing) {
+  int64_t needs = 0;
+  if (at::GradMode::is_enabled()) {
+    const OptionalTensor inputs[7] = {image, text, scale, image_mu, image_sigma, text_mu,
+                                      text_sigma};
+    for (int index = 0; index < 7; ++index) {
+      if (inputs[index].has_value() && inputs[index]->requires_grad()) needs |= int64_t{1} << index;
+    }
+  }
+  if (needs == 0) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return cross_entropy_no_grad(image, text, scale, image_mu, image_sigma, text_mu, text_sigma,
+                                 target, image_seed, text_seed, num_samples, multiply, reduction,
+                                 label_smoothing);
+  }
+  return LossFunction::apply(image, text, scale, image_mu, image_sigma, text_mu, text_sigma,
+                             target, image_seed, text_seed, num_samples, multiply, reduction,
+                             label_smoothing, needs);
+}
+
+TORCH_LIBRARY_FRAGMENT(pini_native, m) {
+  m.def(
+      "cross_entropy(Tensor image, Tensor text, Tensor scale, Tensor? image_mu, "
+      "Tensor? image_sigma, Tensor? text_mu, Tensor? text_sigma, Tensor target, "
+      "Tensor image_seed, Tensor text_seed, int num_samples, bool multiply, int reduction, "
+      "float label_smoothing) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pini_native, Autograd, m) { m.impl("cross_entropy", &cross_entropy_autograd); }
+
+TORCH_LIBRARY_IMPL(pini_native, CompositeExplicitAutograd, m) {
+  m.impl("cross_entropy", &cross_entropy_no_grad);
 }
 
 TORCH_LIBRARY_FRAGMENT(pini_native, m) {

@@ -4,6 +4,7 @@ layouts, and launching on a tensor's GPU."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -40,3 +41,29 @@ _NO_DEVICE_CHANGE = contextlib.nullcontext()  # reusable: entering it does nothi
 def on_device(device: torch.device):
     """Launch on ``device``'s GPU (Triton launches on the current device), not on cuda:0."""
     return torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE_CHANGE
+
+
+def once_differentiable(op: str):
+    """For an autograd.Function's backward, as torch.autograd.function.once_differentiable but
+    stricter: with create_graph=True the gradients always come attached to an error node, not
+    only when the incoming gradients require grad. A loss that computes its gradients in forward
+    keeps them as constants, so a second differentiation would otherwise silently leave out its
+    terms. The C++ autograd nodes do the same (csrc/once_differentiable.h)."""
+    message = (
+        f"pini_kernels: the backward of {op} is not differentiable (its kernels are opaque to "
+        "autograd); a second-order gradient through it is not supported"
+    )
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            error = torch._C._functions.DelayedError(message.encode(), len(grads))
+            return error(*[None if g is None else g.detach().requires_grad_() for g in grads])
+
+        return wrapper
+
+    return decorate

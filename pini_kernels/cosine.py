@@ -51,7 +51,7 @@ from types import ModuleType
 import torch
 
 from . import _checks
-from ._host import like_input, new_buffer, on_device
+from ._host import like_input, new_buffer, on_device, once_differentiable
 
 # Both ops take these seven inputs first, in this order, and their backward ops return the seven
 # gradients in the same order.
@@ -712,7 +712,7 @@ class _LogitsFunction(torch.autograd.Function):
         return logits_forward(*differentiable, seed, num_samples, multiply, backend)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("noisy_cosine_logits")
     def backward(ctx, grad_logits):
         return _logits_gradients(ctx, grad_logits, logits_backward, _LOGITS_INPUTS)
 
@@ -731,7 +731,7 @@ class _LossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("noisy_cross_entropy")
     def backward(ctx, grad_loss):
         return _loss_gradients(ctx, grad_loss, cross_entropy_backward, _LOSS_INPUTS - 1, eager=True)
 
@@ -751,17 +751,52 @@ def run_logits(
     return logits_forward(*arguments)
 
 
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # csrc/loss_flow.cpp's Reduction
+
+
+def _native_cross_entropy(
+    image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
+    num_samples, multiply, reduction, label_smoothing,
+) -> torch.Tensor:  # fmt: skip
+    """The native backends' eager entry point: ``pini_native::cross_entropy``
+    (csrc/loss_flow.cpp), the same flow, saved tensors and gradients as ``_LossFunction`` with
+    the autograd node and the flow in C++."""
+    from . import native
+
+    _checks.check_target_values(target, text.shape[-2])
+    if image.shape[-1] > native.MAX_FEATURE_DIM:
+        raise ValueError(
+            f"feature dimension D={image.shape[-1]} exceeds this backend's maximum "
+            f"{native.MAX_FEATURE_DIM}"
+        )
+    seed_arg = _checks.kernel_seed(seed, image.device)
+    device = image.device
+    with on_device(device):
+        return native._ops().cross_entropy(
+            image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma,
+            target if target.dtype == torch.int64 else target.to(torch.int64),
+            native._seed_tensor(seed_arg, device),
+            # A tensor seed's + 1 runs on the device (no sync); 2^63 wraps to -2^63.
+            native._seed_tensor(seed_arg + 1, device),
+            num_samples, multiply, _REDUCTION_CODES[reduction], label_smoothing,
+        )  # fmt: skip
+
+
 def run_cross_entropy(
     image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
     num_samples, multiply, reduction, label_smoothing, backend,
 ) -> torch.Tensor:  # fmt: skip
     """The loss op on checked arguments (``cross_entropy_forward``'s but ``needs``), with
-    autograd, as ``run_logits``; returns the loss."""
+    autograd: the custom op under torch.compile; else on the native backends
+    ``pini_native::cross_entropy`` (flow and autograd in C++), on Triton ``_LossFunction``, or the
+    forward alone when no gradient is wanted; returns the loss."""
     arguments = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
                  seed, num_samples, multiply, reduction, label_smoothing, backend)  # fmt: skip
-    needs = _needs(arguments[:7])
     if torch.compiler.is_compiling():
-        return noisy_cross_entropy(*arguments, needs)[0]
+        return noisy_cross_entropy(*arguments, _needs(arguments[:7]))[0]
+    if backend != "triton" and NATIVE_LOSS_FLOW:
+        return _native_cross_entropy(*arguments[:-1])
+    needs = _needs(arguments[:7])
     if any(needs):
         return _LossFunction.apply(*arguments)
     return _cross_entropy(*arguments, needs)[0]

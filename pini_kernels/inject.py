@@ -35,7 +35,7 @@ from types import ModuleType
 import torch
 
 from . import _checks
-from ._host import like_input, new_buffer, on_device
+from ._host import like_input, new_buffer, on_device, once_differentiable
 
 # --- how mu and sigma broadcast over x ------------------------------------------------------------
 #
@@ -300,7 +300,7 @@ class _InjectFunction(torch.autograd.Function):
         return inject_forward(x, mu, sigma, seed, num_samples, multiply, backend)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("fused_inject")
     def backward(ctx, grad_out):
         return _gradients(ctx, grad_out, inject_backward)
 

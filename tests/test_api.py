@@ -37,3 +37,35 @@ def test_unavailable_backend_says_why(monkeypatch):
     if "cpu" not in pini_kernels.available_backends():
         with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available: .*not built"):
             backends.resolve_backend("cpu", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("op", ["fused_inject", "noisy_cosine_logits", "noisy_cross_entropy"])
+def test_second_order_gradients_raise_instead_of_missing_terms(fused_backend, op):
+    """The ops' backward runs kernels autograd cannot see. With create_graph=True the gradients
+    still come (a first-order use works), but differentiating them again must raise: a silently
+    missing second-order term would be a wrong result."""
+    from conftest import backend_device
+
+    device = backend_device(fused_backend)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=generator).to(device).requires_grad_(True)
+    mu = torch.randn(8, generator=generator).to(device).requires_grad_(True)
+    sigma = torch.rand(8, generator=generator).to(device).requires_grad_(True)
+    if op == "fused_inject":
+        out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=1,
+                                        backend=fused_backend)  # fmt: skip
+        value = out.square().sum()
+    elif op == "noisy_cosine_logits":
+        text = torch.randn(5, 8, generator=generator).to(device).requires_grad_(True)
+        logits = pini_kernels.noisy_cosine_logits(x, text, 10.0, image_noise=(mu, sigma), seed=1,
+                                                  backend=fused_backend)  # fmt: skip
+        value = logits.square().sum()
+    else:
+        text = torch.randn(5, 8, generator=generator).to(device).requires_grad_(True)
+        target = torch.randint(0, 5, (6,), generator=generator).to(device)
+        value = pini_kernels.noisy_cross_entropy(x, text, 10.0, target, image_noise=(mu, sigma),
+                                                 seed=1, backend=fused_backend)  # fmt: skip
+    grads = torch.autograd.grad(value, (x, mu, sigma), create_graph=True)
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    with pytest.raises(RuntimeError, match="differentiat"):
+        torch.autograd.grad(sum(grad.square().sum() for grad in grads), (x, mu, sigma))

@@ -451,31 +451,38 @@ def test_fused_loss_saves_no_logits(fused_backend, reduction):
 
 
 def _check_native_flow_calls(monkeypatch, loss_of, tensors, reduction) -> None:
-    """The native backends run the loss's flow as one op (csrc/loss_flow.cpp): record each call
-    as "stats" (no gradients), "stats+grad" (forward with gradients) or "grad" (recompute)."""
-    from pini_kernels import cosine
+    """The native backends run the loss's flow as one op (csrc/loss_flow.cpp) under a C++
+    autograd node: the profiler records each ``pini_native::cross_entropy_flow`` call with its
+    inputs' shapes, among them the row weights (gradients computed) and a given lse (backward's
+    recompute), empty when not passed."""
 
-    calls = []
-    flow = cosine._native_flow
+    def flow_calls(function) -> list[str]:
+        with torch.profiler.profile(record_shapes=True) as profile:
+            function()
+        calls = []
+        for event in profile.events():
+            if event.name == "pini_native::cross_entropy_flow":
+                lse_shape, row_grads_shape = event.input_shapes[13:15]
+                calls.append("grad" if lse_shape else "stats+grad" if row_grads_shape
+                             else "stats")  # fmt: skip
+        return calls
 
-    def recording_flow(*args):
-        lse, row_grads = args[12:14]
-        calls.append("grad" if lse is not None else "stats+grad" if row_grads is not None
-                     else "stats")  # fmt: skip
-        return flow(*args)
-
-    monkeypatch.setattr(cosine, "_native_flow", recording_flow)
     leaves = _leaves(tensors)
-    loss = loss_of(*leaves)
-    assert calls == (["stats"] if reduction == "none" else ["stats+grad"])
-    calls.clear()
-    loss.sum().backward()
-    assert calls == (["grad"] if reduction == "none" else []), calls
-    calls.clear()
-    loss_of(*tensors)
-    with torch.no_grad():
-        loss_of(*leaves)
-    assert calls == ["stats", "stats"], calls
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss = loss_of(*leaves)
+
+    assert flow_calls(forward) == (["stats"] if reduction == "none" else ["stats+grad"])
+    assert flow_calls(lambda: loss.sum().backward()) == (["grad"] if reduction == "none" else [])
+
+    def without_gradients():
+        loss_of(*tensors)
+        with torch.no_grad():
+            loss_of(*leaves)
+
+    assert flow_calls(without_gradients) == ["stats", "stats"]
 
 
 def _count_kernel_calls(monkeypatch, backend) -> dict[str, int]:
