@@ -204,12 +204,13 @@ def _side_backward(kernels, side: Side, sample: int, unit_grad, grads: SideGrads
 
 def _backward(
     kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma, seed,
-    num_samples, multiply, needs,
+    num_samples, multiply, needs, needs_cosines=True,
 ) -> list:  # fmt: skip
     """Shared backward: per sample, recompute the unit rows and cosines, turn them into
     d loss / d cosine with ``cosine_grad(sample, cosine)``, and backpropagate through the matrix
     product, the normalization and the noise of both sides. Returns the seven gradients, with
-    logit_scale's left to the caller."""
+    logit_scale's left to the caller. Without ``needs_cosines`` no cosines are computed:
+    ``cosine_grad`` gets a (B, C) fp32 buffer to write into (None on Triton) instead."""
     sides = _sides(kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply)
     image_side, text_side = sides
     side_grads = (
@@ -236,7 +237,10 @@ def _backward(
         _normalize_sample(kernels, sides, sample)
         if image.shape[0] == 0:
             continue
-        cosine = _cosines(kernels, image_side.unit, text_side.unit, out=cosine_buffer)
+        if needs_cosines:
+            cosine = _cosines(kernels, image_side.unit, text_side.unit, out=cosine_buffer)
+        else:  # the callback fills the buffer (when there is one) without reading it
+            cosine = cosine_buffer
         cosine = cosine_grad(sample, cosine)
         products = ((cosine, text_side.unit), (cosine.t(), image_side.unit))
         for side, grads, (left, right), total, buffer in zip(
@@ -404,15 +408,16 @@ def logits_backward(
 
     def cosine_grad(sample, cosine):
         grad = grad_logits[sample].to(torch.float32)
-        if scale_grad is not None:
+        if scale_grad is not None:  # the only use of the cosines: d logits / d scale
             scale_grad.add_((grad * cosine).sum())
-        return grad * scale
+            return grad * scale
+        return grad * scale if cosine is None else torch.mul(grad, scale, out=cosine)
 
     with on_device(image.device):
         grads = _backward(
             _kernels(backend), cosine_grad, image, text, image_mu, image_sigma, text_mu,
             text_sigma, _checks.kernel_seed(seed, image.device), num_samples, multiply,
-            needs,
+            needs, needs_cosines=scale_grad is not None,
         )  # fmt: skip
     grads[2] = None if scale_grad is None else scale_grad.to(logit_scale.dtype)
     return _gradients_or_empty(grads, image)

@@ -1055,3 +1055,26 @@ def test_native_loss_flow_equals_the_python_flow(monkeypatch, case):
         assert native.dtype == python.dtype and native.shape == python.shape, name
         magnitude = max(1.0, python.abs().max().item() if python.numel() else 0.0)
         assert_close(native, python, atol=1e-6 * magnitude, rtol=1e-5, name=f"{case}: {name}")
+
+
+def test_logits_backward_without_a_scale_gradient(fused_backend):
+    """Backward needs the cosines only for logit_scale's gradient; with a fixed scale (CLIP's,
+    frozen) it skips recomputing them. Every other gradient still matches the reference."""
+    device = backend_device(fused_backend)
+    image, text, _, image_pair, text_pair, _ = _make(67, 70, 40, "both", device)
+    tensors = [image, text, *image_pair, *text_pair]
+    results = []
+    for backend in (fused_backend, "reference"):
+        leaves = _leaves(tensors)
+        image, text, image_mu, image_sigma, text_mu, text_sigma = leaves
+        logits = pini_kernels.noisy_cosine_logits(
+            image, text, 30.0, image_noise=(image_mu, image_sigma),
+            text_noise=(text_mu, text_sigma), num_samples=3, seed=2, backend=backend,
+        )  # fmt: skip
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad((logits * weights.to(device)).sum(), leaves)
+        results.append(grads)
+    for name, got, want in zip(("image", "text", "image_mu", "image_sigma", "text_mu",
+                                "text_sigma"), *results, strict=True):  # fmt: skip
+        magnitude = max(1.0, want.abs().max().item())
+        assert_close(got, want, atol=1e-5 * magnitude, rtol=1e-4, name=name)
