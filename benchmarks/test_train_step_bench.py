@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import statistics
 
 import pytest
 import torch
@@ -142,6 +143,35 @@ def _labelled_noise_path(noise_path: str):
             delattr(ops, name)  # back to the class's methods
 
 
+def _eager_step(case: StepCase, row: str, images, labels):
+    """A training step of the same case with the eager noise path, on its own model."""
+    model = _model(case, row, "eager")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.002, momentum=0.9, weight_decay=5e-4)
+    seeds = itertools.count(CHECK_SEED)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(images, labels, seed=next(seeds)).backward()
+        optimizer.step()
+
+    step()
+    return step
+
+
+def _interleaved_medians(fused_step, eager_step, seconds_per_step: float) -> tuple[float, float]:
+    """Median seconds of the fused and the eager step timed alternately (the order swapping each
+    round), so a machine that slows down or speeds up during the run moves both alike: on a
+    shared CPU the two separate timings drift by more than the difference between the paths."""
+    pairs = max(10, min(200, int(3.0 / max(seconds_per_step, 1e-6))))
+    times: dict[str, list[float]] = {"fused": [], "eager": []}
+    steps = {"fused": fused_step, "eager": eager_step}
+    for index in range(pairs):
+        for name in ("fused", "eager") if index % 2 else ("eager", "fused"):
+            times[name].append(time_call(steps[name]))
+    return statistics.median(times["fused"]), statistics.median(times["eager"])
+
+
 @pytest.mark.parametrize("noise_path", NOISE_PATHS)
 @pytest.mark.parametrize("row", ROWS)
 @pytest.mark.parametrize("case_name", list(CASES))
@@ -168,6 +198,10 @@ def test_train_step(benchmark, case_name: str, row: str, noise_path: str):
     step()  # the optimizer's momentum buffers, Triton's compilation
     # The fastest of three: one step slowed by a busy machine must not cut the rounds.
     seconds_per_step = min(time_call(step) for _ in range(3))
+    interleaved = None
+    if noise_path == "fused":
+        interleaved = _interleaved_medians(step, _eager_step(case, row, images, labels),
+                                           seconds_per_step)  # fmt: skip
     optimizer.zero_grad(set_to_none=True)  # the measured step starts without gradients
     _, peak_bytes, retained_bytes = live_bytes_during(step)
     with _labelled_noise_path(noise_path):
@@ -195,6 +229,10 @@ def test_train_step(benchmark, case_name: str, row: str, noise_path: str):
         share_method=share.method,
         checked=noise_path == "fused",
     )
+    if interleaved is not None:
+        benchmark.extra_info.update(
+            interleaved_fused_seconds=interleaved[0], interleaved_eager_seconds=interleaved[1]
+        )
     benchmark.pedantic(
         synchronized_step,
         rounds=rounds_for(seconds_per_step),
