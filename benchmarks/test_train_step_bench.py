@@ -143,9 +143,8 @@ def _labelled_noise_path(noise_path: str):
             delattr(ops, name)  # back to the class's methods
 
 
-def _eager_step(case: StepCase, row: str, images, labels):
-    """A training step of the same case with the eager noise path, on its own model."""
-    model = _model(case, row, "eager")
+def _training_step(model: PiNI, images, labels):
+    """(step, optimizer): one SGD step of ``model`` on the batch (a new noise seed each step)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.002, momentum=0.9, weight_decay=5e-4)
     seeds = itertools.count(CHECK_SEED)
@@ -155,8 +154,7 @@ def _eager_step(case: StepCase, row: str, images, labels):
         model.loss(images, labels, seed=next(seeds)).backward()
         optimizer.step()
 
-    step()
-    return step
+    return step, optimizer
 
 
 def _interleaved_medians(fused_step, eager_step, seconds_per_step: float) -> tuple[float, float]:
@@ -186,22 +184,15 @@ def test_train_step(benchmark, case_name: str, row: str, noise_path: str):
     images, labels = _batch(case)
     if noise_path == "fused":
         _check_against_eager(case, row, model, images, labels)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=0.002, momentum=0.9, weight_decay=5e-4)
-    seeds = itertools.count(CHECK_SEED)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model.loss(images, labels, seed=next(seeds)).backward()
-        optimizer.step()
-
+    step, optimizer = _training_step(model, images, labels)
     step()  # the optimizer's momentum buffers, Triton's compilation
     # The fastest of three: one step slowed by a busy machine must not cut the rounds.
     seconds_per_step = min(time_call(step) for _ in range(3))
     interleaved = None
     if noise_path == "fused":
-        interleaved = _interleaved_medians(step, _eager_step(case, row, images, labels),
-                                           seconds_per_step)  # fmt: skip
+        eager_step, _ = _training_step(_model(case, row, "eager"), images, labels)
+        eager_step()
+        interleaved = _interleaved_medians(step, eager_step, seconds_per_step)
     optimizer.zero_grad(set_to_none=True)  # the measured step starts without gradients
     _, peak_bytes, retained_bytes = live_bytes_during(step)
     with _labelled_noise_path(noise_path):
