@@ -1,11 +1,55 @@
-"""The public functions of SPEC.md: argument checks, backend choice, then the op."""
+"""The public functions of SPEC.md: argument checks, backend choice, then the op.
+
+The checks that look at what arguments are (types, shapes, dtypes, devices, settings) run once per
+distinct signature (``_checked``); those that look at values (the seed, the targets) run on every
+call. Small tensors feel every host-side microsecond, and a training loop repeats one signature.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from . import _checks, cosine, inject, noise_stream, reference
-from .backends import resolve_backend
+from .backends import ENV_VAR, resolve_backend
+
+_CHECKED: dict[tuple, tuple] = {}  # signature -> what its checks returned
+_CHECKED_LIMIT = 1024  # signatures kept; the cache starts over past it
+
+
+def _signature(value) -> object:
+    """What the signature checks can see of an argument, hashable: a tensor's shape, dtype and
+    device; a number's, string's or None's type and value; a pair's parts."""
+    if isinstance(value, torch.Tensor):
+        return (torch.Tensor, value.shape, value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value), *(_signature(part) for part in value))
+    return (type(value), value)
+
+
+def _checked(arguments: tuple, check):
+    """``check()`` (the signature checks of a call, raising for bad arguments) once per distinct
+    signature of ``arguments`` and backend environment; later calls reuse what it returned.
+    Arguments that cannot be hashed, and torch.compile's tracing, run the checks every time."""
+    if torch.compiler.is_compiling():
+        return check()
+    try:
+        key = (
+            *(_signature(argument) for argument in arguments),
+            os.environ.get(ENV_VAR),
+            os.environ.get("TRITON_INTERPRET"),
+        )
+        verdict = _CHECKED.get(key)
+    except TypeError:  # unhashable: an argument the checks will reject, or a new kind of one
+        return check()
+    if verdict is None:
+        verdict = check()
+        if len(_CHECKED) >= _CHECKED_LIMIT:
+            _CHECKED.clear()
+        _CHECKED[key] = verdict
+    return verdict
+
 
 __all__ = ["fused_inject", "noise", "noisy_cosine_logits", "noisy_cross_entropy"]
 
@@ -67,6 +111,23 @@ def fused_inject(
     Differentiable in x, mu and sigma; gradients come back in their own shapes, summed over
     broadcast dimensions and samples. ``eps`` is regenerated in backward, never stored.
     """
+    multiply, samples, chosen = _checked(
+        (x, mu, sigma, mode, num_samples, backend),
+        lambda: _check_inject(x, mu, sigma, mode, num_samples, backend),
+    )
+    mu = _checks.as_tensor_like("mu", mu, x)
+    sigma = _checks.as_tensor_like("sigma", sigma, x)
+    seed = _checks.check_seed(seed, x.device)
+    if chosen == "reference":
+        return reference.fused_inject(
+            x, mu, sigma, seed=_reference_seed(seed), num_samples=samples, multiply=multiply
+        )
+    out = inject.run_inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
+    return out.view(x.shape) if samples is None else out
+
+
+def _check_inject(x, mu, sigma, mode, num_samples, backend) -> tuple[bool, int | None, str]:
+    """fused_inject's signature checks: (multiply, num_samples, backend)."""
     _checks.check_float_tensor("x", x, allow_float64=True)
     mu = _checks.as_tensor_like("mu", mu, x)
     sigma = _checks.as_tensor_like("sigma", sigma, x)
@@ -78,17 +139,11 @@ def fused_inject(
     _checks.check_broadcast_to("mu", mu, x.shape, "x")
     _checks.check_broadcast_to("sigma", sigma, x.shape, "x")
     _checks.check_total_elements(samples or 1, x.numel())
-    seed = _checks.check_seed(seed, x.device)
     chosen = resolve_backend(backend, x.device)
-    if chosen == "reference":
-        return reference.fused_inject(
-            x, mu, sigma, seed=_reference_seed(seed), num_samples=samples, multiply=multiply
-        )
-    if torch.float64 in (x.dtype, mu.dtype, sigma.dtype):  # the message names which
+    if chosen != "reference" and torch.float64 in (x.dtype, mu.dtype, sigma.dtype):
         for name, tensor in (("x", x), ("mu", mu), ("sigma", sigma)):
             _checks.check_float_tensor(name, tensor, allow_float64=False)
-    out = inject.run_inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
-    return out.view(x.shape) if samples is None else out
+    return multiply, samples, chosen
 
 
 NoisePair = tuple[torch.Tensor | float, torch.Tensor | float]
@@ -96,9 +151,43 @@ NoisePair = tuple[torch.Tensor | float, torch.Tensor | float]
 
 def _prepare_logits_call(
     image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples, seed,
-    backend,
+    backend, extra_checks=None, extra_arguments=(),
 ):  # fmt: skip
-    """Checks shared by the two logits ops; returns what the op needs."""
+    """Checks shared by the two logits ops (and ``extra_checks()``, the loss's, whose result is
+    returned last, with ``extra_arguments`` in the signature); returns what the op needs."""
+    arguments = (image_features, text_features, logit_scale, image_noise, text_noise, mode,
+                 num_samples, backend, *extra_arguments)  # fmt: skip
+
+    def check():
+        verdict = _check_logits_call(
+            image_features, text_features, logit_scale, image_noise, text_noise, mode,
+            num_samples, backend,
+        )  # fmt: skip
+        return (*verdict, extra_checks() if extra_checks is not None else None)
+
+    multiply, samples, chosen, extra = _checked(arguments, check)
+    image_pair = _noise_tensors("image_noise", image_noise, image_features)
+    text_pair = _noise_tensors("text_noise", text_noise, text_features)
+    scale = _checks.check_logit_scale(logit_scale, image_features)
+    seed = _checks.check_seed(seed, image_features.device)
+    return image_pair, text_pair, scale, multiply, samples, seed, chosen, extra
+
+
+def _noise_tensors(name, pair, like):
+    """A checked (mu, sigma) pair as tensors (numbers become 0-d tensors on like's device)."""
+    if pair is None:
+        return None
+    return (
+        _checks.as_tensor_like(f"{name}[0] (mu)", pair[0], like),
+        _checks.as_tensor_like(f"{name}[1] (sigma)", pair[1], like),
+    )
+
+
+def _check_logits_call(
+    image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
+    backend,
+) -> tuple[bool, int, str]:  # fmt: skip
+    """The logits ops' signature checks: (multiply, num_samples, backend)."""
     samples = _checks.check_num_samples(num_samples, allow_none=False)
     _checks.check_features(image_features, text_features, samples)
     image_pair = _checks.check_noise_pair("image_noise", image_noise, image_features,
@@ -117,12 +206,11 @@ def _prepare_logits_call(
     _checks.check_same_device(**named)
     rows = max(image_features.shape[0], text_features.shape[-2]) * image_features.shape[1]
     _checks.check_total_elements(samples, rows)
-    seed = _checks.check_seed(seed, image_features.device)
     chosen = resolve_backend(backend, image_features.device)
     if chosen != "reference":
         for name, tensor in named.items():
             _checks.check_float_tensor(name, tensor, allow_float64=False)
-    return image_pair, text_pair, scale, multiply, samples, seed, chosen
+    return multiply, samples, chosen
 
 
 def _op_noise_args(image_pair, text_pair):
@@ -154,7 +242,7 @@ def noisy_cosine_logits(
     promoted dtype. Differentiable in every tensor; gradients come back in the shapes given
     (a (num_samples, C, D) text_features gets a per-sample gradient, a (C, D) one the sum).
     """
-    image_pair, text_pair, scale, multiply, samples, seed, chosen = _prepare_logits_call(
+    image_pair, text_pair, scale, multiply, samples, seed, chosen, _ = _prepare_logits_call(
         image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
         seed, backend,
     )  # fmt: skip
@@ -200,14 +288,18 @@ def noisy_cross_entropy(
     Targets outside [0, C) raise ValueError for CPU tensors; on a GPU they fail a device-side
     assert (as ``F.cross_entropy`` does there), so the check never syncs.
     """
-    image_pair, text_pair, scale, multiply, samples, seed, chosen = _prepare_logits_call(
+
+    def check_loss_arguments() -> float:
+        _checks.check_target(target, image_features.shape[0])
+        _checks.check_same_device(image_features=image_features, target=target)
+        _checks.check_reduction(reduction)
+        return _checks.check_label_smoothing(label_smoothing)
+
+    prepared = _prepare_logits_call(
         image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
-        seed, backend,
+        seed, backend, check_loss_arguments, (target, reduction, label_smoothing),
     )  # fmt: skip
-    _checks.check_target(target, image_features.shape[0])
-    _checks.check_same_device(image_features=image_features, target=target)
-    _checks.check_reduction(reduction)
-    smoothing = _checks.check_label_smoothing(label_smoothing)
+    image_pair, text_pair, scale, multiply, samples, seed, chosen, smoothing = prepared
     if chosen == "reference":
         _checks.check_target_values(target, text_features.shape[-2])
         return reference.noisy_cross_entropy(

@@ -69,3 +69,34 @@ def test_second_order_gradients_raise_instead_of_missing_terms(fused_backend, op
     assert all(torch.isfinite(grad).all() for grad in grads)
     with pytest.raises(RuntimeError, match="differentiat"):
         torch.autograd.grad(sum(grad.square().sum() for grad in grads), (x, mu, sigma))
+
+
+def test_signature_checks_are_kept_but_value_checks_run_every_call(monkeypatch):
+    """The public functions check a call's signature (types, shapes, dtypes, devices, settings)
+    once and reuse the verdict; what depends on values (the seed, the targets) is checked on every
+    call, and the backend environment is part of the signature."""
+    from pini_kernels import functional
+
+    x, mu, sigma = torch.randn(4, 6), torch.randn(6), torch.rand(6)
+    pini_kernels.fused_inject(x, mu, sigma, seed=1)
+    with pytest.raises(ValueError, match="seed must be in"):
+        pini_kernels.fused_inject(x, mu, sigma, seed=-1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        pini_kernels.fused_inject(x, torch.randn(5), sigma, seed=1)
+    with pytest.raises(TypeError, match="num_samples"):  # True is not 1
+        pini_kernels.fused_inject(x, mu, sigma, num_samples=True, seed=1)
+    image, text, target = torch.randn(3, 6), torch.randn(5, 6), torch.tensor([0, 4, 2])
+    pini_kernels.noisy_cross_entropy(image, text, 10.0, target, seed=1)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
+        pini_kernels.noisy_cross_entropy(image, text, 10.0, torch.tensor([0, 5, 2]), seed=1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        pini_kernels.noisy_cross_entropy(image, text, 10.0, target, seed=1, label_smoothing=1.5)
+    calls = []
+    check = functional._check_inject
+    monkeypatch.setattr(functional, "_check_inject", lambda *a: calls.append(a) or check(*a))
+    for _ in range(3):
+        pini_kernels.fused_inject(x, mu, sigma, seed=2)
+    assert len(calls) == 0  # the signature was checked above
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    pini_kernels.fused_inject(x, mu, sigma, seed=2)
+    assert len(calls) == 1  # another backend environment: checked again
