@@ -8,7 +8,6 @@ sign) do so with a device-side assert, so no check costs a device sync.
 from __future__ import annotations
 
 import contextlib
-import functools
 import operator
 from numbers import Real
 
@@ -148,17 +147,13 @@ def kernel_seed(seed: torch.Tensor, device: torch.device) -> int | torch.Tensor:
     return seed
 
 
-@functools.lru_cache(maxsize=512)  # shapes repeat every step
-def _broadcasts_to(value_shape: torch.Size, shape: torch.Size) -> bool:
-    return len(value_shape) <= len(shape) and all(
-        size in (1, target_size)
-        for size, target_size in zip(reversed(value_shape), reversed(shape), strict=False)
-    )
-
-
 def check_broadcast_to(name: str, value: torch.Tensor, shape: torch.Size, target: str) -> None:
     """``value`` must broadcast to ``shape`` without growing it (the result has ``shape``)."""
-    if not _broadcasts_to(value.shape, torch.Size(shape)):
+    ok = value.dim() <= len(shape) and all(
+        size in (1, target_size)
+        for size, target_size in zip(reversed(value.shape), reversed(shape), strict=False)
+    )
+    if not ok:
         raise ValueError(
             f"{name} of shape {tuple(value.shape)} does not broadcast to {target}'s shape "
             f"{tuple(shape)}"
