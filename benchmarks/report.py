@@ -230,9 +230,9 @@ def render_train_steps(rows: list[Row]) -> list[str]:
         '(`noise_path="eager"`). *vs eager* is the eager median over the fused median (above 1: '
         "the kernels make the step faster), each path timed in its own benchmark; *interleaved* "
         "is the same ratio with the two steps timed alternately in one loop, so that a shared "
-        "machine's drift moves both alike. *noise+loss share* is the part of one profiled step "
+        "machine's drift moves both alike. *noise+loss share* is the part of a profiled step "
         "spent in the noise path and loss, forward and the backward of its ops (record_function "
-        "ranges; CPU: wall time, CUDA: kernel time).",
+        "ranges; CPU: wall time, CUDA: kernel time; the median of five profiled steps).",
         "",
         "| case | fused | fused ms | eager ms | vs eager | vs eager, interleaved "
         "| peak MiB fused / eager | memory vs eager | noise+loss share fused / eager |",
