@@ -13,7 +13,10 @@
 // - with row_grads (m, B): d loss / d cosine for those row weights (from the statistics computed
 //   here, or from `lse` when given: backward's recompute), two products, and the row kernels'
 //   backward into fp32 accumulators; a side equal in every sample sums its unit gradients (addmm)
-//   and is backpropagated once.
+//   and is backpropagated once. The gradients come back in their inputs' shapes, dtypes and
+//   layouts (a broadcast parameter's summed back), logit_scale's summed over rows.
+// The inputs are taken as the ops get them: the flow makes the kernels' view itself (unit stride
+// along D, fp32 noise parameters expanded to (N, D)).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -82,6 +85,29 @@ void cross_entropy_grad(Tensor& cosine, const Tensor& lse, const Tensor& target,
   op.call(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad);
 }
 
+// The kernels' view of a side: unit stride along D; fp32 noise parameters expanded to (N, D).
+Tensor unit_stride(const Tensor& features) {
+  return features.stride(-1) == 1 ? features : features.contiguous();
+}
+
+OptionalTensor kernel_param(const OptionalTensor& param, const Tensor& features) {
+  if (!param.has_value() || !param->defined()) return std::nullopt;
+  return param->to(at::kFloat).expand({features.size(-2), features.size(-1)});
+}
+
+// `grad` (contiguous, of `tensor`'s shape) in `tensor`'s dtype and memory layout, as
+// pini_kernels/_host.py's like_input.
+Tensor like_input(Tensor grad, const Tensor& tensor) {
+  if (grad.scalar_type() != tensor.scalar_type()) grad = grad.to(tensor.scalar_type());
+  if (tensor.is_contiguous()) return grad;
+  return at::empty_like(tensor).copy_(grad);
+}
+
+// fp32 accumulator of a parameter's kernel view (N, D) -> the parameter's shape, dtype, layout.
+Tensor param_grad(const Tensor& grad, const Tensor& param) {
+  return like_input(grad.sizes() == param.sizes() ? grad : grad.sum_to_size(param.sizes()), param);
+}
+
 // One side of the logits (cosine.py's Side and SideGrads).
 struct Side {
   Tensor features;  // (N, D), or (m, N, D): one set of rows per sample
@@ -136,13 +162,17 @@ struct Side {
 Tensor empty_like_none(const Tensor& like) { return at::empty({0}, like.options()); }
 
 std::vector<Tensor> cross_entropy_flow(
-    const Tensor& image, const Tensor& text, const Tensor& scale, const OptionalTensor& image_mu,
-    const OptionalTensor& image_sigma, const OptionalTensor& text_mu,
-    const OptionalTensor& text_sigma, const Tensor& target, const Tensor& image_seed,
-    const Tensor& text_seed, int64_t num_samples, bool multiply, double label_smoothing,
-    const OptionalTensor& given_lse, const OptionalTensor& row_grads, int64_t needs) {
-  Side image_side(image, image_mu, image_sigma, image_seed);
-  Side text_side(text, text_mu, text_sigma, text_seed);
+    const Tensor& image, const Tensor& text, const Tensor& logit_scale,
+    const OptionalTensor& image_mu, const OptionalTensor& image_sigma,
+    const OptionalTensor& text_mu, const OptionalTensor& text_sigma, const Tensor& target,
+    const Tensor& image_seed, const Tensor& text_seed, int64_t num_samples, bool multiply,
+    double label_smoothing, const OptionalTensor& given_lse, const OptionalTensor& row_grads,
+    int64_t needs) {
+  Side image_side(unit_stride(image), kernel_param(image_mu, image),
+                  kernel_param(image_sigma, image), image_seed);
+  Side text_side(unit_stride(text), kernel_param(text_mu, text), kernel_param(text_sigma, text),
+                 text_seed);
+  const Tensor scale = logit_scale.to(at::kFloat);
   const int64_t batch = image_side.rows(), classes = text_side.rows();
   const auto options = image.options().dtype(at::kFloat);
   const bool gradients = row_grads.has_value();
@@ -199,19 +229,23 @@ std::vector<Tensor> cross_entropy_flow(
       if (!side->changes_per_sample() && run) side->backward_sample(0, multiply);
     }
   }
-  const auto or_empty = [&](const OptionalTensor& tensor) {
-    return tensor.has_value() ? *tensor : empty_like_none(lse);
+  // The seven gradients in their inputs' shapes, dtypes and layouts (empty where not computed).
+  std::vector<Tensor> outputs{lse, target_logit, logit_sum};
+  const auto finished = [&](const OptionalTensor& grad, const OptionalTensor& input,
+                            bool parameter) {
+    if (!grad.has_value()) return empty_like_none(lse);
+    return parameter ? param_grad(*grad, *input) : like_input(*grad, *input);
   };
-  return {lse,
-          target_logit,
-          logit_sum,
-          scale_grad_rows,
-          or_empty(image_side.grad_x),
-          or_empty(text_side.grad_x),
-          or_empty(image_side.grad_mu),
-          or_empty(image_side.grad_sigma),
-          or_empty(text_side.grad_mu),
-          or_empty(text_side.grad_sigma)};
+  outputs.push_back(finished(image_side.grad_x, image, false));
+  outputs.push_back(finished(text_side.grad_x, text, false));
+  outputs.push_back(gradients && (needs & kScale)
+                        ? scale_grad_rows.sum().to(logit_scale.scalar_type())
+                        : empty_like_none(lse));
+  outputs.push_back(finished(image_side.grad_mu, image_mu, true));
+  outputs.push_back(finished(image_side.grad_sigma, image_sigma, true));
+  outputs.push_back(finished(text_side.grad_mu, text_mu, true));
+  outputs.push_back(finished(text_side.grad_sigma, text_sigma, true));
+  return outputs;
 }
 
 // --- the loss op with its autograd (the eager entry point of pini_kernels/cosine.py) ----------
@@ -242,41 +276,6 @@ using torch::autograd::variable_list;
 
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
 
-// The kernels' view of a side: unit stride along D; fp32 noise parameters expanded to (N, D).
-Tensor unit_stride(const Tensor& features) {
-  return features.stride(-1) == 1 ? features : features.contiguous();
-}
-
-OptionalTensor kernel_param(const OptionalTensor& param, const Tensor& features) {
-  if (!param.has_value() || !param->defined()) return std::nullopt;
-  return param->to(at::kFloat).expand({features.size(-2), features.size(-1)});
-}
-
-// `grad` (contiguous, of `tensor`'s shape) in `tensor`'s dtype and memory layout, as
-// pini_kernels/_host.py's like_input.
-Tensor like_input(Tensor grad, const Tensor& tensor) {
-  if (grad.scalar_type() != tensor.scalar_type()) grad = grad.to(tensor.scalar_type());
-  if (tensor.is_contiguous()) return grad;
-  return at::empty_like(tensor).copy_(grad);
-}
-
-// The flow's outputs as the seven inputs' gradients (undefined where not needed).
-variable_list gradients(const std::vector<Tensor>& flow, const Tensor& image, const Tensor& text,
-                        const Tensor& scale, const OptionalTensor params[4], int64_t needs) {
-  variable_list grads(7);
-  if (needs & kImage) grads[0] = like_input(flow[4], image);
-  if (needs & kText) grads[1] = like_input(flow[5], text);
-  if (needs & kScale) grads[2] = flow[3].sum().to(scale.scalar_type());
-  for (int index = 0; index < 4; ++index) {
-    if (!(needs & (kImageMu << index)) || !params[index].has_value()) continue;
-    const Tensor& param = *params[index];
-    const Tensor& grad = flow[6 + index];
-    grads[3 + index] =
-        like_input(grad.sizes() == param.sizes() ? grad : grad.sum_to_size(param.sizes()), param);
-  }
-  return grads;
-}
-
 // F.cross_entropy per row from its statistics, reduced: (1-e)(lse - x_t) + e(lse - mean(x)).
 Tensor loss_of(const Tensor& lse, const Tensor& target_logit, const Tensor& logit_sum,
                int64_t classes, double smoothing, int64_t reduction) {
@@ -287,6 +286,15 @@ Tensor loss_of(const Tensor& lse, const Tensor& target_logit, const Tensor& logi
   if (reduction == kReductionSum) return rows.sum();
   if (reduction == kReductionMean) return rows.mean();
   return rows;
+}
+
+// The seven gradients of a flow's outputs, undefined where ``needs`` does not ask for one.
+variable_list flow_gradients(const std::vector<Tensor>& flow, int64_t needs) {
+  variable_list grads(7);
+  for (int index = 0; index < 7; ++index) {
+    if (needs & (int64_t{1} << index)) grads[index] = flow[3 + index];
+  }
+  return grads;
 }
 
 class LossFunction : public torch::autograd::Function<LossFunction> {
@@ -309,16 +317,13 @@ class LossFunction : public torch::autograd::Function<LossFunction> {
                                 : 1.0;
       row_grads = at::full({num_samples, batch}, weight, image.options().dtype(at::kFloat));
     }
-    const auto flow = call_flow(
-        unit_stride(image), unit_stride(text), scale.to(at::kFloat),
-        kernel_param(image_mu, image), kernel_param(image_sigma, image),
-        kernel_param(text_mu, text), kernel_param(text_sigma, text), target, image_seed,
-        text_seed, num_samples, multiply, label_smoothing, std::nullopt, row_grads, needs);
+    const auto flow = call_flow(image, text, scale, image_mu, image_sigma, text_mu, text_sigma,
+                                target, image_seed, text_seed, num_samples, multiply,
+                                label_smoothing, std::nullopt, row_grads, needs);
     ctx->saved_data["needs"] = needs;
     ctx->saved_data["in_forward"] = in_forward;
     if (in_forward) {  // backward only scales these: nothing else is kept
-      const OptionalTensor params[4] = {image_mu, image_sigma, text_mu, text_sigma};
-      ctx->save_for_backward(gradients(flow, image, text, scale, params, needs));
+      ctx->save_for_backward(flow_gradients(flow, needs));
     } else {
       ctx->save_for_backward({image, text, scale, image_mu.value_or(Tensor()),
                               image_sigma.value_or(Tensor()), text_mu.value_or(Tensor()),
@@ -346,25 +351,22 @@ class LossFunction : public torch::autograd::Function<LossFunction> {
         }
       }
     } else {
-      const Tensor &image = grads[0], &text = grads[1], &scale = grads[2];
       const auto optional = [](const Tensor& tensor) -> OptionalTensor {
         return tensor.defined() ? OptionalTensor(tensor) : std::nullopt;
       };
-      const OptionalTensor params[4] = {optional(grads[3]), optional(grads[4]),
-                                        optional(grads[5]), optional(grads[6])};
       const int64_t num_samples = ctx->saved_data["num_samples"].toInt();
-      const int64_t reduction = ctx->saved_data["reduction"].toInt();
-      const int64_t batch = image.size(0);
+      const int64_t batch = grads[0].size(0);
       Tensor row_grads = grad_loss.to(at::kFloat);
-      if (reduction == kReductionMean) row_grads = row_grads / static_cast<double>(num_samples * batch);
+      if (ctx->saved_data["reduction"].toInt() == kReductionMean) {
+        row_grads = row_grads / static_cast<double>(num_samples * batch);
+      }
       row_grads = row_grads.expand({num_samples, batch}).contiguous();
       const auto flow = call_flow(
-          unit_stride(image), unit_stride(text), scale.to(at::kFloat),
-          kernel_param(params[0], image), kernel_param(params[1], image),
-          kernel_param(params[2], text), kernel_param(params[3], text), grads[7], grads[8],
-          grads[9], num_samples, ctx->saved_data["multiply"].toBool(),
-          ctx->saved_data["label_smoothing"].toDouble(), grads[10], row_grads, needs);
-      grads = gradients(flow, image, text, scale, params, needs);
+          grads[0], grads[1], grads[2], optional(grads[3]), optional(grads[4]),
+          optional(grads[5]), optional(grads[6]), grads[7], grads[8], grads[9], num_samples,
+          ctx->saved_data["multiply"].toBool(), ctx->saved_data["label_smoothing"].toDouble(),
+          grads[10], row_grads, needs);
+      grads = flow_gradients(flow, needs);
     }
     grads.resize(15);  // none for target, the seeds and the settings
     return once_differentiable(std::move(grads), "noisy_cross_entropy");
@@ -378,11 +380,9 @@ Tensor cross_entropy_no_grad(const Tensor& image, const Tensor& text, const Tens
                              const Tensor& target, const Tensor& image_seed,
                              const Tensor& text_seed, int64_t num_samples, bool multiply,
                              int64_t reduction, double label_smoothing) {
-  const auto flow = call_flow(
-      unit_stride(image), unit_stride(text), scale.to(at::kFloat), kernel_param(image_mu, image),
-      kernel_param(image_sigma, image), kernel_param(text_mu, text),
-      kernel_param(text_sigma, text), target, image_seed, text_seed, num_samples, multiply,
-      label_smoothing, std::nullopt, std::nullopt, 0);
+  const auto flow = call_flow(image, text, scale, image_mu, image_sigma, text_mu, text_sigma,
+                              target, image_seed, text_seed, num_samples, multiply,
+                              label_smoothing, std::nullopt, std::nullopt, 0);
   return loss_of(flow[0], flow[1], flow[2], text.size(-2), label_smoothing, reduction);
 }
 

@@ -313,51 +313,24 @@ NATIVE_LOSS_FLOW = True
 def _native_flow(
     image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target, seed,
     num_samples, multiply, label_smoothing, lse, row_grads, needs,
-) -> list[torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:  # fmt: skip
     """The loss's per-sample flow of ``cross_entropy_forward`` / ``cross_entropy_backward`` as one
     native op (csrc/loss_flow.cpp: the same kernels, call for call, without a Python frame per
-    kernel). seed: the kernels' seed (``_checks.kernel_seed``). Returns [lse, target_logit,
-    logit_sum, scale_grad_rows, then the fp32 accumulators of image, text, image_mu,
-    image_sigma, text_mu and text_sigma] (empty where not computed)."""
+    kernel). seed: the kernels' seed (``_checks.kernel_seed``). Returns (lse, target_logit,
+    logit_sum, the seven gradients in their inputs' shapes or None where not asked for)."""
     from . import native
 
     device = image.device
-    sides = []
-    for features, mu, sigma, side_seed in (
-        (image, image_mu, image_sigma, seed), (text, text_mu, text_sigma, seed + 1),
-    ):  # fmt: skip
-        if features.stride(-1) != 1:
-            features = features.contiguous()
-        if mu is not None:  # the kernels read fp32 parameters (converted before expanding)
-            mu = mu.to(torch.float32).expand(features.shape[-2:])
-            sigma = sigma.to(torch.float32).expand(features.shape[-2:])
-        # A tensor seed's + 1 runs on the device (no sync); 2^63 wraps to -2^63, the same key.
-        sides += [features, mu, sigma, native._seed_tensor(side_seed, device)]
-    image, image_mu, image_sigma, image_seed, text, text_mu, text_sigma, text_seed = sides
     need_bits = sum(1 << index for index, need in enumerate(needs) if need)
-    return native._ops().cross_entropy_flow(
-        image, text, logit_scale.to(device=device, dtype=torch.float32), image_mu, image_sigma,
-        text_mu, text_sigma, target, image_seed, text_seed, num_samples, multiply,
-        label_smoothing, lse, row_grads, need_bits,
+    lse, target_logit, logit_sum, *grads = native._ops().cross_entropy_flow(
+        image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
+        native._seed_tensor(seed, device),
+        # A tensor seed's + 1 runs on the device (no sync); 2^63 wraps to -2^63, the same key.
+        native._seed_tensor(seed + 1, device),
+        num_samples, multiply, label_smoothing, lse, row_grads, need_bits,
     )  # fmt: skip
-
-
-def _native_gradients(accumulators, scale_grad_rows, inputs, needs) -> list:
-    """The seven gradients from ``_native_flow``'s fp32 accumulators, in the inputs' shapes,
-    dtypes and layouts (None where not needed)."""
-    image_x, text_x, image_mu, image_sigma, text_mu, text_sigma = accumulators
-    image, text, logit_scale, *params = inputs
-    return [
-        like_input(image_x, image) if needs[0] else None,
-        like_input(text_x, text) if needs[1] else None,
-        scale_grad_rows.sum().to(logit_scale.dtype) if needs[2] else None,
-        *(
-            _sum_to(grad, param, need)
-            for grad, param, need in zip(
-                (image_mu, image_sigma, text_mu, text_sigma), params, needs[3:], strict=True
-            )
-        ),
-    ]
+    grads = [grad if need else None for grad, need in zip(grads, needs, strict=True)]
+    return lse, target_logit, logit_sum, grads
 
 
 # --- the ops' halves -----------------------------------------------------------------------------
@@ -471,13 +444,12 @@ def _cross_entropy(
         row_grads = torch.full((num_samples, rows), weight, device=device)
     if backend != "triton" and NATIVE_LOSS_FLOW:
         with on_device(device):
-            lse, target_logit, logit_sum, scale_grad_rows, *accumulators = _native_flow(
+            lse, target_logit, logit_sum, flow_grads = _native_flow(
                 image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
                 seed_arg, num_samples, multiply, label_smoothing, None, row_grads, needs,
             )  # fmt: skip
         if in_forward:
-            inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
-            grads = _native_gradients(accumulators, scale_grad_rows, inputs, needs)
+            grads = flow_grads
     else:
         scale = logit_scale.to(device=device, dtype=torch.float32)
         # Separate buffers: only lse is saved for backward, and it should not pin the other two.
@@ -545,14 +517,11 @@ def cross_entropy_backward(
     seed_arg = _checks.kernel_seed(seed, image.device)
     with on_device(device):
         if backend != "triton" and NATIVE_LOSS_FLOW:
-            _, _, _, scale_grad_rows, *accumulators = _native_flow(
+            *_, grads = _native_flow(
                 image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma, target,
                 seed_arg, num_samples, multiply, label_smoothing, lse, row_grads, needs,
             )  # fmt: skip
-            inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
-            return _gradients_or_empty(
-                _native_gradients(accumulators, scale_grad_rows, inputs, needs), image
-            )
+            return _gradients_or_empty(grads, image)
         grads = _backward(
             kernels, cosine_grad, image, text, image_mu, image_sigma, text_mu, text_sigma,
             seed_arg, num_samples, multiply, needs,

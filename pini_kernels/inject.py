@@ -328,7 +328,9 @@ def _native_inject(
     views, so autograd hands their gradients back in the given shapes."""
     from . import native
 
-    layout, _, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
+    layout = _param_layout(x.shape, mu.shape, sigma.shape)[0]
+    # Contiguous parameters of one shape, not expanded: their flat views are the kernels' input.
+    mu_flat, sigma_flat = mu.view(-1), sigma.view(-1)
     seed_arg = native._seed_tensor(_checks.kernel_seed(seed, x.device), x.device)
     rows_per_chunk = native._rows_per_chunk(layout.rows, layout.width, x.device)
     with on_device(x.device):
