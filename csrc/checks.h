@@ -1,11 +1,12 @@
 // Argument checks of the pini_native ops, one set for both implementations: the CPU ones in
 // bindings.cpp and the CUDA ones in cuda/bindings_cuda.cpp call the check of their op with their
-// device type, so both reject the same arguments with the same messages, each naming the argument,
+// device type (every tensor must then be on the first one's device, index included), so both reject the same arguments with the same messages, each naming the argument,
 // what was expected and what came. pini_kernels/native.py never passes a bad argument; these keep
 // a direct call of torch.ops.pini_native from reading or writing out of bounds.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
@@ -19,10 +20,24 @@ namespace pini::checks {
 using at::Tensor;
 using c10::DeviceType;
 
-// A tensor an op reads or writes: on `device` and contiguous.
-inline void on_device_contiguous(const Tensor& tensor, const char* name, DeviceType device) {
-  TORCH_CHECK(tensor.device().type() == device, name, " must be a ", c10::DeviceTypeName(device),
+// The device an op runs on: that of `tensor`, its first data argument, which must be of the
+// backend's device type. Every other tensor must be on this very device, index included: a
+// tensor on cuda:1 beside data on cuda:0 would be read through a pointer of another GPU.
+inline c10::Device op_device(const Tensor& tensor, const char* name, DeviceType type) {
+  TORCH_CHECK(tensor.device().type() == type, name, " must be a ", c10::DeviceTypeName(type),
               " tensor, got one on ", tensor.device());
+  return tensor.device();
+}
+
+inline void on_device(const Tensor& tensor, const char* name, const c10::Device& device) {
+  TORCH_CHECK(tensor.device() == device, name, " must be on the op's device ", device,
+              ", got one on ", tensor.device());
+}
+
+// A tensor an op reads or writes: on `device` and contiguous.
+inline void on_device_contiguous(const Tensor& tensor, const char* name,
+                                 const c10::Device& device) {
+  on_device(tensor, name, device);
   TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous, got shape ", tensor.sizes(),
               " with strides ", tensor.strides());
 }
@@ -34,7 +49,7 @@ inline void float32(const Tensor& tensor, const char* name) {
 
 // A contiguous float32 tensor of `numel` elements on `device`.
 inline void float32_buffer(const Tensor& buffer, const char* name, int64_t numel,
-                           DeviceType device) {
+                           const c10::Device& device) {
   on_device_contiguous(buffer, name, device);
   float32(buffer, name);
   TORCH_CHECK(buffer.numel() == numel, name, " must have ", numel, " elements, got ",
@@ -54,8 +69,8 @@ inline void seed(const Tensor& seed, const c10::Device& data_device) {
 }
 
 // noise(seed, start, out): out is filled with stream elements start, start + 1, ...
-inline void noise(int64_t start, const Tensor& out, DeviceType device) {
-  on_device_contiguous(out, "out", device);
+inline void noise(int64_t start, const Tensor& out, DeviceType type) {
+  on_device_contiguous(out, "out", op_device(out, "out", type));
   float32(out, "out");
   TORCH_CHECK(start >= 0, "start must be >= 0, got ", start);
 }
@@ -64,7 +79,7 @@ inline void noise(int64_t start, const Tensor& out, DeviceType device) {
 // width / inner float32 values each (see pini_kernels/inject.py, BroadcastLayout).
 inline void inject_layout(const Tensor& x, const Tensor& mu, const Tensor& sigma,
                           int64_t num_samples, int64_t rows, int64_t width, int64_t inner,
-                          DeviceType device) {
+                          const c10::Device& device) {
   TORCH_CHECK(rows >= 0 && width >= 0 && rows * width == x.numel(), "rows * width = ", rows,
               " * ", width, " must equal x.numel() = ", x.numel());
   TORCH_CHECK(inner >= 1 && width % inner == 0, "inner = ", inner, " must divide width = ",
@@ -78,7 +93,8 @@ inline void inject_layout(const Tensor& x, const Tensor& mu, const Tensor& sigma
 // inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out)
 inline void inject_forward(const Tensor& x, const Tensor& mu, const Tensor& sigma,
                            int64_t num_samples, int64_t rows, int64_t width, int64_t inner,
-                           const Tensor& out, DeviceType device) {
+                           const Tensor& out, DeviceType type) {
+  const c10::Device device = op_device(x, "x", type);
   on_device_contiguous(x, "x", device);
   on_device_contiguous(out, "out", device);
   inject_layout(x, mu, sigma, num_samples, rows, width, inner, device);
@@ -94,7 +110,8 @@ inline int64_t inject_backward(const Tensor& grad_out, const Tensor& x, const Te
                                int64_t rows, int64_t width, int64_t inner, int64_t rows_per_chunk,
                                const std::optional<Tensor>& grad_x,
                                const std::optional<Tensor>& partial_mu,
-                               const std::optional<Tensor>& partial_sigma, DeviceType device) {
+                               const std::optional<Tensor>& partial_sigma, DeviceType type) {
+  const c10::Device device = op_device(grad_out, "grad_out", type);
   on_device_contiguous(grad_out, "grad_out", device);
   // Add mode never reads x: it may be a stand-in with x's shape and dtype (stride 0).
   if (multiply) on_device_contiguous(x, "x", device);
@@ -130,9 +147,8 @@ struct NoiseParams {
 // x: (rows, D) with unit stride along D; mu and sigma: both None (no noise) or float32 views of
 // x's shape on `device`, any strides (0 on broadcast dimensions).
 inline NoiseParams feature_rows(const Tensor& x, const std::optional<Tensor>& mu,
-                                const std::optional<Tensor>& sigma, DeviceType device) {
-  TORCH_CHECK(x.device().type() == device, "features must be a ", c10::DeviceTypeName(device),
-              " tensor, got one on ", x.device());
+                                const std::optional<Tensor>& sigma, DeviceType type) {
+  const c10::Device device = op_device(x, "features", type);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
               "features must be 2-D (rows, D) with unit stride along D, got shape ", x.sizes(),
               " with strides ", x.strides());
@@ -140,8 +156,7 @@ inline NoiseParams feature_rows(const Tensor& x, const std::optional<Tensor>& mu
               "mu and sigma must be given together (noise) or both be None");
   if (!mu) return {};
   for (const auto& [param, name] : {std::pair{&*mu, "mu"}, std::pair{&*sigma, "sigma"}}) {
-    TORCH_CHECK(param->device().type() == device, name, " must be a ",
-                c10::DeviceTypeName(device), " tensor, got one on ", param->device());
+    on_device(*param, name, device);
     float32(*param, name);
     TORCH_CHECK(param->sizes() == x.sizes(), name, " must be expanded to the features' shape ",
                 x.sizes(), ", got ", param->sizes());
@@ -153,10 +168,10 @@ inline NoiseParams feature_rows(const Tensor& x, const std::optional<Tensor>& mu
 // noisy_normalize(x, mu, sigma, seed, stream_offset, multiply, unit, norm)
 inline NoiseParams noisy_normalize(const Tensor& x, const std::optional<Tensor>& mu,
                                    const std::optional<Tensor>& sigma, const Tensor& unit,
-                                   const Tensor& norm, DeviceType device) {
-  const NoiseParams params = feature_rows(x, mu, sigma, device);
-  float32_buffer(unit, "unit", x.numel(), device);
-  float32_buffer(norm, "norm", x.size(0), device);
+                                   const Tensor& norm, DeviceType type) {
+  const NoiseParams params = feature_rows(x, mu, sigma, type);
+  float32_buffer(unit, "unit", x.numel(), x.device());
+  float32_buffer(norm, "norm", x.size(0), x.device());
   return params;
 }
 
@@ -166,8 +181,9 @@ inline NoiseParams noisy_normalize_backward(
     const Tensor& x, const std::optional<Tensor>& mu, const std::optional<Tensor>& sigma,
     const Tensor& unit, const Tensor& norm, const Tensor& grad_unit,
     const std::optional<Tensor>& grad_x, const std::optional<Tensor>& grad_mu,
-    const std::optional<Tensor>& grad_sigma, DeviceType device) {
-  const NoiseParams params = noisy_normalize(x, mu, sigma, unit, norm, device);
+    const std::optional<Tensor>& grad_sigma, DeviceType type) {
+  const NoiseParams params = noisy_normalize(x, mu, sigma, unit, norm, type);
+  const c10::Device device = x.device();
   float32_buffer(grad_unit, "grad_unit", x.numel(), device);
   TORCH_CHECK(grad_mu.has_value() == grad_sigma.has_value(),
               "grad_mu and grad_sigma must be given together or both be None");
@@ -182,7 +198,8 @@ inline NoiseParams noisy_normalize_backward(
 // logit_scale, and (B,) float32 row buffers (per-row statistics or gradients).
 inline void loss_tile(const Tensor& cosine, const Tensor& target, const Tensor& scale,
                       std::initializer_list<std::pair<const Tensor*, const char*>> row_buffers,
-                      DeviceType device) {
+                      DeviceType type) {
+  const c10::Device device = op_device(cosine, "cosine", type);
   on_device_contiguous(cosine, "cosine", device);
   float32(cosine, "cosine");
   TORCH_CHECK(cosine.dim() == 2, "cosine must be 2-D (B, C), got shape ", cosine.sizes());

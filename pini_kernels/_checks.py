@@ -44,6 +44,19 @@ def as_tensor_like(name: str, value, like: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"{name} must be a float tensor or a Python number, got {describe(value)}")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` with its index: None is the CPU; ``"cuda"`` without an index is the current
+    CUDA device, as torch places a new tensor there. Tensors always carry an index, so a device
+    compared with a tensor's must carry one too (a seed tensor on cuda:0 against ``"cuda"``)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        available = getattr(module, "is_available", None)
+        if available is not None and available():  # else the backend check says what is missing
+            device = torch.device(device.type, module.current_device())
+    return device
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     items = list(tensors.items())
     first_name, first = items[0]

@@ -80,7 +80,7 @@ def noise(
         raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
     if dtype not in (*_checks.FLOAT_DTYPES, torch.float64):
         raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = _checks.resolve_device(device)
     seed = _checks.seed_tensor(_checks.check_seed(seed, device))
     chosen = resolve_backend(backend, device)
     if chosen == "reference" or dtype == torch.float64:

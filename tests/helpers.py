@@ -133,3 +133,46 @@ def stream_generator(backend: str):
     else:
         raise ValueError(f"backend must be triton, cpu, cuda or reference, got {backend!r}")
     return noise_forward
+
+
+def record_backward_probabilities(monkeypatch, backend: str) -> list[torch.Tensor]:
+    """Records, for every call of ``backend``'s ``loss_grad`` kernel (backward's recompute of a
+    "none" loss), the probabilities ``exp(cosine * scale - lse)`` it works from: one (B, C)
+    tensor per noise sample, in the returned list. On the native backends the loss's flow is one
+    C++ op that calls the kernels itself; the Python flow runs the same kernels call for call
+    (``test_native_loss_flow_equals_the_python_flow``) and is the one a test can watch."""
+    from pini_kernels import cosine
+
+    kernels = cosine._kernels(backend)
+    if backend != "triton":
+        monkeypatch.setattr(cosine, "NATIVE_LOSS_FLOW", False)
+    seen: list[torch.Tensor] = []
+    loss_grad = kernels.loss_grad
+
+    def recording_loss_grad(cosines, lse, target, row_grad, scale, *rest):
+        seen.append((cosines.clone(), lse.clone(), scale.clone()))
+        loss_grad(cosines, lse, target, row_grad, scale, *rest)
+
+    monkeypatch.setattr(kernels, "loss_grad", recording_loss_grad)
+    return seen
+
+
+def assert_probabilities_sum_to_one(seen, calls: int, *, factor: float = 4.0, floor: float = 1e-6):
+    """Backward's probabilities (``record_backward_probabilities``) sum to one per row, by the
+    relative rule of STYLE.md: their error is at most ``factor`` times that of plain PyTorch
+    (float32 logsumexp of the same cosines), plus ``floor``. A GPU's approximate exp and log move
+    the sums by a few float32 roundings; backward cosines that differ from forward's by 1e-7 at
+    logit scale 100 move them by 1e-5, past the floor."""
+    assert len(seen) == calls, f"loss_grad ran {len(seen)} times, expected {calls} (one a sample)"
+    for sample, (cosines, lse, scale) in enumerate(seen):
+        logits = cosines * scale
+        sums = torch.exp(logits - lse[:, None]).sum(dim=1).double()
+        plain = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True)).sum(dim=1)
+        plain_error = float((plain.double() - 1).abs().max())
+        error = float((sums - 1).abs().max())
+        allowed = factor * plain_error + floor
+        record_error("probability sums in backward", error)
+        assert error <= allowed, (
+            f"sample {sample}: probabilities sum to 1 within {error:.3g} > {allowed:.3g} "
+            f"({factor} x plain PyTorch's {plain_error:.3g} + {floor})"
+        )

@@ -12,11 +12,19 @@ The edge shapes go past one 64-row / 64-class tile, one 32-wide step over D and 
 kernels under the interpreter) one 256-row program, and are a multiple of none of them.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ALL_BACKENDS, FUSED_BACKENDS, backend_device
-from helpers import TOLERANCES, assert_close, record_error
+from helpers import (
+    TOLERANCES,
+    assert_close,
+    assert_probabilities_sum_to_one,
+    record_backward_probabilities,
+    record_error,
+)
 
 import pini_kernels
 from pini_kernels import reference
@@ -886,48 +894,74 @@ def test_loss_split_merge_matches_reference(monkeypatch, splits, inputs):
 # --- one precision for forward and backward (issue 12, item 4) -------------------------------
 
 
-@needs_triton
 @pytest.mark.parametrize("precision", ["highest", "high"])
-def test_backward_recomputes_the_forward_cosines(monkeypatch, precision):
+def test_backward_recomputes_the_forward_cosines(monkeypatch, fused_backend, precision):
     """Backward's cosines must be the ones forward took its log-sum-exp from: at logit_scale 100
     a cosine off by 1e-7 moves a probability by 1e-5, so the probabilities backward computes from
-    forward's lse no longer sum to 1. Sums checked to 1e-6 per row, in both precisions (TF32 when
-    the caller allowed it for matmuls: then in both passes)."""
-    from pini_kernels.triton import cosine
-
+    forward's lse no longer sum to 1. Sums checked per row (``assert_probabilities_sum_to_one``),
+    in both precisions (TF32 when the caller allowed it for matmuls: then in both passes), on
+    every backend (the native ones through the Python flow, which a test can watch)."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        _check_backward_recomputes_forward(monkeypatch, cosine)
-        assert cosine._input_precision() == ("tf32" if precision == "high" else "ieee")
+        _check_backward_recomputes_forward(monkeypatch, fused_backend)
+        if fused_backend == "triton":
+            from pini_kernels.triton import cosine
+
+            assert cosine._input_precision() == ("tf32" if precision == "high" else "ieee")
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
-def _check_backward_recomputes_forward(monkeypatch, cosine):
-    seen = []
-    loss_grad = cosine.loss_grad
+@contextlib.contextmanager
+def _fp32_precision(matmul: str, overall: str):
+    """The float32 precision set through torch's newer API (torch 2.9 and later), restored after."""
+    backends = torch.backends
+    previous = (backends.cuda.matmul.fp32_precision, backends.fp32_precision)
+    backends.fp32_precision = overall
+    backends.cuda.matmul.fp32_precision = matmul
+    try:
+        yield
+    finally:
+        backends.fp32_precision, backends.cuda.matmul.fp32_precision = previous
 
-    def recording_loss_grad(cosines, lse, target, row_grad, scale, *rest):
-        seen.append(torch.exp(cosines * scale - lse[:, None]).sum(dim=1))
-        loss_grad(cosines, lse, target, row_grad, scale, *rest)
 
-    monkeypatch.setattr(cosine, "loss_grad", recording_loss_grad)
+@needs_triton
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch before 2.9"
+)
+@pytest.mark.parametrize(
+    ("matmul", "overall", "expected"),
+    [("tf32", "none", "tf32"), ("ieee", "none", "ieee"), ("none", "tf32", "tf32"),
+     ("none", "ieee", "ieee"), ("ieee", "tf32", "ieee")],
+)  # fmt: skip
+def test_loss_runs_after_the_new_precision_api(monkeypatch, matmul, overall, expected):
+    """A caller who sets TF32 through ``torch.backends.cuda.matmul.fp32_precision`` or
+    ``torch.backends.fp32_precision``: reading the legacy ``allow_tf32`` then raises ("mix of the
+    legacy and new APIs"), which failed every Triton loss call. The precision the kernels take
+    follows the new setting ("none" inherits the overall one), and the loss runs."""
+    from pini_kernels.triton import cosine
+
+    with _fp32_precision(matmul, overall):
+        assert cosine._input_precision() == expected
+        _check_backward_recomputes_forward(monkeypatch, "triton")
+
+
+def _check_backward_recomputes_forward(monkeypatch, backend):
+    seen = record_backward_probabilities(monkeypatch, backend)
     generator = torch.Generator().manual_seed(5)
     batch, classes, dim = 70, 130, 300  # past one 64 x 64 tile and many 32-wide steps over D
     image = _random(generator, batch, dim).requires_grad_(True)
     text = _random(generator, classes, dim)
     target = torch.randint(0, classes, (batch,), generator=generator)
-    device = backend_device("triton")
+    device = backend_device(backend)
     loss = pini_kernels.noisy_cross_entropy(
         image.to(device), text.to(device), 100.0, target.to(device),
         image_noise=_noise_pair(generator, dim), num_samples=2, seed=3, reduction="none",
-        backend="triton",
+        backend=backend,
     )  # fmt: skip
     loss.sum().backward()  # "none" recomputes in backward (a "mean" loss has no recompute)
-    assert len(seen) == 2
-    for sums in seen:
-        _assert_rows_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0, name="probability sums")
+    assert_probabilities_sum_to_one(seen, calls=2)
 
 
 # --- zero-norm rows -------------------------------------------------------------------------
@@ -1029,23 +1063,24 @@ NATIVE_FLOW_CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("case", list(NATIVE_FLOW_CASES))
-def test_native_loss_flow_equals_the_python_flow(monkeypatch, case):
+def test_native_loss_flow_equals_the_python_flow(monkeypatch, case, backend):
     """On the native backends the loss's per-sample flow is one C++ op; with NATIVE_LOSS_FLOW off
     the Python flow (the Triton backend's) runs the same kernels. Loss and every gradient agree
     (to a few float32 roundings: the products may sum in another order)."""
     from pini_kernels import cosine
 
-    if "cpu" not in pini_kernels.available_backends():
-        pytest.skip("needs the native CPU kernels")
+    if backend not in pini_kernels.available_backends():
+        pytest.skip(f"needs the native {backend} kernels")
     make, kwargs = NATIVE_FLOW_CASES[case]
-    image, text, scale, image_pair, text_pair, target = make("cpu")
+    image, text, scale, image_pair, text_pair, target = make(backend)
     tensors = _differentiable(image, text, scale, image_pair, text_pair)
     results = []
     for native_flow in (True, False):
         monkeypatch.setattr(cosine, "NATIVE_LOSS_FLOW", native_flow)
         results.append(_run(pini_kernels.noisy_cross_entropy, _leaves(tensors), target,
-                            backend="cpu", seed=4, **kwargs))  # fmt: skip
+                            backend=backend, seed=4, **kwargs))  # fmt: skip
     (native_out, native_grads), (python_out, python_grads) = results
     assert_close(native_out, python_out, atol=1e-6, rtol=1e-6, name=f"{case}: loss")
     for name, native, python in zip(GRAD_NAMES, native_grads, python_grads, strict=True):

@@ -252,7 +252,7 @@ def demangled_kernel_name(mangled: str) -> str:
 def ptxas_resources(cuda_file: Path, arch: str) -> dict[str, dict[str, int]]:
     """``nvcc -Xptxas -v`` of one .cu file: per kernel, its registers and spill bytes."""
     result = subprocess.run(
-        [NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(cuda_file),
+        [NVCC, "-std=c++20", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(cuda_file),
          "-o", os.devnull],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -286,3 +286,36 @@ def test_cuda_kernels_compile_for_sm90_without_spills():
     for name, usage in resources.items():
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills\n{table}"
         assert usage["registers"] <= MAX_REGISTERS, f"{name} uses too many registers\n{table}"
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_native_checks_compare_devices_with_their_index(tmp_path):
+    """csrc/checks.h compares whole devices: mu on cuda:1 beside x on cuda:0 is refused (a
+    pointer of one GPU would be read on another), through a direct torch.ops.pini_native call
+    too. Without a GPU, tests/native/device_checks_probe.cpp hands the checks tensors whose
+    storage claims cuda:0 or cuda:1 and prints what each check said."""
+    probe = tmp_path / "device_checks_probe"
+    library_dir, include_dir = (Path(torch.__file__).parent / name for name in ("lib", "include"))
+    command = [
+        shutil.which("c++"), "-std=c++20", "-O0", "-w", f"-I{Path(__file__).parents[1] / 'csrc'}",
+        f"-I{include_dir}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        str(Path(__file__).parent / "native" / "device_checks_probe.cpp"), "-o", str(probe),
+        f"-L{library_dir}", f"-Wl,-rpath,{library_dir}", "-lc10", "-ltorch_cpu",
+    ]  # fmt: skip
+    built = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([str(probe)], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    said = dict(line.split(": ", 1) for line in ran.stdout.splitlines())
+    assert len(said) == 13, ran.stdout
+    for case, message in said.items():
+        if case.endswith(" same"):
+            assert message == "passed", f"{case}: {message}"
+            continue
+        name = case.split(" ")[-1]
+        assert message != "passed", f"{case}: a tensor on cuda:1 beside data on cuda:0 passed"
+        if name == "seed":
+            assert "seed must be on the data's device cuda:0, got one on cuda:1" in message
+        else:
+            assert f"{name} must be on the op's device cuda:0, got one on cuda:1" in message, case

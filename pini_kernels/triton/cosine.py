@@ -451,9 +451,17 @@ def _launch_cross_entropy_grad(
 
 def _input_precision() -> str:
     """tl.dot's precision, the caller's choice for float32 matmuls: IEEE by default, TF32 only
-    where allowed (``torch.backends.cuda.matmul.allow_tf32``, which
-    ``torch.set_float32_matmul_precision("high")`` sets), then in forward and backward alike."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    where allowed, then in forward and backward alike. Read through the precision API of torch
+    2.9 and later (``torch.backends.cuda.matmul.fp32_precision``, "none" inheriting
+    ``torch.backends.fp32_precision``), which also reflects ``set_float32_matmul_precision`` and
+    the legacy flag; reading the legacy ``allow_tf32`` after a caller used the new API raises."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch before 2.9: only the legacy flag exists
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
