@@ -972,6 +972,10 @@ def _execute(args, plan: _Plan) -> dict | None:
     method = run["method"]
     progress = not args.no_progress
     rank, world = distributed_rank_world()
+    if world > 1:
+        # Every rank has checked the run (its folder empty, or resumable) before rank 0 writes
+        # into it: a slower rank would otherwise find rank 0's run.json and refuse the folder.
+        torch.distributed.barrier()
     if rank == 0 and not plan.resume:
         _prepare_folder(folder, overwrite=bool(args.overwrite))
         _write_json(folder / RUN_FILE, run)

@@ -470,9 +470,8 @@ def evaluate(
     ``samples``; unreadable images are skipped and counted. The inference noise of batch ``i``
     is drawn with seed ``seed + i``, so an evaluation is exactly repeatable. ``class_subset``
     (indices into the model's classes, e.g. ImageNet-A's 200 of ImageNet's 1000) restricts the
-    prediction to those classes. No readable image at all is an ``InputError``. Macro-F1 and
-    the confusion matrix are scikit-learn's (``f1_score`` over the classes that have test
-    images, ``confusion_matrix``).
+    prediction to those classes. No readable image at all is an ``InputError``. Macro-F1 is
+    over the classes that have test images (``macro_f1``).
 
     ``model``: PiNI, a module of ``pini.baselines`` (``forward(images, seed)``,
     ``zero_shot_logits``), or a fitted method with only ``logits(features)`` and
@@ -482,8 +481,6 @@ def evaluate(
     same noise seed, so the result is the one the images give. Not for PiNI with image-level
     noise, which perturbs the images themselves.
     """
-    from sklearn.metrics import confusion_matrix, f1_score
-
     module = isinstance(model, nn.Module)
     if features is None and not module:
         raise ValueError(
@@ -538,22 +535,37 @@ def evaluate(
             all_predictions.append(predictions)
     if not all_labels:
         raise InputError(f"no image to evaluate: {len(samples)} test samples, {skipped} unreadable")
-    labels, predictions = torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy()
-    confusion = confusion_matrix(labels, predictions, labels=list(range(classes)))
-    support = confusion.sum(axis=1)
-    present = [label for label in range(classes) if support[label] > 0]
-    macro_f1 = f1_score(labels, predictions, labels=present, average="macro", zero_division=0)
+    confusion = confusion_matrix(torch.cat(all_labels), torch.cat(all_predictions), classes)
+    support = confusion.sum(dim=1)
     recall = [
-        100.0 * confusion[label, label] / support[label] if support[label] else 0.0
+        100.0 * int(confusion[label, label]) / int(support[label]) if support[label] else 0.0
         for label in range(classes)
     ]
     return {
-        "accuracy": 100.0 * float(confusion.trace()) / float(support.sum()),
-        "macro_f1": 100.0 * float(macro_f1),
-        "per_class_accuracy": [float(value) for value in recall],
+        "accuracy": 100.0 * int(confusion.trace()) / int(support.sum()),
+        "macro_f1": 100.0 * macro_f1(confusion),
+        "per_class_accuracy": recall,
         "skipped_images": skipped,
         "samples": int(support.sum()),
     }
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes, classes) int64 counts: row = true label, column = predicted label.
+    labels, predictions: (N,) class indices in [0, classes)."""
+    pairs = labels.to(torch.int64) * classes + predictions.to(torch.int64)
+    return torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """The unweighted mean over the classes that have test images of F1 = 2 TP / (support +
+    predicted), i.e. 2PR / (P + R), 0 where a class was never predicted right (scikit-learn's
+    ``f1_score(labels=<classes with support>, average="macro", zero_division=0)``)."""
+    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    present = support > 0
+    true_positives = confusion.diagonal().to(torch.float64)
+    scores = 2 * true_positives[present] / (support[present] + predicted[present])
+    return float(scores.mean()) if scores.numel() else 0.0
 
 
 def _image_batches(loader: DataLoader):

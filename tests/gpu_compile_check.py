@@ -8,7 +8,8 @@ non-zero on the first failure.
 (registers per thread, spill stores/loads, shared memory); it fails when any kernel spills or a
 memory-bound kernel (noise, inject, normalize) needs more than MEMORY_BOUND_MAX_REGISTERS: at 4
 warps a thread's registers bound how many warps fit on an SM, and a memory-bound kernel needs many
-in flight to approach copy bandwidth.
+in flight to approach copy bandwidth. Every sm_90 variant's approximate float32 instructions must
+be among those APPROXIMATE_MATH_ALLOWED lists for it (the GPU tolerances rest on that table).
 """
 
 import itertools
@@ -34,6 +35,36 @@ TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 MEMORY_BOUND_MAX_REGISTERS = 96
 MEMORY_BOUND_KERNELS = ("noise", "inject_forward", "inject_backward", "normalize",
                         "normalize_backward")  # fmt: skip
+
+
+# The approximate float32 instructions each kernel's sm_90 code may hold. The GPU tolerances rest
+# on this table (STYLE.md's relative rule, docs in tests/helpers.py): each of these is within 2
+# ulps of the exact result (PTX ISA: sqrt.approx.ftz relative error 2^-23, ex2.approx 2^-22.5 +
+# ftz, div.full 2 ulps), far inside the 1e-5 float32 tolerances of the stream, inject and loss
+# tests; the probability sums at logit scale 100, the one quantity where an exp's ulps show,
+# are checked relative to torch's own float32 error. log, sin and cos of Box-Muller go through
+# libdevice (correctly rounded to 1-2 ulps), so no sin.approx / lg2.approx may appear: they
+# would be off by ~1e-6 absolute at 2*pi, times a radius up to 5.7.
+APPROXIMATE_MATH_ALLOWED = {
+    "noise": {"sqrt.approx.ftz.f32"},
+    "inject_forward": {"sqrt.approx.ftz.f32"},
+    "inject_backward": {"sqrt.approx.ftz.f32"},
+    "normalize": {"sqrt.approx.ftz.f32", "div.full.f32"},
+    "normalize_backward": {"sqrt.approx.ftz.f32", "div.full.f32"},
+    "cosine_cross_entropy": {"ex2.approx.f32", "ex2.approx.ftz.f32", "div.full.f32"},
+    "cosines": set(),
+    "cross_entropy_grad": {"ex2.approx.f32", "ex2.approx.ftz.f32", "div.full.f32"},
+    "cross_entropy_stats_grad": {"ex2.approx.f32", "ex2.approx.ftz.f32", "div.full.f32"},
+}
+APPROXIMATE_INSTRUCTION = re.compile(
+    r"\b(?:sin|cos|lg2|ex2|sqrt|rsqrt|rcp|div|tanh)\.(?:approx|full)[a-z0-9.]*"
+)
+
+
+def approximations(name: str, ptx: str) -> list[str]:
+    """The approximate instructions in ``ptx`` beyond what APPROXIMATE_MATH_ALLOWED allows."""
+    used = set(APPROXIMATE_INSTRUCTION.findall(ptx))
+    return sorted(used - APPROXIMATE_MATH_ALLOWED.get(name, set()))
 
 
 def compile_kernel(kernel, types: dict, constants: dict, target, num_warps: int):
@@ -229,6 +260,12 @@ def main() -> int:
                 print(f"FAILED {name} sm_{target.arch} {types} {flags}: {error}")
                 return 1
             count += 1
+            unexpected = approximations(name, compiled.asm["ptx"])
+            if unexpected and target.arch == 90:
+                problems.append(
+                    f"{name} [{describe_flags(flags)}] uses {', '.join(unexpected)}, which the GPU "
+                    "tolerances do not allow for (APPROXIMATE_MATH_ALLOWED)"
+                )
             if ptxas is not None and target.arch == 90:
                 used = ptxas_resources(ptxas, compiled.asm["ptx"])
                 rows.append((name, f"{describe_flags(flags)} warps={warps}", used))
@@ -247,7 +284,7 @@ def main() -> int:
                   f"{used['spill_loads']:>8} {used['shared']:>6}  {flags}")  # fmt: skip
     print(f"compiled {count} kernel variants in {time.perf_counter() - started:.1f} s")
     for problem in problems:
-        print(f"RESOURCE PROBLEM: {problem}")
+        print(f"PROBLEM: {problem}")
     return 1 if problems else 0
 
 

@@ -128,3 +128,55 @@ def test_noise_on_device_cuda_takes_a_seed_tensor_on_the_current_gpu(monkeypatch
     assert (shape, dtype, backend) == (torch.Size((3, 5)), torch.float32, "triton")
     with pytest.raises(ValueError, match="seed must be a 0-d CPU tensor or a 0-d tensor on cuda:1"):
         pini_kernels.noise((3, 5), seed=seed, device="cuda:1")
+
+
+def _misaligned(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf holding ``tensor``'s values at storage offset 1 (4 bytes for float32, 2 for half
+    types: no 8- or 16-byte vector access is aligned), and the contiguous view of them."""
+    base = torch.full((tensor.numel() + 1,), float("nan"), dtype=tensor.dtype,
+                      device=tensor.device)  # fmt: skip
+    base[1:] = tensor.reshape(-1)
+    base.requires_grad_(True)
+    return base, base[1:].view(tensor.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_views_on_every_backend(fused_backend, dtype):
+    """Inputs that are contiguous views at an odd storage offset (slices of a larger buffer, as a
+    user's own code makes them): fused_inject and noisy_cross_entropy give the reference's
+    results and gradients. On a GPU a vectorized load from such a pointer would fault or read the
+    wrong elements; odd widths (37, 771) keep rows misaligned too."""
+    from conftest import backend_device
+    from helpers import TOLERANCES, assert_close
+
+    device = backend_device(fused_backend)
+    generator = torch.Generator().manual_seed(11)
+    rand = lambda *shape: torch.randn(shape, generator=generator).to(device, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    inject_inputs = [rand(3, 37), rand(37), rand(37).abs() + 0.1]
+    image, text = rand(5, 771), rand(7, 771)
+    loss_inputs = [image, text, rand(771), rand(771).abs() + 0.1]
+    target = torch.randint(0, 7, (5,), generator=generator).to(device)
+
+    def inject(x, mu, sigma, backend):
+        return pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=4,
+                                         backend=backend)  # fmt: skip
+
+    def loss(image, text, mu, sigma, backend):
+        return pini_kernels.noisy_cross_entropy(
+            image, text, 20.0, target, image_noise=(mu, sigma), num_samples=2, seed=4,
+            backend=backend,
+        )  # fmt: skip
+
+    for name, op, inputs in (("inject", inject, inject_inputs), ("loss", loss, loss_inputs)):
+        bases, views = zip(*(_misaligned(t) for t in inputs), strict=True)
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        got, want = op(*views, fused_backend), op(*leaves, "reference")
+        weights = torch.randn(got.shape, generator=generator).to(device)
+        (got.float() * weights).sum().backward()
+        (want.float() * weights).sum().backward()
+        assert_close(got, want, atol=atol, rtol=rtol, name=f"{name} output")
+        for index, (base, leaf) in enumerate(zip(bases, leaves, strict=True)):
+            magnitude = max(1.0, float(leaf.grad.abs().max()))
+            assert_close(base.grad[1:].view(leaf.shape), leaf.grad, atol=atol * magnitude,
+                         rtol=rtol, name=f"{name} gradient {index}")  # fmt: skip

@@ -572,3 +572,23 @@ def test_sweep_checks_every_run_before_the_first_and_reports_the_interval(data, 
     status, out, err = run_cli([*argv, "--shot-list", "1", "--seeds", "1", "2"], capsys)
     assert status == 0, err
     assert "95% interval over seeds 1, 2 (Student's t" in out and "| PiNI |" in out
+
+
+@pytest.mark.slow
+def test_torchrun_starts_on_a_fresh_run_folder_every_time(data, tmp_path):
+    """`torchrun --nproc-per-node 2 -m pini train` into a new --output, ten times in a row: every
+    rank checks the folder is empty before rank 0 writes run.json into it. Without that barrier
+    a slower rank found run.json and exited 2 ("run folder ... is not empty") in about half of
+    the starts."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(1, 11):
+        output = tmp_path / f"run-{attempt}"
+        argv = toy_train(data, output, "--shots", "1", "--device", "cpu")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", "2", "-m", "pini", *(str(a) for a in argv)]  # fmt: skip
+        completed = subprocess.run(
+            command, capture_output=True, text=True, env=environment, timeout=600
+        )
+        assert completed.returncode == 0, f"start {attempt}: {completed.stderr[-3000:]}"
+        summary = json.loads((output / "summary.json").read_text())
+        assert summary["shots"] == 1 and "toy, 1 shots, seed 1" in completed.stdout
