@@ -41,7 +41,7 @@ from torch import nn
 from . import baselines, demo
 from .data import FeatureCache, clip_transforms, encode_samples, few_shot, load_dataset
 from .datasets import listing_fingerprint, sample_id
-from .errors import InputError
+from .errors import InputError, RunDiverged
 from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip, check_weights
 from .sweep import METHOD_NAMES, mean_and_interval  # noqa: F401 (cli.mean_and_interval)
 from .train import (
@@ -1028,18 +1028,23 @@ def _execute(args, plan: _Plan) -> dict | None:
                 )["accuracy"]
 
         config = TrainConfig(**run["train_config"], num_workers=args.workers, progress=progress)
-        train(
-            model,
-            samples,
-            train_transform,
-            config,
-            folder,
-            resume=plan.resume,
-            device=args.device,
-            run=run,
-            evaluate_every=args.eval_every or 0,
-            evaluator=evaluator,
-        )
+        try:
+            train(
+                model,
+                samples,
+                train_transform,
+                config,
+                folder,
+                resume=plan.resume,
+                device=args.device,
+                run=run,
+                evaluate_every=args.eval_every or 0,
+                evaluator=evaluator,
+            )
+        except RunDiverged as diverged:
+            if rank == 0:
+                _mark_failed(folder, split, run, diverged)
+            raise
         if rank != 0:
             return None
         if method == "tip-adapter-f" and model.config.search:
@@ -1080,6 +1085,28 @@ def _execute(args, plan: _Plan) -> dict | None:
         )
     _write_json(folder / SUMMARY, summary)
     return summary
+
+
+def _mark_failed(folder: Path, split, run: dict, diverged: RunDiverged) -> None:
+    """The summary of a run that diverged: "status": "failed", why, and where it stopped; no
+    accuracy (``pini sweep`` reports the run as failed). The checkpoint on disk is the last
+    finite one; the message says which."""
+    summary = {
+        "status": "failed",
+        "failure": str(diverged),
+        "failed_epoch": diverged.epoch,
+        "failed_step": diverged.step,
+        "dataset": split.name,
+        "method": run["method"],
+        "shots": run["shots"],
+        "seed": run["seed"],
+        "noise": run["noise"],
+        "train_config": run["train_config"],
+    }
+    _write_json(folder / SUMMARY, summary)
+    kept = diverged.epoch - 1  # the epochs finished (and checkpointed) before the failure
+    where = f"{folder / CHECKPOINT} keeps epoch {kept}" if kept else "no epoch finished"
+    diverged.args = (f"{diverged}; {where}; the run is marked failed in {folder / SUMMARY}",)
 
 
 def _fit(run, model, split, samples, clip, test_transform, folder, stored, tip_cache, device):
@@ -1176,14 +1203,22 @@ def _sweep_command(args) -> int:
     summaries = []
     for number, plan in enumerate(plans, 1):
         run = plan.run
-        summary = plan.finished or _execute(args, plan)
+        try:
+            summary = plan.finished or _execute(args, plan)
+        except RunDiverged:  # marked failed in its folder; the sweep goes on
+            summary = json.loads((plan.folder / SUMMARY).read_text()) if rank == 0 else None
         if summary is None:  # ranks other than 0 only train
             continue
         summaries.append({**summary, "folder": str(plan.folder)})
         state = "done before" if plan.finished else "resumed" if plan.resume else "new"
+        result = (
+            f"FAILED: {summary['failure']}"
+            if sweep.failed(summary)
+            else f"{summary['accuracy']:.2f}%"
+        )
         print(
             f"[{number}/{len(plans)}] {run['dataset']} {run['method']} {run['shots']} shots "
-            f"seed {run['seed']}: {summary['accuracy']:.2f}% ({state})",
+            f"seed {run['seed']}: {result} ({state})",
             flush=True,
         )
     if rank != 0:
@@ -1193,6 +1228,10 @@ def _sweep_command(args) -> int:
     written = sweep.write(report, output)
     print(sweep.markdown(report), end="")
     print("written: " + ", ".join(str(path) for path in written))
+    failures = sum(sweep.failed(summary) for summary in summaries)
+    if failures:
+        print(f"pini sweep: {failures} of {len(plans)} runs failed (see above)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -1408,6 +1447,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pini {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunDiverged as error:
+        if args.debug:
+            raise
+        if distributed_rank_world()[0] == 0:
+            print(f"pini {args.command}: error: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ METHOD_NAMES = {
 }
 # What sweep.json keeps of each run's summary.
 RUN_KEYS = (
-    "method", "dataset", "shots", "seed", "accuracy", "macro_f1", "zero_shot_accuracy",
-    "test_images", "skipped_images", "noise", "fitted", "train_config", "folder",
+    "method", "dataset", "shots", "seed", "status", "failure", "accuracy", "macro_f1",
+    "zero_shot_accuracy", "test_images", "skipped_images", "noise", "fitted", "train_config",
+    "folder",
 )  # fmt: skip
 
 
@@ -65,7 +66,9 @@ def report(
     "seed", "accuracy", ...): see the module's docstring. Cells without runs are left out; an
     average needs every dataset of its seed."""
     accuracy = {
-        (s["method"], s["dataset"], s["shots"], s["seed"]): s["accuracy"] for s in summaries
+        (s["method"], s["dataset"], s["shots"], s["seed"]): s["accuracy"]
+        for s in summaries
+        if not failed(s)
     }
     table: dict = {}
     averages: dict = {}  # (method, K) -> {seed: mean over datasets}
@@ -110,8 +113,20 @@ def report(
         "seeds": list(seeds),
         "accuracy": table,
         "pini_gain": gain,
-        "runs": [{key: summary.get(key) for key in RUN_KEYS} for summary in summaries],
+        "runs": [_run_entry(summary) for summary in summaries],
     }
+
+
+def _run_entry(summary: dict) -> dict:
+    """What sweep.json keeps of one run: RUN_KEYS, with "status" "finished" or "failed"."""
+    entry = {key: summary.get(key) for key in RUN_KEYS}
+    entry["status"] = "failed" if failed(summary) else "finished"
+    return entry
+
+
+def failed(summary: dict) -> bool:
+    """Whether a run's summary marks it failed (it diverged): it has no accuracy to report."""
+    return summary.get("status") == "failed"
 
 
 def _format(cell: dict | None, signed: bool = False) -> str:
@@ -157,6 +172,12 @@ def markdown(result: dict) -> str:
     for method in methods:
         cells = [_format(table[method]["average"].get(str(k))) for k in result["shots"]]
         lines.append(_row([METHOD_NAMES.get(method, method), *cells]))
+    failures = [run for run in result["runs"] if run["status"] == "failed"]
+    if failures:
+        lines += ["", "## Failed runs (left out of the tables above)", ""]
+        lines += [f"- {run['dataset']} {METHOD_NAMES.get(run['method'], run['method'])} "
+                  f"{run['shots']} shots seed {run['seed']}: {run['failure']}"
+                  for run in failures]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +229,8 @@ def plot(result: dict, path: str | Path) -> Path:
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right", ncols=2)
+    if axes[0][-1].get_legend_handles_labels()[0]:  # no lines when every run failed
+        axes[0][-1].legend(fontsize=8, loc="lower right", ncols=2)
     figure.suptitle(
         f"mean and {result['confidence']:.0%} interval over seeds "
         + ", ".join(str(seed) for seed in result["seeds"]),

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .data import EncodedImages, ImageList, collate_skipping
-from .errors import InputError
+from .errors import InputError, RunDiverged
 from .model import PiNI
 
 CHECKPOINT = "checkpoint.pt"
@@ -335,7 +335,10 @@ def train(
     (``run``, the command's resolved options, is stored in the checkpoint). Without ``resume``,
     a folder that already holds a checkpoint is refused: nothing is overwritten. With
     ``evaluator`` (rank 0), every ``evaluate_every`` epochs its test accuracy is recorded as the
-    metrics' ``test_accuracy``; it does not change the training (each epoch reseeds)."""
+    metrics' ``test_accuracy``; it does not change the training (each epoch reseeds). A loss
+    that is NaN or infinite (on any rank), or a trained parameter that is after an epoch, raises
+    ``RunDiverged`` before anything non-finite is logged or saved: the checkpoint on disk stays
+    the last finite one."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank_world()
@@ -396,11 +399,13 @@ def train(
             images, labels = images.to(device), labels.to(device)
             noise_seed = (epoch_seed + step + rank * RANK_STREAM) % (1 << 62)
             loss = step_module(images, labels, noise_seed)
+            value = loss.item()
+            _stop_unless_finite(value if kept else 0.0, epoch, step, world, device)
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
             optimizer.step()
             if kept:
-                total_loss += loss.item() * kept
+                total_loss += value * kept
                 trained += kept
                 bar.set_postfix(loss=f"{total_loss / trained:.4f}")
         trained_everywhere = trained
@@ -413,6 +418,7 @@ def train(
                 f"epoch {epoch + 1}: no training image could be read ({skipped} skipped, "
                 "see the warnings above); nothing was trained"
             )
+        _stop_unless_parameters_finite(model, epoch)  # every rank holds the same parameters
         metrics = {
             "epoch": epoch + 1,
             "loss": total_loss / max(trained, 1),
@@ -431,6 +437,39 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     return metrics
+
+
+def _stop_unless_finite(loss: float, epoch: int, step: int, world: int, device) -> None:
+    """Raises RunDiverged when this step's loss is NaN or infinite on any rank (every rank joins
+    one all-reduce of the verdict, so all stop together), before the step changes anything."""
+    finite = math.isfinite(loss)
+    everywhere = finite
+    if world > 1:
+        verdict = torch.tensor([int(finite)], dtype=torch.int32, device=device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        everywhere = bool(verdict.item())
+    if not everywhere:
+        what = f"the loss is {loss}" if not finite else "another rank's loss is not finite"
+        raise RunDiverged(
+            f"training diverged at epoch {epoch + 1}, step {step + 1}: {what} (a lower --lr "
+            "may help)",
+            epoch=epoch + 1,
+            step=step + 1,
+        )
+
+
+def _stop_unless_parameters_finite(model: nn.Module, epoch: int) -> None:
+    """Raises RunDiverged when a trained parameter holds NaN or inf after ``epoch``, before its
+    checkpoint would replace the last finite one."""
+    broken = [name for name, value in _trainable(model).items()
+              if not bool(torch.isfinite(value).all())]  # fmt: skip
+    if broken:
+        raise RunDiverged(
+            f"training diverged in epoch {epoch + 1}: {len(broken)} trained parameter(s) hold "
+            f"NaN or inf ({', '.join(broken[:3])}) (a lower --lr may help)",
+            epoch=epoch + 1,
+            step=None,
+        )
 
 
 @contextlib.contextmanager

@@ -107,12 +107,14 @@ def test_noise_on_device_cuda_takes_a_seed_tensor_on_the_current_gpu(monkeypatch
     """``noise(shape, seed=<0-d int64 tensor on cuda:0>, device="cuda")``: "cuda" is the current
     GPU, cuda:0 here, so the seed is on the op's device and the kernels read it there (no host
     read, which would sync and break CUDA-graph capture). Without the index, the seed check
-    compared cuda:0 with cuda and raised. A fake GPU: FakeTensorMode makes a cuda:0 seed tensor,
+    compared cuda:0 with cuda and raised. A fake GPU: a FakeTensor is the cuda:0 seed tensor,
     the backend is stubbed where the kernels would launch."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from pini_kernels import functional, noise_stream
 
+    meta = torch.empty((), dtype=torch.int64, device="meta")
+    seed = FakeTensor(FakeTensorMode(), meta, torch.device("cuda", 0))  # before CUDA "exists"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(functional, "resolve_backend", lambda backend, device: "triton")
@@ -120,8 +122,6 @@ def test_noise_on_device_cuda_takes_a_seed_tensor_on_the_current_gpu(monkeypatch
     monkeypatch.setattr(
         noise_stream, "noise", lambda *arguments: launched.append(arguments) or "drawn"
     )
-    with FakeTensorMode():
-        seed = torch.full((), 7, dtype=torch.int64, device="cuda")
     assert pini_kernels.noise((3, 5), seed=seed, device=device) == "drawn"
     ((shape, seed_given, device_given, dtype, backend),) = launched
     assert device_given == torch.device("cuda", 0) and seed_given.device == device_given

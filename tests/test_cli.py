@@ -592,3 +592,50 @@ def test_torchrun_starts_on_a_fresh_run_folder_every_time(data, tmp_path):
         assert completed.returncode == 0, f"start {attempt}: {completed.stderr[-3000:]}"
         summary = json.loads((output / "summary.json").read_text())
         assert summary["shots"] == 1 and "toy, 1 shots, seed 1" in completed.stdout
+
+
+def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_is_marked_failed(
+    data, tmp_path, capsys
+):
+    """--lr 1e25: the warm-up epoch trains at 1e-5, the next one diverges. One line, exit
+    status 3, no accuracy printed; metrics.jsonl holds only finite epochs; checkpoint.pt is
+    epoch 1's, finite; summary.json says failed and why."""
+    from pini.train import read_checkpoint
+
+    output = tmp_path / "run"
+    status, out, err = run_cli(toy_train(data, output, "--epochs", "4", "--lr", "1e25"), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 3 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("pini train: error: training diverged at epoch 2, step ")
+    assert f"{output / 'checkpoint.pt'} keeps epoch 1" in lines[0]
+    assert "zero-shot CLIP" not in out and "%" not in out
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1] and all(
+        isinstance(m["loss"], float) and m["loss"] == m["loss"] for m in metrics
+    )
+    checkpoint = read_checkpoint(output / "checkpoint.pt")
+    assert checkpoint["epoch"] == 0  # epoch 1, counted from 0
+    for name, value in checkpoint["generators"].items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), name
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_epoch"] == 2
+    assert "accuracy" not in summary and "diverged" in summary["failure"]
+
+
+def test_a_sweep_reports_a_diverged_run_as_failed_not_as_a_number(data, tmp_path, capsys):
+    output = tmp_path / "sweep"
+    argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output,
+            "--methods", "pini", "--shot-list", "2", "--seeds", "1", "--epochs", "4",
+            "--lr", "1e25"]  # fmt: skip
+    status, out, err = run_cli(argv, capsys)
+    assert status == 3, err
+    assert "FAILED: training diverged at epoch " in out
+    assert "## Failed runs" in out and "| PiNI | – |" in out
+    report = json.loads((output / "sweep.json").read_text())
+    (run,) = report["runs"]
+    assert run["status"] == "failed" and run["accuracy"] is None
+    assert report["accuracy"]["pini"]["datasets"]["toy"] == {}
+    # Run again: the failed run is reported as failed, not rerun and not counted.
+    status, out, _ = run_cli(argv, capsys)
+    assert status == 3 and "FAILED" in out and "(done before)" in out
