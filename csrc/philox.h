@@ -1,4 +1,4 @@
-// The noise stream of SPEC.md, shared by the CPU and CUDA kernels.
+// The noise stream of docs/spec.md §3, shared by the CPU and CUDA kernels.
 //
 // Element k of the stream of a 64-bit seed is lane k % 4 of Triton's tl.randn4x(seed, k / 4):
 // Philox4x32-10 with counter (q mod 2^32, q >> 32, 0, 0) for q = k / 4 and key (seed mod 2^32,

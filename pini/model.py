@@ -9,7 +9,7 @@ plain PyTorch as the authors write it.
 
 Eq. (13) averages over ``num_samples`` = m noise samples, and every noise source is drawn anew for
 each sample: the prompt noise (one (L, width) draw per sample, shared by every class), the image
-or feature noise, and the text-feature noise. One step's seed s drives them all (SPEC.md): image
+or feature noise, and the text-feature noise. One step's seed s drives them all (docs/spec.md §4): image
 features s, text features s + 1, prompt embeddings s + 2, raw images s + 3.
 """
 
@@ -129,7 +129,7 @@ TABLE1 = {
 }
 
 
-# Noise streams of one step, all derived from one seed s (SPEC.md): image and text features use s
+# Noise streams of one step, all derived from one seed s (docs/spec.md §4): image and text features use s
 # and s + 1 (drawn inside pini_kernels' logits/loss ops, or here from the same streams when each
 # sample needs its own image features); prompt embeddings and raw images get their own.
 IMAGE_FEATURE_STREAM = 0
@@ -212,7 +212,7 @@ class EagerNoisePath:
     ``F.cross_entropy`` over the m-times-repeated rows, every intermediate materialized.
 
     Only eps differs from the authors' ``torch.randn_like``: it is ``pini_kernels.noise`` on the
-    streams the fused ops draw (SPEC.md), so both paths give the same loss and gradients for the
+    streams the fused ops draw (docs/spec.md §4), so both paths give the same loss and gradients for the
     same seed, to float rounding.
     """
 

@@ -1,5 +1,5 @@
 """The paper's prompts (its Table 6): 16 placeholder tokens, the dataset's template, the class name
-last, a full stop, e.g. "X X X X X X X X X X X X X X X X a photo of a beagle." (SPEC.md).
+last, a full stop, e.g. "X X X X X X X X X X X X X X X X a photo of a beagle." (docs/spec.md §9).
 
 Zero-shot CLIP, the baseline the paper reports, reads CoOp's hand-written prompts instead, e.g.
 "a photo of a beagle, a type of pet." (``ZERO_SHOT_TEMPLATES``, ``zero_shot_template``).

@@ -1,6 +1,6 @@
 """Fused kernels for PiNI: reparameterized Gaussian noise injection and noisy CLIP logits/loss.
 
-Public API (SPEC.md): ``noise``, ``fused_inject``, ``noisy_cosine_logits``,
+Public API (docs/spec.md §2): ``noise``, ``fused_inject``, ``noisy_cosine_logits``,
 ``noisy_cross_entropy``, ``available_backends``.
 """
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public functions (SPEC.md, "Errors").
+"""Argument checks shared by the public functions (docs/spec.md §7).
 
 Every message names the argument, what was expected and what was given. The checks look at
 shapes, dtypes and devices; the two that look at values on a GPU (targets in range, a seed tensor's

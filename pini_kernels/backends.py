@@ -1,4 +1,4 @@
-"""Which backends exist in this process, and which one a call uses (SPEC.md, "Public API").
+"""Which backends exist in this process, and which one a call uses (docs/spec.md §2).
 
 - ``"triton"``: the fused Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
   was set before the kernels were imported (Triton's interpreter, for tests).

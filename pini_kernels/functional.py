@@ -1,4 +1,4 @@
-"""The public functions of SPEC.md: argument checks, backend choice, then the op.
+"""The public functions of docs/spec.md §2: argument checks, backend choice, then the op.
 
 The checks that look at what arguments are (types, shapes, dtypes, devices, settings) run once per
 distinct signature (``_checked``); those that look at values (the seed, the targets) run on every

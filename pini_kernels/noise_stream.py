@@ -1,4 +1,4 @@
-"""The noise op: the ``eps`` stream of SPEC.md ("The noise stream"), drawn by a fused backend.
+"""The noise op: the ``eps`` stream of docs/spec.md §3, drawn by a fused backend.
 
 Element ``k`` of a draw with seed ``s`` (row-major, samples first) is lane ``k % 4`` of Triton's
 ``tl.randn4x(s, k // 4)``: Philox4x32-10 keyed by ``s`` with counter ``k // 4``, then Box-Muller.

@@ -2,8 +2,7 @@
 
 Everything here is written with plain tensor ops so it runs on any device and any float dtype
 (float64 included, for ``gradcheck``). The noise stream is computed with integer tensor ops so
-that each fused backend can be compared with it element by element (SPEC.md, "The noise
-stream"). The reference stores what autograd needs, ``eps`` included; the fused backends do not.
+that each fused backend can be compared with it element by element (docs/spec.md §3). The reference stores what autograd needs, ``eps`` included; the fused backends do not.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ def _normal_quads(seed: int, first_quad: int, num_quads: int, device) -> torch.T
 def normal_stream(seed: int, start: int, count: int, device=None) -> torch.Tensor:
     """Elements ``k`` in ``[start, start + count)`` of the noise stream of ``seed`` (float32).
 
-    Element ``k`` is lane ``k % 4`` of ``tl.randn4x(seed, k // 4)`` (SPEC.md).
+    Element ``k`` is lane ``k % 4`` of ``tl.randn4x(seed, k // 4)`` (docs/spec.md §3).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     out = torch.empty(count, dtype=torch.float32, device=device)

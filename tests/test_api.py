@@ -1,4 +1,4 @@
-"""Backend selection (SPEC.md, "Public API"): which backends a process has, which one a call uses,
+"""Backend selection (docs/spec.md §2): which backends a process has, which one a call uses,
 and an error that says why when the one asked for cannot run. Each op's tests are in its own
 module (test_noise_stream.py, test_inject.py, test_cosine.py), run on every backend.
 """

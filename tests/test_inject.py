@@ -1,5 +1,5 @@
 """The fused_inject op (pini_kernels/inject.py) on every backend: forward and backward against the
-pure-PyTorch reference, argument errors (SPEC.md, "Errors"), seeds, torch.compile without graph
+pure-PyTorch reference, argument errors (docs/spec.md §7), seeds, torch.compile without graph
 breaks, and sizes past one block, chunk and tile.
 
 What each backend splits its work into, and so what a size must cross:
@@ -82,7 +82,7 @@ def test_half_input_float32_parameters_promote(fused_backend, dtype):
 
 
 def test_equals_x_plus_mu_plus_sigma_times_noise(fused_backend):
-    """SPEC: fused_inject(x, mu, sigma, num_samples=m, seed=s) == x + mu + sigma * noise(...)."""
+    """docs/spec.md §3: fused_inject(x, mu, sigma, num_samples=m, seed=s) == x + mu + sigma * noise(...)."""
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs((5, 12), (12,), (12,), torch.float32, device)
     eps = pini_kernels.noise((4, 5, 12), seed=77, device=device, backend=fused_backend)

@@ -1,5 +1,5 @@
 """The noise op (``pini_kernels.noise``, pini_kernels/noise_stream.py) on every backend: Philox
-known answers, agreement with Triton's randn4x and SPEC.md, draws past one block, statistics.
+known answers, agreement with Triton's randn4x and docs/spec.md §3, draws past one block, statistics.
 
 What each backend splits a draw into, and so what a size must cross: Triton a block of 16384
 elements under the interpreter and 1024 on a GPU (pini_kernels/triton/launch.py); the CPU kernels
@@ -101,13 +101,13 @@ TINY_UNIFORM_QUADS = {
 
 
 def _spec_uniforms(words: tuple[int, int, int, int]) -> list[float]:
-    """SPEC step 3: int32 view, ~v for negative v, times 4.6566127342e-10 in float32."""
+    """docs/spec.md §3, step 3: int32 view, ~v for negative v, times 4.6566127342e-10 in float32."""
     magnitudes = [0xFFFFFFFF - word if word >= 2**31 else word for word in words]
     return [float(np.float32(m) * np.float32(4.6566127342e-10)) for m in magnitudes]
 
 
 def _spec_normals_float64(words: tuple[int, int, int, int]) -> torch.Tensor:
-    """(4,) float64: lanes 0..3 of a quad by SPEC step 4, Box-Muller in float64."""
+    """(4,) float64: lanes 0..3 of a quad by docs/spec.md §3, step 4, Box-Muller in float64."""
     u0, u1, u2, u3 = _spec_uniforms(words)
     normals = []
     for radius_uniform, angle_uniform in ((u0, u1), (u2, u3)):
@@ -130,25 +130,25 @@ def test_tiny_uniform_quads_have_tiny_uniforms(case):
 
 @pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
 def test_tiny_uniform_spec_matches_triton_randn4x(case):
-    """SPEC's formula in float64 is what tl.randn4x computes, at the floor too."""
+    """The formula of docs/spec.md §3 in float64 is what tl.randn4x computes, at the floor too."""
     seed, quad, words = TINY_UNIFORM_QUADS[case]
     expected = _spec_normals_float64(words).float().to(DEVICE)
     actual = _triton_randn4x(seed, quad, 1)
     error = assert_close(actual, expected, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="randn4x")
-    record_error("stream: tl.randn4x vs SPEC float64 at tiny u", error)
+    record_error("stream: tl.randn4x vs spec float64 at tiny u", error)
 
 
 @pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_tiny_uniform_noise(backend, case):
-    """noise() at a quad with a tiny radius uniform equals SPEC (float64) and tl.randn4x."""
+    """noise() at a quad with a tiny radius uniform equals docs/spec.md §3 (float64) and tl.randn4x."""
     seed, quad, words = TINY_UNIFORM_QUADS[case]
     device = backend_device(backend)
     draw = pini_kernels.noise((4 * quad + 7,), seed=seed, device=device, backend=backend)
     actual = draw[4 * quad : 4 * quad + 4]
     spec = _spec_normals_float64(words).float().to(device)
-    error = assert_close(actual, spec, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="vs SPEC")
-    record_error(f"stream: {backend} vs SPEC float64 at tiny u", error)
+    error = assert_close(actual, spec, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="vs the spec")
+    record_error(f"stream: {backend} vs spec float64 at tiny u", error)
     randn4x = _triton_randn4x(seed, quad, 1).to(device)
     assert_close(actual, randn4x, atol=STREAM_ATOL, rtol=STREAM_RTOL, name="vs tl.randn4x")
 

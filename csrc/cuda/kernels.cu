@@ -76,7 +76,7 @@ __device__ __forceinline__ void stream_normals4(uint64_t seed, int64_t first, fl
 
 // The seed, a 0-d int64 tensor on the device, read inside the kernel (not on the host): a CUDA
 // graph captured around a launch draws the noise of whatever value the tensor holds at replay.
-// Every thread reads the same 8 bytes (one cached load); as uint64, the key of SPEC.md.
+// Every thread reads the same 8 bytes (one cached load); as uint64, the key of docs/spec.md §3.
 __device__ __forceinline__ uint64_t read_seed(const int64_t* seed_ptr) {
   return static_cast<uint64_t>(__ldg(seed_ptr));
 }
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
 // from `column` of its row lane's rows in the block's chunk. The parameter index column / inner is
 // computed once per thread, the element and stream indices by multiplications and additions: no
 // 64-bit division or remainder per element. The stream index of sample s of element
-// row * width + column is s * rows * width + row * width + column, as before (SPEC.md).
+// row * width + column is s * rows * width + row * width + column, as before (docs/spec.md §3).
 
 struct ThreadTile {
   int64_t column;  // first of the thread's 4 columns
