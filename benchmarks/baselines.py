@@ -5,8 +5,9 @@ The eager functions are the PiNI reference code path as users write it: draw ``e
 matmul, and ``F.cross_entropy`` over the ``m``-times-repeated rows. Their signatures mirror the
 public functions of ``pini_kernels`` (minus ``seed`` and ``backend``) so that every provider is
 called with the same keyword arguments. Each one also takes the ``eps`` it would draw: fed
-``pini_kernels.noise(..., seed=s)`` (and ``seed + 1`` for the text side, docs/spec.md §4), it computes what
-the fused op computes with ``seed=s``, which is how each benchmark checks the fused result once.
+``pini_kernels.noise(..., seed=s)`` (and ``seed + 1`` for the text side, docs/spec.md §4), it
+computes what the fused op computes with ``seed=s``, which is how each benchmark checks the
+fused result once.
 """
 
 from __future__ import annotations

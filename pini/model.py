@@ -9,8 +9,8 @@ plain PyTorch as the authors write it.
 
 Eq. (13) averages over ``num_samples`` = m noise samples, and every noise source is drawn anew for
 each sample: the prompt noise (one (L, width) draw per sample, shared by every class), the image
-or feature noise, and the text-feature noise. One step's seed s drives them all (docs/spec.md §4): image
-features s, text features s + 1, prompt embeddings s + 2, raw images s + 3.
+or feature noise, and the text-feature noise. One step's seed s drives them all (docs/spec.md
+§4): image features s, text features s + 1, prompt embeddings s + 2, raw images s + 3.
 """
 
 from __future__ import annotations
@@ -129,9 +129,10 @@ TABLE1 = {
 }
 
 
-# Noise streams of one step, all derived from one seed s (docs/spec.md §4): image and text features use s
-# and s + 1 (drawn inside pini_kernels' logits/loss ops, or here from the same streams when each
-# sample needs its own image features); prompt embeddings and raw images get their own.
+# Noise streams of one step, all derived from one seed s (docs/spec.md §4): image and text
+# features use s and s + 1 (drawn inside pini_kernels' logits/loss ops, or here from the same
+# streams when each sample needs its own image features); prompt embeddings and raw images get
+# their own.
 IMAGE_FEATURE_STREAM = 0
 TEXT_FEATURE_STREAM = 1
 PROMPT_STREAM = 2
@@ -212,8 +213,8 @@ class EagerNoisePath:
     ``F.cross_entropy`` over the m-times-repeated rows, every intermediate materialized.
 
     Only eps differs from the authors' ``torch.randn_like``: it is ``pini_kernels.noise`` on the
-    streams the fused ops draw (docs/spec.md §4), so both paths give the same loss and gradients for the
-    same seed, to float rounding.
+    streams the fused ops draw (docs/spec.md §4), so both paths give the same loss and gradients
+    for the same seed, to float rounding.
     """
 
     def fused_inject(

@@ -2,7 +2,8 @@
 
 Everything here is written with plain tensor ops so it runs on any device and any float dtype
 (float64 included, for ``gradcheck``). The noise stream is computed with integer tensor ops so
-that each fused backend can be compared with it element by element (docs/spec.md §3). The reference stores what autograd needs, ``eps`` included; the fused backends do not.
+that each fused backend can be compared with it element by element (docs/spec.md §3). The
+reference stores what autograd needs, ``eps`` included; the fused backends do not.
 """
 
 from __future__ import annotations

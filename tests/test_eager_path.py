@@ -93,8 +93,9 @@ def test_eager_path_gives_the_fused_logits(backbone, row):
 
 @pytest.mark.parametrize("prompt_noise_draw", ["shared", "per-class"])
 def test_eager_prompt_noise_is_the_documented_stream(backbone, prompt_noise_draw):
-    """Sample j's shared prompt noise is mu + sigma * noise((m, L, W), seed + 2)[j] (docs/spec.md §4),
-    computed here by hand; per-class draws one (m, C, L, W) tensor from the same stream."""
+    """Sample j's shared prompt noise is mu + sigma * noise((m, L, W), seed + 2)[j]
+    (docs/spec.md §4), computed here by hand; per-class draws one (m, C, L, W) tensor from the
+    same stream."""
     _, eager = _model_pair(backbone, "prompt", prompt_noise_draw=prompt_noise_draw)
     mu, sigma = (tensor.detach() for tensor in eager.prompt_noise())
     length, width = mu.shape

@@ -82,7 +82,8 @@ def test_half_input_float32_parameters_promote(fused_backend, dtype):
 
 
 def test_equals_x_plus_mu_plus_sigma_times_noise(fused_backend):
-    """docs/spec.md §3: fused_inject(x, mu, sigma, num_samples=m, seed=s) == x + mu + sigma * noise(...)."""
+    """docs/spec.md §3: fused_inject(x, mu, sigma, num_samples=m, seed=s) equals
+    x + mu + sigma * noise(...)."""
     device = backend_device(fused_backend)
     x, mu, sigma = _inputs((5, 12), (12,), (12,), torch.float32, device)
     eps = pini_kernels.noise((4, 5, 12), seed=77, device=device, backend=fused_backend)

@@ -1,5 +1,6 @@
 """The noise op (``pini_kernels.noise``, pini_kernels/noise_stream.py) on every backend: Philox
-known answers, agreement with Triton's randn4x and docs/spec.md §3, draws past one block, statistics.
+known answers, agreement with Triton's randn4x and docs/spec.md §3, draws past one block,
+statistics.
 
 What each backend splits a draw into, and so what a size must cross: Triton a block of 16384
 elements under the interpreter and 1024 on a GPU (pini_kernels/triton/launch.py); the CPU kernels
@@ -141,7 +142,8 @@ def test_tiny_uniform_spec_matches_triton_randn4x(case):
 @pytest.mark.parametrize("case", list(TINY_UNIFORM_QUADS))
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_tiny_uniform_noise(backend, case):
-    """noise() at a quad with a tiny radius uniform equals docs/spec.md §3 (float64) and tl.randn4x."""
+    """noise() at a quad with a tiny radius uniform equals docs/spec.md §3 (float64) and
+    tl.randn4x."""
     seed, quad, words = TINY_UNIFORM_QUADS[case]
     device = backend_device(backend)
     draw = pini_kernels.noise((4 * quad + 7,), seed=seed, device=device, backend=backend)

@@ -2,8 +2,8 @@
 sample on its documented stream, Eq. (13) over m samples with every noise source resampled, the
 paper's image generators, and zero-shot CLIP on CoOp's hand-written prompts.
 
-Expected values are built by hand from ``pini_kernels.noise`` on the streams docs/spec.md §4 documents
-and from open_clip's own modules, never from the model's code paths under test.
+Expected values are built by hand from ``pini_kernels.noise`` on the streams docs/spec.md §4
+documents and from open_clip's own modules, never from the model's code paths under test.
 """
 
 import pytest
@@ -49,7 +49,7 @@ def _encode_text_by_hand(clip, embeddings: torch.Tensor, token_ids: torch.Tensor
 
 
 def _prompt_text_by_hand(model: PiNI, num_samples: int, seed: int) -> torch.Tensor:
-    """(num_samples, C, D) text features of the prompt noise, from the stream docs/spec.md §4 documents:
+    """(num_samples, C, D) text features of the prompt noise, from the stream of docs/spec.md §4:
     sample j adds (mul: multiplies by) mu + sigma * eps_j on the placeholder and template tokens,
     eps_j = noise((m, L, W), seed + 2)[j] shared by every class ("shared"), or
     noise((m, C, L, W), seed + 2)[j, c] for class c ("per-class")."""
@@ -433,7 +433,8 @@ COOP_ZERO_SHOT = {
     "eurosat": "a centered satellite photo of {}.",
     "ucf101": "a photo of a person doing {}.",
 }
-# The paper's Table 6 (docs/spec.md §9), PiNI's templates, by the same names and the ImageNet variants.
+# The paper's Table 6 (docs/spec.md §9), PiNI's templates, by the same names and the ImageNet
+# variants.
 PINI_TEMPLATES = {
     "imagenet": "a photo of a",
     "caltech-101": "a photo of a",
