@@ -748,7 +748,7 @@ def _native_cross_entropy(
     with on_device(device):
         return native._ops().cross_entropy(
             image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma,
-            target if target.dtype == torch.int64 else target.to(torch.int64),
+            target.to(torch.int64).contiguous(),  # (no copy when it already is both)
             native._seed_tensor(seed_arg, device),
             # A tensor seed's + 1 runs on the device (no sync); 2^63 wraps to -2^63.
             native._seed_tensor(seed_arg + 1, device),

@@ -1113,3 +1113,17 @@ def test_logits_backward_without_a_scale_gradient(fused_backend):
                                 "text_sigma"), *results, strict=True):  # fmt: skip
         magnitude = max(1.0, want.abs().max().item())
         assert_close(got, want, atol=1e-5 * magnitude, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_non_contiguous_and_int32_targets_on_every_backend(fused_backend, reduction):
+    """A target that is a strided view (a column of a label table) or int32: every backend takes
+    it as the reference does (the cpu backend's C++ entry refused a strided one)."""
+    device = backend_device(fused_backend)
+    image, text, scale, image_pair, text_pair, target = _make(6, 7, 12, "both", device)
+    strided = torch.stack([target, torch.zeros_like(target)], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    for given in (strided, target.to(torch.int32)):
+        _compare(fused_backend, pini_kernels.noisy_cross_entropy,
+                 (image, text, scale, image_pair, text_pair, given), num_samples=2, seed=5,
+                 reduction=reduction)  # fmt: skip

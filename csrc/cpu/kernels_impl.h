@@ -453,6 +453,7 @@ void noisy_normalize(const FeatureRows<In>& side, uint64_t seed, int64_t stream_
 #pragma omp simd reduction(+ : squares)
       for (int64_t d = 0; d < side.dim; ++d) squares += value[d] * value[d];
       const float row_norm = std::sqrt(squares);
+      // std::max keeps a NaN first argument: a NaN row stays NaN (as F.normalize's clamp_min).
       const float inverse = 1.0f / std::max(row_norm, kNormFloor);
 #pragma omp simd
       for (int64_t d = 0; d < side.dim; ++d) value[d] *= inverse;
@@ -480,7 +481,7 @@ void noisy_normalize_backward(const FeatureRows<In>& side, uint64_t seed, int64_
 #pragma omp simd reduction(+ : radial)
       for (int64_t d = 0; d < side.dim; ++d) radial += u[d] * g[d];
       const float row_norm = norm[row];
-      if (row_norm > kNormFloor) {
+      if (!(row_norm <= kNormFloor)) {  // a NaN norm takes this branch: NaN gradients
         const float inverse = 1.0f / row_norm;
 #pragma omp simd
         for (int64_t d = 0; d < side.dim; ++d) grad_value[d] = (g[d] - u[d] * radial) * inverse;
@@ -525,17 +526,25 @@ void cross_entropy_stats(const float* cosine, const int64_t* target, float scale
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const float* values = cosine + row * classes;
-      float row_max = -INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : row_max) reduction(+ : total)
+      float value_max = -INFINITY, value_min = INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : value_max) reduction(min : value_min) reduction(+ : total)
       for (int64_t c = 0; c < classes; ++c) {
-        row_max = std::max(row_max, values[c] * scale);
+        value_max = std::max(value_max, values[c]);
+        value_min = std::min(value_min, values[c]);
         total += values[c];
       }
+      // The cosine of the largest logit; (cosine - it) * scale is then <= 0 and exactly 0 at the
+      // largest, at any scale (cosine * scale - max, contracted to an FMA, was not: at scale 1e10
+      // it reached +-512 and the sum overflowed or vanished).
+      const float extreme = scale >= 0.0f ? value_max : value_min;
       float exp_sum = 0.0f;
 #pragma omp simd reduction(+ : exp_sum)
       for (int64_t c = 0; c < classes; ++c) {
-        exp_sum += exp_nonpositive(values[c] * scale - row_max);
+        exp_sum += exp_nonpositive((values[c] - extreme) * scale);
       }
+      // The max and min reductions drop NaN; the sum keeps it: a NaN cosine (or scale) makes the
+      // row's log-sum-exp NaN, as torch's is.
+      const float row_max = std::isnan(total * scale) ? NAN : extreme * scale;
       lse[row] = row_max + std::log(exp_sum);
       // Targets are validated before the call; an invalid one still never reads out of bounds.
       const int64_t row_target = target[row];

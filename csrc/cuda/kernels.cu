@@ -395,7 +395,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j) squares += values[j] * values[j];
   }
   const float row_norm = sqrtf(warp_sum(squares));
-  const float inverse = 1.0f / fmaxf(row_norm, kNormFloor);
+  // Not fmaxf, which drops NaN: a NaN row stays NaN (as F.normalize's clamp_min).
+  const float inverse = 1.0f / (row_norm <= kNormFloor ? kNormFloor : row_norm);
   for (int64_t d = 4 * lane; d < side.dim; d += 4 * kWarpSize) {  // the lane's own values
     const int count = count4(d, side.dim);
     float values[4];
@@ -442,7 +443,8 @@ __global__ void __launch_bounds__(kThreads)
     if (need_x) load4<kAligned>(side.x.data, side.x.dtype, row * side.x_row_stride + d, count, x);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      grad_value[j] = row_norm > kNormFloor ? (g[j] - u[j] * radial) / row_norm : g[j] / kNormFloor;
+      grad_value[j] = !(row_norm <= kNormFloor) ? (g[j] - u[j] * radial) / row_norm  // NaN too
+                                                 : g[j] / kNormFloor;
     if (grad_x != nullptr) {
       float accumulated[4];
       load4<kAligned>(grad_x, Dtype::kFloat32, offset + d, count, accumulated);
@@ -482,16 +484,25 @@ __global__ void cross_entropy_stats_kernel(const float* cosine, const int64_t* t
   if (row >= rows) return;
   const float scale = *scale_ptr;
   const float* values = cosine + row * classes;
-  float row_max = -INFINITY, total = 0.0f;
+  // As the CPU kernel: the cosine of the largest logit, so that (cosine - it) * scale is <= 0
+  // and exactly 0 at the largest at any scale (an FMA of cosine * scale - max is not).
+  float value_max = -INFINITY, value_min = INFINITY, total = 0.0f;
   for (int64_t c = lane; c < classes; c += kWarpSize) {
-    row_max = fmaxf(row_max, values[c] * scale);
+    value_max = fmaxf(value_max, values[c]);
+    value_min = fminf(value_min, values[c]);
     total += values[c];
   }
-  row_max = warp_max(row_max);
+  value_max = warp_max(value_max);
+  value_min = -warp_max(-value_min);
   total = warp_sum(total);
+  const float extreme = scale >= 0.0f ? value_max : value_min;
   float exp_sum = 0.0f;
-  for (int64_t c = lane; c < classes; c += kWarpSize) exp_sum += expf(values[c] * scale - row_max);
+  for (int64_t c = lane; c < classes; c += kWarpSize) {
+    exp_sum += expf((values[c] - extreme) * scale);
+  }
   exp_sum = warp_sum(exp_sum);
+  // fmaxf drops NaN; the sum keeps it: a NaN cosine (or scale) makes the log-sum-exp NaN.
+  const float row_max = isnan(total * scale) ? NAN : extreme * scale;
   if (lane == 0) {
     const int64_t row_target = target[row];
     const bool valid = row_target >= 0 && row_target < classes;  // validated before the call
@@ -516,7 +527,9 @@ __global__ void cross_entropy_grad_kernel(float* cosine, const float* lse, const
   float* values = cosine + row * classes;
   float scale_sum = 0.0f;
   for (int64_t c = lane; c < classes; c += kWarpSize) {
-    const float probability = expf(values[c] * scale - row_lse);
+    // A positive exponent (rounding of a huge logit scale) counts as 0; NaN stays NaN.
+    const float exponent = values[c] * scale - row_lse;
+    const float probability = expf(exponent > 0.0f ? 0.0f : exponent);
     const float one_hot = c == row_target ? 1.0f - label_smoothing : 0.0f;
     const float logit_grad = g * (probability - one_hot - smoothing_share);
     scale_sum += logit_grad * values[c];

@@ -99,7 +99,8 @@ def _noisy_normalize_kernel(
         value = value * sample_noise if MULTIPLY else value + sample_noise
         value = tl.where(mask, value, 0.0)
     norm = tl.sqrt(tl.sum(value * value, axis=1))
-    unit = value / tl.maximum(norm, NORM_FLOOR)[:, None]
+    # NaN-propagating: a NaN row stays NaN (as F.normalize's clamp_min), not NaN / floor.
+    unit = value / tl.maximum(norm, NORM_FLOOR, propagate_nan=tl.PropagateNan.ALL)[:, None]
     tl.store(unit_ptr + row[:, None] * dim + columns[None, :], unit, mask=mask)
     tl.store(norm_ptr + row, norm, mask=row_mask)
 
@@ -128,7 +129,7 @@ def _noisy_normalize_backward_kernel(
     # d(v / max(|v|, floor)) / dv: project out the radial part, unless the floor was active (then
     # v / floor is linear in v). Both branches divide by max(|v|, floor): no inf at zero rows.
     radial = tl.sum(unit * grad_unit, axis=1)[:, None]
-    divisor = tl.maximum(norm, NORM_FLOOR)
+    divisor = tl.maximum(norm, NORM_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN rows stay NaN
     grad_value = tl.where(norm > NORM_FLOOR, grad_unit - unit * radial, grad_unit) / divisor
     if HAS_NOISE and (MULTIPLY or NEED_PARAM_GRAD):
         eps = normal_rows(load_seed(seed, SEED_IN_MEMORY), stream_offset + row * dim, ALIGNED,
@@ -291,7 +292,9 @@ def _cross_entropy_grad_kernel(
         class_index = class_start + tl.arange(0, BLOCK)
         mask = class_index < classes
         cosine = tl.load(cosine_ptr + row * classes + class_index, mask=mask, other=0.0)
-        probability = tl.exp(cosine * scale - lse)
+        # A positive exponent (an FMA's rounding at a huge logit scale) counts as 0; NaN stays.
+        exponent = cosine * scale - lse
+        probability = tl.exp(tl.where(exponent > 0.0, 0.0, exponent))
         one_hot = tl.where(class_index == target, 1.0 - label_smoothing, 0.0)
         logit_grad = row_grad * (probability - one_hot - smoothing_share)
         scale_grad += tl.where(mask, logit_grad * cosine, 0.0)
