@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -428,17 +429,47 @@ def _random_weights(run: dict) -> bool:
     return run["pretrained"] is None and not run["demo_backbone"]
 
 
-def _backbone(run: dict, device: str, progress: bool):
+def _backbone(run: dict, device: str, progress: bool, trusted: bool):
     """(clip, tokenizer): the run's frozen backbone; a random-weight one is seeded by the run's
-    seed, so it is the same in every process, cached demo backbone or not."""
+    seed, so it is the same in every process, cached demo backbone or not. A weights file must
+    be the one the run started with (its SHA-256); ``trusted`` is the current command's
+    ``--trusted``, never the run's."""
     torch.manual_seed(run["seed"])
     if run["demo_backbone"]:
         clip, tokenizer = demo.digits_clip(demo.DEFAULT_CACHE, progress=progress)
     else:
-        clip, tokenizer = build_clip(
-            run["model"], run["pretrained"], trusted=run["trusted"], device=device
-        )
+        expected = run.get("pretrained_sha256")
+        if expected is not None:
+            found = _weights_digest(run["pretrained"])
+            if found != expected:
+                now = "is gone" if found is None else f"has SHA-256 {found[:16]}..."
+                raise InputError(
+                    f"the weights file {run['pretrained']} {now}, but the run was made with "
+                    f"SHA-256 {expected[:16]}...: it was replaced since. Put the original back, "
+                    "or start a new run with these weights"
+                )
+        clip, tokenizer = build_clip(run["model"], run["pretrained"], trusted=trusted,
+                                     device=device)  # fmt: skip
     return clip.to(device), tokenizer
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256, hashed once per process
+
+
+def _weights_digest(pretrained: str | None) -> str | None:
+    """The SHA-256 of a local weights file (None for a tag, an hf-hub name or a missing file)."""
+    if pretrained is None or not Path(pretrained).is_file():
+        return None
+    path = Path(pretrained)
+    status = path.stat()
+    key = (str(path), status.st_size, status.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as weights:
+            for block in iter(lambda: weights.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def _build_method(run: dict, split, clip, tokenizer, cache=None, stored=None):
@@ -487,7 +518,7 @@ def _build_model(run: dict, split, device: str, progress: bool) -> PiNI:
     """The frozen backbone and PiNI (or the run's baseline module) with the run's
     configuration; seeded by the run's seed so a random-weight backbone and the generators'
     initialisation are the same in every process, cached demo backbone or not."""
-    clip, tokenizer = _backbone(run, device, progress)
+    clip, tokenizer = _backbone(run, device, progress, trusted=False)
     return _build_method(run, split, clip, tokenizer)
 
 
@@ -598,7 +629,7 @@ def _new_run(args, shots: int | None, seed: int | None, split, method: str | Non
         "method": method,
         "model": model_name,
         "pretrained": _resolve_pretrained(args.pretrained),
-        "trusted": bool(args.trusted),
+        "pretrained_sha256": _weights_digest(_resolve_pretrained(args.pretrained)),
         "demo_backbone": demo_backbone,
         "root": _resolve_root(args.root),
         "dataset": split.name,
@@ -618,6 +649,8 @@ def _normalized_run(run: dict) -> dict:
     """A stored run record with the keys this version added filled as that run had them: runs
     before ``--method`` were PiNI runs with Dassl's crops (the demo's on the digits) and SGD."""
     run = dict(run)
+    run.pop("trusted", None)  # runs before the weights' hash stored --trusted; now per command
+    run.setdefault("pretrained_sha256", None)
     run.setdefault("method", "pini")
     run.setdefault("method_config", {})
     if "crop_scale" not in run:
@@ -683,8 +716,6 @@ def _differences(stored: dict, args, shots=None, seed=None, keys=None) -> list[s
                 found.append(f"{TRAIN_FLAGS[key]} {value} (the run is {method}, not trained)")
             elif train_config.get(key) != value:
                 found.append(f"{TRAIN_FLAGS[key]} {value} (the run has {train_config.get(key)})")
-    if args.trusted and not stored.get("trusted"):
-        found.append("--trusted (the run did not use it)")
     return found
 
 
@@ -886,7 +917,7 @@ def _features(run: dict, part: str, samples: list[tuple], transform_key: tuple, 
     backbone = (
         run["model"],
         run["pretrained"],
-        run["trusted"],
+        run["pretrained_sha256"],
         demo_version,
         run["seed"] if _random_weights(run) else None,
         precision,
@@ -983,7 +1014,7 @@ def _execute(args, plan: _Plan) -> dict | None:
         torch.distributed.barrier()  # the folder exists before any rank uses it
     if rank != 0 and method not in TRAINED_METHODS:
         return None  # fitting and evaluating is rank 0's
-    clip, tokenizer = _backbone(run, args.device, progress)
+    clip, tokenizer = _backbone(run, args.device, progress, bool(args.trusted))
     crop_scale = run["crop_scale"] or (0.08, 1.0)
     train_transform, test_transform = clip_transforms(_image_size(clip), tuple(crop_scale))
     cache = folder / f"split-{run['shots']}shot-seed{run['seed']}.json"
@@ -1280,7 +1311,7 @@ def _stored_method(args, command: str):
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
             "so it cannot be evaluated there"
         )
-    clip, tokenizer = _backbone(run, args.device, not args.no_progress)
+    clip, tokenizer = _backbone(run, args.device, not args.no_progress, bool(args.trusted))
     model = _build_method(run, split, clip, tokenizer, stored=state)
     if isinstance(model, nn.Module):
         load_checkpoint(state, model)

@@ -639,3 +639,38 @@ def test_a_sweep_reports_a_diverged_run_as_failed_not_as_a_number(data, tmp_path
     # Run again: the failed run is reported as failed, not rerun and not counted.
     status, out, _ = run_cli(argv, capsys)
     assert status == 3 and "FAILED" in out and "(done before)" in out
+
+
+def test_weights_are_checked_by_hash_and_trusted_is_never_stored(data, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """A run stores its weights file's SHA-256 and checks it on every load: a file replaced
+    after training is refused by `pini eval` and `--resume` (it silently changed the results).
+    --trusted (weights_only=False: code in the file runs) applies to the command that says it:
+    it is not stored, so a later `pini eval` without it loads with weights_only=True."""
+    import hashlib
+
+    from pini.model import build_clip
+
+    clip, _ = build_clip("pini-tiny")
+    weights = tmp_path / "weights.pt"
+    torch.save(clip.state_dict(), weights)
+    output = tmp_path / "run"
+    argv = toy_train(data, output, "--pretrained", weights, "--shots", "1", "--trusted")
+    status, _, err = run_cli(argv, capsys)
+    assert status == 0, err
+    run = json.loads((output / "run.json").read_text())
+    assert "trusted" not in run
+    assert run["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    trusted = []
+    monkeypatch.setattr(
+        cli, "build_clip", lambda *a, **k: trusted.append(k["trusted"]) or build_clip(*a, **k)
+    )
+    evaluation = ["eval", "--checkpoint", output / "checkpoint.pt", "--no-progress"]
+    status, _, err = run_cli(evaluation, capsys)
+    assert status == 0 and trusted == [False], err
+    torch.manual_seed(5)
+    torch.save(build_clip("pini-tiny")[0].state_dict(), weights)  # other weights, same path
+    for argv in (evaluation, resume(data, output)):
+        assert_one_line_error(
+            run_cli(argv, capsys), f"the weights file {weights.resolve()} has SHA-256", "replaced"
+        )
