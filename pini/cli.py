@@ -768,13 +768,59 @@ def _own_files(folder: Path) -> list[Path]:
     )
 
 
+# Held (flock) by the process writing a run folder, or a sweep's folder, for as long as it runs;
+# holds that process's pid. Not part of the run: an otherwise empty folder is still empty.
+LOCK_FILE = ".pini-lock"
+_LOCKS: dict[Path, object] = {}  # folder -> its open, locked lock file
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What a folder holds, less pini's lock file."""
+    return [path for path in folder.iterdir() if path.name != LOCK_FILE]
+
+
+def _lock(folder: Path) -> None:
+    """Takes the folder's exclusive lock for this process (creating the folder): a second pini
+    process writing the same run or sweep would interleave its files. The lock goes with the
+    process (or ``_unlock``)."""
+    import fcntl
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 (held until _unlock)
+    except OSError as error:
+        raise InputError(f"run folder {folder} is not writable ({error.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise InputError(
+            f"{folder} is in use by another pini process (pid {holder}); wait for it to finish, "
+            "or use another --output"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCKS[folder] = handle
+
+
+def _unlock(folder: Path) -> None:
+    handle = _LOCKS.pop(Path(folder), None)
+    if handle is not None:
+        handle.close()  # closing releases the flock
+
+
 def _check_folder(folder: Path, *, overwrite: bool) -> None:
     """Without side effects: a new run needs an empty (or new) folder, unless ``--overwrite``;
     the folder (or the nearest existing parent) must be a writable folder."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--output {folder} is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        foreign = sorted(set(folder.iterdir()) - set(_own_files(folder)))
+    if folder.is_dir() and _entries(folder):
+        foreign = sorted(set(_entries(folder)) - set(_own_files(folder)))
         if not overwrite:
             raise InputError(
                 f"run folder {folder} is not empty; use --resume to continue its run, "
@@ -851,7 +897,7 @@ def _plan(args, shots: int | None, seed: int | None, folder: Path, split) -> _Pl
     if resume and stored is None:
         print(f"pini: nothing to resume in {folder}: starting a new run", file=sys.stderr)
         resume = False
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and _entries(folder):
             raise InputError(
                 f"run folder {folder} holds files but no run record; use --overwrite or "
                 "another --output"
@@ -999,14 +1045,26 @@ def _image_size(clip) -> int:
 
 
 def _execute(args, plan: _Plan) -> dict | None:
-    run, split, folder = plan.run, plan.split, plan.folder
-    method = run["method"]
-    progress = not args.no_progress
+    """Runs a checked plan; rank 0 holds the run folder's lock throughout."""
     rank, world = distributed_rank_world()
     if world > 1:
         # Every rank has checked the run (its folder empty, or resumable) before rank 0 writes
         # into it: a slower rank would otherwise find rank 0's run.json and refuse the folder.
         torch.distributed.barrier()
+    if rank != 0:
+        return _execute_locked(args, plan)
+    _lock(plan.folder)
+    try:
+        return _execute_locked(args, plan)
+    finally:
+        _unlock(plan.folder)
+
+
+def _execute_locked(args, plan: _Plan) -> dict | None:
+    run, split, folder = plan.run, plan.split, plan.folder
+    method = run["method"]
+    progress = not args.no_progress
+    rank, world = distributed_rank_world()
     if rank == 0 and not plan.resume:
         _prepare_folder(folder, overwrite=bool(args.overwrite))
         _write_json(folder / RUN_FILE, run)
@@ -1200,8 +1258,6 @@ def _train_command(args) -> int:
 
 
 def _sweep_command(args) -> int:
-    from . import sweep
-
     _check_data_args(args)
     if args.datasets and args.dataset:
         raise InputError("give the datasets with --datasets or --dataset, not both")
@@ -1231,6 +1287,18 @@ def _sweep_command(args) -> int:
         for seed in args.seeds
     ]
     rank, _ = distributed_rank_world()
+    if rank == 0:
+        _lock(output)  # one sweep at a time writes its tables
+    try:
+        return _run_sweep(args, plans, output, methods, splits, rank)
+    finally:
+        _unlock(output)
+
+
+def _run_sweep(args, plans, output: Path, methods, splits, rank: int) -> int:
+    """Runs a sweep's checked plans in order, then writes its report (rank 0)."""
+    from . import sweep
+
     summaries = []
     for number, plan in enumerate(plans, 1):
         run = plan.run

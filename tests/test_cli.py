@@ -674,3 +674,49 @@ def test_weights_are_checked_by_hash_and_trusted_is_never_stored(data, tmp_path,
         assert_one_line_error(
             run_cli(argv, capsys), f"the weights file {weights.resolve()} has SHA-256", "replaced"
         )
+
+
+def test_a_second_process_on_a_run_or_sweep_folder_gets_one_line_naming_the_holder(
+    data, tmp_path, capsys
+):
+    """Two processes writing one run folder interleaved their metrics (18 lines for 10 epochs).
+    The writing process holds an exclusive lock on the folder for the whole run (a sweep: on its
+    folder too); another gets one line with the holder's pid, and nothing is written."""
+    import multiprocessing
+
+    output = tmp_path / "run"
+    assert run_cli(toy_train(data, output, "--shots", "1"), capsys)[0] == 0
+    metrics = (output / "metrics.jsonl").read_text()
+    held = multiprocessing.get_context("spawn").Event()
+    done = multiprocessing.get_context("spawn").Event()
+    holder = multiprocessing.get_context("spawn").Process(
+        target=_hold_lock, args=(str(output), held, done)
+    )
+    holder.start()
+    try:
+        assert held.wait(60)
+        assert_one_line_error(
+            run_cli(resume(data, output, "--epochs", "1"), capsys),
+            f"{output} is in use by another pini process (pid {holder.pid})",
+        )
+        assert (output / "metrics.jsonl").read_text() == metrics
+    finally:
+        done.set()
+        holder.join(60)
+    sweep = tmp_path / "sweep"
+    cli._lock(sweep)  # this process holds the sweep's folder; another sweep there is refused
+    try:
+        argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", sweep,
+                "--methods", "pini", "--shot-list", "1", "--seeds", "1"]  # fmt: skip
+        other = subprocess.run([sys.executable, "-m", "pini", *map(str, argv)],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert other.returncode == 2 and f"(pid {os.getpid()})" in other.stderr, other.stderr
+        assert not (sweep / "toy").exists()
+    finally:
+        cli._unlock(sweep)
+
+
+def _hold_lock(folder, held, done):
+    cli._lock(folder)
+    held.set()
+    done.wait(120)
