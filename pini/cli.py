@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -151,6 +152,12 @@ _positive_float = _checked(
 _seed = _checked(int, lambda value: 0 <= value < MAX_SEED, "a seed in [0, 2^62)")
 
 
+# How long a rank waits in a collective (gloo's and NCCL's defaults are 30 and 10 minutes): a
+# rank that died or hangs stops the others this soon. Rank 0 alone evaluates (zero-shot before
+# training, --eval-every during it) while the others wait, so it must cover those evaluations.
+DISTRIBUTED_TIMEOUT_MINUTES = 15.0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pini", description="PiNI few-shot fine-tuning of CLIP")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -246,6 +253,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="also evaluate on the test set every N epochs, recorded in metrics.jsonl",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DISTRIBUTED_TIMEOUT_MINUTES,
+        help="under torchrun: minutes a rank waits for the others before the run stops with an "
+        f"error (default {DISTRIBUTED_TIMEOUT_MINUTES:g}; raise it when rank 0's evaluations "
+        "take longer)",
     )
     run.add_argument("--output", default=None, help="run folder (default runs/<dataset>-...)")
     again = run.add_mutually_exclusive_group()
@@ -1520,7 +1535,9 @@ def _init_distributed(args) -> int:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if on_gpu else "gloo")
+    dist.init_process_group(
+        "nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=args.timeout)
+    )
     return dist.get_rank()
 
 

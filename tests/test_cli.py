@@ -720,3 +720,23 @@ def _hold_lock(folder, held, done):
     cli._lock(folder)
     held.set()
     done.wait(120)
+
+
+@pytest.mark.parametrize(("given", "minutes"), [([], 15.0), (["--timeout", "0.5"], 0.5)])
+def test_timeout_bounds_how_long_ranks_wait_for_each_other(data, tmp_path, monkeypatch, capsys,
+                                                          given, minutes):  # fmt: skip
+    """Under torchrun the process group waits --timeout minutes (15 by default, not gloo's 30)
+    in a collective before a rank that died or hangs stops the run."""
+    import datetime
+
+    import torch.distributed as dist
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.append(timeout))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)  # a rank other than 0: then stopped here
+    monkeypatch.setattr(cli, "_train_command", lambda args: 0)
+    assert run_cli(toy_train(data, tmp_path / "run", *given), capsys)[0] == 0
+    assert seen == [datetime.timedelta(minutes=minutes)]
+    assert_one_line_error(run_cli(toy_train(data, tmp_path / "run", "--timeout", "0"), capsys),
+                          "--timeout")  # fmt: skip
