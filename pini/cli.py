@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -44,6 +45,7 @@ from . import baselines, demo
 from .data import FeatureCache, clip_transforms, encode_samples, few_shot, load_dataset
 from .datasets import listing_fingerprint, sample_id
 from .errors import InputError, RunDiverged
+from .files import write_text_atomically
 from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip, check_weights
 from .sweep import METHOD_NAMES, mean_and_interval  # noqa: F401 (cli.mean_and_interval)
 from .train import (
@@ -774,13 +776,22 @@ def _stored_run(folder: Path) -> dict | None:
 
 # --- run folders ------------------------------------------------------------------------------
 
-OWN_FILES = (RUN_FILE, CHECKPOINT, CHECKPOINT + ".tmp", METRICS, METRICS + ".tmp", SUMMARY)
+OWN_FILES = (RUN_FILE, CHECKPOINT, METRICS, SUMMARY)
+# Every file pini writes goes first to NAME.tmp, then replaces NAME: a write that failed (disk
+# full, Ctrl-C) leaves at most these, which are pini's own and hold nothing worth keeping.
+TEMPORARY_FILES = (*(name + ".tmp" for name in OWN_FILES), ".write-test-*")
 
 
 def _own_files(folder: Path) -> list[Path]:
     return [folder / name for name in OWN_FILES if (folder / name).exists()] + sorted(
-        folder.glob("split-*shot-seed*.json*")
+        [*folder.glob("split-*shot-seed*.json*"), *_leftovers(folder)]
     )
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """pini's temporary files in ``folder``, left by a write that failed."""
+    return sorted({path for pattern in TEMPORARY_FILES for path in folder.glob(pattern)} |
+                  set(folder.glob("split-*shot-seed*.json.tmp")))  # fmt: skip
 
 
 # Held (flock) by the process writing a run folder, or a sweep's folder, for as long as it runs;
@@ -790,8 +801,10 @@ _LOCKS: dict[Path, object] = {}  # folder -> its open, locked lock file
 
 
 def _entries(folder: Path) -> list[Path]:
-    """What a folder holds, less pini's lock file."""
-    return [path for path in folder.iterdir() if path.name != LOCK_FILE]
+    """What a folder holds, less pini's lock file and the temporary files of failed writes (a
+    folder holding only those is as good as empty)."""
+    leftovers = set(_leftovers(folder))
+    return [path for path in folder.iterdir() if path.name != LOCK_FILE and path not in leftovers]
 
 
 def _lock(folder: Path) -> None:
@@ -854,23 +867,23 @@ def _check_folder(folder: Path, *, overwrite: bool) -> None:
 
 
 def _prepare_folder(folder: Path, *, overwrite: bool) -> None:
-    """Deletes a replaced run's files (``--overwrite``) and creates the folder."""
-    if overwrite and folder.is_dir():
-        for path in _own_files(folder):
+    """Deletes a replaced run's files (``--overwrite``) and the temporary files of failed
+    writes, and creates the folder."""
+    if folder.is_dir():
+        for path in _own_files(folder) if overwrite else _leftovers(folder):
             path.unlink()
+    probe = folder / f".write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
-        probe.unlink()
     except OSError as error:
         raise InputError(f"run folder {folder} is not writable ({error.strerror})") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(value, indent=2))
 
 
 def _default_output(args, shots: int, seed: int) -> Path:
@@ -1541,6 +1554,10 @@ def _init_distributed(args) -> int:
     return dist.get_rank()
 
 
+# Failures of the file system rather than of pini: one line (exit status 1), never a traceback.
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.device is None:
@@ -1569,6 +1586,24 @@ def main(argv: list[str] | None = None) -> int:
         if distributed_rank_world()[0] == 0:
             print(f"pini {args.command}: error: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = "; every finished epoch is saved: the same command with --resume continues it"
+        print(f"pini {args.command}: interrupted"
+              + (hint if args.command in ("train", "sweep") else ""), file=sys.stderr)  # fmt: skip
+        return 130
+    except OSError as error:
+        if args.debug or error.errno not in WRITE_ERRORS:
+            raise
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        print(
+            f"pini {args.command}: error: cannot write {error.filename or 'a file'}: "
+            f"{error.strerror} ({name}); files written before are intact (a run continues with "
+            "--resume once there is room)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from .datasets import (  # noqa: F401
     load_imagenet,
 )
 from .errors import InputError
+from .files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,7 @@ def few_shot(
             "indices": indices,
             "samples": [[sample_id(item), label] for item, label in chosen],
         }
-        temporary = cache.with_name(cache.name + ".tmp")
-        temporary.write_text(json.dumps(stored, indent=1))
-        temporary.replace(cache)
+        write_text_atomically(cache, json.dumps(stored, indent=1))
     return chosen
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from pathlib import Path
+
+from .files import write_text_atomically
 
 SWEEP_FORMAT = "pini-sweep/1"
 CONFIDENCE = 0.95
@@ -250,8 +251,6 @@ def write(result: dict, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "sweep.json", folder / "sweep.md", folder / "sweep.png"]
     for path, text in ((paths[0], json.dumps(result, indent=1)), (paths[1], markdown(result))):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, path)
+        write_text_atomically(path, text)
     plot(result, paths[2])
     return paths

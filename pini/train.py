@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from .data import EncodedImages, ImageList, collate_skipping
 from .errors import InputError, RunDiverged
+from .files import replace_atomically, write_text_atomically
 from .model import PiNI
 
 CHECKPOINT = "checkpoint.pt"
@@ -214,9 +214,7 @@ def update_checkpoint_state(path: Path, model: nn.Module) -> None:
 
 def _save_atomically(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    replace_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -306,9 +304,7 @@ def _keep_metrics_through(path: Path, epochs_done: int) -> None:
             continue
         if isinstance(epoch, int) and epoch <= epochs_done:
             kept.append(line)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _image_size(model: PiNI) -> tuple[int, int]:

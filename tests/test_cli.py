@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -740,3 +741,66 @@ def test_timeout_bounds_how_long_ranks_wait_for_each_other(data, tmp_path, monke
     assert seen == [datetime.timedelta(minutes=minutes)]
     assert_one_line_error(run_cli(toy_train(data, tmp_path / "run", "--timeout", "0"), capsys),
                           "--timeout")  # fmt: skip
+
+
+def _fail_checkpoint_save(monkeypatch, error, on_call=2):
+    """The on_call-th checkpoint write raises ``error`` (epoch on_call's, for a trained run)."""
+    import pini.train
+
+    calls = []
+    save = pini.train.torch.save
+
+    def failing_save(state, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == on_call and str(target).endswith("checkpoint.pt.tmp"):
+            Path(target).write_bytes(b"half")  # a torn write, then the failure
+            raise error
+        return save(state, target, *args, **kwargs)
+
+    monkeypatch.setattr(pini.train.torch, "save", failing_save)
+
+
+@pytest.mark.parametrize(
+    ("error", "exit_status", "words"),
+    [
+        (OSError(28, "No space left on device"), 1, "No space left on device (ENOSPC)"),
+        (OSError(30, "Read-only file system"), 1, "Read-only file system (EROFS)"),
+        (KeyboardInterrupt(), 130, "interrupted; every finished epoch is saved"),
+    ],
+)
+def test_a_failed_write_or_ctrl_c_is_one_line_and_the_run_continues(
+    data, tmp_path, capsys, monkeypatch, error, exit_status, words
+):
+    """Disk full, a read-only folder or Ctrl-C while epoch 2's checkpoint is written: one line
+    and its exit status, no traceback; checkpoint.pt is still epoch 1's, no temporary file is
+    left, and --resume finishes the run."""
+    from pini.train import read_checkpoint
+
+    output = tmp_path / "run"
+    if isinstance(error, OSError):
+        error.filename = str(output / "checkpoint.pt.tmp")
+    _fail_checkpoint_save(monkeypatch, error)
+    status, _, err = run_cli(toy_train(data, output, "--epochs", "3", "--shots", "1"), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == exit_status and len(lines) == 1 and "Traceback" not in err, err
+    assert words in lines[0]
+    assert read_checkpoint(output / "checkpoint.pt")["epoch"] == 0
+    assert not list(output.glob("*.tmp"))
+    monkeypatch.undo()
+    status, out, err = run_cli(resume(data, output), capsys)
+    assert status == 0 and "toy, 1 shots, seed 1" in out, err
+    assert read_checkpoint(output / "checkpoint.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("leftover", ["run.json.tmp", "checkpoint.pt.tmp", "summary.json.tmp"])
+def test_temporary_files_of_a_failed_write_do_not_block_the_folder(data, tmp_path, capsys,
+                                                                  leftover):  # fmt: skip
+    """A failed write at the start (disk full) left run.json.tmp, which pini did not count as
+    its own: train, --resume and --overwrite were all refused. Its temporary files are its own:
+    a folder holding only them starts a new run (and they are cleaned)."""
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / leftover).write_text("{half")
+    status, _, err = run_cli(toy_train(data, output, "--shots", "1"), capsys)
+    assert status == 0, err
+    assert not (output / leftover).exists()
