@@ -662,9 +662,78 @@ def _new_run(args, shots: int | None, seed: int | None, split, method: str | Non
     }
 
 
-def _normalized_run(run: dict) -> dict:
+def _check_record(run: dict, source) -> None:
+    """A stored run record against its schema: one ``InputError`` naming the file, the key and
+    what was expected (a record edited by hand gave tracebacks, or silently a run of other
+    options: a missing key taking its default, a fractional or negative seed)."""
+
+    def fail(key: str, expected: str) -> None:
+        value = run.get(key, "<missing>") if "." not in key else "<see the key>"
+        raise InputError(f"run record {source}: {key!r} must be {expected}, got {value!r}")
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def text_or_none(key: str) -> None:
+        if key not in run or not (run[key] is None or isinstance(run[key], str)):
+            fail(key, "a string or null")
+
+    if run.get("method") not in METHODS:
+        fail("method", f"one of {', '.join(METHODS)}")
+    if not isinstance(run.get("model"), str):
+        fail("model", "an open_clip model name")
+    for key in ("pretrained", "pretrained_sha256", "root", "template", "noise"):
+        text_or_none(key)
+    if not isinstance(run.get("demo_backbone"), bool):
+        fail("demo_backbone", "true or false")
+    try:
+        check_weights(run["model"], None)
+    except InputError:
+        fail("model", "an open_clip model name")
+    if run["pretrained"] is None and run["model"] != "pini-tiny" and not run["demo_backbone"]:
+        fail("pretrained", f"CLIP weights for {run['model']} (without them it is random)")
+    if not isinstance(run.get("dataset"), str):
+        fail("dataset", "a dataset name")
+    classes = run.get("classnames")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        fail("classnames", "a non-empty list of class names")
+    if not integer(run.get("shots")) or run["shots"] < 1:
+        fail("shots", "an integer >= 1")
+    if not integer(run.get("seed")) or not 0 <= run["seed"] < MAX_SEED:
+        fail("seed", "an integer in [0, 2^62)")
+    crop = run.get("crop_scale")
+    if crop is not None and not (
+        isinstance(crop, list) and len(crop) == 2
+        and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in crop) and crop[0] <= crop[1]
+    ):  # fmt: skip
+        fail("crop_scale", "null or [low, high] with 0 < low <= high <= 1")
+    if not isinstance(run.get("method_config"), dict):
+        fail("method_config", "an object")
+    sections = (("pini_config", PiNIConfig, run["method"] == "pini", ()),
+                ("train_config", TrainConfig, run["method"] in TRAINED_METHODS,
+                 ("num_workers", "progress")))  # fmt: skip
+    for key, config, needed, runtime in sections:
+        section = run.get(key)
+        if not needed:
+            if section is not None:
+                fail(key, f"null for a {run['method']} run")
+            continue
+        fields = {field.name for field in dataclasses.fields(config)} - set(runtime)
+        if not isinstance(section, dict) or set(section) != fields:
+            given = set(section) if isinstance(section, dict) else set()
+            missing, extra = sorted(fields - given), sorted(given - fields)
+            fail(key, f"an object with every option of the run (missing {missing or 'none'}, "
+                      f"unknown {extra or 'none'})")  # fmt: skip
+        try:
+            config(**section)
+        except (InputError, TypeError, ValueError) as error:
+            raise InputError(f"run record {source}: {key!r}: {error}") from None
+
+
+def _normalized_run(run: dict, source=None) -> dict:
     """A stored run record with the keys this version added filled as that run had them: runs
-    before ``--method`` were PiNI runs with Dassl's crops (the demo's on the digits) and SGD."""
+    before ``--method`` were PiNI runs with Dassl's crops (the demo's on the digits) and SGD.
+    ``source``: the file it was read from; the record is then checked (``_check_record``)."""
     run = dict(run)
     run.pop("trusted", None)  # runs before the weights' hash stored --trusted; now per command
     run.setdefault("pretrained_sha256", None)
@@ -672,6 +741,8 @@ def _normalized_run(run: dict) -> dict:
     run.setdefault("method_config", {})
     if "crop_scale" not in run:
         run["crop_scale"] = _crop_scale(run["method"], run.get("root") is None)
+    if source is not None:
+        _check_record(run, source)
     if run.get("train_config") is not None:
         stored = {**run["train_config"], "num_workers": 0, "progress": False}
         run["train_config"] = {
@@ -760,7 +831,7 @@ def _stored_run(folder: Path) -> dict | None:
     if checkpoint.exists():
         run = read_checkpoint(checkpoint).get("run")
         if isinstance(run, dict) and run.get("format") == RUN_FORMAT:
-            return _normalized_run(run)
+            return _normalized_run(run, checkpoint)
         raise InputError(f"checkpoint {checkpoint} has no run record; it cannot be resumed")
     record = folder / RUN_FILE
     if record.exists():
@@ -769,7 +840,7 @@ def _stored_run(folder: Path) -> dict | None:
         except (OSError, ValueError) as error:
             raise InputError(f"{record} cannot be read ({error})") from None
         if isinstance(run, dict) and run.get("format") == RUN_FORMAT:
-            return _normalized_run(run)
+            return _normalized_run(run, record)
         raise InputError(f"{record} is not a run record this version wrote")
     return None
 
@@ -1385,7 +1456,7 @@ def _stored_method(args, command: str):
     run = state.get("run")
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
         raise InputError(f"checkpoint {args.checkpoint} has no run record; retrain it")
-    run = _normalized_run(run)
+    run = _normalized_run(run, args.checkpoint)
     differences = _differences(run, args, keys=("model", "pretrained", "template"))
     if differences:
         raise InputError(

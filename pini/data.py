@@ -70,8 +70,7 @@ def few_shot(
     fingerprint = listing_fingerprint(samples)
     record = {"source": source, "shots": shots, "seed": seed, "listing": fingerprint}
     cache = Path(cache) if cache else None
-    if cache is not None and cache.is_file():
-        return _cached_split(cache, samples, record, sample_id)
+    stored = cache is not None and cache.is_file()
     by_class: dict[int, list[int]] = defaultdict(list)
     for index, (_, label) in enumerate(samples):
         by_class[label].append(index)
@@ -80,10 +79,15 @@ def few_shot(
     for label in sorted(by_class):
         members = by_class[label]
         if len(members) < shots:
-            log.warning("class %d has %d samples, fewer than %d shots", label, len(members), shots)
+            if not stored:
+                log.warning(
+                    "class %d has %d samples, fewer than %d shots", label, len(members), shots
+                )
             indices += members
         else:
             indices += sorted(rng.sample(members, shots))
+    if stored:
+        return _cached_split(cache, samples, record, indices, sample_id)
     chosen = [samples[i] for i in indices]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +104,12 @@ def few_shot(
 SPLIT_FORMAT = "pini-few-shot-split/2"
 
 
-def _cached_split(cache: Path, samples: list[tuple], record: dict, sample_id) -> list[tuple]:
+def _cached_split(
+    cache: Path, samples: list[tuple], record: dict, redrawn: list[int], sample_id
+) -> list[tuple]:
     """The split stored in ``cache``, after checking it was drawn from the same listing with the
-    same options (``record``); ``InputError`` naming every difference otherwise."""
+    same options (``record``) and is what its seed draws from that listing (``redrawn``);
+    ``InputError`` naming every difference otherwise."""
     try:
         stored = json.loads(cache.read_text())
     except (OSError, ValueError) as error:
@@ -135,6 +142,12 @@ def _cached_split(cache: Path, samples: list[tuple], record: dict, sample_id) ->
         or [[sample_id(samples[i][0]), samples[i][1]] for i in indices] != chosen_ids
     ):
         raise InputError(f"few-shot split {cache} is damaged (its samples do not match); delete it")
+    if indices != redrawn:
+        raise InputError(
+            f"few-shot split {cache}: its images are not the ones seed {record['seed']} draws "
+            f"from this listing ({sum(a != b for a, b in zip(indices, redrawn, strict=False))} "
+            "differ; was it edited?); delete it to draw it again, or use another --output"
+        )
     return [samples[i] for i in indices]
 
 

@@ -804,3 +804,70 @@ def test_temporary_files_of_a_failed_write_do_not_block_the_folder(data, tmp_pat
     status, _, err = run_cli(toy_train(data, output, "--shots", "1"), capsys)
     assert status == 0, err
     assert not (output / leftover).exists()
+
+
+def _drop(section: str, key: str):
+    def edit(run):
+        del run[section][key]
+
+    return edit
+
+
+RECORD_EDITS = {
+    "seed 1.5": (lambda run: run.update(seed=1.5), "'seed' must be an integer in [0, 2^62)"),
+    "negative seed": (lambda run: run.update(seed=-1), "'seed' must be an integer in [0, 2^62)"),
+    "seed 1e400": (lambda run: run.update(seed=float("inf")), "'seed' must be an integer"),
+    "no mode": (_drop("pini_config", "mode"), "'pini_config' must be an object with every"),
+    "no lr": (_drop("train_config", "lr"), "missing ['lr']"),
+    "epochs 1e30": (lambda run: run["train_config"].update(epochs=1e30), "epochs must be"),
+    "a model without weights": (lambda run: run.update(model="ViT-B-16"),
+                                "'pretrained' must be CLIP weights for ViT-B-16"),
+    "unknown model": (lambda run: run.update(model="ViT-Z-99"), "'model' must be an open_clip"),
+    "no model": (lambda run: run.pop("model"), "'model' must be"),
+    "shots as text": (lambda run: run.update(shots="2"), "'shots' must be an integer >= 1"),
+    "no classes": (lambda run: run.update(classnames=[]), "'classnames' must be a non-empty"),
+    "unknown method": (lambda run: run.update(method="magic"), "'method' must be one of"),
+    "crop outside (0, 1]": (lambda run: run.update(crop_scale=[2, 3]), "'crop_scale' must be"),
+    "demo flag as text": (lambda run: run.update(demo_backbone="yes"), "'demo_backbone' must"),
+    "unknown option": (lambda run: run["pini_config"].update(colour="red"), "unknown ['colour']"),
+    "bad option value": (lambda run: run["pini_config"].update(mode="div"), "'pini_config':"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit", list(RECORD_EDITS))
+def test_a_hand_edited_run_record_is_one_line_naming_the_file_and_key(trained, tmp_path, capsys,
+                                                                     edit):  # fmt: skip
+    """run.json edited by hand (the run had no checkpoint yet): was a traceback or, worse,
+    silently another run (a missing option taking its default). Now one line naming the file,
+    the key and what was expected."""
+    data, output = trained(tmp_path)
+    (output / "checkpoint.pt").unlink()
+    (output / "summary.json").unlink()
+    record = json.loads((output / "run.json").read_text())
+    change, words = RECORD_EDITS[edit]
+    change(record)
+    (output / "run.json").write_text(json.dumps(record))
+    line = assert_one_line_error(run_cli(resume(data, output), capsys), words)
+    assert f"run record {output / 'run.json'}" in line
+
+
+def test_an_edited_split_is_refused(data, tmp_path, capsys):
+    """A split file whose images were swapped for others of the listing (a consistent edit:
+    indices and samples agree) does not match what its seed draws: refused, not trained on."""
+    from pini.data import load_dataset
+    from pini.datasets import sample_id
+
+    output = tmp_path / "run"
+    assert run_cli(toy_train(data, output, "--shots", "2"), capsys)[0] == 0
+    (split,) = output.glob("split-*.json")
+    stored = json.loads(split.read_text())
+    samples = load_dataset(data, "toy").train
+    label = stored["samples"][0][1]
+    replacement = next(i for i, (_, other) in enumerate(samples)
+                       if other == label and i not in stored["indices"])  # fmt: skip
+    stored["indices"][0] = replacement
+    stored["samples"][0] = [sample_id(samples[replacement][0]), samples[replacement][1]]
+    split.write_text(json.dumps(stored))
+    (output / "summary.json").unlink()
+    assert_one_line_error(run_cli(resume(data, output, "--epochs", "1"), capsys),
+                          "are not the ones seed 1 draws from this listing")  # fmt: skip
