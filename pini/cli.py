@@ -426,6 +426,11 @@ def _load_split(root: str | None, dataset: str | None, *parts: str):
     """The dataset, with images in each of ``parts`` ("train", "test") or an ``InputError``."""
     split = load_dataset(root, dataset)
     split.require(*parts)
+    if "train" in parts and len(split.classnames) < 2:
+        raise InputError(
+            f"dataset {split.name} has one class ({split.classnames[0]}): training a classifier "
+            "needs at least two (every prediction would be right)"
+        )
     return split
 
 
@@ -1346,9 +1351,13 @@ def _print_summary(summary: dict) -> None:
 
 
 def _train_command(args) -> int:
+    folder = _default_output(args, args.shots or 16, 1 if args.seed is None else args.seed)
+    if args.resume and args.root is None and args.dataset is None and folder.is_dir():
+        stored = _stored_run(folder)  # left-out data flags take the run's, as other flags do
+        if stored is not None:
+            args.root, args.dataset = stored["root"], stored["dataset"]
     _check_data_args(args)
     split = _load_split(args.root, args.dataset, "train", "test")
-    folder = _default_output(args, args.shots or 16, 1 if args.seed is None else args.seed)
     plan = _plan(args, args.shots, args.seed, folder, split)
     summary = _execute(args, plan)
     if summary is not None:

@@ -208,7 +208,9 @@ def load_dataset(root: str | Path | None, name: str | None = None) -> Split:
     if not root.is_dir():
         kind = "is a file" if root.exists() else "does not exist"
         raise DatasetNotFoundError(f"dataset folder not found: {root} {kind}")
-    directory = _find_dataset_folder(root, name).absolute()
+    # Resolved through symlinks, as a run stores its --root: the same images listed through
+    # another spelling of the folder are the same listing (else a resume saw "other data").
+    directory = _find_dataset_folder(root, name).resolve()
     kind = canonical_name(name) or canonical_name(directory.name) or _detect_layout(directory)
     if kind in SPLIT_FILE_LAYOUTS:
         split_file = SPLIT_FILE_LAYOUTS[kind][0]
@@ -623,8 +625,10 @@ def load_image_folder(root: str | Path, name: str | None = None) -> Split:
         raise InputError(f"{root} has no train/, test/ or val/ folder; expected {layout}")
     class_dir = next(iter(folders.values()))
     classes = _subfolders(class_dir)
+    _warn_hidden_folders(class_dir)
     if not classes:
         raise InputError(f"no class folders in {class_dir}; expected {layout}")
+    _refuse_same_class_names(class_dir, classes)
     for directory in folders.values():
         extra = sorted(set(_subfolders(directory)) - set(classes))
         if extra:
@@ -675,6 +679,32 @@ def _class_folders(
             _first_names(empty),
         )
     return samples
+
+
+def _warn_hidden_folders(directory: Path) -> None:
+    """Folders whose names start with "." are not classes (".git", ".ipynb_checkpoints"): one
+    warning names them, so a class named ".NET" is not silently dropped."""
+    with os.scandir(directory) as entries:
+        hidden = sorted(e.name for e in entries if e.name.startswith(".") and e.is_dir())
+    if hidden:
+        log.warning(
+            "%s: %d hidden folder%s (names starting with '.') skipped, not classes: %s",
+            directory, len(hidden), "s" if len(hidden) > 1 else "", _first_names(hidden),
+        )  # fmt: skip
+
+
+def _refuse_same_class_names(directory: Path, folders: list[str]) -> None:
+    """Folder names are class names with "_" read as a space: two folders that read the same
+    ("big_cat", "big cat") would be two classes with one prompt."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        name = folder.replace("_", " ")
+        if name in seen:
+            raise InputError(
+                f"{directory}: class folders {seen[name]!r} and {folder!r} both read as class "
+                f'{name!r} ("_" is read as a space); rename one'
+            )
+        seen[name] = folder
 
 
 def _warn_missing_classes(directory: Path, expected: list[str], found: list[str]) -> None:

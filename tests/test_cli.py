@@ -871,3 +871,41 @@ def test_an_edited_split_is_refused(data, tmp_path, capsys):
     (output / "summary.json").unlink()
     assert_one_line_error(run_cli(resume(data, output, "--epochs", "1"), capsys),
                           "are not the ones seed 1 draws from this listing")  # fmt: skip
+
+
+def test_resume_takes_the_runs_data_when_left_out_and_either_spelling_of_its_folder(
+    data, tmp_path, capsys
+):
+    """--resume with no --root/--dataset continues on the run's data (it said "--dataset digits
+    (the run has toy)"); through a symlink to the same folder the listing is the same one (the
+    root was stored resolved, the images' paths only made absolute: "the listing changed")."""
+    output = tmp_path / "run"
+    link = tmp_path / "link"
+    link.symlink_to(data, target_is_directory=True)
+    assert run_cli(toy_train(link, output, "--shots", "1"), capsys)[0] == 0
+    (output / "summary.json").unlink()
+    status, out, err = run_cli(["train", "--no-progress", "--output", output, "--resume"], capsys)
+    assert status == 0 and "toy, 1 shots, seed 1" in out, err
+    (output / "summary.json").unlink()
+    status, out, err = run_cli(resume(data, output), capsys)
+    assert status == 0 and "toy, 1 shots, seed 1" in out, err
+
+
+@pytest.mark.parametrize(
+    ("folders", "words"),
+    [
+        (["big_cat", "big cat", "dog"], "class folders 'big cat' and 'big_cat' both read as class"),
+        (["cats", ".NET"], "dataset odd has one class (cats)"),
+    ],
+)
+def test_class_folders_that_would_mislead_are_refused(tmp_path, capsys, caplog, folders, words):
+    """Two folders reading as one class name (identical prompts), or one class left once the
+    hidden ".NET" is skipped (every prediction right: 100%): one line each; the hidden folder
+    is also named in a warning."""
+    root = make_folder(tmp_path / "data" / "odd", classes=folders)
+    with caplog.at_level("WARNING"):
+        result = run_cli(["train", *TINY, "--root", root.parent, "--dataset", "odd",
+                          "--output", tmp_path / "run"], capsys)  # fmt: skip
+    assert_one_line_error(result, words)
+    if ".NET" in folders:
+        assert "hidden folder (names starting with '.') skipped, not classes: .NET" in caplog.text
