@@ -46,7 +46,15 @@ from .data import FeatureCache, clip_transforms, encode_samples, few_shot, load_
 from .datasets import listing_fingerprint, sample_id
 from .errors import InputError, RunDiverged
 from .files import write_text_atomically
-from .model import INFERENCE_MODES, TABLE1, PiNI, PiNIConfig, build_clip, check_weights
+from .model import (
+    INFERENCE_MODES,
+    TABLE1,
+    PiNI,
+    PiNIConfig,
+    build_clip,
+    check_weights,
+    has_vit_image_tower,
+)
 from .sweep import METHOD_NAMES, mean_and_interval  # noqa: F401 (cli.mean_and_interval)
 from .train import (
     CHECKPOINT,
@@ -646,6 +654,13 @@ def _new_run(args, shots: int | None, seed: int | None, split, method: str | Non
             "and its accuracy meaningless (e.g. --pretrained openai, or a weights file)"
         )
     check_weights(model_name, args.pretrained)
+    reads_patches = config and (config.visual, config.visual_generator) == ("image", "attention")
+    if reads_patches and not has_vit_image_tower(model_name):
+        raise InputError(
+            f"--visual-generator attention (image noise) reads the patch tokens of a ViT image "
+            f"tower, and {model_name}'s is not one: use --visual-generator attention-pixels (any "
+            "tower), cnn, cnn-light or mlp"
+        )
     return {
         "format": RUN_FORMAT,
         "method": method,
@@ -1169,14 +1184,17 @@ def _execute_locked(args, plan: _Plan) -> dict | None:
     method = run["method"]
     progress = not args.no_progress
     rank, world = distributed_rank_world()
+    # The backbone first: weights that cannot be loaded leave a new run's folder as it was.
+    needed = rank == 0 or method in TRAINED_METHODS  # fitting and evaluating is rank 0's
+    if needed:
+        clip, tokenizer = _backbone(run, args.device, progress, bool(args.trusted))
     if rank == 0 and not plan.resume:
         _prepare_folder(folder, overwrite=bool(args.overwrite))
         _write_json(folder / RUN_FILE, run)
     if world > 1:
         torch.distributed.barrier()  # the folder exists before any rank uses it
-    if rank != 0 and method not in TRAINED_METHODS:
-        return None  # fitting and evaluating is rank 0's
-    clip, tokenizer = _backbone(run, args.device, progress, bool(args.trusted))
+    if not needed:
+        return None
     crop_scale = run["crop_scale"] or (0.08, 1.0)
     train_transform, test_transform = clip_transforms(_image_size(clip), tuple(crop_scale))
     cache = folder / f"split-{run['shots']}shot-seed{run['seed']}.json"
@@ -1643,6 +1661,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(
+                f"--device {args.device}: no CUDA GPU is available here "
+                "(torch.cuda.is_available() is False); use --device cpu"
+            )
         rank = _init_distributed(args) if args.command in ("train", "sweep") else 0
         if rank != 0:
             args.no_progress = True

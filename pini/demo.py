@@ -11,6 +11,7 @@ real CLIP weights instead (``--pretrained``).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from tqdm import tqdm
 
 from .data import DIGIT_NAMES, ImageList, clip_transforms, digits_pretraining_samples
 from .model import TINY_MODEL, build_clip
+
+log = logging.getLogger(__name__)
 
 PRETRAIN_STEPS = 800
 # Caption templates of the pre-training, one drawn per class and step.
@@ -38,8 +41,14 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
     clip, tokenizer = build_clip(TINY_MODEL)
     path = Path(cache_dir) / f"{TINY_MODEL}-digits-v{CACHE_VERSION}-{PRETRAIN_STEPS}.pt"
     if path.is_file():
-        clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return clip.eval(), tokenizer
+        try:
+            clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return clip.eval(), tokenizer
+        except Exception as error:  # a truncated or foreign file: torch raises many types
+            log.warning("the cached demo CLIP %s cannot be read (%s): building it again",
+                        path, type(error).__name__)  # fmt: skip
+            torch.manual_seed(0)
+            clip, tokenizer = build_clip(TINY_MODEL)
     samples = digits_pretraining_samples()
     transform, _ = clip_transforms(clip.visual.image_size[0], CROP_SCALE)
     dataset = ImageList(samples, transform)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -338,8 +339,25 @@ def build_clip(
             pretrained_image=False,
             **options,
         )
+    except pickle.UnpicklingError as error:
+        if pretrained is None or "weights only load failed" not in str(error).lower():
+            raise
+        raise InputError(
+            f"--pretrained {pretrained} holds pickled objects beyond tensors (OpenAI's TorchScript "
+            "archive, or code), which load only with --trusted: give it only for a file from a "
+            "source you trust"
+        ) from None
     except RuntimeError as error:
-        if pretrained is None or "download" not in str(error).lower():
+        message = str(error)
+        if pretrained is not None and ("size mismatch" in message or "state_dict" in message):
+            markers = ("size mismatch", "Missing key", "Unexpected key")
+            lines = [line.strip() for line in message.splitlines()]
+            detail = next((line for line in lines if any(m in line for m in markers)), "")
+            raise InputError(
+                f"--pretrained {pretrained} holds weights of another model than {name} "
+                f"({detail[:160] or message.splitlines()[0][:160]})"
+            ) from None
+        if pretrained is None or "download" not in message.lower():
             raise
         raise InputError(
             f"--pretrained {pretrained}: the weights could not be fetched for {name} "
@@ -355,6 +373,14 @@ def build_clip(
             "encoder): PiNI's prompt-embedding noise needs open_clip's CLIP class"
         )
     return model, open_clip.get_tokenizer(name)
+
+
+def has_vit_image_tower(name: str) -> bool:
+    """Whether open_clip builds ``name``'s image tower as its own VisionTransformer, whose patch
+    tokens the "attention" image-noise generator reads (not a ResNet, not a timm tower)."""
+    _register_configs()
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    return not vision.get("timm_model_name") and isinstance(vision.get("layers"), int)
 
 
 def check_weights(name: str, pretrained: str | None) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -228,6 +229,16 @@ def read_checkpoint(path: str | Path) -> dict:
         raise InputError(f"checkpoint {path} is empty (0 bytes): the run was never saved")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise InputError(
+                f"checkpoint {path} cannot be read (UnpicklingError): it is truncated, corrupt or "
+                f"not a file torch.save wrote; expected RUN/{CHECKPOINT}"
+            ) from None
+        raise InputError(
+            f"checkpoint {path} holds pickled objects beyond tensors (code, possibly), which pini "
+            f"never loads: it is not the {CHECKPOINT} that `pini train` writes"
+        ) from None
     except Exception as error:  # torch raises many types for a corrupt archive
         raise InputError(
             f"checkpoint {path} cannot be read ({type(error).__name__}): it is truncated, "

@@ -909,3 +909,52 @@ def test_class_folders_that_would_mislead_are_refused(tmp_path, capsys, caplog, 
     assert_one_line_error(result, words)
     if ".NET" in folders:
         assert "hidden folder (names starting with '.') skipped, not classes: .NET" in caplog.text
+
+
+class _NotATensor:
+    """Pickled into a file, it is something weights_only loading refuses (as code would be)."""
+
+
+def test_files_and_flags_that_gave_tracebacks_are_one_line(data, tmp_path, capsys, monkeypatch):
+    from pini.model import build_clip
+
+    clip, _ = build_clip("pini-tiny")
+    state = clip.state_dict()
+    other = dict(state, **{"visual.conv1.weight": torch.zeros(7, 3, 5, 5)})
+    torch.save(other, tmp_path / "other.pt")
+    torch.save({**state, "extra": _NotATensor()}, tmp_path / "payload.pt")
+    base = toy_train(data, tmp_path / "run", "--shots", "1")
+    for given, words in (
+        (["--pretrained", tmp_path / "other.pt"], "holds weights of another model than pini-tiny"),
+        (["--pretrained", tmp_path / "payload.pt"], "which load only with --trusted"),
+        (["--model", "RN50", "--pretrained", "openai", "--noise", "image", "--visual-generator",
+          "attention"], "RN50's is not one: use --visual-generator attention-pixels"),
+    ):  # fmt: skip
+        argv = [*base, *given]  # later flags win over TINY's
+        assert_one_line_error(run_cli(argv, capsys), words)
+        assert not (tmp_path / "run" / "run.json").exists()  # no run left behind
+    (tmp_path / "fake").mkdir()
+    torch.save({"format": "pini-run-checkpoint/2", "x": _NotATensor()},
+               tmp_path / "fake" / "checkpoint.pt")  # fmt: skip
+    assert_one_line_error(
+        run_cli(["eval", "--checkpoint", tmp_path / "fake" / "checkpoint.pt"], capsys),
+        "holds pickled objects beyond tensors (code, possibly), which pini never loads",
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_one_line_error(run_cli([*base, "--device", "cuda"], capsys),
+                          "--device cuda: no CUDA GPU is available here")  # fmt: skip
+
+
+def test_a_truncated_demo_cache_is_built_again(tmp_path, monkeypatch, caplog):
+    """The demo CLIP's cache cut short: a warning naming it, then the CLIP is pre-trained again
+    and cached (it was a traceback without the path)."""
+    monkeypatch.setattr(pini.demo, "PRETRAIN_STEPS", 2)
+    first, _ = pini.demo.digits_clip(tmp_path, progress=False)
+    (cache,) = tmp_path.glob("*.pt")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        again, _ = pini.demo.digits_clip(tmp_path, progress=False)
+    assert f"the cached demo CLIP {cache} cannot be read" in caplog.text
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    assert cache.stat().st_size > 1000
