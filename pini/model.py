@@ -340,7 +340,7 @@ def build_clip(
             **options,
         )
     except pickle.UnpicklingError as error:
-        if pretrained is None or "weights only load failed" not in str(error).lower():
+        if pretrained is None or "unsupported global" not in str(error).lower():
             raise
         raise InputError(
             f"--pretrained {pretrained} holds pickled objects beyond tensors (OpenAI's TorchScript "

@@ -230,7 +230,9 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only load failed" not in str(error).lower():
+        # torch wraps every failure of a weights-only load in this error: only a global that is
+        # not a tensor type (a class, a function: a payload) says "Unsupported global".
+        if "unsupported global" not in str(error).lower():
             raise InputError(
                 f"checkpoint {path} cannot be read (UnpicklingError): it is truncated, corrupt or "
                 f"not a file torch.save wrote; expected RUN/{CHECKPOINT}"

@@ -958,3 +958,12 @@ def test_a_truncated_demo_cache_is_built_again(tmp_path, monkeypatch, caplog):
     for name, value in first.state_dict().items():
         assert torch.equal(value, again.state_dict()[name]), name
     assert cache.stat().st_size > 1000
+
+
+def test_corrupt_checkpoints_never_read_as_payloads(tmp_path, capsys):
+    """torch wraps every failure of a weights-only load in one error type: random bytes must say
+    "cannot be read", not "pickled objects" (which only a real object payload says)."""
+    for index in range(20):
+        path = tmp_path / f"random-{index}.pt"
+        path.write_bytes(os.urandom(4096))
+        assert_one_line_error(run_cli(["eval", "--checkpoint", path], capsys), "cannot be read")
