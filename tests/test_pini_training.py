@@ -287,3 +287,17 @@ def test_macro_f1_is_the_unweighted_mean_over_classes_with_images():
                         zero_division=0)  # fmt: skip
     got = macro_f1(confusion_matrix(labels, predictions, classes))
     assert abs(got - want) < 1e-12 and abs(got - weighted) > 1e-3
+
+
+def test_each_epoch_trains_at_the_scheduled_learning_rate(tmp_path):
+    """The lr each epoch actually used (metrics.jsonl's "lr", read from the optimizer) is the
+    warm-up's 1e-5 in epoch 1, then lr * the cosine factor, by value: a 3-epoch run at lr 0.01
+    logs [1e-05, 0.0075, 0.0025]. A schedule shifted by one epoch logs [0.0075, 0.0025, 0.0]."""
+    from test_cli import make_folder, toy_train
+
+    data = make_folder(tmp_path / "data" / "toy").parent
+    output = tmp_path / "run"
+    argv = [str(a) for a in toy_train(data, output, "--epochs", "3", "--lr", "0.01")]
+    assert cli.main(argv) == 0
+    logged = [json.loads(line)["lr"] for line in (output / METRICS).read_text().splitlines()]
+    assert logged == pytest.approx([1e-05, 0.0075, 0.0025], rel=1e-12)
