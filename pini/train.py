@@ -21,6 +21,7 @@ import json
 import math
 import pickle
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,7 +229,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise InputError(f"checkpoint {path} is empty (0 bytes): the run was never saved")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign file is reported below, in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch wraps every failure of a weights-only load in this error: only a global that is
         # not a tensor type (a class, a function: a payload) says "Unsupported global".
