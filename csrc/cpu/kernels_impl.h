@@ -517,6 +517,10 @@ void noisy_normalize_backward(const FeatureRows<In>& side, uint64_t seed, int64_
   }
 }
 
+// Past this log-sum-exp, an ulp of it is >= 0.5 and the FMA of cosine * scale - lse can round to
+// a positive exponent the vectorized exp does not take (it takes up to about 0.35).
+constexpr float kLargeLogSumExp = 4194304.0f;  // 2^22
+
 void cross_entropy_stats(const float* cosine, const int64_t* target, float scale, int64_t rows,
                          int64_t classes, float* lse, float* target_logit, float* logit_sum,
                          int num_threads) {
@@ -526,25 +530,35 @@ void cross_entropy_stats(const float* cosine, const int64_t* target, float scale
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const float* values = cosine + row * classes;
-      float value_max = -INFINITY, value_min = INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : value_max) reduction(min : value_min) reduction(+ : total)
+      float row_max = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : row_max) reduction(+ : total)
       for (int64_t c = 0; c < classes; ++c) {
-        value_max = std::max(value_max, values[c]);
-        value_min = std::min(value_min, values[c]);
+        row_max = std::max(row_max, values[c] * scale);
         total += values[c];
       }
-      // The cosine of the largest logit; (cosine - it) * scale is then <= 0 and exactly 0 at the
-      // largest, at any scale (cosine * scale - max, contracted to an FMA, was not: at scale 1e10
-      // it reached +-512 and the sum overflowed or vanished).
-      const float extreme = scale >= 0.0f ? value_max : value_min;
       float exp_sum = 0.0f;
+      if (std::fabs(row_max) <= kLargeLogSumExp) {
+        // An FMA of cosine * scale - row_max may round to a positive exponent of at most half an
+        // ulp of row_max (<= 0.25 here), which exp_nonpositive takes.
 #pragma omp simd reduction(+ : exp_sum)
-      for (int64_t c = 0; c < classes; ++c) {
-        exp_sum += exp_nonpositive((values[c] - extreme) * scale);
+        for (int64_t c = 0; c < classes; ++c) {
+          exp_sum += exp_nonpositive(values[c] * scale - row_max);
+        }
+      } else {
+        // Huge logit scales (1e7 and beyond): exponents from the largest logit's cosine, exactly
+        // 0 at it ((cosine - it) * scale), so the sum neither overflows nor vanishes.
+        float value_max = -INFINITY, value_min = INFINITY;
+        for (int64_t c = 0; c < classes; ++c) {
+          value_max = std::max(value_max, values[c]);
+          value_min = std::min(value_min, values[c]);
+        }
+        const float extreme = scale >= 0.0f ? value_max : value_min;
+        for (int64_t c = 0; c < classes; ++c) exp_sum += std::exp((values[c] - extreme) * scale);
+        row_max = extreme * scale;
       }
-      // The max and min reductions drop NaN; the sum keeps it: a NaN cosine (or scale) makes the
-      // row's log-sum-exp NaN, as torch's is.
-      const float row_max = std::isnan(total * scale) ? NAN : extreme * scale;
+      // The max reduction drops NaN; the sum keeps it: a NaN cosine (or scale) makes the row's
+      // log-sum-exp NaN, as torch's is.
+      if (std::isnan(total * scale)) row_max = NAN;
       lse[row] = row_max + std::log(exp_sum);
       // Targets are validated before the call; an invalid one still never reads out of bounds.
       const int64_t row_target = target[row];
@@ -553,6 +567,34 @@ void cross_entropy_stats(const float* cosine, const int64_t* target, float scale
       logit_sum[row] = total * scale;
     }
   }
+}
+
+// One row of cross_entropy_grad: values (the row's cosines) become d loss / d cosine; returns
+// the row's sum of dlogits * cosine. kCareful: std::exp of min(exponent, 0), which keeps NaN and
+// never overflows, for the rare rows the vectorized exp cannot take (see cross_entropy_grad).
+template <bool kCareful>
+inline float cross_entropy_row_grad(float* values, int64_t classes, float scale, float row_lse,
+                                    float g, int64_t row_target, float target_weight,
+                                    float smoothing_share) {
+  float scale_sum = 0.0f;
+#pragma omp simd reduction(+ : scale_sum)
+  for (int64_t c = 0; c < classes; ++c) {
+    float probability;
+    if constexpr (kCareful) {
+      const float exponent = values[c] * scale - row_lse;
+      probability = std::exp(exponent > 0.0f ? 0.0f : exponent);  // NaN stays NaN
+    } else {
+      probability = exp_nonpositive(values[c] * scale - row_lse);
+    }
+    // 1 - label_smoothing at the target, as a bit mask (a float select here kept GCC from
+    // vectorizing the loop for AVX2).
+    const float one_hot =
+        bits_to_float(float_to_bits(target_weight) & -static_cast<int32_t>(c == row_target));
+    const float logit_grad = g * (probability - one_hot - smoothing_share);
+    scale_sum += logit_grad * values[c];
+    values[c] = logit_grad * scale;
+  }
+  return scale_sum;
 }
 
 void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
@@ -568,19 +610,14 @@ void cross_entropy_grad(float* cosine, const float* lse, const int64_t* target,
       float* values = cosine + row * classes;
       const float g = row_grad[row], row_lse = lse[row];
       const int64_t row_target = target[row];
-      float scale_sum = 0.0f;
-#pragma omp simd reduction(+ : scale_sum)
-      for (int64_t c = 0; c < classes; ++c) {
-        const float probability = exp_nonpositive(values[c] * scale - row_lse);
-        // 1 - label_smoothing at the target, as a bit mask (a float select here kept GCC from
-        // vectorizing the loop for AVX2).
-        const float one_hot = bits_to_float(float_to_bits(target_weight) &
-                                            -static_cast<int32_t>(c == row_target));
-        const float logit_grad = g * (probability - one_hot - smoothing_share);
-        scale_sum += logit_grad * values[c];
-        values[c] = logit_grad * scale;
-      }
-      scale_grad[row] = scale_sum;
+      // A NaN log-sum-exp (a NaN cosine or scale: its gradients are NaN, as torch's) or a huge
+      // one (logit scales near 1e7 and beyond): the careful row, one element at a time.
+      const bool careful = std::isnan(row_lse) || std::fabs(row_lse) > kLargeLogSumExp;
+      scale_grad[row] =
+          careful ? cross_entropy_row_grad<true>(values, classes, scale, row_lse, g, row_target,
+                                                 target_weight, smoothing_share)
+                  : cross_entropy_row_grad<false>(values, classes, scale, row_lse, g, row_target,
+                                                  target_weight, smoothing_share);
     }
   }
 }

@@ -61,18 +61,12 @@ inline float min_nonnegative(float value, float ceiling) {
 // exp(x) < 1.2e-38, float32's smallest normal): a sum it enters does not change, and a product
 // with it never makes a denormal (those cost ~100 cycles each; the loss gradient multiplies every
 // probability by a row weight). The range checks are integer ops on -x's bits: a float
-// comparison there kept GCC from vectorizing the loops around it (scalar, 5-10x slower). A
-// positive x (rounding) gives 1, NaN stays NaN.
+// comparison there kept GCC from vectorizing the loops around it (scalar, 5-10x slower); a tiny
+// positive x (rounding) passes through as it is.
 inline float exp_nonpositive(float x) {
   constexpr float kLimit = 87.3f;
-  // NaN (either sign) comes back as itself, as std::exp gives it: a mask of its bits.
-  const int32_t x_bits = float_to_bits(x);
-  const int32_t nan = -static_cast<int32_t>((x_bits & 0x7fffffff) > 0x7f800000);
-  // A positive x (a logit minus a rounded log-sum-exp at a huge logit scale, up to half an ulp
-  // of it: 512 at 1e10) counts as 0: a probability of 1, never exp(512) = inf.
-  const int32_t minus_x = std::max(float_to_bits(-x), int32_t{0});
-  const int32_t in_range = -static_cast<int32_t>(minus_x <= float_to_bits(kLimit));
-  x = -bits_to_float(std::min(minus_x, float_to_bits(kLimit)));
+  const int32_t in_range = -static_cast<int32_t>(float_to_bits(-x) <= float_to_bits(kLimit));
+  x = -min_nonnegative(-x, kLimit);
   const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -84,8 +78,7 @@ inline float exp_nonpositive(float x) {
   poly = poly * r + 5.0000001201e-1f;
   const float value = poly * r * r + r + 1.0f;
   const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return bits_to_float((float_to_bits(value * scale) & in_range & ~nan) |
-                       (x_bits & nan));
+  return bits_to_float(float_to_bits(value * scale) & in_range);
 }
 
 // sin and cos of 2*pi*turns for turns in [0, 1): reduced in turns (exact in float32), then
