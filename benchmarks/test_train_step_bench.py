@@ -2,10 +2,10 @@
 
 The same model, weights and batch twice: ``PiNIConfig(noise_path="fused")`` runs every noise
 sample, noisy logit and loss on pini_kernels' ops; ``noise_path="eager"`` computes the same noise
-and loss in plain PyTorch as the authors write it (``pini.model.EagerNoisePath``). For each Table 1
-row and model: the time per step, its peak memory, and the share of the step spent in the noise
-path and loss (every call of the model's noise path labelled with ``record_function``, forward
-and the backward of its ops; ``harness.share_of_step``).
+and loss in plain PyTorch as the authors write it (``pini.noise_paths.EagerNoisePath``). For each
+Table 1 row and model: the time per step, its peak memory, and the share of the step spent
+in the noise path and loss (every call of the model's noise path labelled with
+``record_function``, forward and the backward of its ops; ``harness.share_of_step``).
 
 ``pini-tiny`` runs on any device; the ViT-B/16 geometry (open_clip's "ViT-B-16" with random
 weights, 224x224 images) only on a GPU.
@@ -24,7 +24,7 @@ import torch
 
 import pini
 from pini import PiNI, PiNIConfig
-from pini.model import NOISE_PATH_OPS
+from pini.noise_paths import NOISE_PATH_OPS
 from pini_kernels.backends import resolve_backend
 
 from .harness import (

@@ -8,7 +8,9 @@ loss = model.loss(images, labels)     # Eq. (13)
 logits = model(images)                # (B, C)
 """
 
-from .model import TABLE1, PiNI, PiNIConfig, build_clip, encode_text_embeddings
+from .backbone import build_clip, encode_text_embeddings
+from .config import TABLE1, PiNIConfig
+from .model import PiNI
 from .prompts import (
     TEMPLATES,
     ZERO_SHOT_TEMPLATES,

@@ -38,9 +38,9 @@ from torch import nn
 
 import pini_kernels
 
+from .backbone import encode_text_embeddings
 from .data import encode_samples
 from .errors import InputError
-from .model import encode_text_embeddings
 from .prompts import (
     DEFAULT_ZERO_SHOT_TEMPLATE,
     PLACEHOLDER,

@@ -42,19 +42,13 @@ import torch
 from torch import nn
 
 from . import baselines, demo
+from .backbone import build_clip, check_weights, has_vit_image_tower, register_model_configs
+from .config import INFERENCE_MODES, TABLE1, PiNIConfig
 from .data import FeatureCache, clip_transforms, encode_samples, few_shot, load_dataset
 from .datasets import listing_fingerprint, sample_id
 from .errors import InputError, RunDiverged
 from .files import write_text_atomically
-from .model import (
-    INFERENCE_MODES,
-    TABLE1,
-    PiNI,
-    PiNIConfig,
-    build_clip,
-    check_weights,
-    has_vit_image_tower,
-)
+from .model import PiNI
 from .sweep import METHOD_NAMES, mean_and_interval  # noqa: F401 (cli.mean_and_interval)
 from .train import (
     CHECKPOINT,
@@ -1094,7 +1088,7 @@ def _features(run: dict, part: str, samples: list[tuple], transform_key: tuple, 
 def _image_encoder(model, clip):
     """images (B, 3, H, W) -> (B, D) float32 frozen features, as ``model`` encodes them."""
     if isinstance(model, PiNI):
-        return model._encode_image  # in the run's precision
+        return model.encode_image  # in the run's precision
     return lambda images: clip.encode_image(images).float()
 
 
@@ -1587,9 +1581,7 @@ def _visualize_command(args) -> int:
 def _tokenizer(run: dict):
     import open_clip
 
-    from .model import _register_configs
-
-    _register_configs()
+    register_model_configs()
     return open_clip.get_tokenizer(run["model"])
 
 

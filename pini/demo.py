@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .backbone import TINY_MODEL, build_clip
 from .data import DIGIT_NAMES, ImageList, clip_transforms, digits_pretraining_samples
-from .model import TINY_MODEL, build_clip
 
 log = logging.getLogger(__name__)
 

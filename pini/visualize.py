@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from .data import CLIP_MEAN, CLIP_STD, ImageList, collate_skipping
 from .errors import InputError
-from .model import IMAGE_STREAM, PROMPT_STREAM, PiNI
+from .model import PiNI
+from .noise_paths import IMAGE_STREAM, PROMPT_STREAM
 
 
 def _pyplot():
@@ -120,7 +121,7 @@ def feature_noise_figure(
     text, text_noise = model.text_features(seed=seed)
     rows = []
     if model.config.visual == "feature":
-        features = model._encode_image(images.to(device))
+        features = model.encode_image(images.to(device))
         mu, sigma = model._feature_noise(features, text, 1.0)
         shape = features.shape
         rows.append(("visual feature, image", mu.expand(shape), sigma.expand(shape)))

@@ -650,7 +650,7 @@ def test_weights_are_checked_by_hash_and_trusted_is_never_stored(data, tmp_path,
     it is not stored, so a later `pini eval` without it loads with weights_only=True."""
     import hashlib
 
-    from pini.model import build_clip
+    from pini.backbone import build_clip
 
     clip, _ = build_clip("pini-tiny")
     weights = tmp_path / "weights.pt"
@@ -916,7 +916,7 @@ class _NotATensor:
 
 
 def test_files_and_flags_that_gave_tracebacks_are_one_line(data, tmp_path, capsys, monkeypatch):
-    from pini.model import build_clip
+    from pini.backbone import build_clip
 
     clip, _ = build_clip("pini-tiny")
     state = clip.state_dict()

@@ -194,7 +194,7 @@ def test_features_give_exactly_the_evaluation_of_the_images(tmp_path, noise):
         pini.baselines.CoOp(clip, tokenizer, split.classnames),
     ]
     for model in models:
-        encoder = model._encode_image if isinstance(model, pini.PiNI) else clip.encode_image
+        encoder = model.encode_image if isinstance(model, pini.PiNI) else clip.encode_image
         features = encode_samples(encoder, split.test, transform, batch_size=4)
         assert features.skipped == 1 and features.features.shape[0] == 14
         for zero_shot in (False, True):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_close
 
 import pini
-import pini.model
+import pini.backbone
 import pini_kernels
 from pini import PiNI, PiNIConfig
 from pini import generators as gen
@@ -99,7 +99,7 @@ def test_text_by_hand_matches_open_clip(backbone):
 def _recorded_prompt_embeddings(model: PiNI, monkeypatch, num_samples: int, seed: int):
     """(num_samples, C, context, width): the embeddings the text tower receives in one call."""
     recorded = []
-    encode = pini.model.encode_text_embeddings
+    encode = pini.backbone.encode_text_embeddings
 
     def recording(clip, embeddings, token_ids):
         recorded.append(embeddings.detach().clone())

@@ -1,0 +1,102 @@
+"""What a PiNI model is: ``PiNIConfig`` (which noise goes where, with which generator) and the
+paper's Table 1 rows by name (docs/spec.md §1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import generators as gen
+
+VISUAL_LOCATIONS = ("none", "image", "feature")
+TEXT_LOCATIONS = ("none", "prompt", "feature")
+# The paper's generators first: for raw images its 10-layer residual CNN ("cnn") and the
+# cross-attention of CLIP's patch tokens over the class text features ("attention"); "mlp",
+# "cnn-light" and "attention-pixels" (a learned patchify of the pixels as queries) are lighter.
+VISUAL_GENERATORS = {
+    "image": ("cnn", "attention", "mlp", "cnn-light", "attention-pixels"),
+    "feature": ("attention", "mlp"),
+}
+TEXT_GENERATORS = {"prompt": ("embedding",), "feature": ("embedding", "mlp")}
+INFERENCE_MODES = ("sample", "mean", "average")
+# "shared": one (L, width) prompt noise draw per sample added to every class's prompt (the paper:
+# the template is the random variable); "per-class": each class's prompt gets its own draw.
+PROMPT_NOISE_DRAWS = ("shared", "per-class")
+# "fused": every noise path on pini_kernels' ops; "eager": the same noise and loss in plain
+# PyTorch as the authors write it (EagerNoisePath), e.g. to measure what the kernels gain.
+NOISE_PATHS = ("fused", "eager")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PiNIConfig:
+    """Which noise goes where. The defaults are the paper's: visual features with the
+    cross-attention generator, and prompt word embeddings with learnable (mu, sigma), one prompt
+    noise draw per sample shared by every class, one noise sample (m = 1).
+
+    visual_generator for "image" noise: "cnn" (the paper's 10-layer residual CNN) or "attention"
+    (the paper's: CLIP's patch tokens attend over the class text features), or the lighter
+    "mlp", "cnn-light", "attention-pixels"; for "feature" noise: "attention" or "mlp".
+    prompt_noise_draw: "shared" (the paper) or "per-class" (each class its own draw).
+    noise_path: "fused" (pini_kernels' ops) or "eager" (plain PyTorch as the authors write it,
+    eps drawn from the same streams: the same loss and gradients for the same seed).
+    """
+
+    visual: str = "feature"
+    visual_generator: str = "attention"
+    text: str = "prompt"
+    text_generator: str = "embedding"
+    mode: str = "add"
+    num_samples: int = 1
+    inference: str = "sample"  # one sample (the paper), "mean" (sigma = 0), "average" of k
+    inference_samples: int = 8
+    prompt_noise_draw: str = "shared"  # or "per-class"
+    scaled_attention: bool = False
+    sigma_activation: str = "abs"
+    precision: str = "fp32"  # the frozen towers: "fp32", or autocast "bf16" / "fp16"
+    noise_path: str = "fused"  # or "eager": the same noise and loss in plain PyTorch
+
+    def __post_init__(self):
+        _choice("visual", self.visual, VISUAL_LOCATIONS)
+        _choice("text", self.text, TEXT_LOCATIONS)
+        if self.visual != "none":
+            _choice("visual_generator", self.visual_generator, VISUAL_GENERATORS[self.visual])
+        if self.text != "none":
+            _choice("text_generator", self.text_generator, TEXT_GENERATORS[self.text])
+        _choice("mode", self.mode, ("add", "mul"))
+        _choice("inference", self.inference, INFERENCE_MODES)
+        _choice("prompt_noise_draw", self.prompt_noise_draw, PROMPT_NOISE_DRAWS)
+        _choice("sigma_activation", self.sigma_activation, gen.SIGMA_ACTIVATIONS)
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("noise_path", self.noise_path, NOISE_PATHS)
+        for name in ("num_samples", "inference_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    @classmethod
+    def table1(cls, row: str, **overrides) -> PiNIConfig:
+        """A row of the paper's Table 1 by its flag, e.g. ``table1("feature+prompt")``."""
+        if row not in TABLE1:
+            raise ValueError(f"unknown Table 1 row {row!r}; expected one of {list(TABLE1)}")
+        return cls(**{**TABLE1[row], **overrides})
+
+
+# The paper's Table 1: each injection location alone and every visual x text pair.
+TABLE1 = {
+    "image": dict(visual="image", visual_generator="cnn", text="none"),
+    "feature": dict(visual="feature", visual_generator="attention", text="none"),
+    "prompt": dict(visual="none", text="prompt", text_generator="embedding"),
+    "text-feature": dict(visual="none", text="feature", text_generator="mlp"),
+    "image+prompt": dict(visual="image", visual_generator="cnn", text="prompt"),
+    "image+text-feature": dict(
+        visual="image", visual_generator="cnn", text="feature", text_generator="mlp"
+    ),
+    "feature+prompt": dict(visual="feature", visual_generator="attention", text="prompt"),
+    "feature+text-feature": dict(
+        visual="feature", visual_generator="attention", text="feature", text_generator="mlp"
+    ),
+}
