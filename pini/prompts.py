@@ -7,11 +7,14 @@ Zero-shot CLIP, the baseline the paper reports, reads CoOp's hand-written prompt
 
 from __future__ import annotations
 
+from .data.names import canonical_name
+
 NUM_PLACEHOLDERS = 16
 PLACEHOLDER = "X"
 
 # PiNI's templates (the paper's Table 6), keyed by the dataset folder names of CoOp's DATASETS.md
-# (what ``Split.name`` holds), then by the short names this package used before, as aliases.
+# (what ``Split.name`` holds); another spelling of a dataset's name is resolved by the data layer's
+# alias table (`pini.data.names.canonical_name`), not here.
 TEMPLATES = {
     "imagenet": "a photo of a",
     "caltech-101": "a photo of a",
@@ -28,19 +31,11 @@ TEMPLATES = {
     "imagenet-sketch": "a photo of a",
     "imagenet-adversarial": "a photo of a",
     "imagenet-rendition": "a photo of a",
-    # aliases
-    "caltech101": "a photo of a",
-    "flowers102": "a type of flower, a photo of a",
-    "food101": "a type of food, a photo of",
-    "imagenet_v2": "a photo of a",
-    "imagenet_sketch": "a photo of a",
-    "imagenet_a": "a photo of a",
-    "imagenet_r": "a photo of a",
 }
 DEFAULT_TEMPLATE = "a photo of a"
 
 # Zero-shot CLIP, the paper's ZS row: CoOp's hand-written prompts (its trainers/zsclip.py,
-# CUSTOM_TEMPLATES), "{}" standing for the class name; same keys and aliases as TEMPLATES.
+# CUSTOM_TEMPLATES), "{}" standing for the class name; keyed as TEMPLATES.
 ZERO_SHOT_TEMPLATES = {
     "imagenet": "a photo of a {}.",
     "caltech-101": "a photo of a {}.",
@@ -57,34 +52,30 @@ ZERO_SHOT_TEMPLATES = {
     "imagenet-sketch": "a photo of a {}.",
     "imagenet-adversarial": "a photo of a {}.",
     "imagenet-rendition": "a photo of a {}.",
-    # aliases
-    "caltech101": "a photo of a {}.",
-    "flowers102": "a photo of a {}, a type of flower.",
-    "food101": "a photo of {}, a type of food.",
-    "imagenet_v2": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
 }
 DEFAULT_ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
 def template_for(dataset_name: str) -> str:
-    """PiNI's template for a dataset by its CoOp folder name (or an alias), case-insensitive;
-    ``DEFAULT_TEMPLATE`` ("a photo of a") for a name not in ``TEMPLATES``."""
+    """PiNI's template for a dataset by its CoOp folder name or any alias of it (case, ``-``,
+    ``_`` and spaces ignored; ``"DescribableTextures"`` is ``"dtd"``: ``"texture"``);
+    ``DEFAULT_TEMPLATE`` ("a photo of a") for a name that is none of the protocol's datasets."""
     return TEMPLATES.get(_dataset_key(dataset_name), DEFAULT_TEMPLATE)
 
 
 def zero_shot_template(dataset_name: str) -> str:
-    """CoOp's zero-shot prompt for a dataset, e.g. "a photo of a {}, a type of pet." for
-    "oxford_pets"; ``DEFAULT_ZERO_SHOT_TEMPLATE`` ("a photo of a {}.") for an unknown name."""
+    """CoOp's zero-shot prompt for a dataset by its CoOp folder name or any alias of it, e.g. "a
+    photo of a {}, a type of pet." for "oxford_pets" or "OxfordPets";
+    ``DEFAULT_ZERO_SHOT_TEMPLATE`` ("a photo of a {}.") for an unknown name."""
     return ZERO_SHOT_TEMPLATES.get(_dataset_key(dataset_name), DEFAULT_ZERO_SHOT_TEMPLATE)
 
 
-def _dataset_key(dataset_name: str) -> str:
+def _dataset_key(dataset_name: str) -> str | None:
+    """CoOp's folder name for ``dataset_name`` (the data layer's alias table), None for a name
+    that is none of the protocol's datasets."""
     if not isinstance(dataset_name, str):
         raise TypeError(f"dataset_name must be a str, got {type(dataset_name).__name__}")
-    return dataset_name.strip().lower()
+    return canonical_name(dataset_name)
 
 
 def prompt_prefix(template: str) -> str:

@@ -2,29 +2,27 @@
 ImageNet variants' class subsets, ImageFolder trees, one-line errors, listing fingerprints.
 
 The expected folder and file names, class orders and labels are written out by hand from CoOp's
-DATASETS.md and datasets/*.py, not taken from pini.datasets' tables.
+DATASETS.md and datasets/*.py, not taken from the tables of pini.data.
 """
 
 import hashlib
+import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import pini.data
-import pini.datasets
-from pini.datasets import (
-    DatasetNotFoundError,
-    Split,
-    canonical_name,
-    listing_fingerprint,
-    load_dataset,
-    load_digits_split,
-    sample_id,
-)
+from pini.data.digits import load_digits_split
+from pini.data.image_list import ImageList
+from pini.data.load import load_dataset
+from pini.data.names import DATASET_ALIASES, DATASET_NAMES, canonical_name
+from pini.data.sample_ids import listing_fingerprint, sample_id
+from pini.data.split import DatasetNotFoundError, Split
 from pini.errors import InputError
+from pini.prompts import TEMPLATES, ZERO_SHOT_TEMPLATES, template_for, zero_shot_template
 
 
 def _image(path, color=(200, 30, 90)):
@@ -41,68 +39,93 @@ SPLIT_FILE_DATASETS = [
         "caltech-101",
         "split_zhou_Caltech101.json",
         "101_ObjectCategories",
-        [("airplanes/image_{}.jpg", "airplane"), ("Faces/image_{}.jpg", "face"),
-         ("accordion/image_{}.jpg", "accordion")],
+        [
+            ("airplanes/image_{}.jpg", "airplane"),
+            ("Faces/image_{}.jpg", "face"),
+            ("accordion/image_{}.jpg", "accordion"),
+        ],
     ),
     (
         "oxford_pets",
         "split_zhou_OxfordPets.json",
         "images",
-        [("Abyssinian_{}.jpg", "abyssinian"), ("beagle_{}.jpg", "beagle"),
-         ("american_bulldog_{}.jpg", "american_bulldog")],
+        [
+            ("Abyssinian_{}.jpg", "abyssinian"),
+            ("beagle_{}.jpg", "beagle"),
+            ("american_bulldog_{}.jpg", "american_bulldog"),
+        ],
     ),
     (
         "stanford_cars",
         "split_zhou_StanfordCars.json",
         "",
-        [("cars_train/0000{}.jpg", "2012 AM General Hummer SUV"),
-         ("cars_train/0010{}.jpg", "2012 Acura RL Sedan"),
-         ("cars_test/0020{}.jpg", "2007 BMW X5 SUV")],
+        [
+            ("cars_train/0000{}.jpg", "2012 AM General Hummer SUV"),
+            ("cars_train/0010{}.jpg", "2012 Acura RL Sedan"),
+            ("cars_test/0020{}.jpg", "2007 BMW X5 SUV"),
+        ],
     ),
     (
         "oxford_flowers",
         "split_zhou_OxfordFlowers.json",
         "jpg",
-        [("image_0000{}.jpg", "pink primrose"), ("image_0010{}.jpg", "hard-leaved pocket orchid"),
-         ("image_0020{}.jpg", "canterbury bells")],
+        [
+            ("image_0000{}.jpg", "pink primrose"),
+            ("image_0010{}.jpg", "hard-leaved pocket orchid"),
+            ("image_0020{}.jpg", "canterbury bells"),
+        ],
     ),
     (
         "food-101",
         "split_zhou_Food101.json",
         "images",
-        [("apple_pie/10{}.jpg", "apple_pie"), ("baby_back_ribs/20{}.jpg", "baby_back_ribs"),
-         ("baklava/30{}.jpg", "baklava")],
+        [
+            ("apple_pie/10{}.jpg", "apple_pie"),
+            ("baby_back_ribs/20{}.jpg", "baby_back_ribs"),
+            ("baklava/30{}.jpg", "baklava"),
+        ],
     ),
     (
         "sun397",
         "split_zhou_SUN397.json",
         "SUN397",
-        [("a/abbey/sun_{}.jpg", "abbey"), ("a/airplane_cabin/sun_{}.jpg", "airplane cabin"),
-         ("a/apartment_building/outdoor/sun_{}.jpg", "outdoor apartment building")],
+        [
+            ("a/abbey/sun_{}.jpg", "abbey"),
+            ("a/airplane_cabin/sun_{}.jpg", "airplane cabin"),
+            ("a/apartment_building/outdoor/sun_{}.jpg", "outdoor apartment building"),
+        ],
     ),
     (
         "dtd",
         "split_zhou_DescribableTextures.json",
         "images",
-        [("banded/banded_{}.jpg", "banded"), ("blotchy/blotchy_{}.jpg", "blotchy"),
-         ("braided/braided_{}.jpg", "braided")],
+        [
+            ("banded/banded_{}.jpg", "banded"),
+            ("blotchy/blotchy_{}.jpg", "blotchy"),
+            ("braided/braided_{}.jpg", "braided"),
+        ],
     ),
     (
         "eurosat",
         "split_zhou_EuroSAT.json",
         "2750",
-        [("AnnualCrop/AnnualCrop_{}.jpg", "Annual Crop Land"), ("Forest/Forest_{}.jpg", "Forest"),
-         ("HerbaceousVegetation/HerbaceousVegetation_{}.jpg", "Herbaceous Vegetation Land")],
+        [
+            ("AnnualCrop/AnnualCrop_{}.jpg", "Annual Crop Land"),
+            ("Forest/Forest_{}.jpg", "Forest"),
+            ("HerbaceousVegetation/HerbaceousVegetation_{}.jpg", "Herbaceous Vegetation Land"),
+        ],
     ),
     (
         "ucf101",
         "split_zhou_UCF101.json",
         "UCF-101-midframes",
-        [("Apply_Eye_Makeup/v_ApplyEyeMakeup_g0{}_c01.jpg", "Apply_Eye_Makeup"),
-         ("Apply_Lipstick/v_ApplyLipstick_g0{}_c01.jpg", "Apply_Lipstick"),
-         ("Archery/v_Archery_g0{}_c01.jpg", "Archery")],
+        [
+            ("Apply_Eye_Makeup/v_ApplyEyeMakeup_g0{}_c01.jpg", "Apply_Eye_Makeup"),
+            ("Apply_Lipstick/v_ApplyLipstick_g0{}_c01.jpg", "Apply_Lipstick"),
+            ("Archery/v_Archery_g0{}_c01.jpg", "Archery"),
+        ],
     ),
-]  # fmt: skip
+]
 
 
 def _split_file_dataset(root, folder, split_file, image_folder, classes, entries=None):
@@ -569,7 +592,7 @@ def test_digit_samples_carry_their_index_in_scikit_learns_dataset():
     ids = [sample_id(image) for image, _ in split.train + split.test]
     assert len(set(ids)) == 1140
     assert listing_fingerprint(split.train) == listing_fingerprint(load_digits_split().train)
-    images = pini.data.ImageList(split.train[:2], lambda image: torch.tensor(image.size))
+    images = ImageList(split.train[:2], lambda image: torch.tensor(image.size))
     assert images[0][0].tolist() == [8, 8]  # the trainer still opens them
 
 
@@ -582,6 +605,32 @@ def test_an_in_memory_image_without_an_index_is_identified_by_its_pixels():
 
 
 def test_pini_data_still_exports_the_loaders():
-    assert pini.data.load_dataset is pini.datasets.load_dataset
-    assert pini.data.Split is Split
-    assert pini.data.load_digits_split is load_digits_split
+    """The loaders live in one module each of the pini.data package, read from there: the old
+    flat modules are gone, and the package re-exports nothing."""
+    assert load_dataset.__module__ == "pini.data.load"
+    assert Split.__module__ == "pini.data.split"
+    assert load_digits_split.__module__ == "pini.data.digits"
+    package = Path(importlib.import_module("pini").__file__).parent
+    assert not (package / "datasets.py").exists() and not (package / "data.py").exists()
+    assert (package / "data").is_dir()
+    assert not hasattr(importlib.import_module("pini.data"), "load_dataset")
+
+
+# --- the one alias table ----------------------------------------------------------------------
+
+
+def test_every_dataset_alias_gives_the_template_of_its_canonical_name():
+    """Prompt templates are keyed by CoOp's folder names only; every other spelling goes through
+    the data layer's alias table (docs/spec.md §9), so a name the loaders accept for a dataset
+    picks that dataset's template."""
+    assert set(TEMPLATES) == set(ZERO_SHOT_TEMPLATES) == set(DATASET_NAMES)
+    for alias, name in DATASET_ALIASES.items():
+        assert canonical_name(alias) == name, alias
+        assert template_for(alias) == template_for(name) == TEMPLATES[name], alias
+        assert zero_shot_template(alias) == zero_shot_template(name), alias
+    for spelling in ("DescribableTextures", "describable_textures", "Describable Textures", "DTD"):
+        assert canonical_name(spelling) == "dtd", spelling
+        assert template_for(spelling) == "texture", spelling
+        assert zero_shot_template(spelling) == "{} texture.", spelling
+    assert template_for("my_folder") == "a photo of a"
+    assert zero_shot_template("my_folder") == "a photo of a {}."
