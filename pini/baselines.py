@@ -39,7 +39,7 @@ from torch import nn
 import pini_kernels
 
 from .backbone import encode_text_embeddings
-from .data import encode_samples
+from .data.features import encode_samples
 from .errors import InputError
 from .prompts import (
     DEFAULT_ZERO_SHOT_TEMPLATE,
@@ -864,7 +864,7 @@ def encode_images(
     """(features (N, D) float32, labels (N,) int64), on the CPU: the frozen image tower's raw
     (not normalized) features of ``samples`` ((source, label) pairs) in their order, through
     ``transform`` (the test transform for plain features). Unreadable images are skipped (and
-    logged) as ``pini.data.ImageList`` and ``collate_skipping`` do, so N can be less than
+    logged) as ``data.image_list.ImageList`` and ``collate_skipping`` do, so N can be less than
     ``len(samples)``; none readable is an ``InputError``. ``clip`` is moved to ``device`` and
     left in eval mode."""
     _check_positive_int("batch_size", batch_size)

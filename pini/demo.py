@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .backbone import TINY_MODEL, build_clip
-from .data import DIGIT_NAMES, ImageList, clip_transforms, digits_pretraining_samples
+from .data.digits import DIGIT_NAMES, digits_pretraining_samples
+from .data.image_list import ImageList
+from .data.transforms import clip_transforms
 
 log = logging.getLogger(__name__)
 

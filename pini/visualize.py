@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .data import CLIP_MEAN, CLIP_STD, ImageList, collate_skipping
+from .data.image_list import ImageList, collate_skipping
+from .data.transforms import CLIP_MEAN, CLIP_STD
 from .errors import InputError
 from .model import PiNI
 from .noise_paths import IMAGE_STREAM, PROMPT_STREAM
