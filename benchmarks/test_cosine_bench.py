@@ -146,9 +146,10 @@ def _run(benchmark, machine_rates, *, op, case_name, provider, backward, fused, 
             text_eps = None
             if case.sides == "both":
                 text_eps = pini_kernels.noise(
-                    (case.num_samples, case.classes, case.width), seed=CHECK_SEED + 1,
+                    (case.num_samples, case.classes, case.width),
+                    seed=CHECK_SEED + 1,
                     device=DEVICE,
-                )  # fmt: skip
+                )
             check_against_eager(
                 lambda: fused(*args, **kwargs, seed=CHECK_SEED, backend=backend),
                 lambda: eager(*args, **kwargs, image_eps=image_eps, text_eps=text_eps),
@@ -191,10 +192,15 @@ DIRECTIONS = pytest.mark.parametrize("backward", [False, True], ids=["forward", 
 @DIRECTIONS
 def test_noisy_cosine_logits(benchmark, machine_rates, backward, case_name, provider):
     _run(
-        benchmark, machine_rates, op="noisy_cosine_logits", case_name=case_name,
-        provider=provider, backward=backward, fused=pini_kernels.noisy_cosine_logits,
+        benchmark,
+        machine_rates,
+        op="noisy_cosine_logits",
+        case_name=case_name,
+        provider=provider,
+        backward=backward,
+        fused=pini_kernels.noisy_cosine_logits,
         eager=eager_noisy_cosine_logits,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -202,7 +208,12 @@ def test_noisy_cosine_logits(benchmark, machine_rates, backward, case_name, prov
 @DIRECTIONS
 def test_noisy_cross_entropy(benchmark, machine_rates, backward, case_name, provider):
     _run(
-        benchmark, machine_rates, op="noisy_cross_entropy", case_name=case_name,
-        provider=provider, backward=backward, fused=pini_kernels.noisy_cross_entropy,
+        benchmark,
+        machine_rates,
+        op="noisy_cross_entropy",
+        case_name=case_name,
+        provider=provider,
+        backward=backward,
+        fused=pini_kernels.noisy_cross_entropy,
         eager=eager_noisy_cross_entropy,
-    )  # fmt: skip
+    )

@@ -58,9 +58,12 @@ def check_stream(shape: tuple[int, ...], backend: str) -> None:
     for start in (0, last_start):
         expected = normal_stream(CHECK_SEED, start, count, device=DEVICE)
         torch.testing.assert_close(
-            drawn[start : start + count], expected, atol=1e-5, rtol=1e-5,
+            drawn[start : start + count],
+            expected,
+            atol=1e-5,
+            rtol=1e-5,
             msg=lambda message, start=start: f"noise elements from {start}: {message}",
-        )  # fmt: skip
+        )
     eager = eager_noise(shape, device=DEVICE).flatten()
     for moment in (torch.mean, torch.std):
         difference = abs(moment(drawn).item() - moment(eager).item())

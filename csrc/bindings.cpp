@@ -1,7 +1,10 @@
 // PyTorch binding of the native kernels: the `pini_native` operator library (schemas here, CPU
 // implementations here, CUDA implementations in cuda/bindings_cuda.cpp). The Python layer
-// (pini_kernels/native.py) allocates outputs and calls these ops; autograd lives in Python, but
-// for fused_inject's eager calls (autograd.cpp: `inject`, whose node is C++). The argument
+// (pini_kernels/native.py) allocates outputs and calls these ops, which have no autograd of their
+// own: the op modules (pini_kernels/inject.py, logits.py, loss.py) differentiate through them.
+// Two ops defined elsewhere carry a C++ autograd node for the native backends' eager calls:
+// `inject` (autograd.cpp: fused_inject on contiguous tensors) and `cross_entropy` (loss_flow.cpp:
+// noisy_cross_entropy, whose per-sample flow is the op `cross_entropy_flow` there). The argument
 // checks, shared with the CUDA implementations, are in checks.h.
 //
 // Every op writes into tensors it is given (`Tensor(a!)`), so the Python side controls allocation

@@ -1,8 +1,8 @@
 """Argument checks shared by the public functions (docs/spec.md §7).
 
 Every message names the argument, what was expected and what was given. The checks look at
-shapes, dtypes and devices; the two that look at values on a GPU (targets in range, a seed tensor's
-sign) do so with a device-side assert, so no check costs a device sync.
+shapes, dtypes and devices; the one that looks at values on a GPU (targets in range) does so with a
+device-side assert, so no check costs a device sync. The seed's checks are in ``seeds.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-MAX_SEED = 1 << 63
+MAX_STREAM_ELEMENTS = 1 << 63  # the noise stream's counters (docs/spec.md §3)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("add", "mul")
 
@@ -75,7 +75,7 @@ def check_mode(mode) -> bool:
     return mode == "mul"
 
 
-def _as_int(name: str, value, expected: str) -> int:
+def as_int(name: str, value, expected: str) -> int:
     """``value`` as an int (a bool is not one), else a TypeError saying what was expected."""
     if not isinstance(value, bool):
         with contextlib.suppress(TypeError):
@@ -89,75 +89,10 @@ def check_num_samples(num_samples, *, allow_none: bool) -> int | None:
             return None
         raise TypeError("num_samples must be an int >= 1, got None")
     expected = "None or an int >= 1" if allow_none else "an int >= 1"
-    num_samples = _as_int("num_samples", num_samples, expected)
+    num_samples = as_int("num_samples", num_samples, expected)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return num_samples
-
-
-def check_seed(seed, device: torch.device | None = None):
-    """Checks a seed: None, an int in [0, 2^63), or a 0-d integer tensor on the CPU or on
-    ``device`` (the op's tensors' device; a value there is checked by the op without a sync, see
-    ``kernel_seed``). Under torch.compile an int is not inspected, so that a new seed per step
-    does not specialize the graph; the op checks it at run time instead."""
-    if seed is None:
-        return None
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
-            raise TypeError(f"seed must be an integer tensor, got dtype {seed.dtype}")
-        on_allowed_device = seed.device.type == "cpu" or device is None or seed.device == device
-        if seed.numel() != 1 or not on_allowed_device:
-            also = "" if device is None or device.type == "cpu" else f" or a 0-d tensor on {device}"
-            raise ValueError(f"a tensor seed must be a 0-d CPU tensor{also}, got {describe(seed)}")
-        return seed
-    if torch.compiler.is_compiling():
-        return seed
-    seed = _as_int("seed", seed, "None or an int in [0, 2^63), or a 0-d int64 tensor")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    return seed
-
-
-def seed_tensor(seed) -> torch.Tensor:
-    """The seed as a 0-d int64 tensor; None draws one from torch's default CPU generator.
-
-    An int (or None) becomes a CPU tensor: it keeps the seed out of torch.compile's guards, so a
-    new seed per step does not recompile, and reading it in the op costs no device sync. A seed
-    tensor on a GPU stays there, read by the kernels (CUDA graphs replay it with fresh values).
-    """
-    if seed is None:
-        return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
-    if isinstance(seed, torch.Tensor):
-        return seed.reshape(()).to(torch.int64)
-    return torch.scalar_tensor(seed, dtype=torch.int64)
-
-
-def seed_value(seed: torch.Tensor) -> int:
-    """The int of a seed tensor, range-checked (a host read: no sync for a CPU tensor)."""
-    value = int(seed)
-    if not 0 <= value < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2^63), got {value}")
-    return value
-
-
-def kernel_seed(seed: torch.Tensor, device: torch.device) -> int | torch.Tensor:
-    """What a fused backend's kernels take as the seed, from the op's 0-d int64 seed tensor.
-
-    - a seed tensor on the op's ``device``: the tensor itself, read by the kernels (no sync; a
-      captured CUDA graph reads the value written before each replay). Its sign is checked with a
-      device-side assert on a GPU, a ValueError on the CPU;
-    - a CPU seed tensor for a GPU op (ints and None arrive so): an int read on the host (no sync).
-
-    Every backend's kernels take either (``triton/noise_stream.py``'s ``seed_launch_args``,
-    ``native.py``'s ``_seed_tensor``).
-    """
-    if seed.device != device:
-        return seed_value(seed)
-    if seed.device.type == "cpu":
-        seed_value(seed)
-    else:
-        torch._assert_async(seed >= 0, "seed must be in [0, 2^63)")
-    return seed
 
 
 def check_broadcast_to(name: str, value: torch.Tensor, shape: torch.Size, target: str) -> None:
@@ -174,7 +109,7 @@ def check_broadcast_to(name: str, value: torch.Tensor, shape: torch.Size, target
 
 
 def check_total_elements(num_samples: int, numel: int) -> None:
-    if num_samples * numel >= MAX_SEED:
+    if num_samples * numel >= MAX_STREAM_ELEMENTS:
         raise ValueError(
             f"num_samples * x.numel() = {num_samples * numel} exceeds the noise stream's 2^63 "
             "counter range"

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import _checks, cosine, inject, noise_stream, reference
+from . import _checks, inject, logits, loss, noise_stream, reference, seeds
 from .backends import ENV_VAR, resolve_backend
 
 _CHECKED: dict[tuple, tuple] = {}  # signature -> what its checks returned
@@ -81,10 +81,10 @@ def noise(
     if dtype not in (*_checks.FLOAT_DTYPES, torch.float64):
         raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
     device = _checks.resolve_device(device)
-    seed = _checks.seed_tensor(_checks.check_seed(seed, device))
+    seed = seeds.seed_tensor(seeds.check_seed(seed, device))
     chosen = resolve_backend(backend, device)
     if chosen == "reference" or dtype == torch.float64:
-        return reference.noise(shape, seed=_reference_seed(seed), device=device, dtype=dtype)
+        return reference.noise(shape, seed=seeds.reference_seed(seed), device=device, dtype=dtype)
     return noise_stream.noise(shape, seed, device, dtype, chosen)
 
 
@@ -117,12 +117,12 @@ def fused_inject(
     )
     mu = _checks.as_tensor_like("mu", mu, x)
     sigma = _checks.as_tensor_like("sigma", sigma, x)
-    seed = _checks.check_seed(seed, x.device)
+    seed = seeds.check_seed(seed, x.device)
     if chosen == "reference":
         return reference.fused_inject(
-            x, mu, sigma, seed=_reference_seed(seed), num_samples=samples, multiply=multiply
+            x, mu, sigma, seed=seeds.reference_seed(seed), num_samples=samples, multiply=multiply
         )
-    out = inject.run_inject(x, mu, sigma, _checks.seed_tensor(seed), samples or 1, multiply, chosen)
+    out = inject.run_inject(x, mu, sigma, seeds.seed_tensor(seed), samples or 1, multiply, chosen)
     return out.view(x.shape) if samples is None else out
 
 
@@ -150,26 +150,50 @@ NoisePair = tuple[torch.Tensor | float, torch.Tensor | float]
 
 
 def _prepare_logits_call(
-    image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples, seed,
-    backend, extra_checks=None, extra_arguments=(),
-):  # fmt: skip
+    image_features,
+    text_features,
+    logit_scale,
+    image_noise,
+    text_noise,
+    mode,
+    num_samples,
+    seed,
+    backend,
+    extra_checks=None,
+    extra_arguments=(),
+):
     """Checks shared by the two logits ops (and ``extra_checks()``, the loss's, whose result is
     returned last, with ``extra_arguments`` in the signature); returns what the op needs."""
-    arguments = (image_features, text_features, logit_scale, image_noise, text_noise, mode,
-                 num_samples, backend, *extra_arguments)  # fmt: skip
+    arguments = (
+        image_features,
+        text_features,
+        logit_scale,
+        image_noise,
+        text_noise,
+        mode,
+        num_samples,
+        backend,
+        *extra_arguments,
+    )
 
     def check():
         verdict = _check_logits_call(
-            image_features, text_features, logit_scale, image_noise, text_noise, mode,
-            num_samples, backend,
-        )  # fmt: skip
+            image_features,
+            text_features,
+            logit_scale,
+            image_noise,
+            text_noise,
+            mode,
+            num_samples,
+            backend,
+        )
         return (*verdict, extra_checks() if extra_checks is not None else None)
 
     multiply, samples, chosen, extra = _checked(arguments, check)
     image_pair = _noise_tensors("image_noise", image_noise, image_features)
     text_pair = _noise_tensors("text_noise", text_noise, text_features)
     scale = _checks.check_logit_scale(logit_scale, image_features)
-    seed = _checks.check_seed(seed, image_features.device)
+    seed = seeds.check_seed(seed, image_features.device)
     return image_pair, text_pair, scale, multiply, samples, seed, chosen, extra
 
 
@@ -184,22 +208,29 @@ def _noise_tensors(name, pair, like):
 
 
 def _check_logits_call(
-    image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
+    image_features,
+    text_features,
+    logit_scale,
+    image_noise,
+    text_noise,
+    mode,
+    num_samples,
     backend,
-) -> tuple[bool, int, str]:  # fmt: skip
+) -> tuple[bool, int, str]:
     """The logits ops' signature checks: (multiply, num_samples, backend)."""
     samples = _checks.check_num_samples(num_samples, allow_none=False)
     _checks.check_features(image_features, text_features, samples)
-    image_pair = _checks.check_noise_pair("image_noise", image_noise, image_features,
-                                          "image_features")  # fmt: skip
+    image_pair = _checks.check_noise_pair(
+        "image_noise", image_noise, image_features, "image_features"
+    )
     # Text noise is per class, (C, D), shared by every sample even when the text features are not.
     text_target = "text_features[s]" if text_features.dim() == 3 else "text_features"
-    text_pair = _checks.check_noise_pair("text_noise", text_noise, text_features, text_target,
-                                         shape=text_features.shape[-2:])  # fmt: skip
+    text_pair = _checks.check_noise_pair(
+        "text_noise", text_noise, text_features, text_target, shape=text_features.shape[-2:]
+    )
     scale = _checks.check_logit_scale(logit_scale, image_features)
     multiply = _checks.check_mode(mode)
-    named = {"image_features": image_features, "text_features": text_features,
-             "logit_scale": scale}  # fmt: skip
+    named = {"image_features": image_features, "text_features": text_features, "logit_scale": scale}
     for side, pair in (("image_noise", image_pair), ("text_noise", text_pair)):
         if pair is not None:
             named[f"{side}[0] (mu)"], named[f"{side}[1] (sigma)"] = pair
@@ -243,20 +274,40 @@ def noisy_cosine_logits(
     (a (num_samples, C, D) text_features gets a per-sample gradient, a (C, D) one the sum).
     """
     image_pair, text_pair, scale, multiply, samples, seed, chosen, _ = _prepare_logits_call(
-        image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
-        seed, backend,
-    )  # fmt: skip
+        image_features,
+        text_features,
+        logit_scale,
+        image_noise,
+        text_noise,
+        mode,
+        num_samples,
+        seed,
+        backend,
+    )
     if chosen == "reference":
         return reference.noisy_cosine_logits(
-            image_features, text_features, scale, image_noise=image_pair, text_noise=text_pair,
-            multiply=multiply, num_samples=samples, seed=_reference_seed(seed),
-            out_dtype=_checks.result_dtype(image_features, text_features, *(image_pair or ()),
-                                           *(text_pair or ())),
-        )  # fmt: skip
-    return cosine.run_logits(
-        image_features, text_features, scale, *_op_noise_args(image_pair, text_pair),
-        _checks.seed_tensor(seed), samples, multiply, chosen,
-    )  # fmt: skip
+            image_features,
+            text_features,
+            scale,
+            image_noise=image_pair,
+            text_noise=text_pair,
+            multiply=multiply,
+            num_samples=samples,
+            seed=seeds.reference_seed(seed),
+            out_dtype=_checks.result_dtype(
+                image_features, text_features, *(image_pair or ()), *(text_pair or ())
+            ),
+        )
+    return logits.run_logits(
+        image_features,
+        text_features,
+        scale,
+        *_op_noise_args(image_pair, text_pair),
+        seeds.seed_tensor(seed),
+        samples,
+        multiply,
+        chosen,
+    )
 
 
 def noisy_cross_entropy(
@@ -296,29 +347,44 @@ def noisy_cross_entropy(
         return _checks.check_label_smoothing(label_smoothing)
 
     prepared = _prepare_logits_call(
-        image_features, text_features, logit_scale, image_noise, text_noise, mode, num_samples,
-        seed, backend, check_loss_arguments, (target, reduction, label_smoothing),
-    )  # fmt: skip
+        image_features,
+        text_features,
+        logit_scale,
+        image_noise,
+        text_noise,
+        mode,
+        num_samples,
+        seed,
+        backend,
+        check_loss_arguments,
+        (target, reduction, label_smoothing),
+    )
     image_pair, text_pair, scale, multiply, samples, seed, chosen, smoothing = prepared
     if chosen == "reference":
         _checks.check_target_values(target, text_features.shape[-2])
         return reference.noisy_cross_entropy(
-            image_features, text_features, scale, target, image_noise=image_pair,
-            text_noise=text_pair, multiply=multiply, num_samples=samples,
-            seed=_reference_seed(seed),
-            reduction=reduction, label_smoothing=smoothing,
-        )  # fmt: skip
-    return cosine.run_cross_entropy(
-        image_features, text_features, scale, *_op_noise_args(image_pair, text_pair), target,
-        _checks.seed_tensor(seed), samples, multiply, reduction, smoothing, chosen,
-    )  # fmt: skip
-
-
-def _reference_seed(seed) -> torch.Tensor:
-    """The reference path's seed tensor, range-checked here (the fused ops check in the op).
-    The reference reads a GPU seed tensor on the host (a sync): it is the definition, not a
-    graph-safe backend."""
-    tensor = _checks.seed_tensor(seed)
-    if not torch.compiler.is_compiling():
-        _checks.seed_value(tensor)
-    return tensor
+            image_features,
+            text_features,
+            scale,
+            target,
+            image_noise=image_pair,
+            text_noise=text_pair,
+            multiply=multiply,
+            num_samples=samples,
+            seed=seeds.reference_seed(seed),
+            reduction=reduction,
+            label_smoothing=smoothing,
+        )
+    return loss.run_cross_entropy(
+        image_features,
+        text_features,
+        scale,
+        *_op_noise_args(image_pair, text_pair),
+        target,
+        seeds.seed_tensor(seed),
+        samples,
+        multiply,
+        reduction,
+        smoothing,
+        chosen,
+    )

@@ -1,27 +1,22 @@
 """The ``fused_inject`` op: ``out[s] = x (+ or *) (mu + sigma * eps[s])`` for each noise sample.
 
-This module owns the op's contract; a backend only runs its kernels. In order:
+This module owns the op's contract; a backend only runs its kernels
+(``kernel_tables.InjectKernels``: ``triton/inject.py``, ``native.py``). In order:
 
 - how the noise parameters broadcast over ``x``, as a ``rows x width`` view (``BroadcastLayout``);
-- the backend table (``_kernels``): each fused backend has the same two functions, taking the same
-  arguments, in ``triton/inject.py`` and ``native.py`` (the "cpu" and "cuda" kernels of csrc/)::
-
-      inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out) -> None
-      inject_backward(grad_out, x, mu, sigma, seed, num_samples, multiply, rows, width, inner,
-                      grad_x, need_param_grad) -> (partial_mu, partial_sigma) or None
-
-  ``x`` and ``grad_out`` come contiguous, ``mu`` and ``sigma`` flat and contiguous (the
-  ``width // inner`` parameters, any float dtype), ``out`` and ``grad_x`` allocated here;
-- the op's forward and backward (``inject_forward`` / ``inject_backward``), run by the
-  ``pini_kernels::inject`` custom op and its fake under torch.compile (opaque to it: no graph
-  break), and by ``_InjectFunction`` (an ``autograd.Function``) in eager mode, which skips the
-  custom-op dispatch; on the native backends, eager calls on contiguous tensors take
-  ``pini_native::inject`` instead (csrc/autograd.cpp: the same kernels and saved tensors under a
-  C++ autograd node): ``run_inject`` picks one;
-- their autograd: what is saved for backward (the seed, never ``eps``; in add mode only a stand-in
-  for ``x``, which backward must not read) and how the parameters' gradients are reduced (each
-  backend returns one row of fp32 partial sums per chunk of rows; ``_reduce_partial_sums`` adds
-  them in a fixed order, so backward is deterministic).
+- the op's forward and backward (``inject_forward`` / ``inject_backward``);
+- what is saved for backward (docs/spec.md §6: the seed, never ``eps``; in add mode only a
+  stand-in for ``x``, which backward must not read) and how the parameters' gradients are reduced
+  (each backend returns one row of fp32 partial sums per chunk of rows; ``_reduce_partial_sums``
+  adds them in a fixed order, so backward is deterministic);
+- the entry points (``run_inject`` picks one): under torch.compile the custom ops
+  ``pini_kernels::inject`` and ``::inject_backward`` (opaque to the compiler, with fakes for
+  shapes, so no graph break) with the custom op's autograd; in eager mode ``InjectFunction`` (an
+  ``autograd.Function`` calling the same two functions), or the forward alone when no gradient is
+  wanted: the custom-op dispatch costs tens of microseconds per call, more than the kernels take
+  on small tensors. On the native backends, eager calls on contiguous tensors take their C++
+  autograd node instead (``kernel_tables.InjectAutogradKernels``: the same kernels and saved
+  tensors).
 
 ``reference.fused_inject`` (pure PyTorch) is the definition the backends are tested against.
 """
@@ -30,12 +25,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
-from . import _checks
+from . import _checks, kernel_tables
 from ._host import like_input, new_buffer, on_device, once_differentiable
+from .seeds import kernel_seed
 
 # --- how mu and sigma broadcast over x ------------------------------------------------------------
 #
@@ -138,72 +133,79 @@ def _reduce_partial_sums(
     return per_column.view(layout.num_params, layout.inner).sum(dim=1).view(param_shape)
 
 
-# --- the backends ---------------------------------------------------------------------------------
-
-
-@functools.cache  # an import statement per call costs host time
-def _kernels(backend: str) -> ModuleType:
-    """The backend's inject_forward / inject_backward, imported on first use (Triton is
-    Linux-only)."""
-    if backend == "triton":
-        from .triton import inject as kernels
-    else:  # "cpu" or "cuda": the dispatcher runs the kernels of the tensors' device
-        from . import native as kernels
-    return kernels
-
-
-# --- the op's two halves, the custom ops around them, and their autograd --------------------------
-#
-# ``inject_forward`` / ``inject_backward`` below are what the op computes; two entry points run them
-# (``run_inject`` picks one):
-#
-# - under torch.compile, the custom ops ``pini_kernels::inject`` and ``::inject_backward`` (opaque
-#   to the compiler, with fakes for shapes, so no graph break) and the custom op's autograd;
-# - in eager mode, ``_InjectFunction`` (an ``autograd.Function`` calling the same two functions),
-#   or the forward alone when no gradient is wanted: the custom-op dispatch costs tens of
-#   microseconds per call, more than the kernels take on small tensors.
+# --- the op's two halves ------------------------------------------------------------------------
 
 
 def inject_forward(
-    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
-    multiply: bool, backend: str,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    backend: str,
+) -> torch.Tensor:
     """(num_samples, *x.shape): x (+ or *) (mu + sigma * eps); seed is a 0-d int64 tensor on the
-    CPU or on x's device (then read by the kernels, see ``_checks.kernel_seed``)."""
-    seed_arg = _checks.kernel_seed(seed, x.device)
+    CPU or on x's device (then read by the kernels, see ``seeds.kernel_seed``)."""
+    seed_arg = kernel_seed(seed, x.device)
     out = new_buffer((num_samples, *x.shape), _checks.result_dtype(x, mu, sigma), x.device)
     if x.numel() == 0:
         return out
     layout, _, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
     with on_device(x.device):
-        _kernels(backend).inject_forward(
-            x.contiguous(), mu_flat, sigma_flat, seed_arg, num_samples, multiply,
-            layout.rows, layout.width, layout.inner, out,
-        )  # fmt: skip
+        kernel_tables.inject_kernels(backend).inject_forward(
+            x.contiguous(),
+            mu_flat,
+            sigma_flat,
+            seed_arg,
+            num_samples,
+            multiply,
+            layout.rows,
+            layout.width,
+            layout.inner,
+            out,
+        )
     return out
 
 
 def inject_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-    seed: torch.Tensor, num_samples: int, multiply: bool, backend: str, need_x_grad: bool,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    backend: str,
+    need_x_grad: bool,
     need_param_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_mu, grad_sigma) summed over samples and broadcast dimensions; an empty tensor
     stands for a gradient not asked for. ``seed`` is the tensor forward was given, so eps is drawn
     again. The parameters' gradients come in their shapes, dtypes and layouts; grad_x in x's dtype,
     in x's layout in mul mode and contiguous in add mode (where ``x`` is autograd's stand-in,
     ``_save_for_backward``, whose ``empty_like`` is contiguous: copying into another layout would
     cost one more pass over grad_x)."""
-    seed_arg = _checks.kernel_seed(seed, x.device)
+    seed_arg = kernel_seed(seed, x.device)
     layout, param_shape, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
     grad_x = new_buffer(x.shape, x.dtype, x.device) if need_x_grad else None
     partial_sums = None
     if x.numel() > 0:
         with on_device(x.device):
-            partial_sums = _kernels(backend).inject_backward(
-                grad_out.contiguous(), x, mu_flat, sigma_flat, seed_arg, num_samples, multiply,
-                layout.rows, layout.width, layout.inner, grad_x, need_param_grad,
-            )  # fmt: skip
+            partial_sums = kernel_tables.inject_kernels(backend).inject_backward(
+                grad_out.contiguous(),
+                x,
+                mu_flat,
+                sigma_flat,
+                seed_arg,
+                num_samples,
+                multiply,
+                layout.rows,
+                layout.width,
+                layout.inner,
+                grad_x,
+                need_param_grad,
+            )
     if grad_x is None:
         grad_x = x.new_empty(0)
     elif multiply:
@@ -246,9 +248,17 @@ def _gradients(ctx, grad_out, backward) -> tuple[torch.Tensor | None, ...]:
     x, mu, sigma, seed = ctx.saved_tensors
     need_x_grad, need_mu_grad, need_sigma_grad = ctx.needs_input_grad[:3]
     grad_x, grad_mu, grad_sigma = backward(
-        grad_out, x, mu, sigma, seed, ctx.num_samples, ctx.multiply, ctx.backend,
-        need_x_grad, need_mu_grad or need_sigma_grad,
-    )  # fmt: skip
+        grad_out,
+        x,
+        mu,
+        sigma,
+        seed,
+        ctx.num_samples,
+        ctx.multiply,
+        ctx.backend,
+        need_x_grad,
+        need_mu_grad or need_sigma_grad,
+    )
     return (
         grad_x if need_x_grad else None,
         grad_mu if need_mu_grad else None,
@@ -290,7 +300,7 @@ inject.register_autograd(
 )
 
 
-class _InjectFunction(torch.autograd.Function):
+class InjectFunction(torch.autograd.Function):
     """The eager entry point: the same forward, saved tensors and backward as the custom op's
     autograd, without the custom-op dispatch."""
 
@@ -308,7 +318,7 @@ class _InjectFunction(torch.autograd.Function):
 def _native_fast_path(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> bool:
     """Whether ``pini_native::inject`` takes the call: contiguous x, mu and sigma of one shape
     whose layout needs no expansion (the flat parameters are then views, so their gradients are
-    exactly the kernels' fp32 sums, in the given layouts). Other calls take ``_InjectFunction``."""
+    exactly the kernels' fp32 sums, in the given layouts). Other calls take ``InjectFunction``."""
     return (
         mu.shape == sigma.shape
         and x.is_contiguous()
@@ -318,39 +328,52 @@ def _native_fast_path(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) ->
     )
 
 
-def _native_inject(
-    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
+def _inject_with_autograd(
+    kernels: kernel_tables.InjectAutogradKernels,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: torch.Tensor,
+    num_samples: int,
     multiply: bool,
-) -> torch.Tensor:  # fmt: skip
-    """The native backends' eager entry point (``_native_fast_path``): ``pini_native::inject``
-    (csrc/autograd.cpp), the same kernels, saved tensors and gradients as ``_InjectFunction`` with
-    the autograd node in C++, which runs backward without Python. mu and sigma go in as flat
-    views, so autograd hands their gradients back in the given shapes."""
-    from . import native
-
+) -> torch.Tensor:
+    """The native backends' eager entry point (``_native_fast_path``): the same kernels, saved
+    tensors and gradients as ``InjectFunction`` with the autograd node in C++, which runs backward
+    without Python. mu and sigma go in as flat views (contiguous parameters of one shape, not
+    expanded), so autograd hands their gradients back in the given shapes."""
     layout = _param_layout(x.shape, mu.shape, sigma.shape)[0]
-    # Contiguous parameters of one shape, not expanded: their flat views are the kernels' input.
-    mu_flat, sigma_flat = mu.view(-1), sigma.view(-1)
-    seed_arg = native._seed_tensor(_checks.kernel_seed(seed, x.device), x.device)
-    rows_per_chunk = native._rows_per_chunk(layout.rows, layout.width, x.device)
     with on_device(x.device):
-        return native._ops().inject(
-            x, mu_flat, sigma_flat, seed_arg, num_samples, multiply, layout.rows,
-            layout.width, layout.inner, rows_per_chunk, _checks.result_dtype(x, mu, sigma),
-        )  # fmt: skip
+        return kernels.inject_autograd(
+            x,
+            mu.view(-1),
+            sigma.view(-1),
+            kernel_seed(seed, x.device),
+            num_samples,
+            multiply,
+            layout.rows,
+            layout.width,
+            layout.inner,
+            _checks.result_dtype(x, mu, sigma),
+        )
 
 
 def run_inject(
-    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, num_samples: int,
-    multiply: bool, backend: str,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    backend: str,
+) -> torch.Tensor:
     """The op on checked arguments (``inject_forward``'s), with autograd: the custom op under
-    torch.compile; else on the native backends ``pini_native::inject`` (autograd in C++), on
-    Triton ``_InjectFunction``, or the forward alone when no gradient is wanted."""
+    torch.compile; else on the native backends their C++ autograd node (for contiguous tensors),
+    ``InjectFunction``, or the forward alone when no gradient is wanted."""
     if torch.compiler.is_compiling():
         return inject(x, mu, sigma, seed, num_samples, multiply, backend)
-    if backend != "triton" and _native_fast_path(x, mu, sigma):
-        return _native_inject(x, mu, sigma, seed, num_samples, multiply)
+    native = kernel_tables.inject_autograd_kernels(backend)
+    if native is not None and _native_fast_path(x, mu, sigma):
+        return _inject_with_autograd(native, x, mu, sigma, seed, num_samples, multiply)
     if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or sigma.requires_grad):
-        return _InjectFunction.apply(x, mu, sigma, seed, num_samples, multiply, backend)
+        return InjectFunction.apply(x, mu, sigma, seed, num_samples, multiply, backend)
     return inject_forward(x, mu, sigma, seed, num_samples, multiply, backend)

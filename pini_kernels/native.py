@@ -2,17 +2,12 @@
 library, ``pini_kernels._C``), one module for both (the dispatcher runs the kernels of the tensors'
 device).
 
-The same functions, taking the same arguments, as the Triton backend: ``noise_forward``
-(``triton/noise_stream.py``), ``inject_forward`` / ``inject_backward`` (``triton/inject.py``),
-``normalize`` / ``normalize_backward`` / ``loss_stats`` / ``loss_stats_grad`` / ``loss_grad``
-(``triton/cosine.py``);
-the op modules (``noise_stream.py``, ``inject.py``, ``cosine.py``) say what each must do. The
-compiled ops write into buffers allocated here or by the op modules, so the tests' NaN poisoning
-covers them too, and check their arguments (``csrc/checks.h``).
-
-Every function takes ``seed`` as a Python int or as a 0-d int64 tensor (``_seed_tensor``): on a
-GPU the CUDA kernels read a seed tensor on the device, without a sync, so CUDA graphs replay with
-fresh noise; the CPU kernels read a CPU tensor on the host.
+It provides every kernel table of ``kernel_tables.py`` (the same functions, taking the same
+arguments, as the Triton backend), and two the Triton backend has not: ``LossFlowKernels`` and
+``InjectAutogradKernels``, whole flows as single C++ ops. The compiled ops write into buffers
+allocated here or by the op modules, so the tests' NaN poisoning covers them too, and check their
+arguments (``csrc/checks.h``). Seeds become the 0-d int64 tensors the compiled ops read with
+``seeds.native_seed``.
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._host import new_buffer
+from .seeds import KernelSeed, native_seed, text_seed
 
 # Rows per chunk of the CPU backward's parameter partial sums: each chunk adds one row of `width`
 # floats to reduce; a task is a 2048-column tile (csrc/cpu/kernels.cpp) times these rows. CUDA
@@ -74,36 +70,6 @@ def _rows_per_chunk(rows: int, width: int, device: torch.device) -> int:
     return cuda_inject_launch(rows, width, _multiprocessors(device_index)).rows_per_chunk
 
 
-def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The seed as the compiled ops take it: a 0-d int64 tensor where their kernels read it, on
-    ``device`` (the data's). The CUDA kernels read it on the GPU, so a CUDA graph captured around
-    them draws the noise of the value written into it before each replay; the CPU kernels read it
-    on the host. ``seed`` is an int in [0, 2^64) (a uint64 key: text seeds may reach 2^63, stored
-    as the int64 of the same bits) or a one-element int64 tensor: on ``device`` it is used as it
-    is (no copy, no sync); a CPU tensor for a GPU is read on the host (no sync) and written there
-    by a fill kernel, as an int is (no host-to-device copy, so graph capture works too)."""
-    if isinstance(seed, torch.Tensor):
-        if seed.dim() == 0 and seed.dtype == torch.int64 and seed.device == device:
-            return seed  # the common case first: small tensors feel every host-side check
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(
-                f"seed must be an int or a one-element int64 tensor, got a {seed.dtype} tensor "
-                f"of shape {tuple(seed.shape)}"
-            )
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if seed.device == device:
-            return seed.reshape(())
-        if seed.device.type != "cpu":
-            raise ValueError(
-                f"seed must be a CPU tensor or on the data's device {device}, got one on "
-                f"{seed.device}"
-            )
-        seed = int(seed)  # a CPU read: no device sync
-    key = seed - (1 << 64) if seed >= (1 << 63) else seed
-    return torch.full((), key, dtype=torch.int64, device=device)
-
-
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
     """The compiled kernels read fp32 parameters (no call when they already are: small tensors
     pay for every host-side call)."""
@@ -113,79 +79,244 @@ def _float32(tensor: torch.Tensor) -> torch.Tensor:
 def noise_forward(
     numel: int, seed: int | torch.Tensor, device: torch.device, dtype: torch.dtype, start: int = 0
 ) -> torch.Tensor:
-    """Stream elements ``start .. start + numel - 1`` of ``seed`` as a flat tensor of ``dtype``.
-    Every function here takes ``seed`` as an int or a 0-d int64 tensor (``_seed_tensor``)."""
+    """See kernel_tables.NoiseKernels."""
     out = new_buffer(numel, torch.float32, device)
     if numel:
-        _ops().noise(_seed_tensor(seed, device), start, out)
+        _ops().noise(native_seed(seed, device), start, out)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
 def inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out) -> None:
-    """See triton/inject.py's inject_forward; the compiled kernels read fp32 parameters."""
+    """See kernel_tables.InjectKernels; the compiled kernels read fp32 parameters."""
     _ops().inject_forward(
-        x, _float32(mu), _float32(sigma), _seed_tensor(seed, x.device),
-        num_samples, multiply, rows, width, inner, out,
-    )  # fmt: skip
+        x,
+        _float32(mu),
+        _float32(sigma),
+        native_seed(seed, x.device),
+        num_samples,
+        multiply,
+        rows,
+        width,
+        inner,
+        out,
+    )
 
 
 def inject_backward(
-    grad_out, x, mu, sigma, seed, num_samples, multiply, rows, width, inner, grad_x,
+    grad_out,
+    x,
+    mu,
+    sigma,
+    seed,
+    num_samples,
+    multiply,
+    rows,
+    width,
+    inner,
+    grad_x,
     need_param_grad,
-):  # fmt: skip
-    """See triton/inject.py's inject_backward; here a chunk is ROWS_PER_CHUNK rows on the CPU
-    and cuda_inject_launch's rows_per_chunk on a GPU."""
+):
+    """See kernel_tables.InjectKernels; here a chunk is ROWS_PER_CHUNK rows on the CPU and
+    cuda_inject_launch's rows_per_chunk on a GPU."""
     rows_per_chunk = _rows_per_chunk(rows, width, x.device)
     row_chunks = -(-rows // rows_per_chunk)
     partial_mu = partial_sigma = None
     if need_param_grad:
         partial_mu = new_buffer((row_chunks, width), torch.float32, x.device)
         partial_sigma = new_buffer((row_chunks, width), torch.float32, x.device)
-    # In add mode x may be autograd's one-element stand-in (inject.py): no kernel reads it there.
+    # In add mode x may be autograd's one-element stand-in: no kernel reads it there.
     x_data = x.contiguous() if multiply else x
     _ops().inject_backward(
-        grad_out, x_data, _float32(mu), _float32(sigma),
-        _seed_tensor(seed, grad_out.device), num_samples, multiply, rows, width, inner,
-        rows_per_chunk, grad_x, partial_mu, partial_sigma,
-    )  # fmt: skip
+        grad_out,
+        x_data,
+        _float32(mu),
+        _float32(sigma),
+        native_seed(seed, grad_out.device),
+        num_samples,
+        multiply,
+        rows,
+        width,
+        inner,
+        rows_per_chunk,
+        grad_x,
+        partial_mu,
+        partial_sigma,
+    )
     return (partial_mu, partial_sigma) if need_param_grad else None
 
 
 def normalize(features, mu, sigma, seed, stream_offset, multiply, unit, norm) -> None:
-    """See triton/cosine.py's normalize."""
+    """See kernel_tables.LogitsKernels."""
     _ops().noisy_normalize(
-        features, mu, sigma, _seed_tensor(seed, features.device), stream_offset, multiply, unit,
+        features,
+        mu,
+        sigma,
+        native_seed(seed, features.device),
+        stream_offset,
+        multiply,
+        unit,
         norm,
-    )  # fmt: skip
+    )
 
 
 def normalize_backward(
-    features, mu, sigma, seed, stream_offset, multiply, unit, norm, grad_unit, grad_x, grad_mu,
+    features,
+    mu,
+    sigma,
+    seed,
+    stream_offset,
+    multiply,
+    unit,
+    norm,
+    grad_unit,
+    grad_x,
+    grad_mu,
     grad_sigma,
-) -> None:  # fmt: skip
-    """See triton/cosine.py's normalize_backward."""
+) -> None:
+    """See kernel_tables.LogitsKernels."""
     _ops().noisy_normalize_backward(
-        features, mu, sigma, _seed_tensor(seed, features.device), stream_offset, multiply, unit,
-        norm, grad_unit, grad_x, grad_mu, grad_sigma,
-    )  # fmt: skip
+        features,
+        mu,
+        sigma,
+        native_seed(seed, features.device),
+        stream_offset,
+        multiply,
+        unit,
+        norm,
+        grad_unit,
+        grad_x,
+        grad_mu,
+        grad_sigma,
+    )
+
+
+def cosines(
+    image_unit: torch.Tensor, text_unit: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See kernel_tables.LogitsKernels: torch.mm, the product ``loss_stats`` uses."""
+    if out is None:
+        return torch.mm(image_unit, text_unit.t())
+    return torch.mm(image_unit, text_unit.t(), out=out)
 
 
 def loss_stats(image_unit, text_unit, target, scale, lse, target_logit, logit_sum) -> None:
-    """See triton/cosine.py's loss_stats: here one BLAS product, then the row statistics."""
+    """See kernel_tables.LossKernels: here one BLAS product, then the row statistics."""
     cosine = torch.mm(image_unit, text_unit.t())
     _ops().cross_entropy_stats(cosine, target, scale, lse, target_logit, logit_sum)
 
 
 def loss_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad) -> None:
-    """See triton/cosine.py's loss_grad."""
+    """See kernel_tables.LossKernels."""
     _ops().cross_entropy_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)
 
 
 def loss_stats_grad(
     cosine, target, row_grad, scale, label_smoothing, lse, target_logit, logit_sum, scale_grad
 ) -> None:
-    """See triton/cosine.py's loss_stats_grad: the row statistics, then the gradient, each row
-    still in cache from the first pass."""
+    """See kernel_tables.LossKernels: the row statistics, then the gradient, each row still in
+    cache from the first pass."""
     ops = _ops()
     ops.cross_entropy_stats(cosine, target, scale, lse, target_logit, logit_sum)
     ops.cross_entropy_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad)
+
+
+# --- whole flows as single C++ ops: LossFlowKernels and InjectAutogradKernels -------------------
+
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # csrc/loss_flow.cpp's Reduction
+
+
+def cross_entropy_flow(
+    image,
+    text,
+    logit_scale,
+    image_mu,
+    image_sigma,
+    text_mu,
+    text_sigma,
+    target,
+    seed: KernelSeed,
+    num_samples,
+    multiply,
+    label_smoothing,
+    lse,
+    row_grads,
+    needs,
+):
+    """See kernel_tables.LossFlowKernels (``pini_native::cross_entropy_flow``)."""
+    device = image.device
+    need_bits = sum(1 << index for index, need in enumerate(needs) if need)
+    lse, target_logit, logit_sum, *grads = _ops().cross_entropy_flow(
+        image,
+        text,
+        logit_scale,
+        image_mu,
+        image_sigma,
+        text_mu,
+        text_sigma,
+        target,
+        native_seed(seed, device),
+        native_seed(text_seed(seed), device),
+        num_samples,
+        multiply,
+        label_smoothing,
+        lse,
+        row_grads,
+        need_bits,
+    )
+    grads = [grad if need else None for grad, need in zip(grads, needs, strict=True)]
+    return lse, target_logit, logit_sum, grads
+
+
+def cross_entropy_autograd(
+    image,
+    text,
+    logit_scale,
+    image_mu,
+    image_sigma,
+    text_mu,
+    text_sigma,
+    target,
+    seed: KernelSeed,
+    num_samples,
+    multiply,
+    reduction,
+    label_smoothing,
+) -> torch.Tensor:
+    """See kernel_tables.LossFlowKernels (``pini_native::cross_entropy``, csrc/loss_flow.cpp)."""
+    device = image.device
+    return _ops().cross_entropy(
+        image,
+        text,
+        logit_scale,
+        image_mu,
+        image_sigma,
+        text_mu,
+        text_sigma,
+        target,
+        native_seed(seed, device),
+        native_seed(text_seed(seed), device),
+        num_samples,
+        multiply,
+        _REDUCTION_CODES[reduction],
+        label_smoothing,
+    )
+
+
+def inject_autograd(
+    x, mu, sigma, seed: KernelSeed, num_samples, multiply, rows, width, inner, dtype
+) -> torch.Tensor:
+    """See kernel_tables.InjectAutogradKernels (``pini_native::inject``, csrc/autograd.cpp)."""
+    rows_per_chunk = _rows_per_chunk(rows, width, x.device)
+    return _ops().inject(
+        x,
+        mu,
+        sigma,
+        native_seed(seed, x.device),
+        num_samples,
+        multiply,
+        rows,
+        width,
+        inner,
+        rows_per_chunk,
+        dtype,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import result_dtype
+from .seeds import stream_key, stream_key_value
 
 __all__ = [
     "fused_inject",
@@ -30,7 +31,6 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 MASK32 = 0xFFFFFFFF
-MASK64 = (1 << 64) - 1
 # Triton's uint_to_uniform_float: the largest scale with (2^31 - 1) * scale < 1 in float32.
 UINT32_TO_UNIFORM = 4.6566127342e-10
 # Box-Muller clamps u away from 0 so that log(u) stays finite.
@@ -136,19 +136,12 @@ def noise_forward(
 def _reference_noise(seed: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
     """normal_stream as an op: opaque to torch.compile, which would otherwise inline (and take
     minutes to compile) the ten Philox rounds, and keyed by a tensor so seeds are not guarded."""
-    return normal_stream(int(seed) & MASK64, 0, count, device)
+    return normal_stream(stream_key_value(seed), 0, count, device)
 
 
 @_reference_noise.register_fake
 def _reference_noise_fake(seed, count, device):
     return torch.empty(count, dtype=torch.float32, device=device)
-
-
-def _seed_as_tensor(seed: int | torch.Tensor) -> torch.Tensor:
-    """A 0-d int64 tensor holding the 64-bit key (keys >= 2^63, e.g. seed + 1, wrap around)."""
-    if isinstance(seed, torch.Tensor):
-        return seed.reshape(()).to(torch.int64)
-    return torch.scalar_tensor(seed - (1 << 64) if seed >= (1 << 63) else seed, dtype=torch.int64)
 
 
 def noise(
@@ -157,7 +150,7 @@ def noise(
     """The ``eps`` stream of ``seed`` as a tensor of ``shape`` (row-major)."""
     shape = torch.Size(shape)
     device = torch.device("cpu") if device is None else torch.device(device)
-    stream = _reference_noise(_seed_as_tensor(seed), shape.numel(), device)
+    stream = _reference_noise(stream_key(seed), shape.numel(), device)
     return stream.view(shape).to(dtype)
 
 
@@ -242,13 +235,21 @@ def noisy_cosine_logits(
         tensors += list(pair or ())
     compute = _compute_dtype(*tensors)
     image = _noisy_features(
-        image_features, image_noise, seed=seed, num_samples=num_samples, multiply=multiply,
+        image_features,
+        image_noise,
+        seed=seed,
+        num_samples=num_samples,
+        multiply=multiply,
         compute=compute,
-    )  # fmt: skip
+    )
     text = _noisy_features(
-        text_features, text_noise, seed=seed + 1, num_samples=num_samples, multiply=multiply,
+        text_features,
+        text_noise,
+        seed=seed + 1,
+        num_samples=num_samples,
+        multiply=multiply,
         compute=compute,
-    )  # fmt: skip
+    )
     if isinstance(logit_scale, torch.Tensor):
         logit_scale = logit_scale.to(compute)
     logits = logit_scale * (_normalize(image) @ _normalize(text).transpose(-1, -2))
@@ -275,10 +276,16 @@ def noisy_cross_entropy(
     "sum", or (num_samples, B) for "none" (float64 if any input is float64).
     """
     logits = noisy_cosine_logits(
-        image_features, text_features, logit_scale, image_noise=image_noise,
-        text_noise=text_noise, multiply=multiply, num_samples=num_samples, seed=seed,
+        image_features,
+        text_features,
+        logit_scale,
+        image_noise=image_noise,
+        text_noise=text_noise,
+        multiply=multiply,
+        num_samples=num_samples,
+        seed=seed,
         out_dtype=torch.float64 if image_features.dtype == torch.float64 else torch.float32,
-    )  # fmt: skip
+    )
     samples, batch, classes = logits.shape
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(samples * batch, classes),

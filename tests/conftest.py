@@ -29,6 +29,26 @@ def fused_backend(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def force_loss_splits(monkeypatch):
+    """``force_loss_splits(n)``: the Triton loss kernel then splits each row's classes n ways on
+    any device (under the interpreter it otherwise uses one, and the merge of the splits' row
+    statistics would never run). Returns the list of (rows, classes) it is asked for."""
+    from pini_kernels.triton import logits_loss
+
+    asked: list[tuple[int, int]] = []
+
+    def force(splits: int) -> list[tuple[int, int]]:
+        def loss_splits(rows: int, classes: int, device: torch.device) -> int:
+            asked.append((rows, classes))
+            return splits
+
+        monkeypatch.setattr(logits_loss, "_loss_splits", loss_splits)
+        return asked
+
+    return force
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

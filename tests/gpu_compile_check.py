@@ -28,13 +28,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pini_kernels.triton import cosine, inject, launch, noise_stream  # noqa: E402
+from pini_kernels.triton import inject, launch, logits_loss, noise_stream, normalize  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 # 65536 registers per SM / (96 x 32 threads) = 21 warps: five 4-warp programs in flight per SM.
 MEMORY_BOUND_MAX_REGISTERS = 96
-MEMORY_BOUND_KERNELS = ("noise", "inject_forward", "inject_backward", "normalize",
-                        "normalize_backward")  # fmt: skip
+MEMORY_BOUND_KERNELS = (
+    "noise",
+    "inject_forward",
+    "inject_backward",
+    "normalize",
+    "normalize_backward",
+)
 
 
 # The approximate float32 instructions each kernel's sm_90 code may hold. The GPU tolerances rest
@@ -80,8 +85,12 @@ def compile_kernel(kernel, types: dict, constants: dict, target, num_warps: int)
 def find_ptxas() -> str | None:
     """PINI_PTXAS, the CUDA toolkit's ptxas, or the one Triton ships."""
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    for candidate in (os.environ.get("PINI_PTXAS"), "/usr/local/cuda/bin/ptxas",
-                      shutil.which("ptxas"), str(bundled)):  # fmt: skip
+    for candidate in (
+        os.environ.get("PINI_PTXAS"),
+        "/usr/local/cuda/bin/ptxas",
+        shutil.which("ptxas"),
+        str(bundled),
+    ):
         if candidate and Path(candidate).is_file():
             return candidate
     return None
@@ -95,8 +104,10 @@ def ptxas_resources(ptxas: str, ptx: str) -> dict:
         path.write_text(ptx)
         result = subprocess.run(
             [ptxas, "-v", f"--gpu-name={arch}", str(path), "-o", str(Path(folder) / "k.cubin")],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     report = result.stdout + result.stderr
 
     def number(pattern: str) -> int:
@@ -139,8 +150,13 @@ def variants():
     ):
         pointers = dict(x_ptr=f"*{dtype}", mu_ptr="*fp32", sigma_ptr="*fp32", out_ptr=f"*{dtype}")
         # The seed in memory on the fp32 variants: every other flag is seen with both seed kinds.
-        flags = dict(SEED_IN_MEMORY=dtype == "fp32", HAS_INNER=has_inner, MULTIPLY=multiply,
-                     ALIGNED=aligned, BLOCK=launch.MAX_BLOCK_GPU)  # fmt: skip
+        flags = dict(
+            SEED_IN_MEMORY=dtype == "fp32",
+            HAS_INNER=has_inner,
+            MULTIPLY=multiply,
+            ALIGNED=aligned,
+            BLOCK=launch.MAX_BLOCK_GPU,
+        )
         yield "inject_forward", inject._inject_forward_kernel, {**pointers, **sizes}, flags, warps
     for multiply, aligned, need_x, need_params in itertools.product((False, True), repeat=4):
         pointers = dict(grad_out_ptr="*bf16", x_ptr="*bf16", grad_x_ptr="*bf16")
@@ -186,15 +202,21 @@ def cosine_variants():
     ):
         if dim == 768 and not has_noise:
             continue
-        block, rows, warps = cosine._row_tiling(dim)
-        flags = dict(SEED_IN_MEMORY=has_noise and multiply != aligned, HAS_NOISE=has_noise,
-                     MULTIPLY=multiply, ALIGNED=aligned, ROWS=rows, BLOCK=block)  # fmt: skip
-        yield "normalize", cosine._noisy_normalize_kernel, row_types, flags, warps
+        block, rows, warps = normalize._row_tiling(dim)
+        flags = dict(
+            SEED_IN_MEMORY=has_noise and multiply != aligned,
+            HAS_NOISE=has_noise,
+            MULTIPLY=multiply,
+            ALIGNED=aligned,
+            ROWS=rows,
+            BLOCK=block,
+        )
+        yield "normalize", normalize._noisy_normalize_kernel, row_types, flags, warps
         for need_x, need_params in ((True, True), (True, False), (False, True)):
             backward_flags = dict(flags, NEED_X_GRAD=need_x, NEED_PARAM_GRAD=need_params)
             yield (
                 "normalize_backward",
-                cosine._noisy_normalize_backward_kernel,
+                normalize._noisy_normalize_backward_kernel,
                 row_types,
                 backward_flags,
                 warps,
@@ -214,18 +236,28 @@ def cosine_variants():
         loss_types[name] = "*fp32"
     for precision in ("ieee", "tf32"):
         flags = dict(
-            BLOCK_ROWS=cosine.BLOCK_ROWS,
-            BLOCK_CLASSES=cosine.BLOCK_CLASSES,
-            BLOCK_DIM=cosine.BLOCK_DIM,
+            BLOCK_ROWS=logits_loss.BLOCK_ROWS,
+            BLOCK_CLASSES=logits_loss.BLOCK_CLASSES,
+            BLOCK_DIM=logits_loss.BLOCK_DIM,
             INPUT_PRECISION=precision,
         )
-        warps = cosine.LOGITS_TILE_WARPS
-        yield "cosine_cross_entropy", cosine._cosine_cross_entropy_kernel, loss_types, flags, warps
+        warps = logits_loss.LOGITS_TILE_WARPS
+        yield (
+            "cosine_cross_entropy",
+            logits_loss._cosine_cross_entropy_kernel,
+            loss_types,
+            flags,
+            warps,
+        )
         cosine_types = dict(
-            image_ptr="*fp32", text_ptr="*fp32", out_ptr="*fp32", rows="i32", classes="i32",
+            image_ptr="*fp32",
+            text_ptr="*fp32",
+            out_ptr="*fp32",
+            rows="i32",
+            classes="i32",
             dim="i32",
-        )  # fmt: skip
-        yield "cosines", cosine._cosine_kernel, cosine_types, flags, warps
+        )
+        yield "cosines", logits_loss._cosine_kernel, cosine_types, flags, warps
     grad_types = dict(
         cosine_ptr="*fp32",
         lse_ptr="*fp32",
@@ -239,9 +271,9 @@ def cosine_variants():
         label_smoothing="fp32",
     )
     for compute_stats in (False, True):
-        flags = dict(BLOCK=cosine.BLOCK_GRAD_CLASSES, COMPUTE_STATS=compute_stats)
+        flags = dict(BLOCK=logits_loss.BLOCK_GRAD_CLASSES, COMPUTE_STATS=compute_stats)
         name = "cross_entropy_stats_grad" if compute_stats else "cross_entropy_grad"
-        yield name, cosine._cross_entropy_grad_kernel, grad_types, flags, 4
+        yield name, logits_loss._cross_entropy_grad_kernel, grad_types, flags, 4
 
 
 def main() -> int:
@@ -280,8 +312,10 @@ def main() -> int:
     if rows:
         print(f"{'kernel':<22} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'smem':>6}  flags")
         for name, flags, used in rows:
-            print(f"{name:<22} {used['registers']:>4} {used['spill_stores']:>8} "
-                  f"{used['spill_loads']:>8} {used['shared']:>6}  {flags}")  # fmt: skip
+            print(
+                f"{name:<22} {used['registers']:>4} {used['spill_stores']:>8} "
+                f"{used['spill_loads']:>8} {used['shared']:>6}  {flags}"
+            )
     print(f"compiled {count} kernel variants in {time.perf_counter() - started:.1f} s")
     for problem in problems:
         print(f"PROBLEM: {problem}")

@@ -141,11 +141,10 @@ def record_backward_probabilities(monkeypatch, backend: str) -> list[torch.Tenso
     tensor per noise sample, in the returned list. On the native backends the loss's flow is one
     C++ op that calls the kernels itself; the Python flow runs the same kernels call for call
     (``test_native_loss_flow_equals_the_python_flow``) and is the one a test can watch."""
-    from pini_kernels import cosine
+    from pini_kernels import kernel_tables
 
-    kernels = cosine._kernels(backend)
-    if backend != "triton":
-        monkeypatch.setattr(cosine, "NATIVE_LOSS_FLOW", False)
+    kernels = kernel_tables.loss_kernels(backend)
+    use_python_loss_flow(monkeypatch)
     seen: list[torch.Tensor] = []
     loss_grad = kernels.loss_grad
 
@@ -155,6 +154,15 @@ def record_backward_probabilities(monkeypatch, backend: str) -> list[torch.Tenso
 
     monkeypatch.setattr(kernels, "loss_grad", recording_loss_grad)
     return seen
+
+
+def use_python_loss_flow(monkeypatch) -> None:
+    """Runs the native backends' loss through the Python per-sample flow (Triton's) on their own
+    kernels, instead of their one-op flow (csrc/loss_flow.cpp): the same kernels, call for call,
+    which a test can watch or compare with the one-op flow."""
+    from pini_kernels import kernel_tables
+
+    monkeypatch.setattr(kernel_tables, "loss_flow_kernels", lambda backend: None)
 
 
 def assert_probabilities_sum_to_one(seen, calls: int, *, factor: float = 4.0, floor: float = 1e-6):

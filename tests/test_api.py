@@ -5,6 +5,7 @@ module (test_noise_stream.py, test_inject.py, test_cosine.py), run on every back
 
 import pytest
 import torch
+from conftest import FUSED_BACKENDS
 
 import pini_kernels
 from pini_kernels import backends
@@ -52,19 +53,22 @@ def test_second_order_gradients_raise_instead_of_missing_terms(fused_backend, op
     mu = torch.randn(8, generator=generator).to(device).requires_grad_(True)
     sigma = torch.rand(8, generator=generator).to(device).requires_grad_(True)
     if op == "fused_inject":
-        out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=1,
-                                        backend=fused_backend)  # fmt: skip
+        out = pini_kernels.fused_inject(
+            x, mu, sigma, mode="mul", num_samples=2, seed=1, backend=fused_backend
+        )
         value = out.square().sum()
     elif op == "noisy_cosine_logits":
         text = torch.randn(5, 8, generator=generator).to(device).requires_grad_(True)
-        logits = pini_kernels.noisy_cosine_logits(x, text, 10.0, image_noise=(mu, sigma), seed=1,
-                                                  backend=fused_backend)  # fmt: skip
+        logits = pini_kernels.noisy_cosine_logits(
+            x, text, 10.0, image_noise=(mu, sigma), seed=1, backend=fused_backend
+        )
         value = logits.square().sum()
     else:
         text = torch.randn(5, 8, generator=generator).to(device).requires_grad_(True)
         target = torch.randint(0, 5, (6,), generator=generator).to(device)
-        value = pini_kernels.noisy_cross_entropy(x, text, 10.0, target, image_noise=(mu, sigma),
-                                                 seed=1, backend=fused_backend)  # fmt: skip
+        value = pini_kernels.noisy_cross_entropy(
+            x, text, 10.0, target, image_noise=(mu, sigma), seed=1, backend=fused_backend
+        )
     grads = torch.autograd.grad(value, (x, mu, sigma), create_graph=True)
     assert all(torch.isfinite(grad).all() for grad in grads)
     with pytest.raises(RuntimeError, match="differentiat"):
@@ -133,8 +137,7 @@ def test_noise_on_device_cuda_takes_a_seed_tensor_on_the_current_gpu(monkeypatch
 def _misaligned(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A leaf holding ``tensor``'s values at storage offset 1 (4 bytes for float32, 2 for half
     types: no 8- or 16-byte vector access is aligned), and the contiguous view of them."""
-    base = torch.full((tensor.numel() + 1,), float("nan"), dtype=tensor.dtype,
-                      device=tensor.device)  # fmt: skip
+    base = torch.full((tensor.numel() + 1,), float("nan"), dtype=tensor.dtype, device=tensor.device)
     base[1:] = tensor.reshape(-1)
     base.requires_grad_(True)
     return base, base[1:].view(tensor.shape)
@@ -159,14 +162,21 @@ def test_misaligned_views_on_every_backend(fused_backend, dtype):
     target = torch.randint(0, 7, (5,), generator=generator).to(device)
 
     def inject(x, mu, sigma, backend):
-        return pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=4,
-                                         backend=backend)  # fmt: skip
+        return pini_kernels.fused_inject(
+            x, mu, sigma, mode="mul", num_samples=2, seed=4, backend=backend
+        )
 
     def loss(image, text, mu, sigma, backend):
         return pini_kernels.noisy_cross_entropy(
-            image, text, 20.0, target, image_noise=(mu, sigma), num_samples=2, seed=4,
+            image,
+            text,
+            20.0,
+            target,
+            image_noise=(mu, sigma),
+            num_samples=2,
+            seed=4,
             backend=backend,
-        )  # fmt: skip
+        )
 
     for name, op, inputs in (("inject", inject, inject_inputs), ("loss", loss, loss_inputs)):
         bases, views = zip(*(_misaligned(t) for t in inputs), strict=True)
@@ -178,5 +188,96 @@ def test_misaligned_views_on_every_backend(fused_backend, dtype):
         assert_close(got, want, atol=atol, rtol=rtol, name=f"{name} output")
         for index, (base, leaf) in enumerate(zip(bases, leaves, strict=True)):
             magnitude = max(1.0, float(leaf.grad.abs().max()))
-            assert_close(base.grad[1:].view(leaf.shape), leaf.grad, atol=atol * magnitude,
-                         rtol=rtol, name=f"{name} gradient {index}")  # fmt: skip
+            assert_close(
+                base.grad[1:].view(leaf.shape),
+                leaf.grad,
+                atol=atol * magnitude,
+                rtol=rtol,
+                name=f"{name} gradient {index}",
+            )
+
+
+# --- torch.library.opcheck on every custom op ---------------------------------------------------
+
+
+def _opcheck_cases(backend: str) -> dict[str, list[tuple]]:
+    """Arguments of every ``pini_kernels::`` custom op on ``backend``: tiny, odd shapes, random
+    values, every differentiable tensor requiring grad (so the autograd registration is checked
+    too), both modes, and for the loss both of what it may save (gradients or the lse)."""
+    generator = torch.Generator().manual_seed(3)
+
+    def random(*shape, grad=True):
+        return torch.randn(shape, generator=generator).requires_grad_(grad)
+
+    def positive(*shape):
+        return (torch.rand(shape, generator=generator) + 0.1).requires_grad_(True)
+
+    def detached(arguments: tuple) -> tuple:
+        """The backward ops are not differentiable (docs/spec.md §2): their inputs take no grad."""
+        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in arguments)
+
+    seed = torch.tensor(7)
+    cases: dict[str, list[tuple]] = {"inject": [], "inject_backward": []}
+    for multiply in (False, True):
+        x, mu, sigma = random(3, 5), random(5), positive(5)
+        cases["inject"].append((x, mu, sigma, seed, 2, multiply, backend))
+        grad_out = random(2, 3, 5, grad=False)
+        cases["inject_backward"].append(
+            detached((grad_out, x, mu, sigma, seed, 2, multiply, backend, True, True))
+        )
+    image, text, scale = random(3, 6), random(4, 6), torch.tensor(5.0, requires_grad=True)
+    image_mu, image_sigma = random(6), positive(6)
+    text_mu, text_sigma = random(4, 6), positive(1)
+    inputs = (image, text, scale, image_mu, image_sigma, text_mu, text_sigma)
+    image_only = (image, text, scale, image_mu, image_sigma, None, None)
+    per_sample_text = (image, random(2, 4, 6), scale, None, None, text_mu, text_sigma)
+    needs = [True] * 7
+    image_needs = [True] * 5 + [False] * 2
+    text_needs = [True] * 3 + [False] * 2 + [True] * 2
+    cases["noisy_cosine_logits"] = [
+        (*inputs, seed, 2, False, backend),
+        (*image_only, seed, 2, True, backend),
+        (*per_sample_text, seed, 2, False, backend),
+    ]
+    grad_logits = random(2, 3, 4, grad=False)
+    cases["noisy_cosine_logits_backward"] = [
+        detached((grad_logits, *inputs, seed, 2, False, backend, needs)),
+        detached((grad_logits, *image_only, seed, 2, True, backend, image_needs)),
+    ]
+    target = torch.tensor([3, 0, 2])
+    cases["noisy_cross_entropy"] = [
+        (*inputs, target, seed, 2, False, "mean", 0.0, backend, needs),
+        (*image_only, target, seed, 2, True, "sum", 0.1, backend, image_needs),
+        (*per_sample_text, target, seed, 2, False, "none", 0.0, backend, text_needs),
+    ]
+    lse = torch.randn(2, 3, generator=generator).abs() + 2.0
+    none_loss = (torch.randn(2, 3), *inputs, target, lse, seed, 2, False, "none", 0.0)
+    mean_loss = (torch.tensor(1.5), *image_only, target, lse, seed, 2, True, "mean", 0.1)
+    cases["noisy_cross_entropy_backward"] = [
+        detached((*none_loss, backend, needs)),
+        detached((*mean_loss, backend, image_needs)),
+    ]
+    cases["reference_noise"] = [(seed, 11, torch.device("cpu"))]
+    return cases
+
+
+@pytest.mark.parametrize("backend", [*FUSED_BACKENDS, "reference"])
+def test_opcheck_every_custom_op(backend):
+    """``torch.library.opcheck`` (schema, autograd registration, fake tensor, AOT dispatch with
+    dynamic shapes) on every ``pini_kernels::`` custom op: what torch.compile relies on. The fused
+    ops run on each fused backend available here; ``reference_noise`` is the reference's op."""
+    import pini_kernels.logits  # noqa: F401  (registers its ops, as importing pini_kernels does)
+
+    registered = {
+        name.split("::")[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("pini_kernels::")
+    }
+    cases = _opcheck_cases(backend)
+    assert registered == set(cases), "an op without opcheck cases (or a case without an op)"
+    for name, arguments_list in cases.items():
+        if (backend == "reference") != (name == "reference_noise"):
+            continue
+        op = getattr(torch.ops.pini_kernels, name).default
+        for arguments in arguments_list:
+            torch.library.opcheck(op, arguments)

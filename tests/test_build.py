@@ -99,9 +99,12 @@ def _run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
 
 def _check_against_reference(tree: Path, **env: str) -> None:
     result = _run(
-        [sys.executable, "-c", CHECK_AGAINST_REFERENCE, str(tree)], Path("/"),
-        PYTHONPATH=str(tree), PINI_KERNELS_BACKEND="cpu", **env,
-    )  # fmt: skip
+        [sys.executable, "-c", CHECK_AGAINST_REFERENCE, str(tree)],
+        Path("/"),
+        PYTHONPATH=str(tree),
+        PINI_KERNELS_BACKEND="cpu",
+        **env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "matches the reference" in result.stdout
 
@@ -110,8 +113,10 @@ def _vector_registers_by_function(library: Path) -> dict[str, set[str]]:
     """For each function of ``library``: the x86 vector register kinds it uses (xmm, ymm, zmm)."""
     listing = subprocess.run(
         ["objdump", "-d", "-C", "--no-show-raw-insn", str(library)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     registers: dict[str, set[str]] = {}
     function = ""
     for line in listing.splitlines():
@@ -137,8 +142,9 @@ def test_portable_build_matches_reference(tmp_path):
     noise stream, fused_inject and the loss equal the reference. 35-60 s on 2 busy cores."""
     tree = _copy_tree(tmp_path)
     started = time.perf_counter()
-    result = _run([sys.executable, "-m", "pini_kernels.build", "--cpu-only"], tree,
-                  PINI_CPU_ARCH="portable")  # fmt: skip
+    result = _run(
+        [sys.executable, "-m", "pini_kernels.build", "--cpu-only"], tree, PINI_CPU_ARCH="portable"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "CPU kernels for portable code" in output
@@ -199,8 +205,19 @@ def test_failed_compile_warns_and_builds_pure_python_wheel(tmp_path):
     warning, not a failed `pip install`; with PINI_BUILD_CPU=1 the same build fails."""
     tree = _copy_tree(tmp_path / "tree")
     wheels = tmp_path / "wheels"
-    command = [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
-               "--no-index", "-w", str(wheels), str(tree)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-build-isolation",
+        "--no-deps",
+        "--no-index",
+        "-w",
+        str(wheels),
+        str(tree),
+    ]
     result = _run(command, tmp_path, PINI_CPU_ARCH="no-such-cpu")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -213,9 +230,11 @@ def test_failed_compile_warns_and_builds_pure_python_wheel(tmp_path):
     assert "pini_kernels/_C" not in listing
 
     strict = _run(
-        [sys.executable, "setup.py", "build_ext", "--inplace"], tree,
-        PINI_CPU_ARCH="no-such-cpu", PINI_BUILD_CPU="1",
-    )  # fmt: skip
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        tree,
+        PINI_CPU_ARCH="no-such-cpu",
+        PINI_BUILD_CPU="1",
+    )
     assert strict.returncode != 0
     assert not list((tree / "pini_kernels").glob("_C.*.so"))
 

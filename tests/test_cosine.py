@@ -1,7 +1,7 @@
-"""The noisy cosine logits and PiNI's loss (pini_kernels/cosine.py: ``noisy_cosine_logits``,
-``noisy_cross_entropy``) on every backend, forward and every gradient against the pure-PyTorch
-reference; then per-sample text features ``(num_samples, C, D)``; then the edges ordinary inputs
-never reach (issue 17, items 2-4):
+"""The noisy cosine logits and PiNI's loss (``noisy_cosine_logits``: pini_kernels/logits.py;
+``noisy_cross_entropy``: pini_kernels/loss.py) on every backend, forward and every gradient
+against the pure-PyTorch reference; then per-sample text features ``(num_samples, C, D)``; then
+the edges ordinary inputs never reach:
 
 - the Triton loss kernel's merge of per-split row statistics, forced on CPU with several splits;
 - zero-norm feature rows (norm <= 1e-12, where F.normalize divides by the floor instead of the
@@ -24,6 +24,7 @@ from helpers import (
     assert_probabilities_sum_to_one,
     record_backward_probabilities,
     record_error,
+    use_python_loss_flow,
 )
 
 import pini_kernels
@@ -50,8 +51,10 @@ def _differentiable(image, text, scale, image_pair, text_pair) -> list:
 def _leaves(tensors, device=None):
     """Fresh leaves, on ``device`` when given (never the given tensors: their .grad would be
     shared)."""
-    return [None if t is None else t.detach().clone().to(device or t.device).requires_grad_(True)
-            for t in tensors]  # fmt: skip
+    return [
+        None if t is None else t.detach().clone().to(device or t.device).requires_grad_(True)
+        for t in tensors
+    ]
 
 
 def _run(op, leaves, target, *, backend, **kwargs):
@@ -471,8 +474,7 @@ def _check_native_flow_calls(monkeypatch, loss_of, tensors, reduction) -> None:
         for event in profile.events():
             if event.name == "pini_native::cross_entropy_flow":
                 lse_shape, row_grads_shape = event.input_shapes[13:15]
-                calls.append("grad" if lse_shape else "stats+grad" if row_grads_shape
-                             else "stats")  # fmt: skip
+                calls.append("grad" if lse_shape else "stats+grad" if row_grads_shape else "stats")
         return calls
 
     leaves = _leaves(tensors)
@@ -494,10 +496,10 @@ def _check_native_flow_calls(monkeypatch, loss_of, tensors, reduction) -> None:
 
 
 def _count_kernel_calls(monkeypatch, backend) -> dict[str, int]:
-    """Counts of the backend's cosine kernel calls, by name, from now on."""
-    from pini_kernels import cosine
+    """Counts of the backend's loss kernel calls, by name, from now on."""
+    from pini_kernels import kernel_tables
 
-    kernels = cosine._kernels(backend)
+    kernels = kernel_tables.loss_kernels(backend)
     calls: dict[str, int] = {}
     names = ("normalize", "normalize_backward", "loss_stats", "loss_stats_grad", "loss_grad")
     for name in names:
@@ -526,9 +528,16 @@ def test_loss_gradients_in_forward_and_none_without_gradients(
     def loss_of(*tensors):
         image, text, mu, sigma = tensors
         return pini_kernels.noisy_cross_entropy(
-            image, text, scale, target, image_noise=(mu, sigma), num_samples=samples, seed=4,
-            reduction=reduction, backend=fused_backend,
-        )  # fmt: skip
+            image,
+            text,
+            scale,
+            target,
+            image_noise=(mu, sigma),
+            num_samples=samples,
+            seed=4,
+            reduction=reduction,
+            backend=fused_backend,
+        )
 
     if fused_backend != "triton":
         _check_native_flow_calls(monkeypatch, loss_of, [image, text, *image_pair], reduction)
@@ -544,9 +553,10 @@ def test_loss_gradients_in_forward_and_none_without_gradients(
         assert calls["loss_grad"] == samples and calls["normalize_backward"] == samples + 1
     else:
         assert forward_calls == {
-            "normalize": samples + 1, "loss_stats_grad": samples,
+            "normalize": samples + 1,
+            "loss_stats_grad": samples,
             "normalize_backward": samples + 1,
-        }  # fmt: skip
+        }
         assert calls == {}, calls
     calls.clear()
     loss_of(image, text, *image_pair)
@@ -716,9 +726,16 @@ def test_shared_text_given_per_sample(backend):
     for text in (shared, shared.expand(samples, classes, dim)):
         leaves = _leaves(_differentiable(image, text, scale, image_pair, text_pair))
         out, grads = _run(
-            pini_kernels.noisy_cross_entropy, leaves, target, backend=backend, mode="mul",
-            num_samples=samples, seed=3, reduction="none", label_smoothing=0.1,
-        )  # fmt: skip
+            pini_kernels.noisy_cross_entropy,
+            leaves,
+            target,
+            backend=backend,
+            mode="mul",
+            num_samples=samples,
+            seed=3,
+            reduction="none",
+            label_smoothing=0.1,
+        )
         results.append((out, grads))
     (shared_out, shared_grads), (expanded_out, expanded_grads) = results
     assert_close(expanded_out, shared_out, atol=1e-6, rtol=1e-6, name="loss")
@@ -729,16 +746,29 @@ def test_shared_text_given_per_sample(backend):
             assert_close(got, want, atol=1e-5, rtol=1e-5, name=name)
 
 
-def _per_sample_step(image, text, scale, image_mu, image_sigma, text_mu, text_sigma, target,
-                     backend):  # fmt: skip
+def _per_sample_step(
+    image, text, scale, image_mu, image_sigma, text_mu, text_sigma, target, backend
+):
     loss = pini_kernels.noisy_cross_entropy(
-        image, text, scale, target, image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma), num_samples=3, seed=6, backend=backend,
-    )  # fmt: skip
-    logits = pini_kernels.noisy_cosine_logits(
-        image, text, scale, text_noise=(text_mu, text_sigma), num_samples=3, seed=7,
+        image,
+        text,
+        scale,
+        target,
+        image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma),
+        num_samples=3,
+        seed=6,
         backend=backend,
-    )  # fmt: skip
+    )
+    logits = pini_kernels.noisy_cosine_logits(
+        image,
+        text,
+        scale,
+        text_noise=(text_mu, text_sigma),
+        num_samples=3,
+        seed=7,
+        backend=backend,
+    )
     return loss + logits.logsumexp(-1).mean()
 
 
@@ -816,8 +846,9 @@ def _compare_rows(backend, op, tensors, target, *, label, atol=1e-5, rtol=1e-5, 
     """The op on ``backend`` (leaves on its device) against the reference (on the CPU), each
     gradient row against its own magnitude. Returns the reference's gradients."""
     device = backend_device(backend)
-    got_out, got_grads = _run(op, _leaves(tensors, device), target.to(device), backend=backend,
-                              **kwargs)  # fmt: skip
+    got_out, got_grads = _run(
+        op, _leaves(tensors, device), target.to(device), backend=backend, **kwargs
+    )
     want_out, want_grads = _run(op, _leaves(tensors, "cpu"), target, backend="reference", **kwargs)
     name = f"{op.__name__} {label}"
     assert torch.isfinite(got_out).all(), f"{name}: non-finite output"
@@ -856,8 +887,17 @@ def test_huge_logits(fused_backend, op):
     tensors, target = _nearly_equal_inputs(*EDGE_LARGE[:2], EDGE_LARGE[2], seed=1)
     tensors[3], tensors[4] = 0.01 * tensors[3], 0.01 * tensors[4]  # image noise small too
     # Logits near 100 carry float32's rounding of 100 (~1e-5) in every backend.
-    _compare_rows(fused_backend, OPS[op], tensors, target, label="huge logits", atol=1e-4,
-                  rtol=1e-5, num_samples=2, seed=3)  # fmt: skip
+    _compare_rows(
+        fused_backend,
+        OPS[op],
+        tensors,
+        target,
+        label="huge logits",
+        atol=1e-4,
+        rtol=1e-5,
+        num_samples=2,
+        seed=3,
+    )
 
 
 # --- the Triton loss kernel's split merge, forced on CPU --------------------------------------
@@ -866,14 +906,11 @@ def test_huge_logits(fused_backend, op):
 @needs_triton
 @pytest.mark.parametrize("inputs", ["random", "huge-logits"])
 @pytest.mark.parametrize("splits", [2, 3, 5])
-def test_loss_split_merge_matches_reference(monkeypatch, splits, inputs):
+def test_loss_split_merge_matches_reference(force_loss_splits, splits, inputs):
     """Several class splits per row, merged with the exp(split_max - row_max) rescale. C = 300
     over 64-class tiles: 2 splits of 192 + 108, 3 of 128 + 128 + 44, 5 of 64 (the last 44)."""
-    from pini_kernels.triton import cosine
-
-    monkeypatch.setattr(cosine, "FORCED_LOSS_SPLITS", splits)
+    seen = force_loss_splits(splits)
     batch, classes, dim = 70, 300, 40
-    assert cosine._loss_splits(batch, classes, backend_device("triton")) == splits
     if inputs == "huge-logits":
         tensors, target = _nearly_equal_inputs(batch, classes, dim, seed=2)
         tensors[3], tensors[4] = 0.01 * tensors[3], 0.01 * tensors[4]
@@ -886,12 +923,23 @@ def test_loss_split_merge_matches_reference(monkeypatch, splits, inputs):
         target = torch.randint(0, classes, (batch,), generator=generator)
         atol = 1e-5
     for reduction in ("none", "mean"):
-        _compare_rows("triton", pini_kernels.noisy_cross_entropy, tensors, target,
-                 label=f"{splits} splits", atol=atol, num_samples=2, seed=9, mode="mul",
-                 reduction=reduction, label_smoothing=0.1)  # fmt: skip
+        _compare_rows(
+            "triton",
+            pini_kernels.noisy_cross_entropy,
+            tensors,
+            target,
+            label=f"{splits} splits",
+            atol=atol,
+            num_samples=2,
+            seed=9,
+            mode="mul",
+            reduction=reduction,
+            label_smoothing=0.1,
+        )
+    assert seen and set(seen) == {(batch, classes)}  # the forced splits ran
 
 
-# --- one precision for forward and backward (issue 12, item 4) -------------------------------
+# --- one precision for forward and backward ---------------------------------------------------
 
 
 @pytest.mark.parametrize("precision", ["highest", "high"])
@@ -906,9 +954,9 @@ def test_backward_recomputes_the_forward_cosines(monkeypatch, fused_backend, pre
     try:
         _check_backward_recomputes_forward(monkeypatch, fused_backend)
         if fused_backend == "triton":
-            from pini_kernels.triton import cosine
+            from pini_kernels.triton import logits_loss
 
-            assert cosine._input_precision() == ("tf32" if precision == "high" else "ieee")
+            assert logits_loss._input_precision() == ("tf32" if precision == "high" else "ieee")
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -932,18 +980,23 @@ def _fp32_precision(matmul: str, overall: str):
 )
 @pytest.mark.parametrize(
     ("matmul", "overall", "expected"),
-    [("tf32", "none", "tf32"), ("ieee", "none", "ieee"), ("none", "tf32", "tf32"),
-     ("none", "ieee", "ieee"), ("ieee", "tf32", "ieee")],
-)  # fmt: skip
+    [
+        ("tf32", "none", "tf32"),
+        ("ieee", "none", "ieee"),
+        ("none", "tf32", "tf32"),
+        ("none", "ieee", "ieee"),
+        ("ieee", "tf32", "ieee"),
+    ],
+)
 def test_loss_runs_after_the_new_precision_api(monkeypatch, matmul, overall, expected):
     """A caller who sets TF32 through ``torch.backends.cuda.matmul.fp32_precision`` or
     ``torch.backends.fp32_precision``: reading the legacy ``allow_tf32`` then raises ("mix of the
     legacy and new APIs"), which failed every Triton loss call. The precision the kernels take
     follows the new setting ("none" inherits the overall one), and the loss runs."""
-    from pini_kernels.triton import cosine
+    from pini_kernels.triton import logits_loss
 
     with _fp32_precision(matmul, overall):
-        assert cosine._input_precision() == expected
+        assert logits_loss._input_precision() == expected
         _check_backward_recomputes_forward(monkeypatch, "triton")
 
 
@@ -956,10 +1009,16 @@ def _check_backward_recomputes_forward(monkeypatch, backend):
     target = torch.randint(0, classes, (batch,), generator=generator)
     device = backend_device(backend)
     loss = pini_kernels.noisy_cross_entropy(
-        image.to(device), text.to(device), 100.0, target.to(device),
-        image_noise=_noise_pair(generator, dim), num_samples=2, seed=3, reduction="none",
+        image.to(device),
+        text.to(device),
+        100.0,
+        target.to(device),
+        image_noise=_noise_pair(generator, dim),
+        num_samples=2,
+        seed=3,
+        reduction="none",
         backend=backend,
-    )  # fmt: skip
+    )
     loss.sum().backward()  # "none" recomputes in backward (a "mean" loss has no recompute)
     assert_probabilities_sum_to_one(seen, calls=2)
 
@@ -994,8 +1053,13 @@ def _zero_row_inputs(batch, classes, dim, zero_side, noise_on, seed=0):
             image_pair = None
         else:
             text_pair = None
-    tensors = [image, text, torch.tensor(14.0), *(image_pair or (None, None)),
-               *(text_pair or (None, None))]  # fmt: skip
+    tensors = [
+        image,
+        text,
+        torch.tensor(14.0),
+        *(image_pair or (None, None)),
+        *(text_pair or (None, None)),
+    ]
     target = torch.randint(0, classes, (batch,), generator=generator)
     return tensors, target, [0, rows // 2, rows - 1]
 
@@ -1005,9 +1069,16 @@ def _zero_row_inputs(batch, classes, dim, zero_side, noise_on, seed=0):
 def test_zero_norm_rows_backward(fused_backend, zero_side, mode, noise_on, op):
     shape = EDGE_LARGE if (mode, noise_on) == ("add", "other") else EDGE_SMALL
     tensors, target, zero_rows = _zero_row_inputs(*shape, zero_side, noise_on)
-    want_grads = _compare_rows(fused_backend, OPS[op], tensors, target,
-                               label=f"zero {zero_side} rows", mode=mode, num_samples=2,
-                               seed=5)  # fmt: skip
+    want_grads = _compare_rows(
+        fused_backend,
+        OPS[op],
+        tensors,
+        target,
+        label=f"zero {zero_side} rows",
+        mode=mode,
+        num_samples=2,
+        seed=5,
+    )
     # The floor's 1/1e-12 shows in the rows at or below it: the case is the one it claims to be.
     side_grad = want_grads[0 if zero_side == "image" else 1]
     assert side_grad[zero_rows].abs().amax() > 1e8
@@ -1019,9 +1090,16 @@ def test_reference_zero_rows_follow_f_normalize(zero_side, mode, noise_on):
     here from pini_kernels.noise and torch.nn.functional."""
     tensors, target, _ = _zero_row_inputs(*EDGE_SMALL, zero_side, noise_on)
     samples, seed = 2, 5
-    want_out, want_grads = _run(pini_kernels.noisy_cross_entropy, _leaves(tensors, "cpu"), target,
-                                backend="reference", mode=mode, num_samples=samples, seed=seed,
-                                reduction="none")  # fmt: skip
+    want_out, want_grads = _run(
+        pini_kernels.noisy_cross_entropy,
+        _leaves(tensors, "cpu"),
+        target,
+        backend="reference",
+        mode=mode,
+        num_samples=samples,
+        seed=seed,
+        reduction="none",
+    )
     image, text, scale, image_mu, image_sigma, text_mu, text_sigma = _leaves(tensors, "cpu")
     combine = torch.mul if mode == "mul" else torch.add
 
@@ -1051,36 +1129,52 @@ def test_reference_zero_rows_follow_f_normalize(zero_side, mode, noise_on):
 NATIVE_FLOW_CASES = {
     # name: (make inputs, keyword arguments)
     "both sides, add, mean": (lambda d: _make(67, 70, 40, "both", d), dict(num_samples=3)),
-    "image side, mul, sum": (lambda d: _make(6, 13, 24, "image", d),
-                             dict(num_samples=2, mode="mul", reduction="sum")),
-    "text side, none, smoothing": (lambda d: _make(6, 13, 24, "text", d),
-                                   dict(num_samples=2, reduction="none", label_smoothing=0.2)),
-    "per-sample text": (lambda d: _make_per_sample(*PER_SAMPLE_LARGE, "both", d),
-                        dict(num_samples=PER_SAMPLE_LARGE[3])),
-    "no noise, bfloat16": (lambda d: _make(5, 9, 12, "none", d, dtype=torch.bfloat16),
-                           dict(num_samples=2)),
+    "image side, mul, sum": (
+        lambda d: _make(6, 13, 24, "image", d),
+        dict(num_samples=2, mode="mul", reduction="sum"),
+    ),
+    "text side, none, smoothing": (
+        lambda d: _make(6, 13, 24, "text", d),
+        dict(num_samples=2, reduction="none", label_smoothing=0.2),
+    ),
+    "per-sample text": (
+        lambda d: _make_per_sample(*PER_SAMPLE_LARGE, "both", d),
+        dict(num_samples=PER_SAMPLE_LARGE[3]),
+    ),
+    "no noise, bfloat16": (
+        lambda d: _make(5, 9, 12, "none", d, dtype=torch.bfloat16),
+        dict(num_samples=2),
+    ),
     "empty batch": (lambda d: _make(0, 9, 12, "both", d), dict(num_samples=2, reduction="sum")),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("case", list(NATIVE_FLOW_CASES))
 def test_native_loss_flow_equals_the_python_flow(monkeypatch, case, backend):
-    """On the native backends the loss's per-sample flow is one C++ op; with NATIVE_LOSS_FLOW off
-    the Python flow (the Triton backend's) runs the same kernels. Loss and every gradient agree
-    (to a few float32 roundings: the products may sum in another order)."""
-    from pini_kernels import cosine
-
+    """On the native backends the loss's per-sample flow is one C++ op; without it
+    (``use_python_loss_flow``) the Python flow (the Triton backend's) runs the same kernels. Loss
+    and every gradient agree (to a few float32 roundings: the products may sum in another
+    order)."""
     if backend not in pini_kernels.available_backends():
         pytest.skip(f"needs the native {backend} kernels")
     make, kwargs = NATIVE_FLOW_CASES[case]
     image, text, scale, image_pair, text_pair, target = make(backend)
     tensors = _differentiable(image, text, scale, image_pair, text_pair)
     results = []
-    for native_flow in (True, False):
-        monkeypatch.setattr(cosine, "NATIVE_LOSS_FLOW", native_flow)
-        results.append(_run(pini_kernels.noisy_cross_entropy, _leaves(tensors), target,
-                            backend=backend, seed=4, **kwargs))  # fmt: skip
+    for flow in ("native", "python"):
+        if flow == "python":
+            use_python_loss_flow(monkeypatch)
+        results.append(
+            _run(
+                pini_kernels.noisy_cross_entropy,
+                _leaves(tensors),
+                target,
+                backend=backend,
+                seed=4,
+                **kwargs,
+            )
+        )
     (native_out, native_grads), (python_out, python_grads) = results
     assert_close(native_out, python_out, atol=1e-6, rtol=1e-6, name=f"{case}: loss")
     for name, native, python in zip(GRAD_NAMES, native_grads, python_grads, strict=True):
@@ -1103,14 +1197,21 @@ def test_logits_backward_without_a_scale_gradient(fused_backend):
         leaves = _leaves(tensors)
         image, text, image_mu, image_sigma, text_mu, text_sigma = leaves
         logits = pini_kernels.noisy_cosine_logits(
-            image, text, 30.0, image_noise=(image_mu, image_sigma),
-            text_noise=(text_mu, text_sigma), num_samples=3, seed=2, backend=backend,
-        )  # fmt: skip
+            image,
+            text,
+            30.0,
+            image_noise=(image_mu, image_sigma),
+            text_noise=(text_mu, text_sigma),
+            num_samples=3,
+            seed=2,
+            backend=backend,
+        )
         weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad((logits * weights.to(device)).sum(), leaves)
         results.append(grads)
-    for name, got, want in zip(("image", "text", "image_mu", "image_sigma", "text_mu",
-                                "text_sigma"), *results, strict=True):  # fmt: skip
+    for name, got, want in zip(
+        ("image", "text", "image_mu", "image_sigma", "text_mu", "text_sigma"), *results, strict=True
+    ):
         magnitude = max(1.0, want.abs().max().item())
         assert_close(got, want, atol=1e-5 * magnitude, rtol=1e-4, name=name)
 
@@ -1124,6 +1225,11 @@ def test_non_contiguous_and_int32_targets_on_every_backend(fused_backend, reduct
     strided = torch.stack([target, torch.zeros_like(target)], dim=1)[:, 0]
     assert not strided.is_contiguous()
     for given in (strided, target.to(torch.int32)):
-        _compare(fused_backend, pini_kernels.noisy_cross_entropy,
-                 (image, text, scale, image_pair, text_pair, given), num_samples=2, seed=5,
-                 reduction=reduction)  # fmt: skip
+        _compare(
+            fused_backend,
+            pini_kernels.noisy_cross_entropy,
+            (image, text, scale, image_pair, text_pair, given),
+            num_samples=2,
+            seed=5,
+            reduction=reduction,
+        )

@@ -119,8 +119,13 @@ def test_cuda_backward_with_more_rows_than_fixed_chunks_allowed(mode):
         results[backend] = [out, *(leaf.grad for leaf in leaves)]
     for name, got, want in zip(("out", "x", "mu", "sigma"), *results.values(), strict=True):
         scale = max(1.0, want.abs().max().item())
-        assert_close(got, want, atol=1e-5 * scale * (1 if name in ("out", "x") else 100),
-                     rtol=1e-4, name=name)  # fmt: skip
+        assert_close(
+            got,
+            want,
+            atol=1e-5 * scale * (1 if name in ("out", "x") else 100),
+            rtol=1e-4,
+            name=name,
+        )
 
 
 # --- the CUDA kernels themselves, run on the CPU -------------------------------------------------
@@ -343,10 +348,17 @@ def test_emulated_inject_kernels(emulated_kernels, rows, width, inner, multiply,
     out = _nan(samples, rows, width, dtype=dtype)
     code = DTYPE_CODES[dtype]
     emulated_kernels.emu_inject_forward(
-        _address(x), code, _address(mu), _address(sigma), _address(out), code, _address(seed),
-        *(ctypes.c_int64(v) for v in (rows, width, inner, samples)), ctypes.c_bool(multiply),
+        _address(x),
+        code,
+        _address(mu),
+        _address(sigma),
+        _address(out),
+        code,
+        _address(seed),
+        *(ctypes.c_int64(v) for v in (rows, width, inner, samples)),
+        ctypes.c_bool(multiply),
         ctypes.c_int64(1),
-    )  # fmt: skip
+    )
     eps = reference.normal_stream(seed_value, 0, samples * rows * width).view(samples, rows, width)
     mu_full, sigma_full = mu.repeat_interleave(inner), sigma.repeat_interleave(inner)
     noise = mu_full + sigma_full * eps
@@ -364,11 +376,20 @@ def test_emulated_inject_kernels(emulated_kernels, rows, width, inner, multiply,
         _nan(chunks, width),
     )
     emulated_kernels.emu_inject_backward(
-        _address(grad_out), code, _address(x), code, _address(mu), _address(sigma),
-        _address(grad_x), _address(partial_mu), _address(partial_sigma), _address(seed),
-        *(ctypes.c_int64(v) for v in (rows, width, inner, samples)), ctypes.c_bool(multiply),
+        _address(grad_out),
+        code,
+        _address(x),
+        code,
+        _address(mu),
+        _address(sigma),
+        _address(grad_x),
+        _address(partial_mu),
+        _address(partial_sigma),
+        _address(seed),
+        *(ctypes.c_int64(v) for v in (rows, width, inner, samples)),
+        ctypes.c_bool(multiply),
         ctypes.c_int64(rows_per_chunk),
-    )  # fmt: skip
+    )
     g = grad_out.float()
     want_grad_x = (g * noise).sum(0) if multiply else g.sum(0)
     assert_close(grad_x.float(), want_grad_x, atol=atol * 4, rtol=atol, name="grad_x")
@@ -409,9 +430,17 @@ def test_emulated_normalize_kernels(
     shape_args = (ctypes.c_int64(rows), ctypes.c_int64(dim), ctypes.c_bool(multiply))
     noise_args = (_address(mu), _address(sigma)) if with_noise else (_address(None),) * 2
     emulated_kernels.emu_normalize(
-        _address(x), 0, ctypes.c_int64(dim + 4), *noise_args, _address(strides), *shape_args,
-        _address(seed), ctypes.c_int64(stream_offset), _address(unit), _address(norm),
-    )  # fmt: skip
+        _address(x),
+        0,
+        ctypes.c_int64(dim + 4),
+        *noise_args,
+        _address(strides),
+        *shape_args,
+        _address(seed),
+        ctypes.c_int64(stream_offset),
+        _address(unit),
+        _address(norm),
+    )
     leaves = [x.double(), mu.expand(rows, dim).double(), sigma.expand(rows, dim).double()]
     leaves = [leaf.clone().requires_grad_(True) for leaf in leaves]
     features, mu_full, sigma_full = leaves
@@ -434,10 +463,20 @@ def test_emulated_normalize_kernels(
         else (_address(None),) * 2
     )
     emulated_kernels.emu_normalize_backward(
-        _address(x), 0, ctypes.c_int64(dim + 4), *noise_args, _address(strides), *shape_args,
-        _address(seed), ctypes.c_int64(stream_offset), _address(unit), _address(norm),
-        _address(grad_unit), _address(accumulators[0]), *grad_noise_args,
-    )  # fmt: skip
+        _address(x),
+        0,
+        ctypes.c_int64(dim + 4),
+        *noise_args,
+        _address(strides),
+        *shape_args,
+        _address(seed),
+        ctypes.c_int64(stream_offset),
+        _address(unit),
+        _address(norm),
+        _address(grad_unit),
+        _address(accumulators[0]),
+        *grad_noise_args,
+    )
     needed = leaves if with_noise else leaves[:1]
     grads = torch.autograd.grad((want_unit * grad_unit.double()).sum(), needed)
     names = ("x", "mu", "sigma")[: len(grads)]
@@ -461,7 +500,7 @@ def _float_before_unreadable_page() -> tuple[torch.Tensor, mmap.mmap]:
 
 @pytest.mark.parametrize("width", [64, 37])
 def test_emulated_add_backward_never_reads_x(emulated_kernels, width):
-    """Issue 12, item 1: in add mode autograd passes a one-element stand-in for x; the CUDA
+    """In add mode autograd passes a one-element stand-in for x; the CUDA
     backward read x[base + j] regardless, past its end. Here the stand-in's element sits right
     before an unreadable page, so a kernel that reads x crashes the test."""
     rows, samples, seed = 20, 2, torch.tensor(4)
@@ -470,10 +509,19 @@ def test_emulated_add_backward_never_reads_x(emulated_kernels, width):
     grad_out = torch.randn(samples, rows, width)
     grad_x, partial_mu, partial_sigma = _nan(rows, width), _nan(7, width), _nan(7, width)
     emulated_kernels.emu_inject_backward(
-        _address(grad_out), 0, _address(stand_in), 0, _address(mu), _address(sigma),
-        _address(grad_x), _address(partial_mu), _address(partial_sigma), _address(seed),
-        *(ctypes.c_int64(v) for v in (rows, width, 1, samples)), ctypes.c_bool(False),
+        _address(grad_out),
+        0,
+        _address(stand_in),
+        0,
+        _address(mu),
+        _address(sigma),
+        _address(grad_x),
+        _address(partial_mu),
+        _address(partial_sigma),
+        _address(seed),
+        *(ctypes.c_int64(v) for v in (rows, width, 1, samples)),
+        ctypes.c_bool(False),
         ctypes.c_int64(3),
-    )  # fmt: skip
+    )
     assert_close(grad_x, grad_out.sum(0), atol=1e-5, rtol=1e-5, name="grad_x")
     assert_close(partial_mu.sum(0), grad_out.sum((0, 1)), atol=1e-4, rtol=1e-5, name="grad_mu")

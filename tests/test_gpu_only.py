@@ -1,4 +1,4 @@
-"""Checks only a GPU can make (issue 12), skipped without one; benchmarks/gpu_check.sh runs them:
+"""Checks only a GPU can make, skipped without one; benchmarks/gpu_check.sh runs them:
 
 - no op syncs with the device in forward or backward (``torch.cuda.set_sync_debug_mode("error")``);
 - a CUDA graph captured around forward and backward, with the seed a 0-d int64 device tensor,
@@ -66,9 +66,12 @@ def run_every_op(backend: str, seed) -> None:
     text_mu, text_sigma = _leaf(9, 48), _leaf(9, 48)
     scale = torch.full((), 14.0, device=CUDA, requires_grad=True)
     kwargs = dict(
-        image_noise=(image_mu, image_sigma), text_noise=(text_mu, text_sigma), num_samples=2,
-        seed=seed, backend=backend,
-    )  # fmt: skip
+        image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma),
+        num_samples=2,
+        seed=seed,
+        backend=backend,
+    )
     logits = pini_kernels.noisy_cosine_logits(image, text, scale, **kwargs)
     logits.square().sum().backward()
     target = torch.randint(0, 9, (6,), device=CUDA)
@@ -116,16 +119,24 @@ SEED_VALUES = (7, 2**40 + 3, 2**63 - 1, 12345)
 
 
 def _inject_step(x, mu, sigma, seed, backend):
-    out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=seed,
-                                    backend=backend)  # fmt: skip
+    out = pini_kernels.fused_inject(
+        x, mu, sigma, mode="mul", num_samples=2, seed=seed, backend=backend
+    )
     return (out, *torch.autograd.grad(out.square().sum(), (x, mu, sigma)))
 
 
 def _loss_step(image, text, image_mu, image_sigma, text_mu, text_sigma, target, seed, backend):
     loss = pini_kernels.noisy_cross_entropy(
-        image, text, 30.0, target, image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma), num_samples=2, seed=seed, backend=backend,
-    )  # fmt: skip
+        image,
+        text,
+        30.0,
+        target,
+        image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma),
+        num_samples=2,
+        seed=seed,
+        backend=backend,
+    )
     inputs = (image, text, image_mu, image_sigma, text_mu, text_sigma)
     return (loss, *torch.autograd.grad(loss, inputs))
 
@@ -174,9 +185,14 @@ def test_reduce_overhead_compile_draws_fresh_noise(backend):
 
     def loss_fn(image, text, image_mu, image_sigma, target, seed):
         return pini_kernels.noisy_cross_entropy(
-            image, text, 30.0, target, image_noise=(image_mu, image_sigma), seed=seed,
+            image,
+            text,
+            30.0,
+            target,
+            image_noise=(image_mu, image_sigma),
+            seed=seed,
             backend=backend,
-        )  # fmt: skip
+        )
 
     compiled = torch.compile(loss_fn, mode="reduce-overhead")
     seed = torch.zeros((), dtype=torch.int64, device=CUDA)
@@ -219,9 +235,15 @@ def _loss_and_grads(backend, tensors, target, dtype, **kwargs):
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in tensors]
     image, text, image_mu, image_sigma, text_mu, text_sigma = leaves
     loss = pini_kernels.noisy_cross_entropy(
-        image, text, 100.0, target, image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma), backend=backend, **kwargs,
-    )  # fmt: skip
+        image,
+        text,
+        100.0,
+        target,
+        image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma),
+        backend=backend,
+        **kwargs,
+    )
     return [loss, *torch.autograd.grad(loss, leaves)]
 
 
@@ -237,8 +259,14 @@ def test_realistic_loss_against_float64(backend, shape, precision, dtype):
     batch, classes, dim = shape
     generator = torch.Generator(device=CUDA).manual_seed(batch + classes + dim)
     rand = lambda *s: torch.randn(s, generator=generator, device=CUDA)
-    tensors = [rand(batch, dim), rand(classes, dim), 0.1 * rand(dim), 0.05 * rand(dim).abs(),
-               0.1 * rand(classes, dim), 0.05 * rand(classes, dim).abs()]  # fmt: skip
+    tensors = [
+        rand(batch, dim),
+        rand(classes, dim),
+        0.1 * rand(dim),
+        0.05 * rand(dim).abs(),
+        0.1 * rand(classes, dim),
+        0.05 * rand(classes, dim).abs(),
+    ]
     target = torch.randint(0, classes, (batch,), generator=generator, device=CUDA)
     kwargs = dict(num_samples=2, seed=99, mode="mul", label_smoothing=0.1)
     truth = _loss_and_grads("reference", tensors, target, torch.float64, **kwargs)
@@ -309,15 +337,19 @@ def test_realistic_logits_and_inject_against_float64(backend, shape, precision):
     def logits_and_grads(backend, dtype):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (image, text, mu, sigma)]
         logits = pini_kernels.noisy_cosine_logits(
-            leaves[0], leaves[1], 100.0, image_noise=(leaves[2], 0.1 * leaves[3]),
-            num_samples=2, seed=8, backend=backend,
-        )  # fmt: skip
+            leaves[0],
+            leaves[1],
+            100.0,
+            image_noise=(leaves[2], 0.1 * leaves[3]),
+            num_samples=2,
+            seed=8,
+            backend=backend,
+        )
         return [logits, *torch.autograd.grad((logits * weights.to(dtype)).sum(), leaves)]
 
     def inject_and_grads(backend, dtype):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (image, mu, sigma)]
-        out = pini_kernels.fused_inject(*leaves, mode="mul", num_samples=2, seed=8,
-                                        backend=backend)  # fmt: skip
+        out = pini_kernels.fused_inject(*leaves, mode="mul", num_samples=2, seed=8, backend=backend)
         return [out, *torch.autograd.grad(out.square().sum(), leaves)]
 
     for name, run in (("logits", logits_and_grads), ("inject", inject_and_grads)):
@@ -345,9 +377,16 @@ def test_loss_stream_offsets_past_2_31(backend):
     target = torch.randint(0, classes, (batch,), device=CUDA)
     seed = 21
     losses = pini_kernels.noisy_cross_entropy(
-        image, text, 30.0, target, image_noise=(mu, sigma), num_samples=samples, seed=seed,
-        reduction="none", backend=backend,
-    )  # fmt: skip
+        image,
+        text,
+        30.0,
+        target,
+        image_noise=(mu, sigma),
+        num_samples=samples,
+        seed=seed,
+        reduction="none",
+        backend=backend,
+    )
     last = samples - 1
     assert last * batch * dim > 2**31
     eps = reference.normal_stream(seed, last * batch * dim, batch * dim, device=CUDA)

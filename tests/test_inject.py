@@ -349,11 +349,13 @@ def test_eager_call_runs_the_kernels_without_custom_op_or_copies(mode):
     """Outside torch.compile, forward+backward runs one forward and one backward kernel: no
     custom-op dispatch (host time that small tensors feel) and no copy of grad_x (add mode's
     stand-in for x is not contiguous; its gradient must not be copied into another layout)."""
-    x, mu, sigma = (t.requires_grad_() for t in _inputs((4, 3, 5), (3, 5), (3, 5),
-                                                         torch.float32, "cpu"))  # fmt: skip
+    x, mu, sigma = (
+        t.requires_grad_() for t in _inputs((4, 3, 5), (3, 5), (3, 5), torch.float32, "cpu")
+    )
     with _RecordOps() as recorded:
-        out = pini_kernels.fused_inject(x, mu, sigma, mode=mode, num_samples=2, seed=5,
-                                        backend="cpu")  # fmt: skip
+        out = pini_kernels.fused_inject(
+            x, mu, sigma, mode=mode, num_samples=2, seed=5, backend="cpu"
+        )
         grads = torch.autograd.grad(out, (x, mu, sigma), torch.ones_like(out))
     names = recorded.names
     assert names.count("pini_native::inject_forward") == 1, names
@@ -373,15 +375,17 @@ def test_eager_call_runs_the_kernels_without_custom_op_or_copies(mode):
 @pytest.mark.parametrize("x_shape", [(32, 512), (16, 3, 32, 32)], ids=["one-thread", "threads"])
 def test_cpu_results_do_not_depend_on_thread_count(x_shape):
     """Small work runs on one thread, larger work on several: same bits either way."""
-    x, mu, sigma = (t.requires_grad_() for t in _inputs(x_shape, x_shape[1:], x_shape[1:],
-                                                         torch.float32, "cpu"))  # fmt: skip
+    x, mu, sigma = (
+        t.requires_grad_() for t in _inputs(x_shape, x_shape[1:], x_shape[1:], torch.float32, "cpu")
+    )
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 4):
             torch.set_num_threads(count)
-            out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=3, seed=8,
-                                            backend="cpu")  # fmt: skip
+            out = pini_kernels.fused_inject(
+                x, mu, sigma, mode="mul", num_samples=3, seed=8, backend="cpu"
+            )
             results.append((out, *torch.autograd.grad(out, (x, mu, sigma), out.detach())))
     finally:
         torch.set_num_threads(threads)
@@ -461,8 +465,9 @@ def test_inductor_backward_with_channels_last_and_transposed_inputs(backend):
     leaves = [t.detach().requires_grad_(True) for t in (images, mu, sigma)]
 
     def loss(x, mu, sigma):
-        out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=3,
-                                        backend=backend)  # fmt: skip
+        out = pini_kernels.fused_inject(
+            x, mu, sigma, mode="mul", num_samples=2, seed=3, backend=backend
+        )
         return (out * out).sum()
 
     expected = torch.autograd.grad(loss(*leaves), leaves)
@@ -566,7 +571,7 @@ def test_inject_backward_partial_grads_many_rows(fused_backend, needs):
         assert_close(got_grad, want_grad, atol=1e-5 * scale, rtol=1e-5, name="grad")
 
 
-# --- add mode's backward never reads x (issue 12, item 1) ---------------------------------------
+# --- add mode's backward never reads x --------------------------------------------------------
 
 
 def _float_before_unreadable_page() -> tuple[torch.Tensor, mmap.mmap]:
@@ -594,7 +599,7 @@ def test_add_backward_with_stand_in_x(fused_backend, x_shape, need_param_grad):
     unreadable page (a read past it crashes); on a GPU, compute-sanitizer's memcheck in
     benchmarks/gpu_check.sh flags the read. The gradients are checked against a hand
     computation from the reference noise stream."""
-    from pini_kernels.inject import _kernels
+    from pini_kernels.kernel_tables import inject_kernels
 
     device = backend_device(fused_backend)
     rows, width = x_shape
@@ -608,10 +613,20 @@ def test_add_backward_with_stand_in_x(fused_backend, x_shape, need_param_grad):
     sigma = torch.rand(width, device=device) + 0.1
     grad_out = torch.randn(num_samples, rows, width, device=device)
     grad_x = torch.full((rows, width), float("nan"), device=device)
-    partial_sums = _kernels(fused_backend).inject_backward(
-        grad_out, stand_in, mu, sigma, seed, num_samples, False, rows, width, 1, grad_x,
+    partial_sums = inject_kernels(fused_backend).inject_backward(
+        grad_out,
+        stand_in,
+        mu,
+        sigma,
+        seed,
+        num_samples,
+        False,
+        rows,
+        width,
+        1,
+        grad_x,
         need_param_grad,
-    )  # fmt: skip
+    )
     assert_close(grad_x, grad_out.sum(0), atol=1e-5, rtol=1e-5, name="grad_x")
     if not need_param_grad:
         assert partial_sums is None
@@ -639,9 +654,9 @@ NATIVE_FAST_PATH_CASES = {
 @pytest.mark.parametrize("case", list(NATIVE_FAST_PATH_CASES))
 def test_native_autograd_op_equals_the_python_function(case, mode):
     """On the native backends, contiguous calls go through ``pini_native::inject``, whose autograd
-    node is C++ (csrc/autograd.cpp); the others through ``_InjectFunction``. Both must give the
+    node is C++ (csrc/autograd.cpp); the others through ``InjectFunction``. Both must give the
     same output and gradients, bit for bit, in the same dtypes."""
-    from pini_kernels import _checks, inject
+    from pini_kernels import inject, kernel_tables, seeds
 
     if "cpu" not in pini_kernels.available_backends():
         pytest.skip("needs the native CPU kernels")
@@ -652,17 +667,18 @@ def test_native_autograd_op_equals_the_python_function(case, mode):
         torch.randn(param_shape, generator=generator).to(dtype),
         torch.rand(param_shape, generator=generator).to(dtype) + 0.1,
     ]
-    seed = _checks.seed_tensor(9)
+    seed = seeds.seed_tensor(9)
     multiply = mode == "mul"
     assert inject._native_fast_path(*tensors)
     results = []
     for entry in ("native", "python"):
         leaves = [tensor.clone().requires_grad_(True) for tensor in tensors]
         if entry == "native":
-            out = inject._native_inject(*leaves, seed, 3, multiply)
+            native = kernel_tables.inject_autograd_kernels("cpu")
+            out = inject._inject_with_autograd(native, *leaves, seed, 3, multiply)
             assert type(out.grad_fn).__name__ == "CppFunction"  # backward runs no Python
         else:
-            out = inject._InjectFunction.apply(*leaves, seed, 3, multiply, "cpu")
+            out = inject.InjectFunction.apply(*leaves, seed, 3, multiply, "cpu")
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
         grads = torch.autograd.grad(out, leaves, grad_out)
         results.append((out, *grads))
@@ -673,7 +689,7 @@ def test_native_autograd_op_equals_the_python_function(case, mode):
 
 def test_native_fast_path_leaves_layouts_and_expansions_to_the_python_function():
     """Non-contiguous inputs (whose gradients keep their layouts) and parameters that must be
-    expanded (whose gradients are summed in fp32) stay on ``_InjectFunction``."""
+    expanded (whose gradients are summed in fp32) stay on ``InjectFunction``."""
     from pini_kernels import inject
 
     x = torch.randn(4, 6)
@@ -681,5 +697,6 @@ def test_native_fast_path_leaves_layouts_and_expansions_to_the_python_function()
     assert not inject._native_fast_path(x.t().contiguous().t(), torch.randn(6), torch.rand(6))
     assert not inject._native_fast_path(x, torch.randn(6, 4).t(), torch.rand(4, 6))
     assert not inject._native_fast_path(x, torch.randn(6), torch.rand(4, 6))  # shapes differ
-    assert not inject._native_fast_path(torch.randn(4, 5, 6), torch.randn(4, 1, 6),
-                                        torch.rand(4, 1, 6))  # fmt: skip
+    assert not inject._native_fast_path(
+        torch.randn(4, 5, 6), torch.randn(4, 1, 6), torch.rand(4, 1, 6)
+    )

@@ -17,8 +17,15 @@ NVCC = shutil.which("nvcc") or (
 )
 # The ops take the seed as a 0-d int64 tensor (read inside the CUDA kernels: graph-safe).
 SEED = torch.tensor(1)
-OPS = ("noise", "inject_forward", "inject_backward", "noisy_normalize",
-       "noisy_normalize_backward", "cross_entropy_stats", "cross_entropy_grad")  # fmt: skip
+OPS = (
+    "noise",
+    "inject_forward",
+    "inject_backward",
+    "noisy_normalize",
+    "noisy_normalize_backward",
+    "cross_entropy_stats",
+    "cross_entropy_grad",
+)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: nothing to build")
@@ -82,7 +89,7 @@ def test_native_op_checks_say_what_came():
         ops.cross_entropy_stats(cosine, target, scale, *(torch.empty(rows) for rows in (4, 3, 4)))
 
 
-# --- the seed as an int or a 0-d int64 tensor (issue 12, item 5: CUDA graphs) ------------------
+# --- the seed as an int or a 0-d int64 tensor (docs/spec.md §4: CUDA graphs) -------------------
 
 NATIVE_DEVICES = [
     device
@@ -108,16 +115,18 @@ def _glue_calls(seed, device):
     native.inject_forward(x, mu, sigma, seed, 2, True, 5, 37, 1, out)
     outputs["inject"] = out
     grad_x = torch.full((5, 37), float("nan"), device=device)
-    partial = native.inject_backward(random(2, 5, 37), x, mu, sigma, seed, 2, True, 5, 37, 1,
-                                     grad_x, True)  # fmt: skip
+    partial = native.inject_backward(
+        random(2, 5, 37), x, mu, sigma, seed, 2, True, 5, 37, 1, grad_x, True
+    )
     outputs.update(inject_grad_x=grad_x, partial_mu=partial[0], partial_sigma=partial[1])
     features, feature_mu, feature_sigma = random(6, 40), random(40), random(40).abs()
     expanded = (feature_mu.expand(6, 40), feature_sigma.expand(6, 40))
     unit, norm = torch.empty(6, 40, device=device), torch.empty(6, device=device)
     native.normalize(features, *expanded, seed, 240, False, unit, norm)
     grads = [torch.zeros(6, 40, device=device) for _ in range(3)]
-    native.normalize_backward(features, *expanded, seed, 240, False, unit, norm, random(6, 40),
-                              *grads)  # fmt: skip
+    native.normalize_backward(
+        features, *expanded, seed, 240, False, unit, norm, random(6, 40), *grads
+    )
     outputs.update(unit=unit, norm=norm, grad_features=grads[0], grad_mu=grads[1])
     outputs["grad_sigma"] = grads[2]
     return outputs, (x, mu, sigma, features, feature_mu, feature_sigma)
@@ -157,8 +166,9 @@ def test_glue_rejects_a_seed_tensor_it_cannot_read():
         native.noise_forward(8, torch.tensor(1.0), torch.device("cpu"), torch.float32)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="seed must be a CPU tensor or on the data's device"):
-            native.noise_forward(8, torch.tensor(1, device="cuda"), torch.device("cpu"),
-                                 torch.float32)  # fmt: skip
+            native.noise_forward(
+                8, torch.tensor(1, device="cuda"), torch.device("cpu"), torch.float32
+            )
 
 
 needs_cuda_backend = pytest.mark.skipif(
@@ -184,10 +194,12 @@ def test_cuda_graph_replays_with_the_seed_written_before_each_replay():
 
     def step():
         native.inject_forward(x, mu, sigma, seed, samples, False, rows, width, 1, out)
-        partial = native.inject_backward(grad_out, x, mu, sigma, seed, samples, False, rows,
-                                         width, 1, grad_x, True)  # fmt: skip
-        native.normalize(x, mu.expand(rows, width), sigma.expand(rows, width), seed, 0, False,
-                         unit, norm)  # fmt: skip
+        partial = native.inject_backward(
+            grad_out, x, mu, sigma, seed, samples, False, rows, width, 1, grad_x, True
+        )
+        native.normalize(
+            x, mu.expand(rows, width), sigma.expand(rows, width), seed, 0, False, unit, norm
+        )
         return partial
 
     side = torch.cuda.Stream()
@@ -232,7 +244,7 @@ def test_cuda_glue_never_syncs(seed):
         torch.cuda.set_sync_debug_mode("default")
 
 
-# --- register pressure of the CUDA kernels (issue 12, item 8) -----------------------------------
+# --- register pressure of the CUDA kernels -----------------------------------------------------
 
 KERNELS_CU = Path(__file__).parents[1] / "csrc" / "cuda" / "kernels.cu"
 # STYLE.md's budget for memory-bound kernels, which need many warps in flight to saturate HBM: at
@@ -255,10 +267,22 @@ def demangled_kernel_name(mangled: str) -> str:
 def ptxas_resources(cuda_file: Path, arch: str) -> dict[str, dict[str, int]]:
     """``nvcc -Xptxas -v`` of one .cu file: per kernel, its registers and spill bytes."""
     result = subprocess.run(
-        [NVCC, "-std=c++20", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(cuda_file),
-         "-o", os.devnull],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            NVCC,
+            "-std=c++20",
+            "-O3",
+            f"-arch={arch}",
+            "-Xptxas",
+            "-v",
+            "-c",
+            str(cuda_file),
+            "-o",
+            os.devnull,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     resources: dict[str, dict[str, int]] = {}
     kernel = None
@@ -300,12 +324,21 @@ def test_native_checks_compare_devices_with_their_index(tmp_path):
     probe = tmp_path / "device_checks_probe"
     library_dir, include_dir = (Path(torch.__file__).parent / name for name in ("lib", "include"))
     command = [
-        shutil.which("c++"), "-std=c++20", "-O0", "-w", f"-I{Path(__file__).parents[1] / 'csrc'}",
+        shutil.which("c++"),
+        "-std=c++20",
+        "-O0",
+        "-w",
+        f"-I{Path(__file__).parents[1] / 'csrc'}",
         f"-I{include_dir}",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        str(Path(__file__).parent / "native" / "device_checks_probe.cpp"), "-o", str(probe),
-        f"-L{library_dir}", f"-Wl,-rpath,{library_dir}", "-lc10", "-ltorch_cpu",
-    ]  # fmt: skip
+        str(Path(__file__).parent / "native" / "device_checks_probe.cpp"),
+        "-o",
+        str(probe),
+        f"-L{library_dir}",
+        f"-Wl,-rpath,{library_dir}",
+        "-lc10",
+        "-ltorch_cpu",
+    ]
     built = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     ran = subprocess.run([str(probe)], capture_output=True, text=True, timeout=60)

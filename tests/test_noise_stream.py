@@ -232,7 +232,7 @@ def test_noise_rejects_bad_arguments():
         pini_kernels.noise((4,), seed=1, backend="tpu")
 
 
-# --- the seed as a 0-d int64 tensor (issue 12, item 5) ----------------------------------------
+# --- the seed as a 0-d int64 tensor (docs/spec.md §4) -----------------------------------------
 
 
 def _every_op_with_seed(backend, seed):
@@ -242,16 +242,24 @@ def _every_op_with_seed(backend, seed):
     leaf = lambda *shape: torch.randn(shape, generator=generator).to(device).requires_grad_(True)
     results = [pini_kernels.noise((3, 37), seed=seed, device=device, backend=backend)]
     x, mu, sigma = leaf(5, 37), leaf(37), leaf(37)
-    out = pini_kernels.fused_inject(x, mu, sigma, mode="mul", num_samples=2, seed=seed,
-                                    backend=backend)  # fmt: skip
+    out = pini_kernels.fused_inject(
+        x, mu, sigma, mode="mul", num_samples=2, seed=seed, backend=backend
+    )
     results += [out, *torch.autograd.grad(out.square().sum(), (x, mu, sigma))]
     image, text, image_mu, image_sigma = leaf(6, 12), leaf(9, 12), leaf(12), leaf(12)
     text_mu, text_sigma = leaf(9, 12), leaf(9, 12)
     target = torch.randint(0, 9, (6,), generator=generator).to(device)
     loss = pini_kernels.noisy_cross_entropy(
-        image, text, 14.0, target, image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma), num_samples=2, seed=seed, backend=backend,
-    )  # fmt: skip
+        image,
+        text,
+        14.0,
+        target,
+        image_noise=(image_mu, image_sigma),
+        text_noise=(text_mu, text_sigma),
+        num_samples=2,
+        seed=seed,
+        backend=backend,
+    )
     inputs = (image, text, image_mu, image_sigma, text_mu, text_sigma)
     results += [loss, *torch.autograd.grad(loss, inputs)]
     return results
@@ -273,17 +281,18 @@ def test_triton_kernels_read_a_tensor_seed_in_the_kernel(monkeypatch):
     """A seed tensor on the data's device reaches the Triton kernels as a pointer (read there,
     so a CUDA graph replays it; no .item()), in forward and backward. (Int seeds arrive as CPU
     tensors: on a GPU they become int arguments, which the stream tests launch directly.)"""
-    from pini_kernels.triton import cosine, inject, noise_stream
+    from pini_kernels import seeds
+    from pini_kernels.triton import inject, noise_stream, normalize
 
     seen = []
-    seed_launch_args = noise_stream.seed_launch_args
+    triton_seed_args = seeds.triton_seed_args
 
     def spy(seed):
         seen.append(type(seed))
-        return seed_launch_args(seed)
+        return triton_seed_args(seed)
 
-    for module in (cosine, inject, noise_stream):
-        monkeypatch.setattr(module, "seed_launch_args", spy)
+    for module in (normalize, inject, noise_stream):
+        monkeypatch.setattr(module, "triton_seed_args", spy)
     _every_op_with_seed("triton", torch.tensor(11, dtype=torch.int64))
     assert seen and set(seen) == {torch.Tensor}
 

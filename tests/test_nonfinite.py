@@ -39,11 +39,14 @@ def _inputs(case: str, scale: float, device) -> dict:
     generator = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.randn(shape, generator=generator)
     tensors = {
-        "image": rand(BATCH, DIM), "text": rand(CLASSES, DIM),
-        "image_mu": 0.1 * rand(DIM), "image_sigma": 0.1 * rand(DIM).abs(),
-        "text_mu": 0.1 * rand(CLASSES, DIM), "text_sigma": 0.1 * rand(CLASSES, DIM).abs(),
+        "image": rand(BATCH, DIM),
+        "text": rand(CLASSES, DIM),
+        "image_mu": 0.1 * rand(DIM),
+        "image_sigma": 0.1 * rand(DIM).abs(),
+        "text_mu": 0.1 * rand(CLASSES, DIM),
+        "text_sigma": 0.1 * rand(CLASSES, DIM).abs(),
         "scale": torch.tensor(scale),
-    }  # fmt: skip
+    }
     CASES[case](tensors)
     return {name: tensor.to(device).requires_grad_(True) for name, tensor in tensors.items()}
 
@@ -55,12 +58,15 @@ def _run(op: str, backend: str, case: str, side: str, scale: float, reduction: s
     kwargs = dict(
         image_noise=(t["image_mu"], t["image_sigma"]) if side in ("image", "both") else None,
         text_noise=(t["text_mu"], t["text_sigma"]) if side in ("text", "both") else None,
-        num_samples=2, seed=3, backend=backend,
-    )  # fmt: skip
+        num_samples=2,
+        seed=3,
+        backend=backend,
+    )
     if op == "loss":
         target = torch.tensor([0, 1, 2, 1], device=device)
-        out = pini_kernels.noisy_cross_entropy(t["image"], t["text"], t["scale"], target,
-                                               reduction=reduction, **kwargs)  # fmt: skip
+        out = pini_kernels.noisy_cross_entropy(
+            t["image"], t["text"], t["scale"], target, reduction=reduction, **kwargs
+        )
     else:
         out = pini_kernels.noisy_cosine_logits(t["image"], t["text"], t["scale"], **kwargs)
     out.sum().backward()
@@ -73,8 +79,11 @@ def _check_same_pattern(got, want, label):
             assert actual is None or not actual.any(), f"{label}: {name}"
             continue
         actual, expected = actual.cpu(), expected.cpu()
-        for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf),
-                           ("-inf", torch.isneginf)):  # fmt: skip
+        for kind, test in (
+            ("NaN", torch.isnan),
+            ("+inf", torch.isposinf),
+            ("-inf", torch.isneginf),
+        ):
             mismatch = test(actual) != test(expected)
             if mismatch.any():
                 index = tuple(int(i) for i in mismatch.nonzero()[0])
@@ -88,8 +97,9 @@ def _check_same_pattern(got, want, label):
 @pytest.mark.parametrize("scale", [14.0, 1e10])
 @pytest.mark.parametrize(("op", "reduction"), [("loss", "mean"), ("loss", "none"), ("logits", "")])
 @pytest.mark.parametrize("case", list(CASES))
-def test_non_finite_values_reach_what_they_reach_in_the_reference(fused_backend, case, op,
-                                                                 reduction, scale):  # fmt: skip
+def test_non_finite_values_reach_what_they_reach_in_the_reference(
+    fused_backend, case, op, reduction, scale
+):
     for side in SIDES:
         want = _run(op, "reference", case, side, scale, reduction)
         got = _run(op, fused_backend, case, side, scale, reduction)
@@ -118,13 +128,17 @@ def test_fused_inject_propagates_non_finite_values(fused_backend, where, mode):
     results = []
     for backend in (fused_backend, "reference"):
         generator = torch.Generator().manual_seed(2)
-        t = {"x": torch.randn(6, 9, generator=generator), "mu": torch.randn(9, generator=generator),
-             "sigma": torch.rand(9, generator=generator)}  # fmt: skip
+        t = {
+            "x": torch.randn(6, 9, generator=generator),
+            "mu": torch.randn(9, generator=generator),
+            "sigma": torch.rand(9, generator=generator),
+        }
         t[where].view(-1)[3] = NAN
         t[where].view(-1)[5] = INF
         leaves = {name: value.to(device).requires_grad_(True) for name, value in t.items()}
-        out = pini_kernels.fused_inject(*leaves.values(), mode=mode, num_samples=2, seed=5,
-                                        backend=backend)  # fmt: skip
+        out = pini_kernels.fused_inject(
+            *leaves.values(), mode=mode, num_samples=2, seed=5, backend=backend
+        )
         out.sum().backward()
         results.append([out.detach(), *(leaf.grad for leaf in leaves.values())])
     names = ("output", "x", "mu", "sigma")

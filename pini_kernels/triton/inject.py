@@ -18,15 +18,22 @@ import triton
 import triton.language as tl
 
 from .._host import new_buffer
+from ..seeds import triton_seed_args
 from .launch import elementwise_config
-from .noise_stream import load_seed, normal_tile, seed_launch_args
+from .noise_stream import load_seed, normal_tile
 
 
 @triton.jit
 def _program_tile(
-    mu_ptr, sigma_ptr, rows, width, inner, rows_per_program,
-    HAS_INNER: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    mu_ptr,
+    sigma_ptr,
+    rows,
+    width,
+    inner,
+    rows_per_program,
+    HAS_INNER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """This program's block of columns and chunk of rows, and the columns' parameters in fp32:
     (first column, lanes, column mask, row chunk, first row, end row, mu, sigma)."""
     column_start = tl.program_id(0).to(tl.int64) * BLOCK
@@ -44,11 +51,23 @@ def _program_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _inject_forward_kernel(
-    x_ptr, mu_ptr, sigma_ptr, out_ptr,
-    seed, num_samples, numel, rows, width, inner, rows_per_program,
-    SEED_IN_MEMORY: tl.constexpr, HAS_INNER: tl.constexpr, MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    mu_ptr,
+    sigma_ptr,
+    out_ptr,
+    seed,
+    num_samples,
+    numel,
+    rows,
+    width,
+    inner,
+    rows_per_program,
+    SEED_IN_MEMORY: tl.constexpr,
+    HAS_INNER: tl.constexpr,
+    MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     column_start, lanes, mask, _row_chunk, row_start, row_end, mu, sigma = _program_tile(
         mu_ptr, sigma_ptr, rows, width, inner, rows_per_program, HAS_INNER, BLOCK
     )
@@ -67,12 +86,28 @@ def _inject_forward_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _inject_backward_kernel(
-    grad_out_ptr, x_ptr, mu_ptr, sigma_ptr, grad_x_ptr, partial_mu_ptr, partial_sigma_ptr,
-    seed, num_samples, numel, rows, width, inner, rows_per_program,
-    SEED_IN_MEMORY: tl.constexpr, HAS_INNER: tl.constexpr, MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr, NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
+    grad_out_ptr,
+    x_ptr,
+    mu_ptr,
+    sigma_ptr,
+    grad_x_ptr,
+    partial_mu_ptr,
+    partial_sigma_ptr,
+    seed,
+    num_samples,
+    numel,
+    rows,
+    width,
+    inner,
+    rows_per_program,
+    SEED_IN_MEMORY: tl.constexpr,
+    HAS_INNER: tl.constexpr,
+    MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    NEED_X_GRAD: tl.constexpr,
+    NEED_PARAM_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     column_start, lanes, mask, row_chunk, row_start, row_end, mu, sigma = _program_tile(
         mu_ptr, sigma_ptr, rows, width, inner, rows_per_program, HAS_INNER, BLOCK
     )
@@ -109,28 +144,57 @@ def _inject_backward_kernel(
 
 
 def inject_forward(
-    x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, seed: int | torch.Tensor,
-    num_samples: int, multiply: bool, rows: int, width: int, inner: int, out: torch.Tensor,
-) -> None:  # fmt: skip
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: int | torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    rows: int,
+    width: int,
+    inner: int,
+    out: torch.Tensor,
+) -> None:
     """Writes ``out``: (num_samples, *S). x: contiguous (*S), viewed as rows x width; mu, sigma:
     contiguous (width // inner,), any float dtype; seed: an int or a 0-d int64 tensor on x's
     device."""
     config = elementwise_config(width, rows, x.device)
-    seed, seed_in_memory = seed_launch_args(seed)
+    seed, seed_in_memory = triton_seed_args(seed)
     _inject_forward_kernel[config.grid](
-        x, mu, sigma, out,
-        seed, num_samples, x.numel(), rows, width, inner, config.rows_per_program,
-        SEED_IN_MEMORY=seed_in_memory, HAS_INNER=inner > 1, MULTIPLY=multiply,
+        x,
+        mu,
+        sigma,
+        out,
+        seed,
+        num_samples,
+        x.numel(),
+        rows,
+        width,
+        inner,
+        config.rows_per_program,
+        SEED_IN_MEMORY=seed_in_memory,
+        HAS_INNER=inner > 1,
+        MULTIPLY=multiply,
         ALIGNED=width % 4 == 0,
-        BLOCK=config.block, num_warps=config.num_warps,
-    )  # fmt: skip
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )
 
 
 def inject_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-    seed: int | torch.Tensor, num_samples: int, multiply: bool, rows: int, width: int, inner: int,
-    grad_x: torch.Tensor | None, need_param_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: int | torch.Tensor,
+    num_samples: int,
+    multiply: bool,
+    rows: int,
+    width: int,
+    inner: int,
+    grad_x: torch.Tensor | None,
+    need_param_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Writes ``grad_x`` (x's shape and dtype) unless it is None. grad_out: contiguous
     (num_samples, *S). Returns the (row_chunks, width) fp32 partial sums of mu's and sigma's
     gradients, one row per chunk of rows, when ``need_param_grad``."""
@@ -141,14 +205,29 @@ def inject_backward(
     else:
         partial_mu = partial_sigma = mu  # not written; any pointer will do
     x_data = x.contiguous() if multiply else grad_out  # add mode never reads x
-    seed, seed_in_memory = seed_launch_args(seed)
+    seed, seed_in_memory = triton_seed_args(seed)
     _inject_backward_kernel[config.grid](
-        grad_out, x_data, mu, sigma, x_data if grad_x is None else grad_x,
-        partial_mu, partial_sigma,
-        seed, num_samples, x.numel(), rows, width, inner, config.rows_per_program,
-        SEED_IN_MEMORY=seed_in_memory, HAS_INNER=inner > 1, MULTIPLY=multiply,
+        grad_out,
+        x_data,
+        mu,
+        sigma,
+        x_data if grad_x is None else grad_x,
+        partial_mu,
+        partial_sigma,
+        seed,
+        num_samples,
+        x.numel(),
+        rows,
+        width,
+        inner,
+        config.rows_per_program,
+        SEED_IN_MEMORY=seed_in_memory,
+        HAS_INNER=inner > 1,
+        MULTIPLY=multiply,
         ALIGNED=width % 4 == 0,
-        NEED_X_GRAD=grad_x is not None, NEED_PARAM_GRAD=need_param_grad,
-        BLOCK=config.block, num_warps=config.num_warps,
-    )  # fmt: skip
+        NEED_X_GRAD=grad_x is not None,
+        NEED_PARAM_GRAD=need_param_grad,
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )
     return (partial_mu, partial_sigma) if need_param_grad else None

@@ -1,11 +1,11 @@
-"""Noisy cosine logits and PiNI's loss (Eq. 13): the Triton kernels of ``pini_kernels/cosine.py``.
+"""Noisy cosine logits and PiNI's loss (Eq. 13): the Triton kernels of ``pini_kernels/logits.py``
+and ``pini_kernels/loss.py``, the table ``kernel_tables.LossKernels`` (which holds
+``LogitsKernels``), with the same functions and arguments as the native backend (``native.py``).
 
-``pini_kernels/cosine.py`` runs the per-sample flow and hands these functions one sample's
-``(N, D)`` rows at a time (so ``(num_samples, C, D)`` text features need nothing here); the native
-backend (``pini_kernels/native.py``) has the same functions with the same arguments:
+The per-sample flow (``pini_kernels/per_sample.py``) hands these functions one sample's ``(N, D)``
+rows at a time, so ``(num_samples, C, D)`` text features need nothing here:
 
-- ``normalize`` / ``normalize_backward``: tiles of whole feature rows, noise regenerated from the
-  seed, L2 normalization and its gradient (``_noisy_normalize_kernel`` and its backward);
+- ``normalize`` / ``normalize_backward``: the row kernels, from ``triton/normalize.py``;
 - ``loss_stats``: the logits tile by tile with ``tl.dot``, keeping only running row statistics
   (max, sum of exp, target logit, sum of logits) so no logits are stored
   (``_cosine_cross_entropy_kernel``);
@@ -24,23 +24,18 @@ import triton.language as tl
 
 from .._host import new_buffer
 from ..backends import triton_interpreting
-from .launch import MIN_BLOCK
-from .noise_stream import load_seed, normal_rows, seed_launch_args
+from .normalize import MAX_FEATURE_DIM, normalize, normalize_backward
 
-# Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR), its default eps.
-NORM_FLOOR = tl.constexpr(1e-12)
-# One program holds a whole feature row; CLIP widths are 512-1024. Past this, a row no longer fits
-# in registers and the kernel would need a loop over D.
-MAX_FEATURE_DIM = 16384
-# Row-wise kernels (noise + normalization) work on tiles of whole rows, at least this many
-# elements: one 512-wide CLIP row per program on a GPU; under the interpreter, wide tiles cut the
-# per-program overhead.
-ROW_TILE_ELEMENTS = 16384 if triton_interpreting() else 512
-# Elements of a tile per GPU thread (warps = tile / (32 * this), at most ROW_TILE_MAX_WARPS): each
-# element of noise keeps a Philox state and a Box-Muller pair live, so 4 keep the row kernels
-# under ~96 registers (ptxas -v, tests/gpu_compile_check.py --resources); at 16 they took 224+.
-ROW_TILE_ELEMENTS_PER_THREAD = 4
-ROW_TILE_MAX_WARPS = 16
+__all__ = [
+    "MAX_FEATURE_DIM",
+    "cosines",
+    "loss_grad",
+    "loss_stats",
+    "loss_stats_grad",
+    "normalize",
+    "normalize_backward",
+]
+
 # Logits tiles for tl.dot: 64 x 64 outputs, 32-wide steps over D (fp32: 8 KB per operand tile),
 # over 8 warps: 16 accumulators per thread. At 4 warps (32 per thread) the IEEE loss kernel used
 # 255 registers and spilled.
@@ -53,117 +48,22 @@ BLOCK_GRAD_CLASSES = 1024
 # Grid target for the loss kernel on a GPU: classes are split so about this many programs per SM
 # run even for small batches; the splits' row statistics are merged after.
 LOSS_PROGRAMS_PER_SM = 2
-# Test hook: when set, the loss kernel uses this many class splits on any device. Under the
-# interpreter it otherwise always uses one, and the merge of split statistics would never run.
-FORCED_LOSS_SPLITS: int | None = None
-
-
-@triton.jit
-def _load_noise_params(
-    mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
-    row, columns, mask,
-):  # fmt: skip
-    """mu and sigma of a (ROWS, BLOCK) tile in fp32, read through their strides (0 on broadcast
-    dimensions)."""
-    mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
-    sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
-    mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
-    sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
-    return mu, sigma
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _noisy_normalize_kernel(
-    x_ptr, x_row_stride,
-    mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
-    unit_ptr, norm_ptr, seed, stream_offset, rows, dim,
-    SEED_IN_MEMORY: tl.constexpr, HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """For ROWS rows: unit = v / max(|v|, floor), v = x (+ or *) (mu + sigma * eps); norm = |v|."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = row < rows
-    columns = tl.arange(0, BLOCK)
-    mask = row_mask[:, None] & (columns < dim)[None, :]
-    x_offsets = row[:, None] * x_row_stride + columns[None, :]
-    value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NOISE:
-        mu, sigma = _load_noise_params(
-            mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
-            row, columns, mask,
-        )  # fmt: skip
-        eps = normal_rows(load_seed(seed, SEED_IN_MEMORY), stream_offset + row * dim, ALIGNED,
-                          BLOCK)  # fmt: skip
-        sample_noise = mu + sigma * eps
-        value = value * sample_noise if MULTIPLY else value + sample_noise
-        value = tl.where(mask, value, 0.0)
-    norm = tl.sqrt(tl.sum(value * value, axis=1))
-    # NaN-propagating: a NaN row stays NaN (as F.normalize's clamp_min), not NaN / floor.
-    unit = value / tl.maximum(norm, NORM_FLOOR, propagate_nan=tl.PropagateNan.ALL)[:, None]
-    tl.store(unit_ptr + row[:, None] * dim + columns[None, :], unit, mask=mask)
-    tl.store(norm_ptr + row, norm, mask=row_mask)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _noisy_normalize_backward_kernel(
-    x_ptr, x_row_stride,
-    mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride, sigma_col_stride,
-    unit_ptr, norm_ptr, grad_unit_ptr, grad_x_ptr, grad_mu_ptr, grad_sigma_ptr,
-    seed, stream_offset, rows, dim,
-    SEED_IN_MEMORY: tl.constexpr, HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Adds this sample's gradients for x, mu, sigma (fp32 (rows, D) accumulators) given the
-    gradient of the normalized rows."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = row < rows
-    columns = tl.arange(0, BLOCK)
-    mask = row_mask[:, None] & (columns < dim)[None, :]
-    offsets = row[:, None] * dim + columns[None, :]
-    unit = tl.load(unit_ptr + offsets, mask=mask, other=0.0)
-    grad_unit = tl.load(grad_unit_ptr + offsets, mask=mask, other=0.0)
-    norm = tl.load(norm_ptr + row, mask=row_mask, other=1.0)[:, None]
-    # d(v / max(|v|, floor)) / dv: project out the radial part, unless the floor was active (then
-    # v / floor is linear in v). Both branches divide by max(|v|, floor): no inf at zero rows.
-    radial = tl.sum(unit * grad_unit, axis=1)[:, None]
-    divisor = tl.maximum(norm, NORM_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN rows stay NaN
-    grad_value = tl.where(norm > NORM_FLOOR, grad_unit - unit * radial, grad_unit) / divisor
-    if HAS_NOISE and (MULTIPLY or NEED_PARAM_GRAD):
-        eps = normal_rows(load_seed(seed, SEED_IN_MEMORY), stream_offset + row * dim, ALIGNED,
-                          BLOCK)  # fmt: skip
-    if NEED_X_GRAD:
-        if HAS_NOISE and MULTIPLY:
-            mu, sigma = _load_noise_params(
-                mu_ptr, mu_row_stride, mu_col_stride, sigma_ptr, sigma_row_stride,
-                sigma_col_stride, row, columns, mask,
-            )  # fmt: skip
-            x_grad = grad_value * (mu + sigma * eps)
-        else:
-            x_grad = grad_value
-        previous = tl.load(grad_x_ptr + offsets, mask=mask, other=0.0)
-        tl.store(grad_x_ptr + offsets, previous + x_grad, mask=mask)
-    if HAS_NOISE and NEED_PARAM_GRAD:
-        if MULTIPLY:
-            x_offsets = row[:, None] * x_row_stride + columns[None, :]
-            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-            mu_grad = grad_value * x
-        else:
-            mu_grad = grad_value
-        previous_mu = tl.load(grad_mu_ptr + offsets, mask=mask, other=0.0)
-        previous_sigma = tl.load(grad_sigma_ptr + offsets, mask=mask, other=0.0)
-        tl.store(grad_mu_ptr + offsets, previous_mu + mu_grad, mask=mask)
-        tl.store(grad_sigma_ptr + offsets, previous_sigma + mu_grad * eps, mask=mask)
 
 
 @triton.jit
 def _cosine_tile(
-    image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
-    BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    image_ptr,
+    text_ptr,
+    row_index,
+    row_mask,
+    class_index,
+    class_mask,
+    dim,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CLASSES: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """(BLOCK_ROWS, BLOCK_CLASSES) fp32 ``image @ text^T`` of unit rows: the one product both the
     loss's forward (``_cosine_cross_entropy_kernel``) and its backward (``_cosine_kernel``) use,
     so backward's probabilities are exactly those whose log-sum-exp forward saved."""
@@ -173,45 +73,75 @@ def _cosine_tile(
         dim_mask = dim_start + dim_index < dim
         image = tl.load(
             image_ptr + row_index[:, None] * dim + dim_start + dim_index[None, :],
-            mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
-        )  # fmt: skip
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
         text = tl.load(
             text_ptr + class_index[:, None] * dim + dim_start + dim_index[None, :],
-            mask=class_mask[:, None] & dim_mask[None, :], other=0.0,
-        )  # fmt: skip
+            mask=class_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
         dots = tl.dot(image, tl.trans(text), dots, input_precision=INPUT_PRECISION)
     return dots
 
 
 @triton.jit
 def _cosine_kernel(
-    image_ptr, text_ptr, out_ptr, rows, classes, dim,
-    BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    image_ptr,
+    text_ptr,
+    out_ptr,
+    rows,
+    classes,
+    dim,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CLASSES: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """out (rows, classes) fp32 = image @ text^T, one tile per program."""
     row_index = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     class_index = tl.program_id(1).to(tl.int64) * BLOCK_CLASSES + tl.arange(0, BLOCK_CLASSES)
     row_mask = row_index < rows
     class_mask = class_index < classes
     dots = _cosine_tile(
-        image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
-        BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DIM, INPUT_PRECISION,
-    )  # fmt: skip
+        image_ptr,
+        text_ptr,
+        row_index,
+        row_mask,
+        class_index,
+        class_mask,
+        dim,
+        BLOCK_ROWS,
+        BLOCK_CLASSES,
+        BLOCK_DIM,
+        INPUT_PRECISION,
+    )
     tl.store(
-        out_ptr + row_index[:, None] * classes + class_index[None, :], dots,
+        out_ptr + row_index[:, None] * classes + class_index[None, :],
+        dots,
         mask=row_mask[:, None] & class_mask[None, :],
-    )  # fmt: skip
+    )
 
 
 @triton.jit
 def _cosine_cross_entropy_kernel(
-    image_ptr, text_ptr, target_ptr, scale_ptr,
-    partial_max_ptr, partial_sum_ptr, partial_target_ptr, partial_logit_sum_ptr,
-    rows, classes, dim, classes_per_split,
-    BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    image_ptr,
+    text_ptr,
+    target_ptr,
+    scale_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    partial_target_ptr,
+    partial_logit_sum_ptr,
+    rows,
+    classes,
+    dim,
+    classes_per_split,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CLASSES: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """Row statistics of scale * image @ text^T over one split of the classes, for one sample:
     running max, sum of exp(logit - max), the target's logit and the sum of logits."""
     row_block = tl.program_id(0).to(tl.int64)
@@ -230,9 +160,18 @@ def _cosine_cross_entropy_kernel(
         class_index = class_block + tl.arange(0, BLOCK_CLASSES)
         class_mask = class_index < class_end
         dots = _cosine_tile(
-            image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
-            BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DIM, INPUT_PRECISION,
-        )  # fmt: skip
+            image_ptr,
+            text_ptr,
+            row_index,
+            row_mask,
+            class_index,
+            class_mask,
+            dim,
+            BLOCK_ROWS,
+            BLOCK_CLASSES,
+            BLOCK_DIM,
+            INPUT_PRECISION,
+        )
         logits = tl.where(class_mask[None, :], dots * scale, float("-inf"))
         block_max = tl.max(logits, axis=1)
         new_max = tl.maximum(running_max, block_max)
@@ -252,10 +191,19 @@ def _cosine_cross_entropy_kernel(
 
 @triton.jit
 def _cross_entropy_grad_kernel(
-    cosine_ptr, lse_ptr, target_ptr, row_grad_ptr, scale_ptr, scale_grad_ptr,
-    target_logit_ptr, logit_sum_ptr, classes, label_smoothing,
-    BLOCK: tl.constexpr, COMPUTE_STATS: tl.constexpr,
-):  # fmt: skip
+    cosine_ptr,
+    lse_ptr,
+    target_ptr,
+    row_grad_ptr,
+    scale_ptr,
+    scale_grad_ptr,
+    target_logit_ptr,
+    logit_sum_ptr,
+    classes,
+    label_smoothing,
+    BLOCK: tl.constexpr,
+    COMPUTE_STATS: tl.constexpr,
+):
     """In place, per row: cosine -> d loss / d cosine; scale_grad[row] = sum(dlogits * cosine).
     COMPUTE_STATS: first write the row's log-sum-exp, target logit and sum of logits (a pass over
     the row, which the second pass then finds in cache); else read the log-sum-exp."""
@@ -302,80 +250,18 @@ def _cross_entropy_grad_kernel(
     tl.store(scale_grad_ptr + row, tl.sum(scale_grad, axis=0))
 
 
-# --- host side: the functions pini_kernels/cosine.py calls --------------------------------------
-
-
-def _row_tiling(dim: int) -> tuple[int, int, int]:
-    """(columns per row tile, rows per program, warps) of the row kernels for rows of ``dim``."""
-    block = max(triton.next_power_of_2(dim), MIN_BLOCK)
-    rows = max(1, ROW_TILE_ELEMENTS // block)
-    if triton_interpreting():
-        return block, rows, 1
-    threads = rows * block // ROW_TILE_ELEMENTS_PER_THREAD
-    return block, rows, max(1, min(ROW_TILE_MAX_WARPS, threads // 32))
-
-
-def _noise_param_args(features, mu, sigma) -> tuple:
-    """mu and sigma with their (row, column) strides; the features stand in (never read) when the
-    side has no noise."""
-    if mu is None:
-        return (features, 0, 0, features, 0, 0)
-    return (mu, mu.stride(0), mu.stride(1), sigma, sigma.stride(0), sigma.stride(1))
-
-
-def normalize(
-    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None,
-    seed: int | torch.Tensor, stream_offset: int, multiply: bool, unit: torch.Tensor,
-    norm: torch.Tensor,
-) -> None:  # fmt: skip
-    """Writes ``unit`` (N, D) fp32, the noisy rows normalized, and ``norm`` (N,) fp32, their norms.
-
-    features: (N, D) with unit stride along D; mu, sigma: None (no noise) or fp32 views expanded
-    to (N, D); the noise of element (r, d) is stream element ``stream_offset + r * D + d`` of
-    ``seed`` (an int, or a 0-d int64 tensor on the features' device, read by the kernel).
-    """
-    rows, dim = features.shape
-    block, rows_per_program, warps = _row_tiling(dim)
-    seed, seed_in_memory = seed_launch_args(seed)
-    _noisy_normalize_kernel[(triton.cdiv(rows, rows_per_program),)](
-        features, features.stride(0), *_noise_param_args(features, mu, sigma),
-        unit, norm, seed, stream_offset, rows, dim,
-        SEED_IN_MEMORY=seed_in_memory, HAS_NOISE=mu is not None, MULTIPLY=multiply,
-        ALIGNED=dim % 4 == 0,
-        ROWS=rows_per_program, BLOCK=block, num_warps=warps,
-    )  # fmt: skip
-
-
-def normalize_backward(
-    features: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None,
-    seed: int | torch.Tensor, stream_offset: int, multiply: bool, unit: torch.Tensor,
-    norm: torch.Tensor,
-    grad_unit: torch.Tensor, grad_x: torch.Tensor | None, grad_mu: torch.Tensor | None,
-    grad_sigma: torch.Tensor | None,
-) -> None:  # fmt: skip
-    """Adds this sample's gradients into the fp32 (N, D) accumulators ``grad_x``, ``grad_mu`` and
-    ``grad_sigma`` (None: not needed), given ``grad_unit``, the gradient of ``unit``."""
-    rows, dim = features.shape
-    block, rows_per_program, warps = _row_tiling(dim)
-    seed, seed_in_memory = seed_launch_args(seed)
-    _noisy_normalize_backward_kernel[(triton.cdiv(rows, rows_per_program),)](
-        features, features.stride(0), *_noise_param_args(features, mu, sigma),
-        unit, norm, grad_unit,
-        unit if grad_x is None else grad_x,  # unit stands in for what is not written
-        unit if grad_mu is None else grad_mu,
-        unit if grad_sigma is None else grad_sigma,
-        seed, stream_offset, rows, dim,
-        SEED_IN_MEMORY=seed_in_memory, HAS_NOISE=mu is not None, MULTIPLY=multiply,
-        ALIGNED=dim % 4 == 0,
-        NEED_X_GRAD=grad_x is not None, NEED_PARAM_GRAD=grad_mu is not None,
-        ROWS=rows_per_program, BLOCK=block, num_warps=warps,
-    )  # fmt: skip
+# --- host side: kernel_tables.LossKernels ------------------------------------------------------
 
 
 def loss_stats(
-    image_unit: torch.Tensor, text_unit: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-    lse: torch.Tensor, target_logit: torch.Tensor, logit_sum: torch.Tensor,
-) -> None:  # fmt: skip
+    image_unit: torch.Tensor,
+    text_unit: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    logit_sum: torch.Tensor,
+) -> None:
     """Writes, per row of ``scale * image_unit @ text_unit^T`` (B, C), its log-sum-exp, the
     target's logit and the sum of logits into the (B,) fp32 ``lse``, ``target_logit`` and
     ``logit_sum``. image_unit: (B, D), text_unit: (C, D) fp32; target: (B,) int64; scale: 0-d."""
@@ -385,11 +271,24 @@ def loss_stats(
     classes_per_split = triton.cdiv(triton.cdiv(classes, splits), BLOCK_CLASSES) * BLOCK_CLASSES
     stats = new_buffer((4, splits, rows), torch.float32, image_unit.device)
     _cosine_cross_entropy_kernel[(triton.cdiv(rows, BLOCK_ROWS), splits)](
-        image_unit, text_unit, target, scale, stats[0], stats[1], stats[2], stats[3],
-        rows, classes, dim, classes_per_split,
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
-        INPUT_PRECISION=_input_precision(), num_warps=LOGITS_TILE_WARPS,
-    )  # fmt: skip
+        image_unit,
+        text_unit,
+        target,
+        scale,
+        stats[0],
+        stats[1],
+        stats[2],
+        stats[3],
+        rows,
+        classes,
+        dim,
+        classes_per_split,
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_CLASSES=BLOCK_CLASSES,
+        BLOCK_DIM=BLOCK_DIM,
+        INPUT_PRECISION=_input_precision(),
+        num_warps=LOGITS_TILE_WARPS,
+    )
     split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
     row_max = split_max.amax(dim=0)
     torch.log((split_sum * torch.exp(split_max - row_max)).sum(dim=0), out=lse)
@@ -398,25 +297,42 @@ def loss_stats(
     torch.sum(split_logit_sum, dim=0, out=logit_sum)
 
 
-def cosines(image_unit: torch.Tensor, text_unit: torch.Tensor) -> torch.Tensor:
-    """(B, C) fp32 ``image_unit @ text_unit^T`` for (B, D) and (C, D) fp32 unit rows, with the
-    product and precision ``loss_stats`` takes its logits from (the logits and every backward
-    recompute use it, so forward and backward agree to the last bit)."""
+def cosines(
+    image_unit: torch.Tensor, text_unit: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, C) fp32 ``image_unit @ text_unit^T`` for (B, D) and (C, D) fp32 unit rows, into the
+    contiguous ``out`` when given, with the product and precision ``loss_stats`` takes its logits
+    from (the logits and every backward recompute use it, so forward and backward agree to the
+    last bit)."""
     rows, dim = image_unit.shape
     classes = text_unit.shape[0]
-    out = new_buffer((rows, classes), torch.float32, image_unit.device)
+    if out is None:
+        out = new_buffer((rows, classes), torch.float32, image_unit.device)
     _cosine_kernel[(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(classes, BLOCK_CLASSES))](
-        image_unit, text_unit, out, rows, classes, dim,
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_CLASSES=BLOCK_CLASSES, BLOCK_DIM=BLOCK_DIM,
-        INPUT_PRECISION=_input_precision(), num_warps=LOGITS_TILE_WARPS,
-    )  # fmt: skip
+        image_unit,
+        text_unit,
+        out,
+        rows,
+        classes,
+        dim,
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_CLASSES=BLOCK_CLASSES,
+        BLOCK_DIM=BLOCK_DIM,
+        INPUT_PRECISION=_input_precision(),
+        num_warps=LOGITS_TILE_WARPS,
+    )
     return out
 
 
 def loss_grad(
-    cosine: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, row_grad: torch.Tensor,
-    scale: torch.Tensor, label_smoothing: float, scale_grad: torch.Tensor,
-) -> None:  # fmt: skip
+    cosine: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    row_grad: torch.Tensor,
+    scale: torch.Tensor,
+    label_smoothing: float,
+    scale_grad: torch.Tensor,
+) -> None:
     """In place: one sample's (B, C) fp32 ``cosine`` becomes d loss / d cosine for the rows' loss
     weights ``row_grad`` (B,); ``scale_grad`` (B,) gets each row's d loss / d scale."""
     _launch_cross_entropy_grad(
@@ -425,17 +341,30 @@ def loss_grad(
 
 
 def loss_stats_grad(
-    cosine: torch.Tensor, target: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor,
-    label_smoothing: float, lse: torch.Tensor, target_logit: torch.Tensor,
-    logit_sum: torch.Tensor, scale_grad: torch.Tensor,
-) -> None:  # fmt: skip
+    cosine: torch.Tensor,
+    target: torch.Tensor,
+    row_grad: torch.Tensor,
+    scale: torch.Tensor,
+    label_smoothing: float,
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    logit_sum: torch.Tensor,
+    scale_grad: torch.Tensor,
+) -> None:
     """``loss_stats`` of the logits ``scale * cosine`` (the rows' log-sum-exp, target logit and
     sum of logits), then ``loss_grad`` with that log-sum-exp, in one kernel: the loss's forward
-    with its gradient (cosine.gradients_in_forward)."""
+    with its gradient (loss.gradients_in_forward)."""
     _launch_cross_entropy_grad(
-        cosine, lse, target, row_grad, scale, label_smoothing, scale_grad, target_logit,
+        cosine,
+        lse,
+        target,
+        row_grad,
+        scale,
+        label_smoothing,
+        scale_grad,
+        target_logit,
         logit_sum,
-    )  # fmt: skip
+    )
 
 
 def _launch_cross_entropy_grad(
@@ -444,12 +373,20 @@ def _launch_cross_entropy_grad(
     rows, classes = cosine.shape
     compute_stats = target_logit is not None
     _cross_entropy_grad_kernel[(rows,)](
-        cosine, lse, target, row_grad, scale, scale_grad,
-        target_logit if compute_stats else lse, logit_sum if compute_stats else lse,
-        classes, label_smoothing,
+        cosine,
+        lse,
+        target,
+        row_grad,
+        scale,
+        scale_grad,
+        target_logit if compute_stats else lse,
+        logit_sum if compute_stats else lse,
+        classes,
+        label_smoothing,
         BLOCK=min(triton.next_power_of_2(classes), BLOCK_GRAD_CLASSES),
-        COMPUTE_STATS=compute_stats, num_warps=1 if triton_interpreting() else 4,
-    )  # fmt: skip
+        COMPUTE_STATS=compute_stats,
+        num_warps=1 if triton_interpreting() else 4,
+    )
 
 
 def _input_precision() -> str:
@@ -468,11 +405,8 @@ def _input_precision() -> str:
 
 
 def _loss_splits(rows: int, classes: int, device: torch.device) -> int:
-    """Class splits of the loss kernel: enough programs to fill the GPU for small batches."""
-    if FORCED_LOSS_SPLITS is not None:
-        if FORCED_LOSS_SPLITS < 1:
-            raise ValueError(f"FORCED_LOSS_SPLITS must be None or >= 1, got {FORCED_LOSS_SPLITS}")
-        return FORCED_LOSS_SPLITS
+    """Class splits of the loss kernel: enough programs to fill the GPU for small batches. Under
+    the interpreter one (the tests force several, so that the merge of split statistics runs)."""
     if device.type != "cuda" or triton_interpreting():
         return 1
     programs = LOSS_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count

@@ -10,7 +10,7 @@ Both give identical values; the first runs a quarter of the Philox calls and hal
 Every kernel that draws noise takes its ``seed`` either as an int (``do_not_specialize``: a new seed
 per call reuses the compiled kernel) or as a pointer to a 0-d int64 tensor on the GPU, read inside
 the kernel (``SEED_IN_MEMORY``; a captured CUDA graph then draws the value written before each
-replay). ``seed_launch_args`` gives both from what the op modules pass.
+replay). ``seeds.triton_seed_args`` gives both from the kernel seed the op modules pass.
 """
 
 from __future__ import annotations
@@ -21,13 +21,8 @@ import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 from .._host import new_buffer
+from ..seeds import triton_seed_args
 from .launch import elementwise_config
-
-
-def seed_launch_args(seed: int | torch.Tensor) -> tuple[int | torch.Tensor, bool]:
-    """(the kernel's ``seed`` argument, ``SEED_IN_MEMORY``) for an int or a 0-d int64 tensor on
-    the launch's device."""
-    return seed, isinstance(seed, torch.Tensor)
 
 
 @triton.jit
@@ -87,9 +82,14 @@ def normal_rows(seed, first, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(
-    out_ptr, seed, start, numel,
-    SEED_IN_MEMORY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    out_ptr,
+    seed,
+    start,
+    numel,
+    SEED_IN_MEMORY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offsets = block_start + tl.arange(0, BLOCK)
     values = normal_tile(load_seed(seed, SEED_IN_MEMORY), start + block_start, ALIGNED, BLOCK)
@@ -109,9 +109,15 @@ def noise_forward(
         return out
     config = elementwise_config(width=numel, rows=1, device=device)
     grid = (config.column_blocks,)
-    seed, seed_in_memory = seed_launch_args(seed)
+    seed, seed_in_memory = triton_seed_args(seed)
     _noise_kernel[grid](
-        out, seed, start, numel, SEED_IN_MEMORY=seed_in_memory, ALIGNED=start % 4 == 0,
-        BLOCK=config.block, num_warps=config.num_warps,
-    )  # fmt: skip
+        out,
+        seed,
+        start,
+        numel,
+        SEED_IN_MEMORY=seed_in_memory,
+        ALIGNED=start % 4 == 0,
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )
     return out
