@@ -112,6 +112,11 @@ class PiNI(nn.Module):
     def num_classes(self) -> int:
         return int(self.token_ids.shape[0])
 
+    @property
+    def perturbs_images(self) -> bool:
+        """Whether the raw images get noise: then no precomputed image features can stand in."""
+        return self.config.visual == "image"
+
     def train(self, mode: bool = True) -> PiNI:
         """Generators follow ``mode`` (BatchNorm in the image CNN); CLIP stays in eval mode."""
         super().train(mode)

@@ -16,18 +16,10 @@ import statistics
 from pathlib import Path
 
 from .files import write_text_atomically
+from .methods import METHODS
 
 SWEEP_FORMAT = "pini-sweep/1"
 CONFIDENCE = 0.95
-METHOD_NAMES = {
-    "pini": "PiNI",
-    "zero-shot": "zero-shot CLIP",
-    "linear-probe": "linear probe",
-    "coop": "CoOp",
-    "clip-adapter": "CLIP-Adapter",
-    "tip-adapter": "Tip-Adapter",
-    "tip-adapter-f": "Tip-Adapter-F",
-}
 # What sweep.json keeps of each run's summary.
 RUN_KEYS = (
     "method", "dataset", "shots", "seed", "status", "failure", "accuracy", "macro_f1",
@@ -166,17 +158,17 @@ def markdown(result: dict) -> str:
             if with_gain:
                 gain = result["pini_gain"].get(method, {}).get(str(k))
                 cells.append(_format(gain, signed=True) if method != "pini" else "")
-            lines.append(_row([METHOD_NAMES.get(method, method), *cells]))
+            lines.append(_row([_display_name(method), *cells]))
     lines += ["", "## Average over datasets against shots", ""]
     header = ["method", *(_shots(k) for k in result["shots"])]
     lines += [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
     for method in methods:
         cells = [_format(table[method]["average"].get(str(k))) for k in result["shots"]]
-        lines.append(_row([METHOD_NAMES.get(method, method), *cells]))
+        lines.append(_row([_display_name(method), *cells]))
     failures = [run for run in result["runs"] if run["status"] == "failed"]
     if failures:
         lines += ["", "## Failed runs (left out of the tables above)", ""]
-        lines += [f"- {run['dataset']} {METHOD_NAMES.get(run['method'], run['method'])} "
+        lines += [f"- {run['dataset']} {_display_name(run['method'])} "
                   f"{run['shots']} shots seed {run['seed']}: {run['failure']}"
                   for run in failures]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -214,7 +206,7 @@ def plot(result: dict, path: str | Path) -> Path:
             emphasis = dict(linewidth=2.5) if method == "pini" else dict(linewidth=1.5)
             style = "--" if method == "zero-shot" else "-"
             (line,) = axis.plot(shots, mean, style, marker="o", markersize=4,
-                                label=METHOD_NAMES.get(method, method), **emphasis)  # fmt: skip
+                                label=_display_name(method), **emphasis)  # fmt: skip
             axis.fill_between(
                 shots,
                 [m - i for m, i in zip(mean, interval, strict=True)],
@@ -254,3 +246,8 @@ def write(result: dict, folder: str | Path) -> list[Path]:
         write_text_atomically(path, text)
     plot(result, paths[2])
     return paths
+
+
+def _display_name(method: str) -> str:
+    """The method's name in tables and plots (the registry's), or the name as given."""
+    return METHODS[method].display_name if method in METHODS else method

@@ -1,4 +1,4 @@
-"""The baselines of issue 14 (pini/baselines.py) on the tiny random-weight open_clip model (CPU, no
+"""The baselines (pini/methods/) on the tiny random-weight open_clip model (CPU, no
 downloads): each against a computation written out here, from CLIP's own encoders, scikit-learn
 or the formula of the method's paper."""
 
@@ -14,22 +14,18 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 import pini
-from pini.baselines import (
-    CLIPAdapter,
-    CoOp,
-    LinearProbe,
-    TipAdapter,
-    TipAdapterF,
-    ZeroShotCLIP,
-    coop_epochs,
-    encode_augmented_views,
-    encode_images,
-    search_grid,
-    training_defaults,
-)
-from pini.data import clip_transforms
+from pini.checkpoint import load_checkpoint
+from pini.data.transforms import clip_transforms
 from pini.errors import InputError
-from pini.train import TrainConfig, evaluate, load_checkpoint, train
+from pini.evaluation import evaluate
+from pini.methods import training_defaults
+from pini.methods.clip_adapter import CLIPAdapter
+from pini.methods.common import encode_augmented_views, encode_images
+from pini.methods.coop import CoOp, coop_epochs
+from pini.methods.linear_probe import LinearProbe
+from pini.methods.tip_adapter import TipAdapter, TipAdapterF, search_grid
+from pini.methods.zero_shot import ZeroShotCLIP
+from pini.train import TrainConfig, train
 
 CLASSES = ["cat", "golden_retriever", "bird", "fish", "horse"]
 TEMPLATE = "a photo of a {}, a type of pet."

@@ -20,8 +20,9 @@ from PIL import Image
 
 import pini
 import pini.demo
-from pini import cli
-from pini.data import few_shot
+from pini import cli, run_folders, runner, runs, sweep
+from pini.data.few_shot import few_shot
+from pini.data.load import load_dataset
 from pini.errors import InputError
 
 CLASSES = ["bird", "cat", "dog"]
@@ -492,12 +493,16 @@ def test_root_dot_names_the_run_after_the_folder(data, tmp_path, capsys, monkeyp
 def test_model_initialisation_does_not_depend_on_the_global_rng(data, capsys):
     """The demo's cached or fresh backbone consumes the RNG differently: the generators must
     not see it."""
-    split = pini.data.load_dataset(data, "toy")
-    run = cli._new_run(cli._parser().parse_args(["train", "--model", "pini-tiny"]), 2, 3, split)
+    split = load_dataset(data, "toy")
+    run = runs._new_run(cli._parser().parse_args(["train", "--model", "pini-tiny"]), 2, 3, split)
+
+    def build():
+        return runner.build_method(run, split, *runner.load_backbone(run, "cpu", False, False))
+
     torch.manual_seed(0)
-    first = cli._build_model(run, split, "cpu", progress=False)
+    first = build()
     torch.rand(1000)
-    second = cli._build_model(run, split, "cpu", progress=False)
+    second = build()
     for (name, a), (_, b) in zip(
         first.state_dict().items(), second.state_dict().items(), strict=True
     ):
@@ -554,11 +559,11 @@ def test_pretrained_tag_and_hf_hub_name_load_offline_from_the_cache(tmp_path):
 
 def test_sweep_interval_is_students_t():
     """Three seeds: t(0.975, 2) = 4.303, not the normal's 1.96."""
-    mean, interval = cli.mean_and_interval([50.0, 52.0, 57.0])
+    mean, interval = sweep.mean_and_interval([50.0, 52.0, 57.0])
     spread = (((50 - 53) ** 2 + (52 - 53) ** 2 + (57 - 53) ** 2) / 2) ** 0.5
     assert mean == 53.0
     assert interval == pytest.approx(4.302652729911275 * spread / 3**0.5, rel=1e-9)
-    assert cli.mean_and_interval([50.0]) == (50.0, 0.0)
+    assert sweep.mean_and_interval([50.0]) == (50.0, 0.0)
 
 
 def test_sweep_checks_every_run_before_the_first_and_reports_the_interval(data, tmp_path, capsys):
@@ -601,7 +606,7 @@ def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_is_marked_fai
     """--lr 1e25: the warm-up epoch trains at 1e-5, the next one diverges. One line, exit
     status 3, no accuracy printed; metrics.jsonl holds only finite epochs; checkpoint.pt is
     epoch 1's, finite; summary.json says failed and why."""
-    from pini.train import read_checkpoint
+    from pini.checkpoint import read_checkpoint
 
     output = tmp_path / "run"
     status, out, err = run_cli(toy_train(data, output, "--epochs", "4", "--lr", "1e25"), capsys)
@@ -616,7 +621,7 @@ def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_is_marked_fai
     )
     checkpoint = read_checkpoint(output / "checkpoint.pt")
     assert checkpoint["epoch"] == 0  # epoch 1, counted from 0
-    for name, value in checkpoint["generators"].items():
+    for name, value in checkpoint["trained_state"].items():
         if value.is_floating_point():
             assert torch.isfinite(value).all(), name
     summary = json.loads((output / "summary.json").read_text())
@@ -664,7 +669,7 @@ def test_weights_are_checked_by_hash_and_trusted_is_never_stored(data, tmp_path,
     assert run["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     trusted = []
     monkeypatch.setattr(
-        cli, "build_clip", lambda *a, **k: trusted.append(k["trusted"]) or build_clip(*a, **k)
+        runner, "build_clip", lambda *a, **k: trusted.append(k["trusted"]) or build_clip(*a, **k)
     )
     evaluation = ["eval", "--checkpoint", output / "checkpoint.pt", "--no-progress"]
     status, _, err = run_cli(evaluation, capsys)
@@ -705,7 +710,8 @@ def test_a_second_process_on_a_run_or_sweep_folder_gets_one_line_naming_the_hold
         done.set()
         holder.join(60)
     sweep = tmp_path / "sweep"
-    cli._lock(sweep)  # this process holds the sweep's folder; another sweep there is refused
+    # this process holds the sweep's folder; another sweep there is refused
+    run_folders.lock_folder(sweep)
     try:
         argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", sweep,
                 "--methods", "pini", "--shot-list", "1", "--seeds", "1"]  # fmt: skip
@@ -714,11 +720,11 @@ def test_a_second_process_on_a_run_or_sweep_folder_gets_one_line_naming_the_hold
         assert other.returncode == 2 and f"(pid {os.getpid()})" in other.stderr, other.stderr
         assert not (sweep / "toy").exists()
     finally:
-        cli._unlock(sweep)
+        run_folders.unlock_folder(sweep)
 
 
 def _hold_lock(folder, held, done):
-    cli._lock(folder)
+    run_folders.lock_folder(folder)
     held.set()
     done.wait(120)
 
@@ -736,7 +742,7 @@ def test_timeout_bounds_how_long_ranks_wait_for_each_other(data, tmp_path, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.append(timeout))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)  # a rank other than 0: then stopped here
-    monkeypatch.setattr(cli, "_train_command", lambda args: 0)
+    monkeypatch.setattr(cli, "train_command", lambda args: 0)
     assert run_cli(toy_train(data, tmp_path / "run", *given), capsys)[0] == 0
     assert seen == [datetime.timedelta(minutes=minutes)]
     assert_one_line_error(run_cli(toy_train(data, tmp_path / "run", "--timeout", "0"), capsys),
@@ -774,7 +780,7 @@ def test_a_failed_write_or_ctrl_c_is_one_line_and_the_run_continues(
     """Disk full, a read-only folder or Ctrl-C while epoch 2's checkpoint is written: one line
     and its exit status, no traceback; checkpoint.pt is still epoch 1's, no temporary file is
     left, and --resume finishes the run."""
-    from pini.train import read_checkpoint
+    from pini.checkpoint import read_checkpoint
 
     output = tmp_path / "run"
     if isinstance(error, OSError):
@@ -854,8 +860,8 @@ def test_a_hand_edited_run_record_is_one_line_naming_the_file_and_key(trained, t
 def test_an_edited_split_is_refused(data, tmp_path, capsys):
     """A split file whose images were swapped for others of the listing (a consistent edit:
     indices and samples agree) does not match what its seed draws: refused, not trained on."""
-    from pini.data import load_dataset
-    from pini.datasets import sample_id
+    from pini.data.load import load_dataset
+    from pini.data.sample_ids import sample_id
 
     output = tmp_path / "run"
     assert run_cli(toy_train(data, output, "--shots", "2"), capsys)[0] == 0

@@ -14,9 +14,16 @@ from PIL import Image
 from test_cli import TINY, assert_one_line_error, make_folder, run_cli
 
 import pini
-from pini import cli, sweep
-from pini.data import EncodedImages, clip_transforms, encode_samples, load_dataset
-from pini.train import CHECKPOINT_FORMAT, evaluate, read_checkpoint
+from pini import runner
+from pini.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
+from pini.data.features import EncodedImages, encode_samples
+from pini.data.load import load_dataset
+from pini.data.transforms import clip_transforms
+from pini.evaluation import evaluate
+from pini.methods import METHODS
+
+TRAINED_METHODS = [name for name, method in METHODS.items() if method.trains]
+VALIDATED_METHODS = [name for name, method in METHODS.items() if method.searches]
 
 PETS = ["abyssinian", "beagle", "bombay"]
 # Every key of summary.json, whatever the method.
@@ -57,7 +64,7 @@ def pets(tmp_path):
 def train_method(root, output, capsys, method, *extra, dataset="oxford_pets"):
     """`pini train --method METHOD` for 2 shots (1 epoch in batches of 4 if it trains)."""
     argv = ["train", "--model", "pini-tiny", "--no-progress", "--method", method]
-    if method in cli.TRAINED_METHODS:
+    if method in TRAINED_METHODS:
         argv += ["--batch-size", "4", "--epochs", "1"]
     argv += ["--root", root, "--dataset", dataset, "--shots", "2", "--output", output, *extra]
     status, out, err = run_cli(argv, capsys)
@@ -68,29 +75,29 @@ def train_method(root, output, capsys, method, *extra, dataset="oxford_pets"):
 # --- every method through the run folder ------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", cli.METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_writes_the_summary_format_and_eval_repeats_it(pets, tmp_path, capsys, method):
     output = tmp_path / "run"
     summary, out = train_method(pets, output, capsys, method)
     assert set(summary) == SUMMARY_KEYS
     assert summary["method"] == method and summary["dataset"] == "oxford_pets"
     assert summary["test_images"] == 9 and 0 <= summary["accuracy"] <= 100
-    name = sweep.METHOD_NAMES[method]
+    name = METHODS[method].display_name
     assert f"-> {name} {summary['accuracy']:.2f}%" in out
     run = json.loads((output / "run.json").read_text())
     assert run["method"] == method
     assert (run["pini_config"] is None) == (method != "pini")
-    assert (run["train_config"] is None) == (method not in cli.TRAINED_METHODS)
+    assert (run["train_config"] is None) == (method not in TRAINED_METHODS)
     state = read_checkpoint(output / "checkpoint.pt")
     assert state["format"] == CHECKPOINT_FORMAT and state["method"] == method
     if method == "zero-shot":
         assert summary["accuracy"] == pytest.approx(summary["zero_shot_accuracy"], abs=1e-9)
-    if method in cli.VALIDATED_METHODS:  # drawn from the dataset's val part: 1 image per class
+    if method in VALIDATED_METHODS:  # drawn from the dataset's val part: 1 image per class
         validation = json.loads((output / "split-val-2shot-seed1.json").read_text())
         assert validation["source"]["part"] == "val" and len(validation["samples"]) == 3
     if method == "tip-adapter-f":  # the searched alpha and beta are the checkpoint's
         for name in ("alpha", "beta"):  # float32 buffers
-            assert float(state["generators"][name]) == pytest.approx(summary["fitted"][name])
+            assert float(state["trained_state"][name]) == pytest.approx(summary["fitted"][name])
     status, out, err = run_cli(
         ["eval", "--no-progress", "--checkpoint", output / "checkpoint.pt"], capsys
     )
@@ -137,8 +144,8 @@ def test_resume_of_a_trained_method_is_exact(pets, tmp_path, capsys, monkeypatch
     assert status == 0, err
     resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert (resumed["accuracy"], resumed["fitted"]) == (whole["accuracy"], whole["fitted"])
-    expected = read_checkpoint(tmp_path / "whole" / "checkpoint.pt")["generators"]
-    got = read_checkpoint(tmp_path / "killed" / "checkpoint.pt")["generators"]
+    expected = read_checkpoint(tmp_path / "whole" / "checkpoint.pt")["trained_state"]
+    got = read_checkpoint(tmp_path / "killed" / "checkpoint.pt")["trained_state"]
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
@@ -191,7 +198,7 @@ def test_features_give_exactly_the_evaluation_of_the_images(tmp_path, noise):
     config = pini.PiNIConfig.table1(noise)
     models = [
         pini.PiNI(clip, tokenizer, split.classnames, config=config),
-        pini.baselines.CoOp(clip, tokenizer, split.classnames),
+        pini.methods.coop.CoOp(clip, tokenizer, split.classnames),
     ]
     for model in models:
         encoder = model.encode_image if isinstance(model, pini.PiNI) else clip.encode_image
@@ -217,21 +224,21 @@ def test_image_noise_cannot_use_features_and_batches_must_match(tmp_path):
     )
     with pytest.raises(ValueError, match="image-level noise"):
         evaluate(image_noise, split.test, transform, batch_size=4, features=features)
-    coop = pini.baselines.CoOp(clip, tokenizer, split.classnames)
+    coop = pini.methods.coop.CoOp(clip, tokenizer, split.classnames)
     with pytest.raises(ValueError, match="batches of 4, batch_size is 64"):
         evaluate(coop, split.test, transform, features=features)
 
 
 def test_a_run_encodes_its_test_images_once_and_the_next_method_reuses_them(pets, tmp_path, capsys):
-    cli.FEATURES.clear()
-    cli.FEATURES.misses = cli.FEATURES.hits = 0
+    runner.FEATURES.clear()
+    runner.FEATURES.misses = runner.FEATURES.hits = 0
     train_method(pets, tmp_path / "probe", capsys, "linear-probe")
     # test set (zero-shot and the probe's evaluation share it), few-shot and validation images
-    assert cli.FEATURES.misses == 3
+    assert runner.FEATURES.misses == 3
     train_method(pets, tmp_path / "tip", capsys, "tip-adapter")
-    assert cli.FEATURES.misses == 4  # only Tip-Adapter's augmented cache is new
+    assert runner.FEATURES.misses == 4  # only Tip-Adapter's augmented cache is new
     train_method(pets, tmp_path / "coop", capsys, "coop", "--eval-every", "1")
-    assert cli.FEATURES.misses == 4  # the test features again, at every evaluation
+    assert runner.FEATURES.misses == 4  # the test features again, at every evaluation
 
 
 def test_macro_f1_and_confusion_are_scikit_learns_on_a_fitted_method():

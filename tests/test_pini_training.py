@@ -9,9 +9,15 @@ from PIL import Image
 import pini
 import pini.demo
 from pini import cli
-from pini.data import clip_transforms, few_shot, load_dataset, load_digits_split, load_image_folder
+from pini.checkpoint import CHECKPOINT
+from pini.data.digits import load_digits_split
+from pini.data.few_shot import few_shot
+from pini.data.image_folder import load_image_folder
+from pini.data.load import load_dataset
+from pini.data.transforms import clip_transforms
 from pini.errors import InputError
-from pini.train import CHECKPOINT, METRICS, TrainConfig, evaluate, lr_factor, train
+from pini.evaluation import evaluate
+from pini.train import METRICS, TrainConfig, lr_factor, train
 
 CLASSES = ["zero", "one", "two"]
 
@@ -265,7 +271,7 @@ def test_macro_f1_is_the_unweighted_mean_over_classes_with_images():
     never predicted: equal to scikit-learn's f1_score over the classes with images."""
     from sklearn.metrics import f1_score
 
-    from pini.train import confusion_matrix, macro_f1
+    from pini.evaluation import confusion_matrix, macro_f1
 
     labels, predictions = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 1, 1, 2])
     confusion = confusion_matrix(labels, predictions, 3)

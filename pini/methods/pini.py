@@ -1,0 +1,48 @@
+"""PiNI itself as a method of the registry: the noise model of ``pini.model`` with the run's
+``PiNIConfig``, and the paper's training settings (appendix A.3)."""
+
+from __future__ import annotations
+
+from ..config import PiNIConfig
+from ..model import PiNI
+from .base import Method, MethodSetup
+
+
+def _build(setup: MethodSetup) -> PiNI:
+    model = PiNI(
+        setup.clip,
+        setup.tokenizer,
+        setup.classnames,
+        setup.template,
+        PiNIConfig(**setup.pini_config),
+        zero_shot_template=setup.zero_shot_template,
+    )
+    return model.to(setup.clip.token_embedding.weight.device)
+
+
+def _train_settings(shots: int, dataset: str | None, classes: int) -> dict:
+    """The paper's: SGD lr 0.002, batch 32, 200 epochs; ImageNet-sized class lists (1000 and
+    more) 100 epochs at lr 0.001."""
+    large = classes >= 1000
+    return dict(epochs=100 if large else 200, lr=0.001 if large else 0.002, batch_size=32)
+
+
+def _classes_learned(run: dict) -> str | None:
+    config = run["pini_config"]
+    if config["text"] == "feature" and config["text_generator"] == "embedding":
+        return "noise per class (--text feature with --text-generator embedding)"
+    return None
+
+
+METHOD = Method(
+    name="pini",
+    display_name="PiNI",
+    build=_build,
+    options=None,
+    trains=True,
+    crop_scale=(0.08, 1.0),  # Dassl's default, the authors' code base
+    baseline=False,
+    train_settings=_train_settings,
+    demo_training=dict(epochs=200, lr=0.01, batch_size=32),
+    classes_learned=_classes_learned,
+)
