@@ -343,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         hint = "; every finished epoch is saved: the same command with --resume continues it"
-        print(f"pini {args.command}: interrupted"
-              + (hint if args.command in ("train", "sweep") else ""), file=sys.stderr)  # fmt: skip
+        print(
+            f"pini {args.command}: interrupted"
+            + (hint if args.command in ("train", "sweep") else ""),
+            file=sys.stderr,
+        )
         return 130
     except OSError as error:
         if args.debug or error.errno not in WRITE_ERRORS:

@@ -177,17 +177,25 @@ def visualize_command(args) -> int:
     if model.config.visual == "image":
         written.append(
             visualize.image_noise_figure(
-                model, split.test, transform, split.classnames, folder / "noise-image.png",
+                model,
+                split.test,
+                transform,
+                split.classnames,
+                folder / "noise-image.png",
                 **options,
             )
-        )  # fmt: skip
+        )
     if model.config.visual == "feature" or model.config.text == "feature":
         written.append(
             visualize.feature_noise_figure(
-                model, split.test, transform, split.classnames, folder / "noise-feature.png",
+                model,
+                split.test,
+                transform,
+                split.classnames,
+                folder / "noise-feature.png",
                 **options,
             )
-        )  # fmt: skip
+        )
     if model.prompt_noise is not None:
         tokenizer = _tokenizer(run)
         written.append(visualize.prompt_noise_figure(model, tokenizer, folder / "noise-prompt.png"))

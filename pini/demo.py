@@ -47,21 +47,28 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
             clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return clip.eval(), tokenizer
         except Exception as error:  # a truncated or foreign file: torch raises many types
-            log.warning("the cached demo CLIP %s cannot be read (%s): building it again",
-                        path, type(error).__name__)  # fmt: skip
+            log.warning(
+                "the cached demo CLIP %s cannot be read (%s): building it again",
+                path,
+                type(error).__name__,
+            )
             torch.manual_seed(0)
             clip, tokenizer = build_clip(TINY_MODEL)
     samples = digits_pretraining_samples()
     transform, _ = clip_transforms(clip.visual.image_size[0], CROP_SCALE)
     dataset = ImageList(samples, transform)
-    captions = torch.stack([
-        tokenizer([template.format(name) for name in DIGIT_NAMES]) for template in CAPTIONS
-    ])  # (templates, classes, context)  # fmt: skip
+    captions = torch.stack(
+        [tokenizer([template.format(name) for name in DIGIT_NAMES]) for template in CAPTIONS]
+    )  # (templates, classes, context)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     clip.train()
-    for _ in tqdm(range(PRETRAIN_STEPS), desc="pre-training the demo's tiny CLIP on digits",
-                  disable=not progress, leave=False):  # fmt: skip
+    for _ in tqdm(
+        range(PRETRAIN_STEPS),
+        desc="pre-training the demo's tiny CLIP on digits",
+        disable=not progress,
+        leave=False,
+    ):
         picks = torch.randint(0, len(dataset), (PRETRAIN_BATCH,), generator=generator)
         images = torch.stack([dataset[int(i)][0] for i in picks])
         labels = torch.tensor([samples[int(i)][1] for i in picks])

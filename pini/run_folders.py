@@ -36,8 +36,10 @@ def _own_files(folder: Path) -> list[Path]:
 
 def _leftovers(folder: Path) -> list[Path]:
     """pini's temporary files in ``folder``, left by a write that failed."""
-    return sorted({path for pattern in TEMPORARY_FILES for path in folder.glob(pattern)} |
-                  set(folder.glob("split-*shot-seed*.json.tmp")))  # fmt: skip
+    return sorted(
+        {path for pattern in TEMPORARY_FILES for path in folder.glob(pattern)}
+        | set(folder.glob("split-*shot-seed*.json.tmp"))
+    )
 
 
 # Held (flock) by the process writing a run folder, or a sweep's folder, for as long as it runs;

@@ -68,8 +68,9 @@ def load_backbone(run: dict, device: str, progress: bool, trusted: bool):
                     f"SHA-256 {expected[:16]}...: it was replaced since. Put the original back, "
                     "or start a new run with these weights"
                 )
-        clip, tokenizer = build_clip(run["model"], run["pretrained"], trusted=trusted,
-                                     device=device)  # fmt: skip
+        clip, tokenizer = build_clip(
+            run["model"], run["pretrained"], trusted=trusted, device=device
+        )
     return clip.to(device), tokenizer
 
 

@@ -312,15 +312,18 @@ def _check_record(run: dict, source) -> None:
         fail("seed", "an integer in [0, 2^62)")
     crop = run.get("crop_scale")
     if crop is not None and not (
-        isinstance(crop, list) and len(crop) == 2
-        and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in crop) and crop[0] <= crop[1]
-    ):  # fmt: skip
+        isinstance(crop, list)
+        and len(crop) == 2
+        and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in crop)
+        and crop[0] <= crop[1]
+    ):
         fail("crop_scale", "null or [low, high] with 0 < low <= high <= 1")
     if not isinstance(run.get("method_config"), dict):
         fail("method_config", "an object")
-    sections = (("pini_config", PiNIConfig, run["method"] == "pini", ()),
-                ("train_config", TrainConfig, METHODS[run["method"]].trains,
-                 ("num_workers", "progress")))  # fmt: skip
+    sections = (
+        ("pini_config", PiNIConfig, run["method"] == "pini", ()),
+        ("train_config", TrainConfig, METHODS[run["method"]].trains, ("num_workers", "progress")),
+    )
     for key, config, needed, runtime in sections:
         section = run.get(key)
         if not needed:
@@ -331,8 +334,11 @@ def _check_record(run: dict, source) -> None:
         if not isinstance(section, dict) or set(section) != fields:
             given = set(section) if isinstance(section, dict) else set()
             missing, extra = sorted(fields - given), sorted(given - fields)
-            fail(key, f"an object with every option of the run (missing {missing or 'none'}, "
-                      f"unknown {extra or 'none'})")  # fmt: skip
+            fail(
+                key,
+                f"an object with every option of the run (missing {missing or 'none'}, "
+                f"unknown {extra or 'none'})",
+            )
         try:
             config(**section)
         except (InputError, TypeError, ValueError) as error:

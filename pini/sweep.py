@@ -22,10 +22,22 @@ SWEEP_FORMAT = "pini-sweep/1"
 CONFIDENCE = 0.95
 # What sweep.json keeps of each run's summary.
 RUN_KEYS = (
-    "method", "dataset", "shots", "seed", "status", "failure", "accuracy", "macro_f1",
-    "zero_shot_accuracy", "test_images", "skipped_images", "noise", "fitted", "train_config",
+    "method",
+    "dataset",
+    "shots",
+    "seed",
+    "status",
+    "failure",
+    "accuracy",
+    "macro_f1",
+    "zero_shot_accuracy",
+    "test_images",
+    "skipped_images",
+    "noise",
+    "fitted",
+    "train_config",
     "folder",
-)  # fmt: skip
+)
 
 
 def mean_and_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -70,8 +82,11 @@ def report(
         for dataset in datasets:
             per_shots = {}
             for k in shots:
-                found = {seed: accuracy[method, dataset, k, seed] for seed in seeds
-                         if (method, dataset, k, seed) in accuracy}  # fmt: skip
+                found = {
+                    seed: accuracy[method, dataset, k, seed]
+                    for seed in seeds
+                    if (method, dataset, k, seed) in accuracy
+                }
                 if found:
                     per_shots[str(k)] = _cell(found)
             per_dataset[dataset] = per_shots
@@ -168,9 +183,11 @@ def markdown(result: dict) -> str:
     failures = [run for run in result["runs"] if run["status"] == "failed"]
     if failures:
         lines += ["", "## Failed runs (left out of the tables above)", ""]
-        lines += [f"- {run['dataset']} {_display_name(run['method'])} "
-                  f"{run['shots']} shots seed {run['seed']}: {run['failure']}"
-                  for run in failures]  # fmt: skip
+        lines += [
+            f"- {run['dataset']} {_display_name(run['method'])} "
+            f"{run['shots']} shots seed {run['seed']}: {run['failure']}"
+            for run in failures
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +222,15 @@ def plot(result: dict, path: str | Path) -> Path:
             interval = [cells[str(k)]["interval"] for k in shots]
             emphasis = dict(linewidth=2.5) if method == "pini" else dict(linewidth=1.5)
             style = "--" if method == "zero-shot" else "-"
-            (line,) = axis.plot(shots, mean, style, marker="o", markersize=4,
-                                label=_display_name(method), **emphasis)  # fmt: skip
+            (line,) = axis.plot(
+                shots,
+                mean,
+                style,
+                marker="o",
+                markersize=4,
+                label=_display_name(method),
+                **emphasis,
+            )
             axis.fill_between(
                 shots,
                 [m - i for m, i in zip(mean, interval, strict=True)],

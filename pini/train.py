@@ -321,8 +321,9 @@ def _stop_unless_finite(loss: float, epoch: int, step: int, world: int, device) 
 def _stop_unless_parameters_finite(model: nn.Module, epoch: int) -> None:
     """Raises RunDiverged when a trained parameter holds NaN or inf after ``epoch``, before its
     checkpoint would replace the last finite one."""
-    broken = [name for name, value in _trainable(model).items()
-              if not bool(torch.isfinite(value).all())]  # fmt: skip
+    broken = [
+        name for name, value in _trainable(model).items() if not bool(torch.isfinite(value).all())
+    ]
     if broken:
         raise RunDiverged(
             f"training diverged in epoch {epoch + 1}: {len(broken)} trained parameter(s) hold "

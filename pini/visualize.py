@@ -201,9 +201,14 @@ def nearest_tokens(
         distance = torch.cdist(embeddings.float(), block.float())
         distance = torch.cat([best_distance, distance], dim=1)
         index = torch.cat(
-            [best_index, torch.arange(start, start + len(block), device=embeddings.device)
-             .expand(len(embeddings), -1)], dim=1,
-        )  # fmt: skip
+            [
+                best_index,
+                torch.arange(start, start + len(block), device=embeddings.device).expand(
+                    len(embeddings), -1
+                ),
+            ],
+            dim=1,
+        )
         best_distance, order = distance.topk(count, dim=1, largest=False)
         best_index = index.gather(1, order)
     return best_index
@@ -241,11 +246,13 @@ def interpret_prompt_noise(
                 tally[token_id] += 1
                 first_seen.setdefault(token_id, (rank, len(first_seen)))
         ordered = sorted(tally, key=lambda t: (-tally[t], first_seen[t]))[:count]
-        rows.append({
-            "position": position,
-            "token": token,
-            "nearest": [(decode_token(tokenizer, t), tally[t]) for t in ordered],
-        })  # fmt: skip
+        rows.append(
+            {
+                "position": position,
+                "token": token,
+                "nearest": [(decode_token(tokenizer, t), tally[t]) for t in ordered],
+            }
+        )
     return rows
 
 
@@ -301,8 +308,14 @@ def plot_runs(runs: list[str | Path], path: str | Path) -> Path:
         if axis.lines:
             axis.legend(fontsize=8)
     if not axes[2].lines:
-        axes[2].text(0.5, 0.5, "not recorded\n(pini train --eval-every N)", ha="center",
-                     va="center", transform=axes[2].transAxes)  # fmt: skip
+        axes[2].text(
+            0.5,
+            0.5,
+            "not recorded\n(pini train --eval-every N)",
+            ha="center",
+            va="center",
+            transform=axes[2].transAxes,
+        )
     axes[1].set_yscale("log")
     return _save(figure, path)
 
