@@ -44,7 +44,7 @@ DIRECTION = "forward+backward+optimizer"
 ROWS = ("feature+prompt", "image")
 NOISE_PATHS = ("fused", "eager")
 NOISE_PATH_RANGE = "pini.noise_path"  # the record_function label of the noise path and loss
-NOISE_PATH_METHODS = ("fused_inject", "sample_noise", "noisy_cosine_logits", "noisy_cross_entropy")
+NOISE_PATH_METHODS = ("inject", "sample_noise", "noisy_cosine_logits", "noisy_cross_entropy")
 # The fused and eager losses and gradients differ only in float rounding; through ViT-B/16's
 # twelve text layers on a GPU the gradients of the prompt noise gather more of it.
 LOSS_TOLERANCE = dict(atol=1e-5, rtol=1e-5)

@@ -163,7 +163,7 @@ class PiNI(nn.Module):
         (num_samples, *x.shape) (one pair per sample)."""
         if max(mu.dim(), sigma.dim()) > x.dim():
             x, num_samples = x.expand(num_samples, *x.shape), None
-        return self.noise_ops.fused_inject(
+        return self.noise_ops.inject(
             x, mu, sigma, mode=self.config.mode, num_samples=num_samples, seed=seed
         )
 
@@ -325,7 +325,7 @@ class PiNI(nn.Module):
         if not per_sample_text:
             text = text.expand(num_samples, *text.shape)
         if text_noise is not None:  # the stream the op would draw: (num_samples, C, D) of seed + 1
-            text = self.noise_ops.fused_inject(
+            text = self.noise_ops.inject(
                 text, *text_noise, mode=self.config.mode, seed=seed + TEXT_FEATURE_STREAM
             )
         return [

@@ -39,7 +39,7 @@ class FusedNoisePath:
     same methods in plain PyTorch.
     """
 
-    def fused_inject(
+    def inject(
         self,
         x: torch.Tensor,
         mu: torch.Tensor,
@@ -90,7 +90,7 @@ class EagerNoisePath:
     for the same seed, to float rounding.
     """
 
-    def fused_inject(
+    def inject(
         self,
         x: torch.Tensor,
         mu: torch.Tensor,
@@ -100,7 +100,7 @@ class EagerNoisePath:
         num_samples: int | None = None,
         seed: int,
     ) -> torch.Tensor:
-        """``FusedNoisePath.fused_inject`` with eps materialized."""
+        """``FusedNoisePath.inject`` with eps materialized."""
         shape = x.shape if num_samples is None else (num_samples, *x.shape)
         noise = mu + sigma * pini_kernels.noise(shape, seed=seed, device=x.device)
         return x * noise if mode == "mul" else x + noise
@@ -130,7 +130,7 @@ class EagerNoisePath:
         if noise is None:
             return features
         samples = None if features.dim() == 3 else num_samples
-        return self.fused_inject(features, *noise, mode=mode, num_samples=samples, seed=seed)
+        return self.inject(features, *noise, mode=mode, num_samples=samples, seed=seed)
 
     def noisy_cosine_logits(
         self,

@@ -110,7 +110,7 @@ def test_eager_prompt_noise_is_the_documented_stream(backbone, prompt_noise_draw
 
         return call
 
-    name = "sample_noise" if prompt_noise_draw == "shared" else "fused_inject"
+    name = "sample_noise" if prompt_noise_draw == "shared" else "inject"
     original = getattr(ops, name)
     setattr(ops, name, capture(original))
     try:
@@ -135,7 +135,7 @@ def test_eager_path_calls_no_fused_op(backbone, row, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the eager noise path called a fused pini_kernels op")
 
-    for op in ("fused_inject", "noisy_cosine_logits", "noisy_cross_entropy"):
+    for op in ("inject", "noisy_cosine_logits", "noisy_cross_entropy"):
         monkeypatch.setattr(pini_kernels, op, forbidden)
     images, labels = _batch()
     eager.loss(images, labels, seed=SEED).backward()

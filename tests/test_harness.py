@@ -1,4 +1,4 @@
-"""Issue 14's harness from the command line: `pini train --method`, `pini eval` of every
+"""The methods from the command line: `pini train --method`, `pini eval` of every
 method's checkpoint, exact resume, the frozen-feature cache and `pini sweep`'s table, plot and
 JSON. Tiny CoOp-layout and ImageFolder datasets are drawn with PIL in tmp_path; the backbone is
 the random `pini-tiny`."""

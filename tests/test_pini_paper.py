@@ -1,6 +1,6 @@
-"""PiNI as the paper defines it (issue 13): prompt noise shared by every class and drawn per noise
-sample on its documented stream, Eq. (13) over m samples with every noise source resampled, the
-paper's image generators, and zero-shot CLIP on CoOp's hand-written prompts.
+"""PiNI as the paper defines it (docs/spec.md §1): prompt noise shared by every class and drawn
+per noise sample on its documented stream, Eq. (13) over m samples with every noise source
+resampled, the paper's image generators, and zero-shot CLIP on CoOp's hand-written prompts.
 
 Expected values are built by hand from ``pini_kernels.noise`` on the streams docs/spec.md §4
 documents and from open_clip's own modules, never from the model's code paths under test.
