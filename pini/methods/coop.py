@@ -40,7 +40,7 @@ class CoOp(FrozenCLIPMethod):
     ``PromptLearner``, the placeholders' token embeddings are replaced by the learnable context
     (``context``, (num_context, width), one set shared by every class) between the start token
     and the class name, and the text tower encodes the result from embeddings
-    (``pini.model.encode_text_embeddings``). Logits are CLIP's cosine logits; the loss is their
+    (``pini.backbone.encode_text_embeddings``). Logits are CLIP's cosine logits; the loss is their
     cross-entropy, computed by ``pini_kernels.noisy_cross_entropy`` without noise.
 
     Not implemented: class-specific contexts (CoOp's ``CSC=True``), the class token in the middle
