@@ -293,9 +293,15 @@ def test_tip_adapter_search_returns_the_best_grid_point(backbone):
     text = _hand_written_text(clip, tokenizer).double()
     keys = cache.float() / cache.float().norm(dim=-1, keepdim=True)
     (accuracy, alpha, beta), seen = _hand_search(
-        val.float().double(), text, keys.double(), cache_labels, val_labels,
-        float(clip.logit_scale.exp()), search_grid(7.0, 14), search_grid(3.0, 6),
-    )  # fmt: skip
+        val.float().double(),
+        text,
+        keys.double(),
+        cache_labels,
+        val_labels,
+        float(clip.logit_scale.exp()),
+        search_grid(7.0, 14),
+        search_grid(3.0, 6),
+    )
     assert len(seen) > 1, "every grid point scores the same: the test could not fail"
     assert (adapter.alpha, adapter.beta) == pytest.approx((alpha, beta))
     assert adapter.validation_accuracy == pytest.approx(accuracy)
@@ -312,12 +318,19 @@ def test_tip_adapter_f_search_uses_the_trained_keys(backbone):
     alpha, beta, accuracy = tuned.search_hyperparameters(val.float(), val_labels)
     text = _hand_written_text(clip, tokenizer).double()
     (expected_accuracy, expected_alpha, expected_beta), seen = _hand_search(
-        val.float().double(), text, keys, cache_labels, val_labels, float(clip.logit_scale.exp()),
-        search_grid(7.0, 14), search_grid(3.0, 6),
-    )  # fmt: skip
+        val.float().double(),
+        text,
+        keys,
+        cache_labels,
+        val_labels,
+        float(clip.logit_scale.exp()),
+        search_grid(7.0, 14),
+        search_grid(3.0, 6),
+    )
     assert len(seen) > 1
-    assert (alpha, beta, accuracy) == pytest.approx((expected_alpha, expected_beta,
-                                                     expected_accuracy))  # fmt: skip
+    assert (alpha, beta, accuracy) == pytest.approx(
+        (expected_alpha, expected_beta, expected_accuracy)
+    )
     assert (float(tuned.alpha), float(tuned.beta)) == pytest.approx((alpha, beta))
 
 
@@ -412,8 +425,9 @@ def test_encode_images_skips_unreadable_images(backbone, tmp_path, caplog):
     samples = _digit_samples(3)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    features, labels = encode_images(clip, [*samples[:2], (broken, 4), samples[2]], test_transform,
-                                     batch_size=2)  # fmt: skip
+    features, labels = encode_images(
+        clip, [*samples[:2], (broken, 4), samples[2]], test_transform, batch_size=2
+    )
     assert "skipping unreadable image" in caplog.text
     with torch.no_grad():
         expected = clip.encode_image(torch.stack([test_transform(image) for image, _ in samples]))

@@ -96,8 +96,18 @@ def toy_train(root, output, *extra) -> list:
 
 def resume(root, output, *extra) -> list:
     """`pini train --resume` of the run in ``output`` on the dataset "toy" under ``root``."""
-    return ["train", "--no-progress", "--root", root, "--dataset", "toy", "--output", output,
-            "--resume", *extra]  # fmt: skip
+    return [
+        "train",
+        "--no-progress",
+        "--root",
+        root,
+        "--dataset",
+        "toy",
+        "--output",
+        output,
+        "--resume",
+        *extra,
+    ]
 
 
 def train_run(data, output, capsys, *extra):
@@ -590,8 +600,17 @@ def test_torchrun_starts_on_a_fresh_run_folder_every_time(data, tmp_path):
     for attempt in range(1, 11):
         output = tmp_path / f"run-{attempt}"
         argv = toy_train(data, output, "--shots", "1", "--device", "cpu")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", "2", "-m", "pini", *(str(a) for a in argv)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pini",
+            *(str(a) for a in argv),
+        ]
         completed = subprocess.run(
             command, capture_output=True, text=True, env=environment, timeout=600
         )
@@ -631,9 +650,26 @@ def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_is_marked_fai
 
 def test_a_sweep_reports_a_diverged_run_as_failed_not_as_a_number(data, tmp_path, capsys):
     output = tmp_path / "sweep"
-    argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output,
-            "--methods", "pini", "--shot-list", "2", "--seeds", "1", "--epochs", "4",
-            "--lr", "1e25"]  # fmt: skip
+    argv = [
+        "sweep",
+        *TINY,
+        "--root",
+        data,
+        "--dataset",
+        "toy",
+        "--output",
+        output,
+        "--methods",
+        "pini",
+        "--shot-list",
+        "2",
+        "--seeds",
+        "1",
+        "--epochs",
+        "4",
+        "--lr",
+        "1e25",
+    ]
     status, out, err = run_cli(argv, capsys)
     assert status == 3, err
     assert "FAILED: training diverged at epoch " in out
@@ -647,8 +683,9 @@ def test_a_sweep_reports_a_diverged_run_as_failed_not_as_a_number(data, tmp_path
     assert status == 3 and "FAILED" in out and "(done before)" in out
 
 
-def test_weights_are_checked_by_hash_and_trusted_is_never_stored(data, tmp_path, capsys,
-                                                                 monkeypatch):  # fmt: skip
+def test_weights_are_checked_by_hash_and_trusted_is_never_stored(
+    data, tmp_path, capsys, monkeypatch
+):
     """A run stores its weights file's SHA-256 and checks it on every load: a file replaced
     after training is refused by `pini eval` and `--resume` (it silently changed the results).
     --trusted (weights_only=False: code in the file runs) applies to the command that says it:
@@ -713,10 +750,28 @@ def test_a_second_process_on_a_run_or_sweep_folder_gets_one_line_naming_the_hold
     # this process holds the sweep's folder; another sweep there is refused
     run_folders.lock_folder(sweep)
     try:
-        argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", sweep,
-                "--methods", "pini", "--shot-list", "1", "--seeds", "1"]  # fmt: skip
-        other = subprocess.run([sys.executable, "-m", "pini", *map(str, argv)],
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        argv = [
+            "sweep",
+            *TINY,
+            "--root",
+            data,
+            "--dataset",
+            "toy",
+            "--output",
+            sweep,
+            "--methods",
+            "pini",
+            "--shot-list",
+            "1",
+            "--seeds",
+            "1",
+        ]
+        other = subprocess.run(
+            [sys.executable, "-m", "pini", *map(str, argv)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert other.returncode == 2 and f"(pid {os.getpid()})" in other.stderr, other.stderr
         assert not (sweep / "toy").exists()
     finally:
@@ -730,8 +785,9 @@ def _hold_lock(folder, held, done):
 
 
 @pytest.mark.parametrize(("given", "minutes"), [([], 15.0), (["--timeout", "0.5"], 0.5)])
-def test_timeout_bounds_how_long_ranks_wait_for_each_other(data, tmp_path, monkeypatch, capsys,
-                                                          given, minutes):  # fmt: skip
+def test_timeout_bounds_how_long_ranks_wait_for_each_other(
+    data, tmp_path, monkeypatch, capsys, given, minutes
+):
     """Under torchrun the process group waits --timeout minutes (15 by default, not gloo's 30)
     in a collective before a rank that died or hangs stops the run."""
     import datetime
@@ -745,8 +801,9 @@ def test_timeout_bounds_how_long_ranks_wait_for_each_other(data, tmp_path, monke
     monkeypatch.setattr(cli, "train_command", lambda args: 0)
     assert run_cli(toy_train(data, tmp_path / "run", *given), capsys)[0] == 0
     assert seen == [datetime.timedelta(minutes=minutes)]
-    assert_one_line_error(run_cli(toy_train(data, tmp_path / "run", "--timeout", "0"), capsys),
-                          "--timeout")  # fmt: skip
+    assert_one_line_error(
+        run_cli(toy_train(data, tmp_path / "run", "--timeout", "0"), capsys), "--timeout"
+    )
 
 
 def _fail_checkpoint_save(monkeypatch, error, on_call=2):
@@ -799,8 +856,9 @@ def test_a_failed_write_or_ctrl_c_is_one_line_and_the_run_continues(
 
 
 @pytest.mark.parametrize("leftover", ["run.json.tmp", "checkpoint.pt.tmp", "summary.json.tmp"])
-def test_temporary_files_of_a_failed_write_do_not_block_the_folder(data, tmp_path, capsys,
-                                                                  leftover):  # fmt: skip
+def test_temporary_files_of_a_failed_write_do_not_block_the_folder(
+    data, tmp_path, capsys, leftover
+):
     """A failed write at the start (disk full) left run.json.tmp, which pini did not count as
     its own: train, --resume and --overwrite were all refused. Its temporary files are its own:
     a folder holding only them starts a new run (and they are cleaned)."""
@@ -826,8 +884,10 @@ RECORD_EDITS = {
     "no mode": (_drop("pini_config", "mode"), "'pini_config' must be an object with every"),
     "no lr": (_drop("train_config", "lr"), "missing ['lr']"),
     "epochs 1e30": (lambda run: run["train_config"].update(epochs=1e30), "epochs must be"),
-    "a model without weights": (lambda run: run.update(model="ViT-B-16"),
-                                "'pretrained' must be CLIP weights for ViT-B-16"),
+    "a model without weights": (
+        lambda run: run.update(model="ViT-B-16"),
+        "'pretrained' must be CLIP weights for ViT-B-16",
+    ),
     "unknown model": (lambda run: run.update(model="ViT-Z-99"), "'model' must be an open_clip"),
     "no model": (lambda run: run.pop("model"), "'model' must be"),
     "shots as text": (lambda run: run.update(shots="2"), "'shots' must be an integer >= 1"),
@@ -837,12 +897,13 @@ RECORD_EDITS = {
     "demo flag as text": (lambda run: run.update(demo_backbone="yes"), "'demo_backbone' must"),
     "unknown option": (lambda run: run["pini_config"].update(colour="red"), "unknown ['colour']"),
     "bad option value": (lambda run: run["pini_config"].update(mode="div"), "'pini_config':"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("edit", list(RECORD_EDITS))
-def test_a_hand_edited_run_record_is_one_line_naming_the_file_and_key(trained, tmp_path, capsys,
-                                                                     edit):  # fmt: skip
+def test_a_hand_edited_run_record_is_one_line_naming_the_file_and_key(
+    trained, tmp_path, capsys, edit
+):
     """run.json edited by hand (the run had no checkpoint yet): was a traceback or, worse,
     silently another run (a missing option taking its default). Now one line naming the file,
     the key and what was expected."""
@@ -869,14 +930,17 @@ def test_an_edited_split_is_refused(data, tmp_path, capsys):
     stored = json.loads(split.read_text())
     samples = load_dataset(data, "toy").train
     label = stored["samples"][0][1]
-    replacement = next(i for i, (_, other) in enumerate(samples)
-                       if other == label and i not in stored["indices"])  # fmt: skip
+    replacement = next(
+        i for i, (_, other) in enumerate(samples) if other == label and i not in stored["indices"]
+    )
     stored["indices"][0] = replacement
     stored["samples"][0] = [sample_id(samples[replacement][0]), samples[replacement][1]]
     split.write_text(json.dumps(stored))
     (output / "summary.json").unlink()
-    assert_one_line_error(run_cli(resume(data, output, "--epochs", "1"), capsys),
-                          "are not the ones seed 1 draws from this listing")  # fmt: skip
+    assert_one_line_error(
+        run_cli(resume(data, output, "--epochs", "1"), capsys),
+        "are not the ones seed 1 draws from this listing",
+    )
 
 
 def test_resume_takes_the_runs_data_when_left_out_and_either_spelling_of_its_folder(
@@ -910,8 +974,19 @@ def test_class_folders_that_would_mislead_are_refused(tmp_path, capsys, caplog, 
     is also named in a warning."""
     root = make_folder(tmp_path / "data" / "odd", classes=folders)
     with caplog.at_level("WARNING"):
-        result = run_cli(["train", *TINY, "--root", root.parent, "--dataset", "odd",
-                          "--output", tmp_path / "run"], capsys)  # fmt: skip
+        result = run_cli(
+            [
+                "train",
+                *TINY,
+                "--root",
+                root.parent,
+                "--dataset",
+                "odd",
+                "--output",
+                tmp_path / "run",
+            ],
+            capsys,
+        )
     assert_one_line_error(result, words)
     if ".NET" in folders:
         assert "hidden folder (names starting with '.') skipped, not classes: .NET" in caplog.text
@@ -933,22 +1008,35 @@ def test_files_and_flags_that_gave_tracebacks_are_one_line(data, tmp_path, capsy
     for given, words in (
         (["--pretrained", tmp_path / "other.pt"], "holds weights of another model than pini-tiny"),
         (["--pretrained", tmp_path / "payload.pt"], "which load only with --trusted"),
-        (["--model", "RN50", "--pretrained", "openai", "--noise", "image", "--visual-generator",
-          "attention"], "RN50's is not one: use --visual-generator attention-pixels"),
-    ):  # fmt: skip
+        (
+            [
+                "--model",
+                "RN50",
+                "--pretrained",
+                "openai",
+                "--noise",
+                "image",
+                "--visual-generator",
+                "attention",
+            ],
+            "RN50's is not one: use --visual-generator attention-pixels",
+        ),
+    ):
         argv = [*base, *given]  # later flags win over TINY's
         assert_one_line_error(run_cli(argv, capsys), words)
         assert not (tmp_path / "run" / "run.json").exists()  # no run left behind
     (tmp_path / "fake").mkdir()
-    torch.save({"format": "pini-run-checkpoint/2", "x": _NotATensor()},
-               tmp_path / "fake" / "checkpoint.pt")  # fmt: skip
+    torch.save(
+        {"format": "pini-run-checkpoint/2", "x": _NotATensor()}, tmp_path / "fake" / "checkpoint.pt"
+    )
     assert_one_line_error(
         run_cli(["eval", "--checkpoint", tmp_path / "fake" / "checkpoint.pt"], capsys),
         "holds pickled objects beyond tensors (code, possibly), which pini never loads",
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert_one_line_error(run_cli([*base, "--device", "cuda"], capsys),
-                          "--device cuda: no CUDA GPU is available here")  # fmt: skip
+    assert_one_line_error(
+        run_cli([*base, "--device", "cuda"], capsys), "--device cuda: no CUDA GPU is available here"
+    )
 
 
 def test_a_truncated_demo_cache_is_built_again(tmp_path, monkeypatch, caplog):

@@ -12,8 +12,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).parents[1]
-STAGES = ["build", "smoke", "sanitizer_memcheck", "sanitizer_racecheck", "sync_graphs",
-          "correctness", "pini_step", "benchmarks"]  # fmt: skip
+STAGES = [
+    "build",
+    "smoke",
+    "sanitizer_memcheck",
+    "sanitizer_racecheck",
+    "sync_graphs",
+    "correctness",
+    "pini_step",
+    "benchmarks",
+]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -29,9 +37,13 @@ def _environment(out: Path, **extra) -> dict:
 def test_every_stage_in_order_says_why_it_skips_within_a_minute(tmp_path, dry):
     begin = time.monotonic()
     ran = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True,
-        env=_environment(tmp_path, GPU_CHECK_DRY=dry), timeout=120,
-    )  # fmt: skip
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_environment(tmp_path, GPU_CHECK_DRY=dry),
+        timeout=120,
+    )
     took = time.monotonic() - begin
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert took < 60, f"the dry run took {took:.0f} s"
@@ -65,8 +77,14 @@ def test_a_stage_cut_by_its_limit_reports_what_passed_and_failed(tmp_path):
         f'--rootdir "{tmp_path}" -c /dev/null "{tests}"\n'
     )
     begin = time.monotonic()
-    ran = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                         env=_environment(out), timeout=90)  # fmt: skip
+    ran = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_environment(out),
+        timeout=90,
+    )
     assert time.monotonic() - begin < 60, "the stage was not cut at its limit"
     assert ran.returncode == 124, (ran.stdout, ran.stderr)
     summary = (out / "summary.txt").read_text().strip()

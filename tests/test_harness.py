@@ -28,10 +28,22 @@ VALIDATED_METHODS = [name for name, method in METHODS.items() if method.searches
 PETS = ["abyssinian", "beagle", "bombay"]
 # Every key of summary.json, whatever the method.
 SUMMARY_KEYS = {
-    "dataset", "method", "shots", "seed", "noise", "zero_shot_accuracy", "zero_shot_template",
-    "accuracy", "macro_f1", "test_images", "skipped_images", "pini_config", "method_config",
-    "train_config", "fitted",
-}  # fmt: skip
+    "dataset",
+    "method",
+    "shots",
+    "seed",
+    "noise",
+    "zero_shot_accuracy",
+    "zero_shot_template",
+    "accuracy",
+    "macro_f1",
+    "test_images",
+    "skipped_images",
+    "pini_config",
+    "method_config",
+    "train_config",
+    "fitted",
+}
 TRAINED = ["pini", "coop", "clip-adapter", "tip-adapter-f"]
 # t(0.975, 1): the 95% quantile of Student's t with one degree of freedom (two seeds).
 T_ONE_DEGREE = 12.706204736174707
@@ -137,10 +149,19 @@ def test_resume_of_a_trained_method_is_exact(pets, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(pini.train, "save_checkpoint", original)
     assert read_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 0
     status, _, err = run_cli(
-        ["train", "--no-progress", "--output", tmp_path / "killed", "--resume",
-         "--root", pets, "--dataset", "oxford_pets"],
+        [
+            "train",
+            "--no-progress",
+            "--output",
+            tmp_path / "killed",
+            "--resume",
+            "--root",
+            pets,
+            "--dataset",
+            "oxford_pets",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert status == 0, err
     resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert (resumed["accuracy"], resumed["fitted"]) == (whole["accuracy"], whole["fitted"])
@@ -340,8 +361,12 @@ def test_sweep_refuses_a_run_of_another_configuration_before_any_run(tmp_path, c
     assert run_cli(argv, capsys)[0] == 0
     more = [*argv, "--shot-list", "2", "1", "--epochs", "2"]
     result = run_cli(more, capsys)
-    assert_one_line_error(result, "1shot-seed1 holds a run of another configuration",
-                          "train_config.epochs 1 -> 2", "--overwrite")  # fmt: skip
+    assert_one_line_error(
+        result,
+        "1shot-seed1 holds a run of another configuration",
+        "train_config.epochs 1 -> 2",
+        "--overwrite",
+    )
     assert not (output / "toy" / "coop" / "2shot-seed1").exists()  # checked before any run
     result = run_cli([*argv, "--methods", "linear-probe", "--noise", "feature"], capsys)
     assert_one_line_error(result, "--noise: PiNI's option, but --methods has no pini")

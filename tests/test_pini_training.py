@@ -282,15 +282,18 @@ def test_macro_f1_is_the_unweighted_mean_over_classes_with_images():
     labels = torch.randint(0, classes - 1, (200,), generator=generator)  # class 6: no images
     labels[labels == 4] = 3  # class 4: no images either, class 3 twice as many
     predictions = torch.where(
-        torch.rand(200, generator=generator) < 0.6, labels,
+        torch.rand(200, generator=generator) < 0.6,
+        labels,
         torch.randint(0, classes, (200,), generator=generator),
-    )  # fmt: skip
+    )
     predictions[predictions == 5] = 0  # class 5 has images but is never predicted
     present = sorted(set(labels.tolist()))
-    want = f1_score(labels.numpy(), predictions.numpy(), labels=present, average="macro",
-                    zero_division=0)  # fmt: skip
-    weighted = f1_score(labels.numpy(), predictions.numpy(), labels=present, average="weighted",
-                        zero_division=0)  # fmt: skip
+    want = f1_score(
+        labels.numpy(), predictions.numpy(), labels=present, average="macro", zero_division=0
+    )
+    weighted = f1_score(
+        labels.numpy(), predictions.numpy(), labels=present, average="weighted", zero_division=0
+    )
     got = macro_f1(confusion_matrix(labels, predictions, classes))
     assert abs(got - want) < 1e-12 and abs(got - weighted) > 1e-3
 
