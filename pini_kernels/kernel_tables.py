@@ -19,13 +19,37 @@ from __future__ import annotations
 import functools
 import importlib
 from types import ModuleType
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 import torch
 
 from .seeds import KernelSeed
 
 Tensor = torch.Tensor
+# The seven differentiable inputs of the logits ops, in this order (``per_sample.py``'s
+# DIFFERENTIABLE_INPUTS): image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma.
+OpInputs = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
+class LossSettings(NamedTuple):
+    """The loss's settings after its inputs, target and seed."""
+
+    num_samples: int
+    multiply: bool
+    reduction: str
+    label_smoothing: float
+
+
+class FlowSettings(NamedTuple):
+    """What ``LossFlowKernels.cross_entropy_flow`` runs with besides its inputs: forward's lse
+    (None in forward), the rows' loss weights (None: no gradient) and the gradients needed."""
+
+    num_samples: int
+    multiply: bool
+    label_smoothing: float
+    lse: Tensor | None
+    row_grads: Tensor | None
+    needs: list[bool]
 
 
 class NoiseKernels(Protocol):
@@ -171,46 +195,17 @@ class LossKernels(LogitsKernels, Protocol):
 
 class LossFlowKernels(Protocol):
     """The loss's whole per-sample flow as one op (csrc/loss_flow.cpp: the ``LossKernels``, call
-    for call, without a Python frame per kernel). The first seven tensors are
-    ``per_sample.DIFFERENTIABLE_INPUTS``; ``seed`` is a kernel seed."""
+    for call, without a Python frame per kernel). ``seed`` is a kernel seed."""
 
     def cross_entropy_flow(
-        self,
-        image: Tensor,
-        text: Tensor,
-        logit_scale: Tensor,
-        image_mu: Tensor | None,
-        image_sigma: Tensor | None,
-        text_mu: Tensor | None,
-        text_sigma: Tensor | None,
-        target: Tensor,
-        seed: KernelSeed,
-        num_samples: int,
-        multiply: bool,
-        label_smoothing: float,
-        lse: Tensor | None,
-        row_grads: Tensor | None,
-        needs: list[bool],
+        self, inputs: OpInputs, target: Tensor, seed: KernelSeed, settings: FlowSettings
     ) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
         """(lse, target_logit, logit_sum, the seven gradients in their inputs' shapes or None
-        where ``needs`` does not ask for them): ``loss.cross_entropy_forward``'s flow, or
-        ``loss.cross_entropy_backward``'s when given forward's ``lse``."""
+        where ``settings.needs`` does not ask for them): ``loss.cross_entropy_forward``'s flow,
+        or ``loss.cross_entropy_backward``'s when given forward's ``lse``."""
 
     def cross_entropy_autograd(
-        self,
-        image: Tensor,
-        text: Tensor,
-        logit_scale: Tensor,
-        image_mu: Tensor | None,
-        image_sigma: Tensor | None,
-        text_mu: Tensor | None,
-        text_sigma: Tensor | None,
-        target: Tensor,
-        seed: KernelSeed,
-        num_samples: int,
-        multiply: bool,
-        reduction: str,
-        label_smoothing: float,
+        self, inputs: OpInputs, target: Tensor, seed: KernelSeed, settings: LossSettings
     ) -> Tensor:
         """The loss with its autograd node in C++: the flow, saved tensors and gradients of
         ``loss.LossFunction``."""

@@ -48,12 +48,11 @@ def logits_forward(
     (num_samples, C, D), one set of class rows per sample; logit_scale is 0-d; seed: the op's
     0-d int64 seed tensor."""
     kernels = kernel_tables.loss_kernels(backend)
+    inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
     seed_arg = kernel_seed(seed, image.device)
     dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
     with on_device(image.device):
-        image_side, text_side = sides = per_sample.make_sides(
-            kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed_arg, multiply
-        )
+        image_side, text_side = sides = per_sample.make_sides(kernels, inputs, seed_arg, multiply)
         out = new_buffer((num_samples, image.shape[0], text.shape[-2]), dtype, image.device)
         scale = logit_scale.to(device=image.device, dtype=torch.float32)
         for sample in range(num_samples):
@@ -93,12 +92,7 @@ def logits_backward(
         grads = per_sample.backward(
             kernel_tables.loss_kernels(backend),
             cosine_grad,
-            image,
-            text,
-            image_mu,
-            image_sigma,
-            text_mu,
-            text_sigma,
+            (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma),
             kernel_seed(seed, image.device),
             num_samples,
             multiply,
@@ -137,20 +131,11 @@ noisy_cosine_logits_backward = torch.library.custom_op(
 
 
 @noisy_cosine_logits.register_fake
-def _noisy_cosine_logits_fake(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    seed,
-    num_samples,
-    multiply,
-    backend,
-):
-    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+def _noisy_cosine_logits_fake(*inputs_and_settings):
+    inputs = inputs_and_settings[: len(DIFFERENTIABLE_INPUTS)]
+    num_samples = inputs_and_settings[len(DIFFERENTIABLE_INPUTS) + 1]
+    image, text = inputs[:2]
+    dtype = _checks.result_dtype(*inputs[:2], *inputs[3:])
     return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
 
 
@@ -194,25 +179,9 @@ class LogitsFunction(torch.autograd.Function):
         return _gradients(ctx, grad_logits, logits_backward)
 
 
-def run_logits(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    seed,
-    num_samples,
-    multiply,
-    backend,
-) -> torch.Tensor:
+def run_logits(*arguments) -> torch.Tensor:
     """The op on checked arguments (``logits_forward``'s), with autograd: the custom op under
     torch.compile, else the eager entry point, or the forward alone without gradients."""
-    arguments = (
-        *(image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma),
-        *(seed, num_samples, multiply, backend),
-    )
     if torch.compiler.is_compiling():
         return noisy_cosine_logits(*arguments)
     if any(per_sample.needs_grad(arguments[: len(DIFFERENTIABLE_INPUTS)])):

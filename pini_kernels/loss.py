@@ -33,6 +33,7 @@ import torch
 
 from . import _checks, kernel_tables, per_sample
 from ._host import new_buffer, on_device, once_differentiable
+from .kernel_tables import FlowSettings, LossSettings, OpInputs
 from .per_sample import DIFFERENTIABLE_INPUTS
 from .seeds import kernel_seed
 
@@ -97,46 +98,25 @@ def cross_entropy_forward(
     DIFFERENTIABLE_INPUTS' gradients of the loss (those ``needs`` asks for, empty tensors for the
     others) and an empty lse; else the (num_samples, B) log-sum-exp backward recomputes from and
     seven empty tensors. With no gradient needed, no work is done for gradients."""
-    loss, lse, grads = _cross_entropy(
-        image,
-        text,
-        logit_scale,
-        image_mu,
-        image_sigma,
-        text_mu,
-        text_sigma,
-        target,
-        seed,
-        num_samples,
-        multiply,
-        reduction,
-        label_smoothing,
-        backend,
-        needs,
-    )
+    inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+    settings = LossSettings(num_samples, multiply, reduction, label_smoothing)
+    loss, lse, grads = _cross_entropy(inputs, target, seed, settings, backend, needs)
     lse = image.new_empty(0, dtype=torch.float32) if lse is None else lse
     return (loss, lse, *per_sample.gradients_or_empty(grads, image))
 
 
 def _cross_entropy(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    target,
-    seed,
-    num_samples,
-    multiply,
-    reduction,
-    label_smoothing,
-    backend,
-    needs,
+    inputs: OpInputs,
+    target: torch.Tensor,
+    seed: torch.Tensor,
+    settings: LossSettings,
+    backend: str,
+    needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
     """``cross_entropy_forward`` with None for what is not computed: (loss, lse or None, the
     seven gradients or None each)."""
+    image, text, logit_scale = inputs[:3]
+    num_samples, multiply, reduction, label_smoothing = settings
     _checks.check_target_values(target, text.shape[-2])
     kernels = kernel_tables.loss_kernels(backend)
     flow = kernel_tables.loss_flow_kernels(backend)
@@ -144,7 +124,6 @@ def _cross_entropy(
     rows, classes = image.shape[0], text.shape[-2]
     device = image.device
     target = target.to(torch.int64).contiguous()
-    differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
     grads: list = [None] * len(DIFFERENTIABLE_INPUTS)
     in_forward = gradients_in_forward(reduction, needs)
     row_grads = None
@@ -152,17 +131,10 @@ def _cross_entropy(
         weight = 1.0 / (num_samples * rows) if reduction == "mean" and rows else 1.0
         row_grads = torch.full((num_samples, rows), weight, device=device)
     if flow is not None:
+        flow_settings = FlowSettings(num_samples, multiply, label_smoothing, None, row_grads, needs)
         with on_device(device):
             lse, target_logit, logit_sum, flow_grads = flow.cross_entropy_flow(
-                *differentiable,
-                target,
-                seed_arg,
-                num_samples,
-                multiply,
-                label_smoothing,
-                None,
-                row_grads,
-                needs,
+                inputs, target, seed_arg, flow_settings
             )
         if in_forward:
             grads = flow_grads
@@ -177,59 +149,26 @@ def _cross_entropy(
                 scale_grad_rows = new_buffer((num_samples, rows), torch.float32, device)
 
                 def cosine_grad(sample, cosine):
+                    statistics = (lse[sample], target_logit[sample], logit_sum[sample])
                     kernels.loss_stats_grad(
-                        cosine,
-                        target,
-                        row_grads[sample],
-                        scale,
-                        label_smoothing,
-                        lse[sample],
-                        target_logit[sample],
-                        logit_sum[sample],
-                        scale_grad_rows[sample],
+                        *(cosine, target, row_grads[sample], scale, label_smoothing),
+                        *(*statistics, scale_grad_rows[sample]),
                     )
                     return cosine
 
                 grads = per_sample.backward(
-                    kernels,
-                    cosine_grad,
-                    image,
-                    text,
-                    image_mu,
-                    image_sigma,
-                    text_mu,
-                    text_sigma,
-                    seed_arg,
-                    num_samples,
-                    multiply,
-                    needs,
+                    kernels, cosine_grad, inputs, seed_arg, num_samples, multiply, needs
                 )
                 if needs[2]:
                     grads[2] = scale_grad_rows.sum().to(logit_scale.dtype)
             else:
-                sides = per_sample.make_sides(
-                    kernels,
-                    image,
-                    text,
-                    image_mu,
-                    image_sigma,
-                    text_mu,
-                    text_sigma,
-                    seed_arg,
-                    multiply,
-                )
+                sides = per_sample.make_sides(kernels, inputs, seed_arg, multiply)
                 for sample in range(num_samples):
                     per_sample.normalize_sample(kernels, sides, sample)
                     if rows > 0:
-                        kernels.loss_stats(
-                            sides[0].unit,
-                            sides[1].unit,
-                            target,
-                            scale,
-                            lse[sample],
-                            target_logit[sample],
-                            logit_sum[sample],
-                        )
+                        statistics = (lse[sample], target_logit[sample], logit_sum[sample])
+                        units = (sides[0].unit, sides[1].unit)
+                        kernels.loss_stats(*units, target, scale, *statistics)
     row_losses = _row_losses(lse, target_logit, logit_sum, classes, label_smoothing)
     return _reduce(row_losses, reduction), None if in_forward else lse, grads
 
@@ -257,7 +196,7 @@ def cross_entropy_backward(
     seven DIFFERENTIABLE_INPUTS for the loss's gradient ``grad_loss``, from forward's lse."""
     kernels = kernel_tables.loss_kernels(backend)
     flow = kernel_tables.loss_flow_kernels(backend)
-    differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
+    inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
     rows = image.shape[0]
     device = image.device
     scale = logit_scale.to(device=device, dtype=torch.float32)
@@ -270,44 +209,19 @@ def cross_entropy_backward(
 
     def cosine_grad(sample, cosine):
         kernels.loss_grad(
-            cosine,
-            lse[sample],
-            target,
-            row_grads[sample],
-            scale,
-            label_smoothing,
-            scale_grad_rows[sample],
+            *(cosine, lse[sample], target, row_grads[sample], scale),
+            *(label_smoothing, scale_grad_rows[sample]),
         )
         return cosine
 
     seed_arg = kernel_seed(seed, image.device)
     with on_device(device):
         if flow is not None:
-            *_, grads = flow.cross_entropy_flow(
-                *differentiable,
-                target,
-                seed_arg,
-                num_samples,
-                multiply,
-                label_smoothing,
-                lse,
-                row_grads,
-                needs,
-            )
+            settings = FlowSettings(num_samples, multiply, label_smoothing, lse, row_grads, needs)
+            *_, grads = flow.cross_entropy_flow(inputs, target, seed_arg, settings)
             return per_sample.gradients_or_empty(grads, image)
         grads = per_sample.backward(
-            kernels,
-            cosine_grad,
-            image,
-            text,
-            image_mu,
-            image_sigma,
-            text_mu,
-            text_sigma,
-            seed_arg,
-            num_samples,
-            multiply,
-            needs,
+            kernels, cosine_grad, inputs, seed_arg, num_samples, multiply, needs
         )
     grads[2] = scale_grad_rows.sum().to(logit_scale.dtype) if needs[2] else None
     return per_sample.gradients_or_empty(grads, image)
@@ -350,32 +264,18 @@ noisy_cross_entropy_backward = torch.library.custom_op(
 
 
 @noisy_cross_entropy.register_fake
-def _noisy_cross_entropy_fake(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    target,
-    seed,
-    num_samples,
-    multiply,
-    reduction,
-    label_smoothing,
-    backend,
-    needs,
-):
+def _noisy_cross_entropy_fake(*arguments):
+    inputs = arguments[: len(DIFFERENTIABLE_INPUTS)]
+    _, _, num_samples, _, reduction, _, _, needs = arguments[len(DIFFERENTIABLE_INPUTS) :]
+    image = inputs[0]
     rows = image.shape[0]
     loss_shape = (num_samples, rows) if reduction == "none" else ()
     loss = image.new_empty(loss_shape, dtype=torch.float32)
-    differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
     if gradients_in_forward(reduction, needs):
         lse = image.new_empty(0, dtype=torch.float32)
-        return (loss, lse, *per_sample.fake_gradients(needs, differentiable))
+        return (loss, lse, *per_sample.fake_gradients(needs, inputs))
     lse = image.new_empty((num_samples, rows), dtype=torch.float32)
-    return (loss, lse, *per_sample.fake_gradients([False] * len(needs), differentiable))
+    return (loss, lse, *per_sample.fake_gradients([False] * len(needs), inputs))
 
 
 @noisy_cross_entropy_backward.register_fake
@@ -410,7 +310,11 @@ class LossFunction(torch.autograd.Function):
         differentiable = inputs[: len(DIFFERENTIABLE_INPUTS)]
         target, seed, *settings = inputs[len(DIFFERENTIABLE_INPUTS) :]
         needs = list(ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)])
-        loss, lse, grads = _cross_entropy(*inputs, needs)
+        loss_settings = LossSettings(*settings[:-1])
+        backend = settings[-1]
+        loss, lse, grads = _cross_entropy(
+            differentiable, target, seed, loss_settings, backend, needs
+        )
         _save_for_backward(ctx, differentiable, target, seed, lse, grads, settings, needs)
         return loss
 
@@ -423,72 +327,39 @@ class LossFunction(torch.autograd.Function):
 def _flow_with_autograd(
     backend: str,
     flow: kernel_tables.LossFlowKernels,
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    target,
-    seed,
-    num_samples,
-    multiply,
-    reduction,
-    label_smoothing,
+    inputs: OpInputs,
+    target: torch.Tensor,
+    seed: torch.Tensor,
+    settings: LossSettings,
 ) -> torch.Tensor:
     """The native backends' eager entry point: the flow, saved tensors and gradients of
     ``LossFunction``, with the autograd node and the flow in C++ (csrc/loss_flow.cpp)."""
+    image, text = inputs[:2]
     _checks.check_target_values(target, text.shape[-2])
     max_dim = kernel_tables.loss_kernels(backend).MAX_FEATURE_DIM
     per_sample.check_feature_dim(image.shape[-1], max_dim)
+    target = target.to(torch.int64).contiguous()  # (no copy when it already is both)
     with on_device(image.device):
         return flow.cross_entropy_autograd(
-            image,
-            text,
-            logit_scale,
-            image_mu,
-            image_sigma,
-            text_mu,
-            text_sigma,
-            target.to(torch.int64).contiguous(),  # (no copy when it already is both)
-            kernel_seed(seed, image.device),
-            num_samples,
-            multiply,
-            reduction,
-            label_smoothing,
+            inputs, target, kernel_seed(seed, image.device), settings
         )
 
 
-def run_cross_entropy(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    target,
-    seed,
-    num_samples,
-    multiply,
-    reduction,
-    label_smoothing,
-    backend,
-) -> torch.Tensor:
+def run_cross_entropy(*arguments) -> torch.Tensor:
     """The op on checked arguments (``cross_entropy_forward``'s but ``needs``), with autograd:
     the custom op under torch.compile; else on the native backends their C++ flow and autograd,
     on Triton ``LossFunction``, or the forward alone when no gradient is wanted; returns the
     loss."""
-    differentiable = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
-    settings = (num_samples, multiply, reduction, label_smoothing)
+    inputs = arguments[: len(DIFFERENTIABLE_INPUTS)]
+    target, seed, *settings, backend = arguments[len(DIFFERENTIABLE_INPUTS) :]
+    settings = LossSettings(*settings)
     if torch.compiler.is_compiling():
-        needs = per_sample.needs_grad(differentiable)
-        return noisy_cross_entropy(*differentiable, target, seed, *settings, backend, needs)[0]
+        needs = per_sample.needs_grad(inputs)
+        return noisy_cross_entropy(*arguments, needs)[0]
     flow = kernel_tables.loss_flow_kernels(backend)
     if flow is not None:
-        return _flow_with_autograd(backend, flow, *differentiable, target, seed, *settings)
-    needs = per_sample.needs_grad(differentiable)
+        return _flow_with_autograd(backend, flow, inputs, target, seed, settings)
+    needs = per_sample.needs_grad(inputs)
     if any(needs):
-        return LossFunction.apply(*differentiable, target, seed, *settings, backend)
-    return _cross_entropy(*differentiable, target, seed, *settings, backend, needs)[0]
+        return LossFunction.apply(*arguments)
+    return _cross_entropy(inputs, target, seed, settings, backend, needs)[0]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._host import new_buffer
+from .kernel_tables import FlowSettings, LossSettings, OpInputs
 from .seeds import KernelSeed, native_seed, text_seed
 
 # Rows per chunk of the CPU backward's parameter partial sums: each chunk adds one row of `width`
@@ -226,79 +227,29 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # csrc/loss_flow.cpp's Redu
 
 
 def cross_entropy_flow(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    target,
-    seed: KernelSeed,
-    num_samples,
-    multiply,
-    label_smoothing,
-    lse,
-    row_grads,
-    needs,
-):
+    inputs: OpInputs, target: torch.Tensor, seed: KernelSeed, settings: FlowSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """See kernel_tables.LossFlowKernels (``pini_native::cross_entropy_flow``)."""
-    device = image.device
-    need_bits = sum(1 << index for index, need in enumerate(needs) if need)
+    device = inputs[0].device
+    need_bits = sum(1 << index for index, need in enumerate(settings.needs) if need)
+    seeds = (native_seed(seed, device), native_seed(text_seed(seed), device))
     lse, target_logit, logit_sum, *grads = _ops().cross_entropy_flow(
-        image,
-        text,
-        logit_scale,
-        image_mu,
-        image_sigma,
-        text_mu,
-        text_sigma,
-        target,
-        native_seed(seed, device),
-        native_seed(text_seed(seed), device),
-        num_samples,
-        multiply,
-        label_smoothing,
-        lse,
-        row_grads,
-        need_bits,
+        *inputs, target, *seeds, *settings[:-1], need_bits
     )
-    grads = [grad if need else None for grad, need in zip(grads, needs, strict=True)]
+    grads = [grad if need else None for grad, need in zip(grads, settings.needs, strict=True)]
     return lse, target_logit, logit_sum, grads
 
 
 def cross_entropy_autograd(
-    image,
-    text,
-    logit_scale,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
-    target,
-    seed: KernelSeed,
-    num_samples,
-    multiply,
-    reduction,
-    label_smoothing,
+    inputs: OpInputs, target: torch.Tensor, seed: KernelSeed, settings: LossSettings
 ) -> torch.Tensor:
     """See kernel_tables.LossFlowKernels (``pini_native::cross_entropy``, csrc/loss_flow.cpp)."""
-    device = image.device
+    device = inputs[0].device
+    seeds = (native_seed(seed, device), native_seed(text_seed(seed), device))
+    num_samples, multiply, reduction, label_smoothing = settings
+    reduction_code = _REDUCTION_CODES[reduction]
     return _ops().cross_entropy(
-        image,
-        text,
-        logit_scale,
-        image_mu,
-        image_sigma,
-        text_mu,
-        text_sigma,
-        target,
-        native_seed(seed, device),
-        native_seed(text_seed(seed), device),
-        num_samples,
-        multiply,
-        _REDUCTION_CODES[reduction],
-        label_smoothing,
+        *inputs, target, *seeds, num_samples, multiply, reduction_code, label_smoothing
     )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._host import like_input, new_buffer
-from .kernel_tables import LogitsKernels
+from .kernel_tables import LogitsKernels, OpInputs
 from .seeds import KernelSeed, text_seed
 
 # Both ops take these seven inputs first, in this order; their backward ops return the seven
@@ -74,6 +74,11 @@ class Side:
         """The stream element of this sample's first noise value."""
         rows, dim = self.features.shape
         return sample * rows * dim
+
+    def kernel_args(self, sample: int) -> tuple:
+        """The leading arguments of the row kernels (``normalize``, ``normalize_backward``)."""
+        offset = self.stream_offset(sample)
+        return (self.features, self.mu, self.sigma, self.seed, offset, self.multiply)
 
 
 @dataclass
@@ -127,8 +132,10 @@ def make_side(
 
 
 def make_sides(
-    kernels: LogitsKernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply
+    kernels: LogitsKernels, inputs: OpInputs, seed: KernelSeed, multiply: bool
 ) -> tuple[Side, Side]:
+    """The image and the text side of the seven ``inputs``."""
+    image, text, _, image_mu, image_sigma, text_mu, text_sigma = inputs
     return (
         make_side(kernels, image, image_mu, image_sigma, seed, multiply),
         make_side(kernels, text, text_mu, text_sigma, text_seed(seed), multiply),
@@ -140,16 +147,7 @@ def normalize_sample(kernels: LogitsKernels, sides: Sequence[Side], sample: int)
     for side in sides:
         side.select_sample(sample)
         if (side.changes_per_sample or sample == 0) and side.features.shape[0] > 0:
-            kernels.normalize(
-                side.features,
-                side.mu,
-                side.sigma,
-                side.seed,
-                side.stream_offset(sample),
-                side.multiply,
-                side.unit,
-                side.norm,
-            )
+            kernels.normalize(*side.kernel_args(sample), side.unit, side.norm)
 
 
 def _side_backward(
@@ -158,12 +156,7 @@ def _side_backward(
     if side.features.shape[0] > 0 and (grads.need_x or grads.need_params):
         grads = grads.for_sample(side, sample)
         kernels.normalize_backward(
-            side.features,
-            side.mu,
-            side.sigma,
-            side.seed,
-            side.stream_offset(sample),
-            side.multiply,
+            *side.kernel_args(sample),
             side.unit,
             side.norm,
             unit_grad,
@@ -180,12 +173,7 @@ CosineGrad = Callable[[int, torch.Tensor], torch.Tensor]
 def backward(
     kernels: LogitsKernels,
     cosine_grad: CosineGrad,
-    image,
-    text,
-    image_mu,
-    image_sigma,
-    text_mu,
-    text_sigma,
+    inputs: OpInputs,
     seed: KernelSeed,
     num_samples: int,
     multiply: bool,
@@ -194,12 +182,11 @@ def backward(
 ) -> list:
     """Per sample, recompute the unit rows and cosines, turn them into d loss / d cosine with
     ``cosine_grad(sample, cosine)``, and backpropagate through the matrix product, the
-    normalization and the noise of both sides. Returns the seven gradients, with logit_scale's
-    left to the caller. Without ``needs_cosines`` no cosines are computed: ``cosine_grad`` gets a
-    (B, C) fp32 buffer to write into instead."""
-    sides = make_sides(
-        kernels, image, text, image_mu, image_sigma, text_mu, text_sigma, seed, multiply
-    )
+    normalization and the noise of both sides. Returns the gradients of the seven ``inputs``,
+    with logit_scale's left to the caller. Without ``needs_cosines`` no cosines are computed:
+    ``cosine_grad`` gets a (B, C) fp32 buffer to write into instead."""
+    image, text, _, image_mu, image_sigma, text_mu, text_sigma = inputs
+    sides = make_sides(kernels, inputs, seed, multiply)
     image_side, text_side = sides
     side_grads = (
         SideGrads.zeros(image_side, needs[0], needs[3] or needs[4]),
