@@ -45,6 +45,13 @@ def _check_activation(sigma_activation: str) -> None:
         )
 
 
+def _pixel_noise_settings(generator: nn.Module, sigma_activation: str, rms: float) -> None:
+    """What every raw-image generator keeps: its sigma activation and the noise's target RMS."""
+    _check_activation(sigma_activation)
+    generator.sigma_activation = sigma_activation
+    generator.rms = rms
+
+
 class LearnableNoise(nn.Module):
     """mu, sigma as free parameters of a fixed shape, e.g. (L, width) for prompt embeddings shared
     by every class or (C, D) for text features; initialised N(0, 0.02^2)."""
@@ -158,9 +165,7 @@ class ImageCNN(nn.Module):
         rms: float = PIXEL_NOISE_RMS,
     ):
         super().__init__()
-        _check_activation(sigma_activation)
-        self.sigma_activation = sigma_activation
-        self.rms = rms
+        _pixel_noise_settings(self, sigma_activation, rms)
         self.stem = nn.Sequential(_conv_bn(3, hidden), nn.ReLU())
         self.blocks = nn.ModuleList(
             nn.Sequential(_conv_bn(hidden, hidden), nn.ReLU(), _conv_bn(hidden, hidden))
@@ -236,9 +241,7 @@ class ImageCrossAttention(nn.Module):
         rms: float = PIXEL_NOISE_RMS,
     ):
         super().__init__()
-        _check_activation(sigma_activation)
-        self.sigma_activation = sigma_activation
-        self.rms = rms
+        _pixel_noise_settings(self, sigma_activation, rms)
         self.patch_size = patch_size
         self.attention = CrossAttention(token_dim, text_dim, token_dim, scaled)
         self.head = _small_init(nn.Linear(token_dim, 6 * patch_size * patch_size))

@@ -289,7 +289,9 @@ def _execute_locked(args, plan: RunPlan) -> dict | None:
             raise
         if rank != 0:
             return None
-        if spec.searches and model.config.search:  # Tip-Adapter-F: alpha and beta, trained keys
+        if (
+            spec.training.searches and model.config.search
+        ):  # Tip-Adapter-F: alpha and beta, trained keys
             validation = _validation_samples(run, split, samples, folder)
             features, labels = _plain_features(
                 run, "validation", validation, clip, test_transform, args.device
@@ -301,7 +303,7 @@ def _execute_locked(args, plan: RunPlan) -> dict | None:
         fitted = _fit(
             run, model, split, samples, clip, test_transform, folder, stored, tip_cache, args.device
         )
-        state = {} if spec.fits_on is None else model.state_dict()  # zero-shot: nothing
+        state = {} if spec.fitting is None else model.state_dict()  # zero-shot: nothing
         save_fitted_checkpoint(checkpoint, method, state, run["method_config"], run)
     result = evaluate(model, split.test, test_transform, **evaluation)
     summary = {
@@ -356,7 +358,7 @@ def _fit(run, model, split, samples, clip, test_transform, folder, stored, tip_c
     zero-shot CLIP), or on --resume loads what the checkpoint holds; returns what was chosen
     (C; alpha, beta) for the summary."""
     spec = METHODS[run["method"]]
-    if spec.fits_on is None:
+    if spec.fitting is None:
         return None
     if stored is not None:
         _load_fitted(model, stored["trained_state"], run)
@@ -365,14 +367,14 @@ def _fit(run, model, split, samples, clip, test_transform, folder, stored, tip_c
         val_features, val_labels = _plain_features(
             run, "validation", validation, clip, test_transform, device
         )
-        if spec.fits_on == "shots":
+        if spec.fitting.on == "shots":
             features, labels = _plain_features(
                 run, "few-shot", samples, clip, test_transform, device
             )
         else:
             features, labels = tip_cache
         model.fit(features, labels, val_features, val_labels)
-    return spec.chosen(model)
+    return spec.fitting.chosen(model)
 
 
 def _load_fitted(model, state: dict, run: dict) -> None:
@@ -406,7 +408,7 @@ def load_stored_method(args, command: str):
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
     split = load_split(root, dataset, "test")
-    learned = METHODS[run["method"]].classes_learned(run)
+    learned = METHODS[run["method"]].learned(run)
     if learned and list(split.classnames) != run["classnames"]:
         raise InputError(
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "

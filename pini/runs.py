@@ -204,9 +204,9 @@ def _train_config(args, method: str, shots: int, seed: int, split) -> dict | Non
     spec = METHODS[method]
     if not spec.trains:
         return None
-    defaults = spec.train_settings(shots, split.name, len(split.classnames))
+    defaults = spec.training.settings(shots, split.name, len(split.classnames))
     if args.root is None:
-        defaults.update(spec.demo_training)
+        defaults.update(spec.training.demo)
     defaults.update(_given(args, TRAIN_FLAGS))
     config = TrainConfig(**defaults, seed=seed)
     return {

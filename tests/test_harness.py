@@ -23,7 +23,11 @@ from pini.evaluation import evaluate
 from pini.methods import METHODS
 
 TRAINED_METHODS = [name for name, method in METHODS.items() if method.trains]
-VALIDATED_METHODS = [name for name, method in METHODS.items() if method.searches]
+VALIDATED_METHODS = [
+    name
+    for name, method in METHODS.items()
+    if method.fitting or (method.training and method.training.searches)
+]
 
 PETS = ["abyssinian", "beagle", "bombay"]
 # Every key of summary.json, whatever the method.

@@ -57,4 +57,4 @@ def training_defaults(method: str, shots: int, dataset_name: str | None = None) 
         )
     check_positive_int("shots", shots)
     spec = METHODS[method]
-    return dict(spec.train_settings(shots, dataset_name, 0), crop_scale=spec.crop_scale)
+    return dict(spec.training.settings(shots, dataset_name, 0), crop_scale=spec.crop_scale)

@@ -55,38 +55,72 @@ class MethodSetup:
 
 
 @dataclasses.dataclass(frozen=True)
+class Training:
+    """How a trained method trains (with ``pini.train.train``). ``settings(shots, dataset,
+    classes)``: the ``TrainConfig`` fields as the method's paper sets them; ``demo``: what the
+    embedded demo (tiny model, digits) overrides, chosen from the training loss on the demo
+    (docs/baselines.md); ``searches``: alpha and beta are searched on a validation split after
+    training (Tip-Adapter-F); ``cache``: the model starts from Tip-Adapter's cache of augmented
+    views; ``learned``: what a run learned per class, from its record (``Method.learned``)."""
+
+    settings: Callable[[int, str | None, int], dict]
+    demo: dict = dataclasses.field(default_factory=dict)
+    searches: bool = False
+    cache: bool = False
+    learned: Callable[[dict], str | None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitting:
+    """How a method fitted on frozen features is fitted, always with a search on a validation
+    split: ``on`` "shots" (the plain features of the few-shot images) or "cache" (Tip-Adapter's
+    augmented views); ``chosen(model)``: what the search chose, for the summary; ``learned``:
+    what the fit learned per class."""
+
+    on: str
+    chosen: Callable[[Any], dict]
+    learned: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-    """One method of ``--method``, everything the parser, the runner and the sweep need of it.
+    """One method of ``--method``: everything the parser, the runner and the sweep need of it.
 
     ``build(setup)`` gives the model, not yet trained or fitted. ``options``: the dataclass of
     the method's options (its defaults are the run record's ``method_config``); None for PiNI,
-    whose options are the run's ``pini_config``. ``train_settings(shots, dataset, classes)``:
-    the ``pini.train.TrainConfig`` fields of a trained method, as its paper sets them;
-    ``demo_training`` overrides them on the embedded demo (tiny model, digits), chosen from
-    the training loss on the demo (docs/baselines.md). ``crop_scale``: the random resized
-    crop's scale range of the training images (or Tip-Adapter's augmented cache); None where no
-    image is augmented. ``fits_on``: for a method fitted rather than trained, what it is fitted
-    on: "shots" (the plain features of the few-shot images) or "cache" (Tip-Adapter's augmented
-    views). ``searches``: chooses hyper-parameters on a validation split.
+    whose options are the run's ``pini_config``. ``crop_scale``: the random resized crop's
+    scale range of the training images (or Tip-Adapter's augmented cache); None where no image
+    is augmented. A method is trained (``training``), fitted (``fitting``) or neither
+    (zero-shot CLIP). ``baseline``: one of the paper's comparison methods (all but PiNI).
     """
 
     name: str
     display_name: str
     build: Callable[[MethodSetup], Any]
     options: type | None
-    trains: bool
-    crop_scale: tuple[float, float] | None
+    crop_scale: tuple[float, float] | None = None
+    training: Training | None = None
+    fitting: Fitting | None = None
     baseline: bool = True
-    train_settings: Callable[[int, str | None, int], dict] | None = None
-    demo_training: dict = dataclasses.field(default_factory=dict)
-    fits_on: str | None = None
-    searches: bool = False
-    needs_cache: bool = False
-    chosen: Callable[[Any], dict] | None = None  # what a fit or search chose, for the summary
-    # What a run learned per class (the run record -> words for an error, or None): such a run
-    # cannot be evaluated on other classes, which would silently pair class c's learned state
-    # with another class.
-    classes_learned: Callable[[dict], str | None] = lambda run: None
+
+    @property
+    def trains(self) -> bool:
+        return self.training is not None
+
+    @property
+    def needs_cache(self) -> bool:
+        """Whether the model is built on Tip-Adapter's cache of augmented views."""
+        fitted_on_cache = self.fitting is not None and self.fitting.on == "cache"
+        return fitted_on_cache or (self.training is not None and self.training.cache)
+
+    def learned(self, run: dict) -> str | None:
+        """What ``run`` learned per class (words for an error), or None: such a run cannot be
+        evaluated on other classes, which would silently pair class c's state with another."""
+        if self.fitting is not None:
+            return self.fitting.learned
+        if self.training is not None and self.training.learned is not None:
+            return self.training.learned(run)
+        return None
 
     def default_options(self) -> dict:
         """The run record's ``method_config``: the options' defaults as JSON values ({} for
@@ -94,3 +128,19 @@ class Method:
         if self.options is None:
             return {}
         return json.loads(json.dumps(dataclasses.asdict(self.options())))
+
+
+def on_frozen_clip(model_class: type) -> Callable[[MethodSetup], Any]:
+    """``build`` for a baseline module around the frozen CLIP that takes the class names, the
+    hand-written prompt and its options (zero-shot CLIP, CoOp, CLIP-Adapter, Tip-Adapter)."""
+
+    def build(setup: MethodSetup):
+        return model_class(
+            setup.clip,
+            setup.tokenizer,
+            setup.classnames,
+            zero_shot_template=setup.zero_shot_template,
+            **setup.options,
+        )
+
+    return build

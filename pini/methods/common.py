@@ -13,6 +13,7 @@ import pini_kernels
 
 from ..data.features import encode_samples
 from ..errors import InputError
+from ..prompts import DEFAULT_ZERO_SHOT_TEMPLATE as PROMPT
 from ..prompts import build_zero_shot_prompts
 
 
@@ -126,7 +127,7 @@ class FrozenCLIPMethod(nn.Module):
 
     perturbs_images = False  # every baseline sees the images as the frozen CLIP encodes them
 
-    def __init__(self, clip: nn.Module, tokenizer, classnames, zero_shot_template: str):
+    def __init__(self, clip: nn.Module, tokenizer, classnames, zero_shot_template: str = PROMPT):
         super().__init__()
         classnames = check_classnames(classnames)
         self.clip = frozen(clip)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..backbone import encode_text_embeddings
 from ..prompts import DEFAULT_ZERO_SHOT_TEMPLATE, PLACEHOLDER, build_zero_shot_prompts
-from .base import Method, MethodSetup
+from .base import Method, Training, on_frozen_clip
 from .common import (
     FrozenCLIPMethod,
     check_positive_int,
@@ -111,36 +111,14 @@ def coop_epochs(shots: int, dataset_name: str | None = None) -> int:
 
 # CoOp's configs/trainers/CoOp/vit_b16*.yaml on Dassl: SGD lr 0.002 (momentum 0.9, weight decay
 # 5e-4: Dassl's defaults), batch 32, cosine, one warm-up epoch at a constant 1e-5.
-DASSL_SGD = dict(
-    lr=0.002,
-    batch_size=32,
-    momentum=0.9,
-    weight_decay=5e-4,
-    warmup_epochs=1,
-    warmup_lr=1e-5,
-    optimizer="sgd",
-)
+DASSL_SGD = dict(lr=0.002, batch_size=32, momentum=0.9, weight_decay=5e-4, optimizer="sgd")
+DASSL_WARMUP = dict(warmup_epochs=1, warmup_lr=1e-5)
 DASSL_CROP_SCALE = (0.08, 1.0)  # Dassl's random resized crop
 
 
-def _build(setup: MethodSetup) -> CoOp:
-    return CoOp(
-        setup.clip,
-        setup.tokenizer,
-        setup.classnames,
-        zero_shot_template=setup.zero_shot_template,
-        **setup.options,
-    )
+def _settings(shots: int, dataset: str | None, classes: int) -> dict:
+    return dict(DASSL_SGD, **DASSL_WARMUP, epochs=coop_epochs(shots, dataset))
 
 
-METHOD = Method(
-    name="coop",
-    display_name="CoOp",
-    build=_build,
-    options=CoOpConfig,
-    trains=True,
-    crop_scale=DASSL_CROP_SCALE,
-    train_settings=lambda shots, dataset, classes: dict(
-        DASSL_SGD, epochs=coop_epochs(shots, dataset)
-    ),
-)
+TRAINING = Training(_settings)
+METHOD = Method("coop", "CoOp", on_frozen_clip(CoOp), CoOpConfig, DASSL_CROP_SCALE, TRAINING)

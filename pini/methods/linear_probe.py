@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Method, MethodSetup
+from .base import Fitting, Method, MethodSetup
 from .common import as_features, as_labels, check_positive_int, check_positive_number
 
 
@@ -200,15 +200,5 @@ def _build(setup: MethodSetup) -> LinearProbe:
     return LinearProbe(len(setup.classnames), **options)
 
 
-METHOD = Method(
-    name="linear-probe",
-    display_name="linear probe",
-    build=_build,
-    options=LinearProbeConfig,
-    trains=False,
-    crop_scale=None,
-    fits_on="shots",
-    searches=True,
-    chosen=lambda probe: {"C": probe.C},
-    classes_learned=lambda run: "a classifier per class",
-)
+FITTING = Fitting("shots", lambda probe: {"C": probe.C}, learned="a classifier per class")
+METHOD = Method("linear-probe", "linear probe", _build, LinearProbeConfig, fitting=FITTING)

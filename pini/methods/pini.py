@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import PiNIConfig
 from ..model import PiNI
-from .base import Method, MethodSetup
+from .base import Method, MethodSetup, Training
 
 
 def _build(setup: MethodSetup) -> PiNI:
@@ -34,15 +34,8 @@ def _classes_learned(run: dict) -> str | None:
     return None
 
 
-METHOD = Method(
-    name="pini",
-    display_name="PiNI",
-    build=_build,
-    options=None,
-    trains=True,
-    crop_scale=(0.08, 1.0),  # Dassl's default, the authors' code base
-    baseline=False,
-    train_settings=_train_settings,
-    demo_training=dict(epochs=200, lr=0.01, batch_size=32),
-    classes_learned=_classes_learned,
+TRAINING = Training(
+    _train_settings, demo=dict(epochs=200, lr=0.01, batch_size=32), learned=_classes_learned
 )
+DASSL_CROP_SCALE = (0.08, 1.0)  # Dassl's default, the authors' code base
+METHOD = Method("pini", "PiNI", _build, None, DASSL_CROP_SCALE, TRAINING, baseline=False)

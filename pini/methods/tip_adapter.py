@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prompts import DEFAULT_ZERO_SHOT_TEMPLATE
-from .base import Method, MethodSetup
+from .base import Fitting, Method, MethodSetup, Training, on_frozen_clip
 from .common import (
     FrozenCLIPMethod,
     as_features,
@@ -308,31 +308,18 @@ class TipAdapterF(FrozenCLIPMethod):
 # Tip-Adapter's main.py and configs: AdamW (lr 0.001, eps 1e-4, its default weight decay 0.01),
 # cosine over every step, no warm-up, batch 256, 20 epochs (TrainConfig(optimizer="adamw"); its
 # schedule is cosine per epoch, not per step); its cache and training crops have scale (0.5, 1).
-TIP_ADAPTER_F_TRAINING = dict(
-    epochs=20,
-    lr=0.001,
-    batch_size=256,
-    momentum=0.9,
-    weight_decay=0.01,
-    warmup_epochs=0,
-    warmup_lr=1e-5,
-    optimizer="adamw",
-)
+# On the demo lr 10x, epochs 5x: its 20 epochs at batch 256 are 20 steps there.
+ADAMW = dict(epochs=20, lr=0.001, batch_size=256, weight_decay=0.01, optimizer="adamw")
 TIP_CROP_SCALE = (0.5, 1.0)
+CACHE_LEARNED = "a cache of labelled features"
 
 
-def _chosen(adapter: TipAdapter | TipAdapterF) -> dict:
+def _chosen(adapter: TipAdapter) -> dict:
     return {
         "alpha": adapter.alpha,
         "beta": adapter.beta,
         "validation_accuracy": adapter.validation_accuracy,
     }
-
-
-def _build(setup: MethodSetup) -> TipAdapter:
-    return TipAdapter(
-        setup.clip, setup.tokenizer, setup.classnames, setup.zero_shot_template, **setup.options
-    )
 
 
 def _build_fine_tuned(setup: MethodSetup) -> TipAdapterF:
@@ -352,31 +339,20 @@ def _build_fine_tuned(setup: MethodSetup) -> TipAdapterF:
 
 
 METHOD = Method(
-    name="tip-adapter",
-    display_name="Tip-Adapter",
-    build=_build,
-    options=TipAdapterConfig,
-    trains=False,
-    crop_scale=TIP_CROP_SCALE,
-    fits_on="cache",
-    searches=True,
-    needs_cache=True,
-    chosen=_chosen,
-    classes_learned=lambda run: "a cache of labelled features",
+    "tip-adapter",
+    "Tip-Adapter",
+    on_frozen_clip(TipAdapter),
+    TipAdapterConfig,
+    TIP_CROP_SCALE,
+    fitting=Fitting("cache", _chosen, learned=CACHE_LEARNED),
 )
-
-FINE_TUNED_METHOD = Method(
-    name="tip-adapter-f",
-    display_name="Tip-Adapter-F",
-    build=_build_fine_tuned,
-    options=TipAdapterConfig,
-    trains=True,
-    crop_scale=TIP_CROP_SCALE,
-    train_settings=lambda shots, dataset, classes: dict(TIP_ADAPTER_F_TRAINING),
-    # lr 10x, epochs 5x Tip-Adapter-F's: its 20 epochs at batch 256 are 20 steps on the demo
-    demo_training=dict(epochs=100, lr=0.01),
+TRAINING = Training(
+    lambda shots, dataset, classes: dict(ADAMW, warmup_epochs=0),
+    demo=dict(epochs=100, lr=0.01),
     searches=True,
-    needs_cache=True,
-    chosen=_chosen,
-    classes_learned=lambda run: "a cache of labelled features",
+    cache=True,
+    learned=lambda run: CACHE_LEARNED,
+)
+FINE_TUNED_METHOD = Method(
+    "tip-adapter-f", "Tip-Adapter-F", _build_fine_tuned, TipAdapterConfig, TIP_CROP_SCALE, TRAINING
 )

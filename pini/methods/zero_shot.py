@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
-from ..prompts import DEFAULT_ZERO_SHOT_TEMPLATE
-from .base import Method, MethodSetup
+from .base import Method, on_frozen_clip
 from .common import FrozenCLIPMethod, cosine_logits
 
 
@@ -24,31 +22,16 @@ class ZeroShotCLIP(FrozenCLIPMethod):
     ``exp(logit_scale) * <f/|f|, t/|t|>`` as CoOp computes them. Nothing is trained.
     """
 
-    def __init__(
-        self,
-        clip: nn.Module,
-        tokenizer,
-        classnames: list[str],
-        zero_shot_template: str = DEFAULT_ZERO_SHOT_TEMPLATE,
-    ):
-        super().__init__(clip, tokenizer, classnames, zero_shot_template)
-        self.config = ZeroShotConfig()
-        self.register_buffer("token_ids", self.zero_shot_token_ids, persistent=False)
+    config = ZeroShotConfig()
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """(C, context): the token ids of the hand-written prompts."""
+        return self.zero_shot_token_ids
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits from raw CLIP image features (B, D)."""
         return cosine_logits(image_features, self.zero_shot_text, self._logit_scale())
 
 
-def _build(setup: MethodSetup) -> ZeroShotCLIP:
-    return ZeroShotCLIP(setup.clip, setup.tokenizer, setup.classnames, setup.zero_shot_template)
-
-
-METHOD = Method(
-    name="zero-shot",
-    display_name="zero-shot CLIP",
-    build=_build,
-    options=ZeroShotConfig,
-    trains=False,
-    crop_scale=None,
-)
+METHOD = Method("zero-shot", "zero-shot CLIP", on_frozen_clip(ZeroShotCLIP), ZeroShotConfig)
