@@ -1,7 +1,7 @@
 // The PiNI loss's per-sample flow for the native backends, in C++: the `pini_native::
-// cross_entropy_flow` op. pini_kernels/cosine.py says what it computes (its Python flow still runs
-// the Triton backend and the logits op); this is the same flow, call for call, without a Python
-// frame per kernel: on small problems (a batch of 32 against 37 classes) the Python loop cost
+// cross_entropy_flow` op. pini_kernels/loss.py says what it computes (the Python flow of
+// pini_kernels/per_sample.py still runs the Triton backend and the logits op); this is the same
+// flow, call for call, without a Python frame per kernel: on small problems (a batch of 32 against 37 classes) the Python loop cost
 // more than its kernels. It calls the row and loss kernels through the dispatcher and at::mm for
 // the products, so it runs on CPU and CUDA tensors alike.
 //
@@ -34,7 +34,7 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
 // Bits of the `needs` argument: which of the seven differentiable inputs need a gradient, in
-// cosine.py's DIFFERENTIABLE_INPUTS order.
+// pini_kernels/per_sample.py's DIFFERENTIABLE_INPUTS order.
 enum Need : int64_t {
   kImage = 1, kText = 2, kScale = 4, kImageMu = 8, kImageSigma = 16, kTextMu = 32,
   kTextSigma = 64,
@@ -108,7 +108,7 @@ Tensor param_grad(const Tensor& grad, const Tensor& param) {
   return like_input(grad.sizes() == param.sizes() ? grad : grad.sum_to_size(param.sizes()), param);
 }
 
-// One side of the logits (cosine.py's Side and SideGrads).
+// One side of the logits (per_sample.py's Side and SideGrads).
 struct Side {
   Tensor features;  // (N, D), or (m, N, D): one set of rows per sample
   OptionalTensor mu, sigma;  // fp32, (N, D) (expanded: stride 0 on broadcast dims)
@@ -248,7 +248,7 @@ std::vector<Tensor> cross_entropy_flow(
   return outputs;
 }
 
-// --- the loss op with its autograd (the eager entry point of pini_kernels/cosine.py) ----------
+// --- the loss op with its autograd (the eager entry point of pini_kernels/loss.py) ------------
 
 // The flow through the dispatcher (so profilers and tests see each call).
 std::vector<Tensor> call_flow(const Tensor& image, const Tensor& text, const Tensor& scale,
@@ -299,7 +299,7 @@ variable_list flow_gradients(const std::vector<Tensor>& flow, int64_t needs) {
 
 class LossFunction : public torch::autograd::Function<LossFunction> {
  public:
-  // Tensor arguments 0-9 (the first seven differentiable, in cosine.py's order), then settings.
+  // Tensor arguments 0-9 (the first seven differentiable, in per_sample.py's order), then settings.
   // needs: the Need bits of the inputs that require a gradient (forward runs without grad mode,
   // so the caller works them out).
   static Tensor forward(AutogradContext* ctx, const Tensor& image, const Tensor& text,
