@@ -1,9 +1,10 @@
 // The PiNI loss's per-sample flow for the native backends, in C++: the `pini_native::
 // cross_entropy_flow` op. pini_kernels/loss.py says what it computes (the Python flow of
 // pini_kernels/per_sample.py still runs the Triton backend and the logits op); this is the same
-// flow, call for call, without a Python frame per kernel: on small problems (a batch of 32 against 37 classes) the Python loop cost
-// more than its kernels. It calls the row and loss kernels through the dispatcher and at::mm for
-// the products, so it runs on CPU and CUDA tensors alike.
+// flow, call for call, without a Python frame per kernel: on small problems (a batch of 32
+// against 37 classes) the Python loop cost more than its kernels. It calls the row and loss
+// kernels through the dispatcher and at::mm for the products, so it runs on CPU and CUDA tensors
+// alike.
 //
 // For each noise sample s: the image rows (stream of image_seed, elements s*B*D + ...) and the
 // text rows (text[s] when text is (m, C, D); stream of text_seed) are noised and normalized (a
