@@ -1,5 +1,5 @@
 """Host-side helpers of every op and backend: the buffers kernels fill, gradients in their inputs'
-layouts, and launching on a tensor's GPU."""
+layouts, launching on a tensor's GPU, and the ops' custom-op registration."""
 
 from __future__ import annotations
 
@@ -67,3 +67,11 @@ def once_differentiable(op: str):
         return wrapper
 
     return decorate
+
+
+def custom_op(name: str, function, schema: str):
+    """``pini_kernels::<name>``, a functional custom op running ``function``, which takes the
+    ``schema``'s arguments positionally (written out, not inferred from annotations)."""
+    return torch.library.custom_op(
+        f"pini_kernels::{name}", function, mutates_args=(), schema=schema
+    )

@@ -8,6 +8,7 @@ call. Small tensors feel every host-side microsecond, and a training loop repeat
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -149,52 +150,85 @@ def _check_inject(x, mu, sigma, mode, num_samples, backend) -> tuple[bool, int |
 NoisePair = tuple[torch.Tensor | float, torch.Tensor | float]
 
 
+class _NoiseSettings(NamedTuple):
+    """How both logits ops noise their features, as given; the seed last (checked every call)."""
+
+    image_noise: NoisePair | None
+    text_noise: NoisePair | None
+    mode: str
+    num_samples: int
+    seed: int | torch.Tensor | None
+
+
+class _CheckedCall(NamedTuple):
+    """What the logits ops run with after the checks: the noise pairs as tensors (or None), the
+    logit scale as a tensor, the settings, the checked seed, the backend, the loss's extra."""
+
+    image_pair: tuple[torch.Tensor, torch.Tensor] | None
+    text_pair: tuple[torch.Tensor, torch.Tensor] | None
+    scale: torch.Tensor
+    multiply: bool
+    num_samples: int
+    seed: int | torch.Tensor
+    backend: str
+    extra: object
+
+    def noise_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*(self.image_pair or ()), *(self.text_pair or ()))
+
+    def op_inputs(self, image_features, text_features) -> tuple:
+        """The seven DIFFERENTIABLE_INPUTS of the ops (``per_sample.py``), None for no noise."""
+        image_mu, image_sigma = self.image_pair or (None, None)
+        text_mu, text_sigma = self.text_pair or (None, None)
+        return (
+            image_features,
+            text_features,
+            self.scale,
+            image_mu,
+            image_sigma,
+            text_mu,
+            text_sigma,
+        )
+
+    def reference_options(self) -> dict:
+        """The keyword arguments both ``reference`` ops take after their tensors."""
+        return {
+            "image_noise": self.image_pair,
+            "text_noise": self.text_pair,
+            "multiply": self.multiply,
+            "num_samples": self.num_samples,
+            "seed": seeds.reference_seed(self.seed),
+        }
+
+
 def _prepare_logits_call(
     image_features,
     text_features,
     logit_scale,
-    image_noise,
-    text_noise,
-    mode,
-    num_samples,
-    seed,
+    noise: _NoiseSettings,
     backend,
     extra_checks=None,
     extra_arguments=(),
-):
+) -> _CheckedCall:
     """Checks shared by the two logits ops (and ``extra_checks()``, the loss's, whose result is
-    returned last, with ``extra_arguments`` in the signature); returns what the op needs."""
-    arguments = (
-        image_features,
-        text_features,
-        logit_scale,
-        image_noise,
-        text_noise,
-        mode,
-        num_samples,
-        backend,
-        *extra_arguments,
-    )
+    ``extra``, with ``extra_arguments`` in the signature)."""
+    arguments = (image_features, text_features, logit_scale, noise[:-1], backend, *extra_arguments)
 
     def check():
-        verdict = _check_logits_call(
-            image_features,
-            text_features,
-            logit_scale,
-            image_noise,
-            text_noise,
-            mode,
-            num_samples,
-            backend,
-        )
+        verdict = _check_logits_call(image_features, text_features, logit_scale, noise, backend)
         return (*verdict, extra_checks() if extra_checks is not None else None)
 
     multiply, samples, chosen, extra = _checked(arguments, check)
-    image_pair = _noise_tensors("image_noise", image_noise, image_features)
-    text_pair = _noise_tensors("text_noise", text_noise, text_features)
-    scale = _checks.check_logit_scale(logit_scale, image_features)
-    seed = seeds.check_seed(seed, image_features.device)
-    return image_pair, text_pair, scale, multiply, samples, seed, chosen, extra
+    return _CheckedCall(
+        _noise_tensors("image_noise", noise.image_noise, image_features),
+        _noise_tensors("text_noise", noise.text_noise, text_features),
+        _checks.check_logit_scale(logit_scale, image_features),
+        multiply,
+        samples,
+        seeds.check_seed(noise.seed, image_features.device),
+        chosen,
+        extra,
+    )
 
 
 def _noise_tensors(name, pair, like):
@@ -208,16 +242,10 @@ def _noise_tensors(name, pair, like):
 
 
 def _check_logits_call(
-    image_features,
-    text_features,
-    logit_scale,
-    image_noise,
-    text_noise,
-    mode,
-    num_samples,
-    backend,
+    image_features, text_features, logit_scale, noise: _NoiseSettings, backend
 ) -> tuple[bool, int, str]:
     """The logits ops' signature checks: (multiply, num_samples, backend)."""
+    image_noise, text_noise, mode, num_samples, _ = noise
     samples = _checks.check_num_samples(num_samples, allow_none=False)
     _checks.check_features(image_features, text_features, samples)
     image_pair = _checks.check_noise_pair(
@@ -244,12 +272,6 @@ def _check_logits_call(
     return multiply, samples, chosen
 
 
-def _op_noise_args(image_pair, text_pair):
-    image_mu, image_sigma = image_pair or (None, None)
-    text_mu, text_sigma = text_pair or (None, None)
-    return image_mu, image_sigma, text_mu, text_sigma
-
-
 def noisy_cosine_logits(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -273,41 +295,16 @@ def noisy_cosine_logits(
     promoted dtype. Differentiable in every tensor; gradients come back in the shapes given
     (a (num_samples, C, D) text_features gets a per-sample gradient, a (C, D) one the sum).
     """
-    image_pair, text_pair, scale, multiply, samples, seed, chosen, _ = _prepare_logits_call(
-        image_features,
-        text_features,
-        logit_scale,
-        image_noise,
-        text_noise,
-        mode,
-        num_samples,
-        seed,
-        backend,
-    )
-    if chosen == "reference":
+    noise = _NoiseSettings(image_noise, text_noise, mode, num_samples, seed)
+    call = _prepare_logits_call(image_features, text_features, logit_scale, noise, backend)
+    if call.backend == "reference":
+        out_dtype = _checks.result_dtype(image_features, text_features, *call.noise_tensors())
+        features = (image_features, text_features, call.scale)
         return reference.noisy_cosine_logits(
-            image_features,
-            text_features,
-            scale,
-            image_noise=image_pair,
-            text_noise=text_pair,
-            multiply=multiply,
-            num_samples=samples,
-            seed=seeds.reference_seed(seed),
-            out_dtype=_checks.result_dtype(
-                image_features, text_features, *(image_pair or ()), *(text_pair or ())
-            ),
+            *features, **call.reference_options(), out_dtype=out_dtype
         )
-    return logits.run_logits(
-        image_features,
-        text_features,
-        scale,
-        *_op_noise_args(image_pair, text_pair),
-        seeds.seed_tensor(seed),
-        samples,
-        multiply,
-        chosen,
-    )
+    settings = (seeds.seed_tensor(call.seed), call.num_samples, call.multiply, call.backend)
+    return logits.run_logits(*call.op_inputs(image_features, text_features), *settings)
 
 
 def noisy_cross_entropy(
@@ -346,45 +343,17 @@ def noisy_cross_entropy(
         _checks.check_reduction(reduction)
         return _checks.check_label_smoothing(label_smoothing)
 
-    prepared = _prepare_logits_call(
-        image_features,
-        text_features,
-        logit_scale,
-        image_noise,
-        text_noise,
-        mode,
-        num_samples,
-        seed,
-        backend,
-        check_loss_arguments,
-        (target, reduction, label_smoothing),
+    noise = _NoiseSettings(image_noise, text_noise, mode, num_samples, seed)
+    call = _prepare_logits_call(
+        *(image_features, text_features, logit_scale, noise, backend),
+        *(check_loss_arguments, (target, reduction, label_smoothing)),
     )
-    image_pair, text_pair, scale, multiply, samples, seed, chosen, smoothing = prepared
-    if chosen == "reference":
+    smoothing = call.extra
+    if call.backend == "reference":
         _checks.check_target_values(target, text_features.shape[-2])
-        return reference.noisy_cross_entropy(
-            image_features,
-            text_features,
-            scale,
-            target,
-            image_noise=image_pair,
-            text_noise=text_pair,
-            multiply=multiply,
-            num_samples=samples,
-            seed=seeds.reference_seed(seed),
-            reduction=reduction,
-            label_smoothing=smoothing,
-        )
-    return loss.run_cross_entropy(
-        image_features,
-        text_features,
-        scale,
-        *_op_noise_args(image_pair, text_pair),
-        target,
-        seeds.seed_tensor(seed),
-        samples,
-        multiply,
-        reduction,
-        smoothing,
-        chosen,
-    )
+        features = (image_features, text_features, call.scale, target)
+        options = {"reduction": reduction, "label_smoothing": smoothing}
+        return reference.noisy_cross_entropy(*features, **call.reference_options(), **options)
+    settings = (call.num_samples, call.multiply, reduction, smoothing, call.backend)
+    inputs = call.op_inputs(image_features, text_features)
+    return loss.run_cross_entropy(*inputs, target, seeds.seed_tensor(call.seed), *settings)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks, kernel_tables
-from ._host import like_input, new_buffer, on_device, once_differentiable
+from ._host import custom_op, like_input, new_buffer, on_device, once_differentiable
 from .seeds import kernel_seed
 
 # --- how mu and sigma broadcast over x ------------------------------------------------------------
@@ -59,6 +59,11 @@ class BroadcastLayout:
     @property
     def num_params(self) -> int:
         return self.width // self.inner
+
+    @property
+    def kernel_args(self) -> tuple[int, int, int]:
+        """(rows, width, inner): how every backend's inject kernels take the layout."""
+        return self.rows, self.width, self.inner
 
 
 @functools.lru_cache(maxsize=256)  # shapes repeat every step: compute each layout once
@@ -134,17 +139,18 @@ def _reduce_partial_sums(
 
 
 # --- the op's two halves ------------------------------------------------------------------------
+#
+# They are the custom ops' functions too, with the schemas written out below (one place for the
+# argument types, instead of an annotated signature per function that takes them).
+_OP_ARGUMENTS = "Tensor x, Tensor mu, Tensor sigma, Tensor seed, SymInt num_samples, bool multiply"
+_FORWARD_SCHEMA = f"({_OP_ARGUMENTS}, str backend) -> Tensor"
+_BACKWARD_SCHEMA = (
+    f"(Tensor grad_out, {_OP_ARGUMENTS}, str backend, bool need_x_grad, bool need_param_grad)"
+    " -> (Tensor, Tensor, Tensor)"
+)
 
 
-def inject_forward(
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    backend: str,
-) -> torch.Tensor:
+def inject_forward(x, mu, sigma, seed, num_samples, multiply, backend) -> torch.Tensor:
     """(num_samples, *x.shape): x (+ or *) (mu + sigma * eps); seed is a 0-d int64 tensor on the
     CPU or on x's device (then read by the kernels, see ``seeds.kernel_seed``)."""
     seed_arg = kernel_seed(seed, x.device)
@@ -152,33 +158,14 @@ def inject_forward(
     if x.numel() == 0:
         return out
     layout, _, mu_flat, sigma_flat = _flat_params(x, mu, sigma)
+    data = (x.contiguous(), mu_flat, sigma_flat, seed_arg, num_samples, multiply)
     with on_device(x.device):
-        kernel_tables.inject_kernels(backend).inject_forward(
-            x.contiguous(),
-            mu_flat,
-            sigma_flat,
-            seed_arg,
-            num_samples,
-            multiply,
-            layout.rows,
-            layout.width,
-            layout.inner,
-            out,
-        )
+        kernel_tables.inject_kernels(backend).inject_forward(*data, *layout.kernel_args, out)
     return out
 
 
 def inject_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    backend: str,
-    need_x_grad: bool,
-    need_param_grad: bool,
+    grad_out, x, mu, sigma, seed, num_samples, multiply, backend, need_x_grad, need_param_grad
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_mu, grad_sigma) summed over samples and broadcast dimensions; an empty tensor
     stands for a gradient not asked for. ``seed`` is the tensor forward was given, so eps is drawn
@@ -192,19 +179,9 @@ def inject_backward(
     partial_sums = None
     if x.numel() > 0:
         with on_device(x.device):
+            data = (grad_out.contiguous(), x, mu_flat, sigma_flat, seed_arg, num_samples, multiply)
             partial_sums = kernel_tables.inject_kernels(backend).inject_backward(
-                grad_out.contiguous(),
-                x,
-                mu_flat,
-                sigma_flat,
-                seed_arg,
-                num_samples,
-                multiply,
-                layout.rows,
-                layout.width,
-                layout.inner,
-                grad_x,
-                need_param_grad,
+                *data, *layout.kernel_args, grad_x, need_param_grad
             )
     if grad_x is None:
         grad_x = x.new_empty(0)
@@ -247,30 +224,19 @@ def _gradients(ctx, grad_out, backward) -> tuple[torch.Tensor | None, ...]:
     function, the same arguments)."""
     x, mu, sigma, seed = ctx.saved_tensors
     need_x_grad, need_mu_grad, need_sigma_grad = ctx.needs_input_grad[:3]
-    grad_x, grad_mu, grad_sigma = backward(
-        grad_out,
-        x,
-        mu,
-        sigma,
-        seed,
-        ctx.num_samples,
-        ctx.multiply,
-        ctx.backend,
-        need_x_grad,
-        need_mu_grad or need_sigma_grad,
+    settings = (ctx.num_samples, ctx.multiply, ctx.backend)
+    grads = backward(
+        grad_out, x, mu, sigma, seed, *settings, need_x_grad, need_mu_grad or need_sigma_grad
     )
+    needed = (need_x_grad, need_mu_grad, need_sigma_grad)
+    # None for seed, num_samples, multiply and backend.
     return (
-        grad_x if need_x_grad else None,
-        grad_mu if need_mu_grad else None,
-        grad_sigma if need_sigma_grad else None,
-        None,
-        None,
-        None,
-        None,
+        *(grad if need else None for grad, need in zip(grads, needed, strict=True)),
+        *[None] * 4,
     )
 
 
-inject = torch.library.custom_op("pini_kernels::inject", inject_forward, mutates_args=())
+inject = custom_op("inject", inject_forward, _FORWARD_SCHEMA)
 
 
 @inject.register_fake
@@ -278,9 +244,7 @@ def _inject_fake(x, mu, sigma, seed, num_samples, multiply, backend):
     return x.new_empty((num_samples, *x.shape), dtype=_checks.result_dtype(x, mu, sigma))
 
 
-inject_backward_op = torch.library.custom_op(
-    "pini_kernels::inject_backward", inject_backward, mutates_args=()
-)
+inject_backward_op = custom_op("inject_backward", inject_backward, _BACKWARD_SCHEMA)
 
 
 @inject_backward_op.register_fake
@@ -329,13 +293,7 @@ def _native_fast_path(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) ->
 
 
 def _inject_with_autograd(
-    kernels: kernel_tables.InjectAutogradKernels,
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
+    kernels: kernel_tables.InjectAutogradKernels, x, mu, sigma, seed, num_samples, multiply
 ) -> torch.Tensor:
     """The native backends' eager entry point (``_native_fast_path``): the same kernels, saved
     tensors and gradients as ``InjectFunction`` with the autograd node in C++, which runs backward
@@ -343,29 +301,13 @@ def _inject_with_autograd(
     expanded), so autograd hands their gradients back in the given shapes."""
     layout = _param_layout(x.shape, mu.shape, sigma.shape)[0]
     with on_device(x.device):
+        data = (x, mu.view(-1), sigma.view(-1), kernel_seed(seed, x.device), num_samples, multiply)
         return kernels.inject_autograd(
-            x,
-            mu.view(-1),
-            sigma.view(-1),
-            kernel_seed(seed, x.device),
-            num_samples,
-            multiply,
-            layout.rows,
-            layout.width,
-            layout.inner,
-            _checks.result_dtype(x, mu, sigma),
+            *data, *layout.kernel_args, _checks.result_dtype(x, mu, sigma)
         )
 
 
-def run_inject(
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    backend: str,
-) -> torch.Tensor:
+def run_inject(x, mu, sigma, seed, num_samples: int, multiply: bool, backend: str) -> torch.Tensor:
     """The op on checked arguments (``inject_forward``'s), with autograd: the custom op under
     torch.compile; else on the native backends their C++ autograd node (for contiguous tensors),
     ``InjectFunction``, or the forward alone when no gradient is wanted."""

@@ -12,6 +12,9 @@ backend has the same functions, taking the same arguments:
 ``reference.py`` (pure PyTorch) is not a table: it is the definition the tables are tested against.
 Seeds reach every function as a ``KernelSeed`` (``seeds.kernel_seed``): an int, or a 0-d int64
 tensor on the data's device that the kernels read there.
+
+The long signatures below are written a few arguments to a line (``# fmt: skip``): one argument
+per line would spell each backward's forward arguments out again, a screen per kernel.
 """
 
 from __future__ import annotations
@@ -66,35 +69,16 @@ class InjectKernels(Protocol):
     parameter of flat element ``i`` is ``(i % width) // inner`` (``inject.BroadcastLayout``)."""
 
     def inject_forward(
-        self,
-        x: Tensor,
-        mu: Tensor,
-        sigma: Tensor,
-        seed: KernelSeed,
-        num_samples: int,
-        multiply: bool,
-        rows: int,
-        width: int,
-        inner: int,
-        out: Tensor,
-    ) -> None:
+        self, x: Tensor, mu: Tensor, sigma: Tensor, seed: KernelSeed, num_samples: int,
+        multiply: bool, rows: int, width: int, inner: int, out: Tensor,
+    ) -> None:  # fmt: skip
         """Writes ``out`` (num_samples, *x.shape): x (+ or *) (mu + sigma * eps[s])."""
 
     def inject_backward(
-        self,
-        grad_out: Tensor,
-        x: Tensor,
-        mu: Tensor,
-        sigma: Tensor,
-        seed: KernelSeed,
-        num_samples: int,
-        multiply: bool,
-        rows: int,
-        width: int,
-        inner: int,
-        grad_x: Tensor | None,
-        need_param_grad: bool,
-    ) -> tuple[Tensor, Tensor] | None:
+        self, grad_out: Tensor, x: Tensor, mu: Tensor, sigma: Tensor, seed: KernelSeed,
+        num_samples: int, multiply: bool, rows: int, width: int, inner: int,
+        grad_x: Tensor | None, need_param_grad: bool,
+    ) -> tuple[Tensor, Tensor] | None:  # fmt: skip
         """Writes ``grad_x`` (x's shape and dtype) unless it is None; returns the
         (row_chunks, width) fp32 partial sums of mu's and sigma's gradients, one row per chunk of
         rows, when ``need_param_grad``. In add mode ``x`` may be autograd's one-element stand-in
@@ -108,36 +92,19 @@ class LogitsKernels(Protocol):
     MAX_FEATURE_DIM: int  # the widest rows the row kernels take
 
     def normalize(
-        self,
-        features: Tensor,
-        mu: Tensor | None,
-        sigma: Tensor | None,
-        seed: KernelSeed,
-        stream_offset: int,
-        multiply: bool,
-        unit: Tensor,
-        norm: Tensor,
-    ) -> None:
+        self, features: Tensor, mu: Tensor | None, sigma: Tensor | None, seed: KernelSeed,
+        stream_offset: int, multiply: bool, unit: Tensor, norm: Tensor,
+    ) -> None:  # fmt: skip
         """Writes ``unit`` (N, D) fp32, the noisy rows normalized as F.normalize does, and
         ``norm`` (N,) fp32, their norms. features: (N, D), unit stride along D; mu, sigma: None
         (no noise) or fp32 views expanded to (N, D); the noise of element (r, d) is stream
         element ``stream_offset + r * D + d`` of ``seed``."""
 
     def normalize_backward(
-        self,
-        features: Tensor,
-        mu: Tensor | None,
-        sigma: Tensor | None,
-        seed: KernelSeed,
-        stream_offset: int,
-        multiply: bool,
-        unit: Tensor,
-        norm: Tensor,
-        grad_unit: Tensor,
-        grad_x: Tensor | None,
-        grad_mu: Tensor | None,
-        grad_sigma: Tensor | None,
-    ) -> None:
+        self, features: Tensor, mu: Tensor | None, sigma: Tensor | None, seed: KernelSeed,
+        stream_offset: int, multiply: bool, unit: Tensor, norm: Tensor, grad_unit: Tensor,
+        grad_x: Tensor | None, grad_mu: Tensor | None, grad_sigma: Tensor | None,
+    ) -> None:  # fmt: skip
         """Adds this sample's gradients into the fp32 (N, D) accumulators ``grad_x``, ``grad_mu``
         and ``grad_sigma`` (None: not needed), given ``grad_unit``, the gradient of ``unit``."""
 
@@ -213,18 +180,9 @@ class LossFlowKernels(Protocol):
 
 class InjectAutogradKernels(Protocol):
     def inject_autograd(
-        self,
-        x: Tensor,
-        mu: Tensor,
-        sigma: Tensor,
-        seed: KernelSeed,
-        num_samples: int,
-        multiply: bool,
-        rows: int,
-        width: int,
-        inner: int,
-        dtype: torch.dtype,
-    ) -> Tensor:
+        self, x: Tensor, mu: Tensor, sigma: Tensor, seed: KernelSeed, num_samples: int,
+        multiply: bool, rows: int, width: int, inner: int, dtype: torch.dtype,
+    ) -> Tensor:  # fmt: skip
         """``fused_inject`` with its autograd node in C++ (csrc/autograd.cpp), for contiguous x,
         mu and sigma of one shape given as flat views (``inject._native_fast_path``)."""
 

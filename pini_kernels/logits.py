@@ -25,32 +25,28 @@ import torch
 
 from . import _checks, kernel_tables, per_sample
 from ._host import new_buffer, on_device, once_differentiable
-from .per_sample import DIFFERENTIABLE_INPUTS
+from .per_sample import DIFFERENTIABLE_INPUTS, INPUTS_SCHEMA, split_inputs
 from .seeds import kernel_seed
 
+# The custom ops' schemas, written out once (the functions below take these arguments
+# positionally): the seven inputs, then the op's 0-d int64 seed tensor and its settings.
+_SETTINGS_SCHEMA = "Tensor seed, SymInt num_samples, bool multiply, str backend"
+_FORWARD_SCHEMA = f"({INPUTS_SCHEMA}, {_SETTINGS_SCHEMA}) -> Tensor"
+_BACKWARD_SCHEMA = (
+    f"(Tensor grad_logits, {INPUTS_SCHEMA}, {_SETTINGS_SCHEMA}, bool[] needs) -> Tensor[]"
+)
 _INPUTS = 11  # the custom op's argument count, for autograd's None per input
 
 
-def logits_forward(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: torch.Tensor,
-    image_mu: torch.Tensor | None,
-    image_sigma: torch.Tensor | None,
-    text_mu: torch.Tensor | None,
-    text_sigma: torch.Tensor | None,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    backend: str,
-) -> torch.Tensor:
-    """(num_samples, B, C) logits of noisy, normalized features; image: (B, D); text: (C, D) or
-    (num_samples, C, D), one set of class rows per sample; logit_scale is 0-d; seed: the op's
-    0-d int64 seed tensor."""
+def logits_forward(*arguments) -> torch.Tensor:
+    """(num_samples, B, C) logits of noisy, normalized features, for ``_FORWARD_SCHEMA``'s
+    arguments: image: (B, D); text: (C, D) or (num_samples, C, D), one set of class rows per
+    sample; logit_scale is 0-d; the noise parameters None or broadcastable to their side."""
+    inputs, (seed, num_samples, multiply, backend) = split_inputs(arguments)
+    image, text, logit_scale, *noise_parameters = inputs
     kernels = kernel_tables.loss_kernels(backend)
-    inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
     seed_arg = kernel_seed(seed, image.device)
-    dtype = _checks.result_dtype(image, text, image_mu, image_sigma, text_mu, text_sigma)
+    dtype = _checks.result_dtype(image, text, *noise_parameters)
     with on_device(image.device):
         image_side, text_side = sides = per_sample.make_sides(kernels, inputs, seed_arg, multiply)
         out = new_buffer((num_samples, image.shape[0], text.shape[-2]), dtype, image.device)
@@ -61,23 +57,11 @@ def logits_forward(
     return out
 
 
-def logits_backward(
-    grad_logits: torch.Tensor,
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: torch.Tensor,
-    image_mu: torch.Tensor | None,
-    image_sigma: torch.Tensor | None,
-    text_mu: torch.Tensor | None,
-    text_sigma: torch.Tensor | None,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    backend: str,
-    needs: list[bool],
-) -> list[torch.Tensor]:
+def logits_backward(grad_logits: torch.Tensor, *arguments) -> list[torch.Tensor]:
     """The gradients of the seven DIFFERENTIABLE_INPUTS for (num_samples, B, C) ``grad_logits``
-    (an empty tensor for each one ``needs`` does not ask for)."""
+    (an empty tensor for each one ``needs`` does not ask for); ``_BACKWARD_SCHEMA``'s arguments."""
+    inputs, (seed, num_samples, multiply, backend, needs) = split_inputs(arguments)
+    image, logit_scale = inputs[0], inputs[2]
     scale = logit_scale.to(device=image.device, dtype=torch.float32)
     scale_grad = torch.zeros((), dtype=torch.float32, device=image.device) if needs[2] else None
 
@@ -92,7 +76,7 @@ def logits_backward(
         grads = per_sample.backward(
             kernel_tables.loss_kernels(backend),
             cosine_grad,
-            (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma),
+            inputs,
             kernel_seed(seed, image.device),
             num_samples,
             multiply,
@@ -122,34 +106,22 @@ def _gradients(ctx, grad_logits, backward) -> tuple:
 
 # --- the custom ops (torch.compile's entry point) --------------------------------------------
 
-noisy_cosine_logits = torch.library.custom_op(
-    "pini_kernels::noisy_cosine_logits", logits_forward, mutates_args=()
-)
-noisy_cosine_logits_backward = torch.library.custom_op(
-    "pini_kernels::noisy_cosine_logits_backward", logits_backward, mutates_args=()
+noisy_cosine_logits, noisy_cosine_logits_backward = per_sample.custom_ops(
+    "noisy_cosine_logits", logits_forward, logits_backward, _FORWARD_SCHEMA, _BACKWARD_SCHEMA
 )
 
 
 @noisy_cosine_logits.register_fake
-def _noisy_cosine_logits_fake(*inputs_and_settings):
-    inputs = inputs_and_settings[: len(DIFFERENTIABLE_INPUTS)]
-    num_samples = inputs_and_settings[len(DIFFERENTIABLE_INPUTS) + 1]
-    image, text = inputs[:2]
-    dtype = _checks.result_dtype(*inputs[:2], *inputs[3:])
+def _noisy_cosine_logits_fake(*arguments):
+    (image, text, _, *noise_parameters), (_, num_samples, *_) = split_inputs(arguments)
+    dtype = _checks.result_dtype(image, text, *noise_parameters)
     return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
 
 
-@noisy_cosine_logits_backward.register_fake
-def _noisy_cosine_logits_backward_fake(grad_logits, *inputs_and_settings):
-    differentiable = inputs_and_settings[: len(DIFFERENTIABLE_INPUTS)]
-    needs = inputs_and_settings[-1]
-    return per_sample.fake_gradients(needs, differentiable)
-
-
 def _setup_context(ctx, inputs, output):
-    *differentiable, seed, num_samples, multiply, backend = inputs
+    differentiable, settings = split_inputs(inputs)
     needs = [bool(flag) for flag in ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)]]
-    _save_for_backward(ctx, differentiable, seed, num_samples, multiply, backend, needs)
+    _save_for_backward(ctx, differentiable, *settings, needs)
 
 
 noisy_cosine_logits.register_autograd(
@@ -166,12 +138,11 @@ class LogitsFunction(torch.autograd.Function):
     custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        differentiable = inputs[: len(DIFFERENTIABLE_INPUTS)]
-        seed, num_samples, multiply, backend = inputs[len(DIFFERENTIABLE_INPUTS) :]
+    def forward(ctx, *arguments):
+        differentiable, settings = split_inputs(arguments)
         needs = list(ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)])
-        _save_for_backward(ctx, differentiable, seed, num_samples, multiply, backend, needs)
-        return logits_forward(*inputs)
+        _save_for_backward(ctx, differentiable, *settings, needs)
+        return logits_forward(*arguments)
 
     @staticmethod
     @once_differentiable("noisy_cosine_logits")
@@ -180,7 +151,7 @@ class LogitsFunction(torch.autograd.Function):
 
 
 def run_logits(*arguments) -> torch.Tensor:
-    """The op on checked arguments (``logits_forward``'s), with autograd: the custom op under
+    """The op on checked arguments (``_FORWARD_SCHEMA``'s), with autograd: the custom op under
     torch.compile, else the eager entry point, or the forward alone without gradients."""
     if torch.compiler.is_compiling():
         return noisy_cosine_logits(*arguments)

@@ -34,23 +34,24 @@ import torch
 from . import _checks, kernel_tables, per_sample
 from ._host import new_buffer, on_device, once_differentiable
 from .kernel_tables import FlowSettings, LossSettings, OpInputs
-from .per_sample import DIFFERENTIABLE_INPUTS
+from .per_sample import DIFFERENTIABLE_INPUTS, INPUTS_SCHEMA, split_inputs
 from .seeds import kernel_seed
 
+# The custom ops' schemas, written out once (the functions below take these arguments
+# positionally): the seven inputs, the target (and backward's lse), the op's 0-d int64 seed
+# tensor, the settings. Forward returns the loss, the lse and the seven gradients.
+_SETTINGS_SCHEMA = (
+    "Tensor seed, SymInt num_samples, bool multiply, str reduction, float label_smoothing, "
+    "str backend, bool[] needs"
+)
+_FORWARD_SCHEMA = (
+    f"({INPUTS_SCHEMA}, Tensor target, {_SETTINGS_SCHEMA}) -> ({', '.join(['Tensor'] * 9)})"
+)
+_BACKWARD_SCHEMA = (
+    f"(Tensor grad_loss, {INPUTS_SCHEMA}, Tensor target, Tensor lse, {_SETTINGS_SCHEMA})"
+    " -> Tensor[]"
+)
 _INPUTS = 15  # the custom op's argument count, for autograd's None per input
-# The forward custom op's outputs: the loss, the lse and the seven gradients (spelled out: the
-# custom op's schema is inferred from this annotation).
-ForwardOutputs = tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]
 
 
 def gradients_in_forward(reduction: str, needs) -> bool:
@@ -77,30 +78,15 @@ def _reduce(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
     return row_losses.mean()
 
 
-def cross_entropy_forward(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: torch.Tensor,
-    image_mu: torch.Tensor | None,
-    image_sigma: torch.Tensor | None,
-    text_mu: torch.Tensor | None,
-    text_sigma: torch.Tensor | None,
-    target: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    reduction: str,
-    label_smoothing: float,
-    backend: str,
-    needs: list[bool],
-) -> ForwardOutputs:
-    """(loss, lse, *gradients): the float32 loss; with ``gradients_in_forward``, the seven
-    DIFFERENTIABLE_INPUTS' gradients of the loss (those ``needs`` asks for, empty tensors for the
-    others) and an empty lse; else the (num_samples, B) log-sum-exp backward recomputes from and
-    seven empty tensors. With no gradient needed, no work is done for gradients."""
-    inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
-    settings = LossSettings(num_samples, multiply, reduction, label_smoothing)
-    loss, lse, grads = _cross_entropy(inputs, target, seed, settings, backend, needs)
+def cross_entropy_forward(*arguments) -> tuple[torch.Tensor, ...]:
+    """(loss, lse, *gradients) for ``_FORWARD_SCHEMA``'s arguments: the float32 loss; with
+    ``gradients_in_forward``, the seven DIFFERENTIABLE_INPUTS' gradients of the loss (those
+    ``needs`` asks for, empty tensors for the others) and an empty lse; else the (num_samples, B)
+    log-sum-exp backward recomputes from and seven empty tensors. With no gradient needed, no
+    work is done for gradients."""
+    inputs, (target, seed, *settings, backend, needs) = split_inputs(arguments)
+    image = inputs[0]
+    loss, lse, grads = _cross_entropy(inputs, target, seed, LossSettings(*settings), backend, needs)
     lse = image.new_empty(0, dtype=torch.float32) if lse is None else lse
     return (loss, lse, *per_sample.gradients_or_empty(grads, image))
 
@@ -173,30 +159,15 @@ def _cross_entropy(
     return _reduce(row_losses, reduction), None if in_forward else lse, grads
 
 
-def cross_entropy_backward(
-    grad_loss: torch.Tensor,
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: torch.Tensor,
-    image_mu: torch.Tensor | None,
-    image_sigma: torch.Tensor | None,
-    text_mu: torch.Tensor | None,
-    text_sigma: torch.Tensor | None,
-    target: torch.Tensor,
-    lse: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    reduction: str,
-    label_smoothing: float,
-    backend: str,
-    needs: list[bool],
-) -> list[torch.Tensor]:
+def cross_entropy_backward(grad_loss: torch.Tensor, *arguments) -> list[torch.Tensor]:
     """The recompute path (a "none" loss, see ``gradients_in_forward``): the gradients of the
-    seven DIFFERENTIABLE_INPUTS for the loss's gradient ``grad_loss``, from forward's lse."""
+    seven DIFFERENTIABLE_INPUTS for the loss's gradient ``grad_loss``, from forward's lse;
+    ``_BACKWARD_SCHEMA``'s arguments."""
+    inputs, (target, lse, seed, *settings, backend, needs) = split_inputs(arguments)
+    num_samples, multiply, reduction, label_smoothing = settings
+    image, logit_scale = inputs[0], inputs[2]
     kernels = kernel_tables.loss_kernels(backend)
     flow = kernel_tables.loss_flow_kernels(backend)
-    inputs = (image, text, logit_scale, image_mu, image_sigma, text_mu, text_sigma)
     rows = image.shape[0]
     device = image.device
     scale = logit_scale.to(device=device, dtype=torch.float32)
@@ -255,18 +226,18 @@ def _gradients(ctx, grad_loss, backward, inputs: int, eager: bool = False) -> tu
 
 # --- the custom ops (torch.compile's entry point) --------------------------------------------
 
-noisy_cross_entropy = torch.library.custom_op(
-    "pini_kernels::noisy_cross_entropy", cross_entropy_forward, mutates_args=()
-)
-noisy_cross_entropy_backward = torch.library.custom_op(
-    "pini_kernels::noisy_cross_entropy_backward", cross_entropy_backward, mutates_args=()
+noisy_cross_entropy, noisy_cross_entropy_backward = per_sample.custom_ops(
+    "noisy_cross_entropy",
+    cross_entropy_forward,
+    cross_entropy_backward,
+    _FORWARD_SCHEMA,
+    _BACKWARD_SCHEMA,
 )
 
 
 @noisy_cross_entropy.register_fake
 def _noisy_cross_entropy_fake(*arguments):
-    inputs = arguments[: len(DIFFERENTIABLE_INPUTS)]
-    _, _, num_samples, _, reduction, _, _, needs = arguments[len(DIFFERENTIABLE_INPUTS) :]
+    inputs, (_, _, num_samples, _, reduction, _, _, needs) = split_inputs(arguments)
     image = inputs[0]
     rows = image.shape[0]
     loss_shape = (num_samples, rows) if reduction == "none" else ()
@@ -276,13 +247,6 @@ def _noisy_cross_entropy_fake(*arguments):
         return (loss, lse, *per_sample.fake_gradients(needs, inputs))
     lse = image.new_empty((num_samples, rows), dtype=torch.float32)
     return (loss, lse, *per_sample.fake_gradients([False] * len(needs), inputs))
-
-
-@noisy_cross_entropy_backward.register_fake
-def _noisy_cross_entropy_backward_fake(grad_loss, *inputs_and_settings):
-    differentiable = inputs_and_settings[: len(DIFFERENTIABLE_INPUTS)]
-    needs = inputs_and_settings[-1]
-    return per_sample.fake_gradients(needs, differentiable)
 
 
 def _setup_context(ctx, inputs, output):
@@ -306,9 +270,8 @@ class LossFunction(torch.autograd.Function):
     without the custom-op dispatch; returns the loss alone."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        differentiable = inputs[: len(DIFFERENTIABLE_INPUTS)]
-        target, seed, *settings = inputs[len(DIFFERENTIABLE_INPUTS) :]
+    def forward(ctx, *arguments):
+        differentiable, (target, seed, *settings) = split_inputs(arguments)
         needs = list(ctx.needs_input_grad[: len(DIFFERENTIABLE_INPUTS)])
         loss_settings = LossSettings(*settings[:-1])
         backend = settings[-1]
@@ -350,8 +313,7 @@ def run_cross_entropy(*arguments) -> torch.Tensor:
     the custom op under torch.compile; else on the native backends their C++ flow and autograd,
     on Triton ``LossFunction``, or the forward alone when no gradient is wanted; returns the
     loss."""
-    inputs = arguments[: len(DIFFERENTIABLE_INPUTS)]
-    target, seed, *settings, backend = arguments[len(DIFFERENTIABLE_INPUTS) :]
+    inputs, (target, seed, *settings, backend) = split_inputs(arguments)
     settings = LossSettings(*settings)
     if torch.compiler.is_compiling():
         needs = per_sample.needs_grad(inputs)

@@ -89,33 +89,12 @@ def noise_forward(
 
 def inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out) -> None:
     """See kernel_tables.InjectKernels; the compiled kernels read fp32 parameters."""
-    _ops().inject_forward(
-        x,
-        _float32(mu),
-        _float32(sigma),
-        native_seed(seed, x.device),
-        num_samples,
-        multiply,
-        rows,
-        width,
-        inner,
-        out,
-    )
+    parameters = (_float32(mu), _float32(sigma), native_seed(seed, x.device))
+    _ops().inject_forward(x, *parameters, num_samples, multiply, rows, width, inner, out)
 
 
 def inject_backward(
-    grad_out,
-    x,
-    mu,
-    sigma,
-    seed,
-    num_samples,
-    multiply,
-    rows,
-    width,
-    inner,
-    grad_x,
-    need_param_grad,
+    grad_out, x, mu, sigma, seed, num_samples, multiply, rows, width, inner, grad_x, need_param_grad
 ):
     """See kernel_tables.InjectKernels; here a chunk is ROWS_PER_CHUNK rows on the CPU and
     cuda_inject_launch's rows_per_chunk on a GPU."""
@@ -127,68 +106,25 @@ def inject_backward(
         partial_sigma = new_buffer((row_chunks, width), torch.float32, x.device)
     # In add mode x may be autograd's one-element stand-in: no kernel reads it there.
     x_data = x.contiguous() if multiply else x
+    parameters = (_float32(mu), _float32(sigma), native_seed(seed, grad_out.device))
+    layout = (num_samples, multiply, rows, width, inner, rows_per_chunk)
     _ops().inject_backward(
-        grad_out,
-        x_data,
-        _float32(mu),
-        _float32(sigma),
-        native_seed(seed, grad_out.device),
-        num_samples,
-        multiply,
-        rows,
-        width,
-        inner,
-        rows_per_chunk,
-        grad_x,
-        partial_mu,
-        partial_sigma,
+        grad_out, x_data, *parameters, *layout, grad_x, partial_mu, partial_sigma
     )
     return (partial_mu, partial_sigma) if need_param_grad else None
 
 
 def normalize(features, mu, sigma, seed, stream_offset, multiply, unit, norm) -> None:
     """See kernel_tables.LogitsKernels."""
-    _ops().noisy_normalize(
-        features,
-        mu,
-        sigma,
-        native_seed(seed, features.device),
-        stream_offset,
-        multiply,
-        unit,
-        norm,
-    )
+    seed = native_seed(seed, features.device)
+    _ops().noisy_normalize(features, mu, sigma, seed, stream_offset, multiply, unit, norm)
 
 
-def normalize_backward(
-    features,
-    mu,
-    sigma,
-    seed,
-    stream_offset,
-    multiply,
-    unit,
-    norm,
-    grad_unit,
-    grad_x,
-    grad_mu,
-    grad_sigma,
-) -> None:
-    """See kernel_tables.LogitsKernels."""
-    _ops().noisy_normalize_backward(
-        features,
-        mu,
-        sigma,
-        native_seed(seed, features.device),
-        stream_offset,
-        multiply,
-        unit,
-        norm,
-        grad_unit,
-        grad_x,
-        grad_mu,
-        grad_sigma,
-    )
+def normalize_backward(features, mu, sigma, seed, *after_seed) -> None:
+    """See kernel_tables.LogitsKernels (``after_seed``: stream_offset, multiply, unit, norm,
+    grad_unit, grad_x, grad_mu, grad_sigma, passed on as they are)."""
+    seed = native_seed(seed, features.device)
+    _ops().noisy_normalize_backward(features, mu, sigma, seed, *after_seed)
 
 
 def cosines(
@@ -258,16 +194,7 @@ def inject_autograd(
 ) -> torch.Tensor:
     """See kernel_tables.InjectAutogradKernels (``pini_native::inject``, csrc/autograd.cpp)."""
     rows_per_chunk = _rows_per_chunk(rows, width, x.device)
+    seed = native_seed(seed, x.device)
     return _ops().inject(
-        x,
-        mu,
-        sigma,
-        native_seed(seed, x.device),
-        num_samples,
-        multiply,
-        rows,
-        width,
-        inner,
-        rows_per_chunk,
-        dtype,
+        x, mu, sigma, seed, num_samples, multiply, rows, width, inner, rows_per_chunk, dtype
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._host import like_input, new_buffer
+from ._host import custom_op, like_input, new_buffer
 from .kernel_tables import LogitsKernels, OpInputs
 from .seeds import KernelSeed, text_seed
 
@@ -37,6 +37,18 @@ DIFFERENTIABLE_INPUTS = (
     "text_mu",
     "text_sigma",
 )
+# The seven in the custom ops' schemas (None noise parameters: no noise on that side).
+INPUTS_SCHEMA = (
+    "Tensor image, Tensor text, Tensor logit_scale, "
+    "Tensor? image_mu, Tensor? image_sigma, Tensor? text_mu, Tensor? text_sigma"
+)
+
+
+def split_inputs(arguments: tuple) -> tuple[OpInputs, tuple]:
+    """An op's arguments (its schema's, after any incoming gradient) as (the seven inputs, the
+    rest)."""
+    count = len(DIFFERENTIABLE_INPUTS)
+    return arguments[:count], arguments[count:]
 
 
 @dataclass
@@ -271,6 +283,21 @@ def fake_gradients(needs, tensors) -> list[torch.Tensor]:
         torch.empty_like(tensor) if needed and tensor is not None else like.new_empty(0)
         for needed, tensor in zip(needs, tensors, strict=True)
     ]
+
+
+def _backward_fake(grad_output, *arguments) -> list[torch.Tensor]:
+    """Both backward custom ops' fake: the seven gradients of ``fake_gradients`` (the ``needs``
+    flags come last in either op's arguments)."""
+    differentiable, (*_, needs) = split_inputs(arguments)
+    return fake_gradients(needs, differentiable)
+
+
+def custom_ops(name: str, forward, backward, forward_schema: str, backward_schema: str) -> tuple:
+    """The custom ops ``pini_kernels::<name>`` and ``::<name>_backward`` (with its fake)."""
+    forward_op = custom_op(name, forward, forward_schema)
+    backward_op = custom_op(f"{name}_backward", backward, backward_schema)
+    backward_op.register_fake(_backward_fake)
+    return forward_op, backward_op
 
 
 def input_grads(needs, grads, inputs: int) -> tuple:
