@@ -49,25 +49,15 @@ def _program_tile(
     return column_start, lanes, mask, row_chunk, row_start, row_end, mu, sigma
 
 
+# The two kernels' signatures are written a few arguments to a line (# fmt: skip): backward takes
+# forward's settings, in the same order (``_launch``), after its own pointers.
 @triton.jit(do_not_specialize=["seed"])
 def _inject_forward_kernel(
-    x_ptr,
-    mu_ptr,
-    sigma_ptr,
-    out_ptr,
-    seed,
-    num_samples,
-    numel,
-    rows,
-    width,
-    inner,
-    rows_per_program,
-    SEED_IN_MEMORY: tl.constexpr,
-    HAS_INNER: tl.constexpr,
-    MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    x_ptr, mu_ptr, sigma_ptr, out_ptr,
+    seed, num_samples, numel, rows, width, inner, rows_per_program,
+    SEED_IN_MEMORY: tl.constexpr, HAS_INNER: tl.constexpr, MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     column_start, lanes, mask, _row_chunk, row_start, row_end, mu, sigma = _program_tile(
         mu_ptr, sigma_ptr, rows, width, inner, rows_per_program, HAS_INNER, BLOCK
     )
@@ -86,28 +76,12 @@ def _inject_forward_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _inject_backward_kernel(
-    grad_out_ptr,
-    x_ptr,
-    mu_ptr,
-    sigma_ptr,
-    grad_x_ptr,
-    partial_mu_ptr,
-    partial_sigma_ptr,
-    seed,
-    num_samples,
-    numel,
-    rows,
-    width,
-    inner,
-    rows_per_program,
-    SEED_IN_MEMORY: tl.constexpr,
-    HAS_INNER: tl.constexpr,
-    MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    NEED_X_GRAD: tl.constexpr,
-    NEED_PARAM_GRAD: tl.constexpr,
+    grad_out_ptr, x_ptr, mu_ptr, sigma_ptr, grad_x_ptr, partial_mu_ptr, partial_sigma_ptr,
+    seed, num_samples, numel, rows, width, inner, rows_per_program,
+    SEED_IN_MEMORY: tl.constexpr, HAS_INNER: tl.constexpr, MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr, NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     column_start, lanes, mask, row_chunk, row_start, row_end, mu, sigma = _program_tile(
         mu_ptr, sigma_ptr, rows, width, inner, rows_per_program, HAS_INNER, BLOCK
     )
@@ -143,57 +117,33 @@ def _inject_backward_kernel(
         tl.store(partial_sigma_ptr + partial_offsets, sigma_grad, mask=mask)
 
 
-def inject_forward(
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    seed: int | torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    rows: int,
-    width: int,
-    inner: int,
-    out: torch.Tensor,
-) -> None:
-    """Writes ``out``: (num_samples, *S). x: contiguous (*S), viewed as rows x width; mu, sigma:
-    contiguous (width // inner,), any float dtype; seed: an int or a 0-d int64 tensor on x's
-    device."""
-    config = elementwise_config(width, rows, x.device)
+def _launch(kernel, pointers, config, x, seed, num_samples, multiply, rows, width, inner, **flags):
+    """Launch one of the kernels on its ``pointers`` and the settings both take."""
     seed, seed_in_memory = triton_seed_args(seed)
-    _inject_forward_kernel[config.grid](
-        x,
-        mu,
-        sigma,
-        out,
-        seed,
-        num_samples,
-        x.numel(),
-        rows,
-        width,
-        inner,
-        config.rows_per_program,
+    kernel[config.grid](
+        *pointers,
+        *(seed, num_samples, x.numel(), rows, width, inner, config.rows_per_program),
         SEED_IN_MEMORY=seed_in_memory,
         HAS_INNER=inner > 1,
         MULTIPLY=multiply,
         ALIGNED=width % 4 == 0,
         BLOCK=config.block,
         num_warps=config.num_warps,
+        **flags,
     )
 
 
+def inject_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out) -> None:
+    """Writes ``out``: (num_samples, *S). x: contiguous (*S), viewed as rows x width; mu, sigma:
+    contiguous (width // inner,), any float dtype; seed: an int or a 0-d int64 tensor on x's
+    device."""
+    config = elementwise_config(width, rows, x.device)
+    settings = (seed, num_samples, multiply, rows, width, inner)
+    _launch(_inject_forward_kernel, (x, mu, sigma, out), config, x, *settings)
+
+
 def inject_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    seed: int | torch.Tensor,
-    num_samples: int,
-    multiply: bool,
-    rows: int,
-    width: int,
-    inner: int,
-    grad_x: torch.Tensor | None,
-    need_param_grad: bool,
+    grad_out, x, mu, sigma, seed, num_samples, multiply, rows, width, inner, grad_x, need_param_grad
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Writes ``grad_x`` (x's shape and dtype) unless it is None. grad_out: contiguous
     (num_samples, *S). Returns the (row_chunks, width) fp32 partial sums of mu's and sigma's
@@ -205,29 +155,12 @@ def inject_backward(
     else:
         partial_mu = partial_sigma = mu  # not written; any pointer will do
     x_data = x.contiguous() if multiply else grad_out  # add mode never reads x
-    seed, seed_in_memory = triton_seed_args(seed)
-    _inject_backward_kernel[config.grid](
-        grad_out,
-        x_data,
-        mu,
-        sigma,
-        x_data if grad_x is None else grad_x,
-        partial_mu,
-        partial_sigma,
-        seed,
-        num_samples,
-        x.numel(),
-        rows,
-        width,
-        inner,
-        config.rows_per_program,
-        SEED_IN_MEMORY=seed_in_memory,
-        HAS_INNER=inner > 1,
-        MULTIPLY=multiply,
-        ALIGNED=width % 4 == 0,
+    grad_x_data = x_data if grad_x is None else grad_x
+    pointers = (grad_out, x_data, mu, sigma, grad_x_data, partial_mu, partial_sigma)
+    _launch(
+        *(_inject_backward_kernel, pointers, config, x),
+        *(seed, num_samples, multiply, rows, width, inner),
         NEED_X_GRAD=grad_x is not None,
         NEED_PARAM_GRAD=need_param_grad,
-        BLOCK=config.block,
-        num_warps=config.num_warps,
     )
     return (partial_mu, partial_sigma) if need_param_grad else None

@@ -103,19 +103,11 @@ def _cosine_kernel(
     class_index = tl.program_id(1).to(tl.int64) * BLOCK_CLASSES + tl.arange(0, BLOCK_CLASSES)
     row_mask = row_index < rows
     class_mask = class_index < classes
+    # The loss kernel makes the same call (# fmt: skip on both: one argument a line twice over).
     dots = _cosine_tile(
-        image_ptr,
-        text_ptr,
-        row_index,
-        row_mask,
-        class_index,
-        class_mask,
-        dim,
-        BLOCK_ROWS,
-        BLOCK_CLASSES,
-        BLOCK_DIM,
-        INPUT_PRECISION,
-    )
+        image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
+        BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DIM, INPUT_PRECISION,
+    )  # fmt: skip
     tl.store(
         out_ptr + row_index[:, None] * classes + class_index[None, :],
         dots,
@@ -160,18 +152,9 @@ def _cosine_cross_entropy_kernel(
         class_index = class_block + tl.arange(0, BLOCK_CLASSES)
         class_mask = class_index < class_end
         dots = _cosine_tile(
-            image_ptr,
-            text_ptr,
-            row_index,
-            row_mask,
-            class_index,
-            class_mask,
-            dim,
-            BLOCK_ROWS,
-            BLOCK_CLASSES,
-            BLOCK_DIM,
-            INPUT_PRECISION,
-        )
+            image_ptr, text_ptr, row_index, row_mask, class_index, class_mask, dim,
+            BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DIM, INPUT_PRECISION,
+        )  # fmt: skip
         logits = tl.where(class_mask[None, :], dots * scale, float("-inf"))
         block_max = tl.max(logits, axis=1)
         new_max = tl.maximum(running_max, block_max)
@@ -253,15 +236,7 @@ def _cross_entropy_grad_kernel(
 # --- host side: kernel_tables.LossKernels ------------------------------------------------------
 
 
-def loss_stats(
-    image_unit: torch.Tensor,
-    text_unit: torch.Tensor,
-    target: torch.Tensor,
-    scale: torch.Tensor,
-    lse: torch.Tensor,
-    target_logit: torch.Tensor,
-    logit_sum: torch.Tensor,
-) -> None:
+def loss_stats(image_unit, text_unit, target, scale, lse, target_logit, logit_sum) -> None:
     """Writes, per row of ``scale * image_unit @ text_unit^T`` (B, C), its log-sum-exp, the
     target's logit and the sum of logits into the (B,) fp32 ``lse``, ``target_logit`` and
     ``logit_sum``. image_unit: (B, D), text_unit: (C, D) fp32; target: (B,) int64; scale: 0-d."""
@@ -271,23 +246,9 @@ def loss_stats(
     classes_per_split = triton.cdiv(triton.cdiv(classes, splits), BLOCK_CLASSES) * BLOCK_CLASSES
     stats = new_buffer((4, splits, rows), torch.float32, image_unit.device)
     _cosine_cross_entropy_kernel[(triton.cdiv(rows, BLOCK_ROWS), splits)](
-        image_unit,
-        text_unit,
-        target,
-        scale,
-        stats[0],
-        stats[1],
-        stats[2],
-        stats[3],
-        rows,
-        classes,
-        dim,
-        classes_per_split,
-        BLOCK_ROWS=BLOCK_ROWS,
-        BLOCK_CLASSES=BLOCK_CLASSES,
-        BLOCK_DIM=BLOCK_DIM,
-        INPUT_PRECISION=_input_precision(),
-        num_warps=LOGITS_TILE_WARPS,
+        *(image_unit, text_unit, target, scale, *stats.unbind(0)),
+        *(rows, classes, dim, classes_per_split),
+        **_logits_tile_options(),
     )
     split_max, split_sum, split_target, split_logit_sum = stats.unbind(0)
     row_max = split_max.amax(dim=0)
@@ -309,30 +270,12 @@ def cosines(
     if out is None:
         out = new_buffer((rows, classes), torch.float32, image_unit.device)
     _cosine_kernel[(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(classes, BLOCK_CLASSES))](
-        image_unit,
-        text_unit,
-        out,
-        rows,
-        classes,
-        dim,
-        BLOCK_ROWS=BLOCK_ROWS,
-        BLOCK_CLASSES=BLOCK_CLASSES,
-        BLOCK_DIM=BLOCK_DIM,
-        INPUT_PRECISION=_input_precision(),
-        num_warps=LOGITS_TILE_WARPS,
+        *(image_unit, text_unit, out, rows, classes, dim), **_logits_tile_options()
     )
     return out
 
 
-def loss_grad(
-    cosine: torch.Tensor,
-    lse: torch.Tensor,
-    target: torch.Tensor,
-    row_grad: torch.Tensor,
-    scale: torch.Tensor,
-    label_smoothing: float,
-    scale_grad: torch.Tensor,
-) -> None:
+def loss_grad(cosine, lse, target, row_grad, scale, label_smoothing, scale_grad) -> None:
     """In place: one sample's (B, C) fp32 ``cosine`` becomes d loss / d cosine for the rows' loss
     weights ``row_grad`` (B,); ``scale_grad`` (B,) gets each row's d loss / d scale."""
     _launch_cross_entropy_grad(
@@ -341,29 +284,13 @@ def loss_grad(
 
 
 def loss_stats_grad(
-    cosine: torch.Tensor,
-    target: torch.Tensor,
-    row_grad: torch.Tensor,
-    scale: torch.Tensor,
-    label_smoothing: float,
-    lse: torch.Tensor,
-    target_logit: torch.Tensor,
-    logit_sum: torch.Tensor,
-    scale_grad: torch.Tensor,
+    cosine, target, row_grad, scale, label_smoothing, lse, target_logit, logit_sum, scale_grad
 ) -> None:
     """``loss_stats`` of the logits ``scale * cosine`` (the rows' log-sum-exp, target logit and
     sum of logits), then ``loss_grad`` with that log-sum-exp, in one kernel: the loss's forward
     with its gradient (loss.gradients_in_forward)."""
     _launch_cross_entropy_grad(
-        cosine,
-        lse,
-        target,
-        row_grad,
-        scale,
-        label_smoothing,
-        scale_grad,
-        target_logit,
-        logit_sum,
+        cosine, lse, target, row_grad, scale, label_smoothing, scale_grad, target_logit, logit_sum
     )
 
 
@@ -387,6 +314,17 @@ def _launch_cross_entropy_grad(
         COMPUTE_STATS=compute_stats,
         num_warps=1 if triton_interpreting() else 4,
     )
+
+
+def _logits_tile_options() -> dict:
+    """The launch options of the two kernels on logits tiles (``_cosine_tile``)."""
+    return {
+        "BLOCK_ROWS": BLOCK_ROWS,
+        "BLOCK_CLASSES": BLOCK_CLASSES,
+        "BLOCK_DIM": BLOCK_DIM,
+        "INPUT_PRECISION": _input_precision(),
+        "num_warps": LOGITS_TILE_WARPS,
+    }
 
 
 def _input_precision() -> str:

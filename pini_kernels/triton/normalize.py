@@ -6,7 +6,6 @@ F.normalize does, and the gradient of that (``_noisy_normalize_kernel`` and its 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -32,49 +31,23 @@ ROW_TILE_MAX_WARPS = 16
 
 
 @triton.jit
-def _load_noise_params(
-    mu_ptr,
-    mu_row_stride,
-    mu_col_stride,
-    sigma_ptr,
-    sigma_row_stride,
-    sigma_col_stride,
-    row,
-    columns,
-    mask,
-):
-    """mu and sigma of a (ROWS, BLOCK) tile in fp32, read through their strides (0 on broadcast
+def _load_noise_param(param_ptr, row_stride, col_stride, row, columns, mask):
+    """mu or sigma of a (ROWS, BLOCK) tile in fp32, read through its strides (0 on broadcast
     dimensions)."""
-    mu_offsets = row[:, None] * mu_row_stride + columns[None, :] * mu_col_stride
-    sigma_offsets = row[:, None] * sigma_row_stride + columns[None, :] * sigma_col_stride
-    mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
-    sigma = tl.load(sigma_ptr + sigma_offsets, mask=mask, other=0.0).to(tl.float32)
-    return mu, sigma
+    offsets = row[:, None] * row_stride + columns[None, :] * col_stride
+    return tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
+# The two kernels' signatures are written a few arguments to a line (# fmt: skip): backward takes
+# forward's arguments, in the same order, plus its gradients (``_launch_row_kernel``).
 @triton.jit(do_not_specialize=["seed"])
 def _noisy_normalize_kernel(
-    x_ptr,
-    x_row_stride,
-    mu_ptr,
-    mu_row_stride,
-    mu_col_stride,
-    sigma_ptr,
-    sigma_row_stride,
-    sigma_col_stride,
-    unit_ptr,
-    norm_ptr,
-    seed,
-    stream_offset,
-    rows,
-    dim,
-    SEED_IN_MEMORY: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
-    MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    x_ptr, x_row_stride, mu_ptr, mu_row_stride, mu_col_stride,
+    sigma_ptr, sigma_row_stride, sigma_col_stride, unit_ptr, norm_ptr,
+    seed, stream_offset, rows, dim,
+    SEED_IN_MEMORY: tl.constexpr, HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """For ROWS rows: unit = v / max(|v|, floor), v = x (+ or *) (mu + sigma * eps); norm = |v|."""
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = row < rows
@@ -83,17 +56,8 @@ def _noisy_normalize_kernel(
     x_offsets = row[:, None] * x_row_stride + columns[None, :]
     value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
-        mu, sigma = _load_noise_params(
-            mu_ptr,
-            mu_row_stride,
-            mu_col_stride,
-            sigma_ptr,
-            sigma_row_stride,
-            sigma_col_stride,
-            row,
-            columns,
-            mask,
-        )
+        mu = _load_noise_param(mu_ptr, mu_row_stride, mu_col_stride, row, columns, mask)
+        sigma = _load_noise_param(sigma_ptr, sigma_row_stride, sigma_col_stride, row, columns, mask)
         eps = normal_rows(
             load_seed(seed, SEED_IN_MEMORY), stream_offset + row * dim, ALIGNED, BLOCK
         )
@@ -109,33 +73,14 @@ def _noisy_normalize_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _noisy_normalize_backward_kernel(
-    x_ptr,
-    x_row_stride,
-    mu_ptr,
-    mu_row_stride,
-    mu_col_stride,
-    sigma_ptr,
-    sigma_row_stride,
-    sigma_col_stride,
-    unit_ptr,
-    norm_ptr,
-    grad_unit_ptr,
-    grad_x_ptr,
-    grad_mu_ptr,
-    grad_sigma_ptr,
-    seed,
-    stream_offset,
-    rows,
-    dim,
-    SEED_IN_MEMORY: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
-    MULTIPLY: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    NEED_X_GRAD: tl.constexpr,
-    NEED_PARAM_GRAD: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    x_ptr, x_row_stride, mu_ptr, mu_row_stride, mu_col_stride,
+    sigma_ptr, sigma_row_stride, sigma_col_stride, unit_ptr, norm_ptr,
+    grad_unit_ptr, grad_x_ptr, grad_mu_ptr, grad_sigma_ptr,
+    seed, stream_offset, rows, dim,
+    SEED_IN_MEMORY: tl.constexpr, HAS_NOISE: tl.constexpr, MULTIPLY: tl.constexpr,
+    ALIGNED: tl.constexpr, NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """Adds this sample's gradients for x, mu, sigma (fp32 (rows, D) accumulators) given the
     gradient of the normalized rows."""
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -157,16 +102,9 @@ def _noisy_normalize_backward_kernel(
         )
     if NEED_X_GRAD:
         if HAS_NOISE and MULTIPLY:
-            mu, sigma = _load_noise_params(
-                mu_ptr,
-                mu_row_stride,
-                mu_col_stride,
-                sigma_ptr,
-                sigma_row_stride,
-                sigma_col_stride,
-                row,
-                columns,
-                mask,
+            mu = _load_noise_param(mu_ptr, mu_row_stride, mu_col_stride, row, columns, mask)
+            sigma = _load_noise_param(
+                sigma_ptr, sigma_row_stride, sigma_col_stride, row, columns, mask
             )
             x_grad = grad_value * (mu + sigma * eps)
         else:
@@ -207,85 +145,48 @@ def _noise_param_args(features, mu, sigma) -> tuple:
     return (mu, mu.stride(0), mu.stride(1), sigma, sigma.stride(0), sigma.stride(1))
 
 
-def normalize(
-    features: torch.Tensor,
-    mu: torch.Tensor | None,
-    sigma: torch.Tensor | None,
-    seed: int | torch.Tensor,
-    stream_offset: int,
-    multiply: bool,
-    unit: torch.Tensor,
-    norm: torch.Tensor,
-) -> None:
+def _launch_row_kernel(kernel, row_args, buffers, **flags) -> None:
+    """Launch one of the row kernels on the leading arguments both take (``row_args``: features,
+    mu, sigma, seed, stream_offset, multiply) and its own ``buffers`` and ``flags``."""
+    features, mu, sigma, seed, stream_offset, multiply = row_args
+    rows, dim = features.shape
+    block, rows_per_program, warps = _row_tiling(dim)
+    seed, seed_in_memory = triton_seed_args(seed)
+    kernel[(triton.cdiv(rows, rows_per_program),)](
+        *(features, features.stride(0), *_noise_param_args(features, mu, sigma), *buffers),
+        *(seed, stream_offset, rows, dim),
+        SEED_IN_MEMORY=seed_in_memory,
+        HAS_NOISE=mu is not None,
+        MULTIPLY=multiply,
+        ALIGNED=dim % 4 == 0,
+        ROWS=rows_per_program,
+        BLOCK=block,
+        num_warps=warps,
+        **flags,
+    )
+
+
+def normalize(features, mu, sigma, seed, stream_offset, multiply, unit, norm) -> None:
     """Writes ``unit`` (N, D) fp32, the noisy rows normalized, and ``norm`` (N,) fp32, their norms.
 
     features: (N, D) with unit stride along D; mu, sigma: None (no noise) or fp32 views expanded
     to (N, D); the noise of element (r, d) is stream element ``stream_offset + r * D + d`` of
     ``seed`` (an int, or a 0-d int64 tensor on the features' device, read by the kernel).
     """
-    rows, dim = features.shape
-    block, rows_per_program, warps = _row_tiling(dim)
-    seed, seed_in_memory = triton_seed_args(seed)
-    _noisy_normalize_kernel[(triton.cdiv(rows, rows_per_program),)](
-        features,
-        features.stride(0),
-        *_noise_param_args(features, mu, sigma),
-        unit,
-        norm,
-        seed,
-        stream_offset,
-        rows,
-        dim,
-        SEED_IN_MEMORY=seed_in_memory,
-        HAS_NOISE=mu is not None,
-        MULTIPLY=multiply,
-        ALIGNED=dim % 4 == 0,
-        ROWS=rows_per_program,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    row_args = (features, mu, sigma, seed, stream_offset, multiply)
+    _launch_row_kernel(_noisy_normalize_kernel, row_args, (unit, norm))
 
 
-def normalize_backward(
-    features: torch.Tensor,
-    mu: torch.Tensor | None,
-    sigma: torch.Tensor | None,
-    seed: int | torch.Tensor,
-    stream_offset: int,
-    multiply: bool,
-    unit: torch.Tensor,
-    norm: torch.Tensor,
-    grad_unit: torch.Tensor,
-    grad_x: torch.Tensor | None,
-    grad_mu: torch.Tensor | None,
-    grad_sigma: torch.Tensor | None,
-) -> None:
+def normalize_backward(features, mu, sigma, seed, stream_offset, multiply, *buffers) -> None:
     """Adds this sample's gradients into the fp32 (N, D) accumulators ``grad_x``, ``grad_mu`` and
-    ``grad_sigma`` (None: not needed), given ``grad_unit``, the gradient of ``unit``."""
-    rows, dim = features.shape
-    block, rows_per_program, warps = _row_tiling(dim)
-    seed, seed_in_memory = triton_seed_args(seed)
-    _noisy_normalize_backward_kernel[(triton.cdiv(rows, rows_per_program),)](
-        features,
-        features.stride(0),
-        *_noise_param_args(features, mu, sigma),
-        unit,
-        norm,
-        grad_unit,
-        unit if grad_x is None else grad_x,  # unit stands in for what is not written
-        unit if grad_mu is None else grad_mu,
-        unit if grad_sigma is None else grad_sigma,
-        seed,
-        stream_offset,
-        rows,
-        dim,
-        SEED_IN_MEMORY=seed_in_memory,
-        HAS_NOISE=mu is not None,
-        MULTIPLY=multiply,
-        ALIGNED=dim % 4 == 0,
+    ``grad_sigma`` (None: not needed), given ``grad_unit``, the gradient of ``unit``; ``buffers``:
+    unit, norm, grad_unit, grad_x, grad_mu, grad_sigma (``normalize``'s arguments before)."""
+    unit, norm, grad_unit, grad_x, grad_mu, grad_sigma = buffers
+    writes = (grad_x, grad_mu, grad_sigma)  # unit stands in for what is not written
+    _launch_row_kernel(
+        _noisy_normalize_backward_kernel,
+        (features, mu, sigma, seed, stream_offset, multiply),
+        (unit, norm, grad_unit, *(unit if grad is None else grad for grad in writes)),
         NEED_X_GRAD=grad_x is not None,
         NEED_PARAM_GRAD=grad_mu is not None,
-        ROWS=rows_per_program,
-        BLOCK=block,
-        num_warps=warps,
     )
