@@ -120,6 +120,17 @@ def compare_inject_with_reference(
     return got
 
 
+def loss_and_grads(tensors, logit_scale, target, **options) -> list[torch.Tensor]:
+    """``noisy_cross_entropy`` of ``tensors`` (image, text, image_mu, image_sigma, text_mu,
+    text_sigma: noise on both sides) with ``options``, and its gradients: [loss, *six grads]."""
+    import pini_kernels  # here, not at the top: conftest.py must set the environment first
+
+    image, text, image_mu, image_sigma, text_mu, text_sigma = tensors
+    noise = {"image_noise": (image_mu, image_sigma), "text_noise": (text_mu, text_sigma)}
+    loss = pini_kernels.noisy_cross_entropy(image, text, logit_scale, target, **noise, **options)
+    return [loss, *torch.autograd.grad(loss, tensors)]
+
+
 def stream_generator(backend: str):
     """A backend's ``noise_forward(count, seed, device, dtype, start=0)``: stream elements
     ``start .. start + count - 1`` of ``seed`` as a flat (count,) tensor of ``dtype``."""

@@ -648,28 +648,15 @@ def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_is_marked_fai
     assert "accuracy" not in summary and "diverged" in summary["failure"]
 
 
+def toy_pini_sweep(data, output, shots, *extra) -> list:
+    """``pini sweep`` of PiNI on the toy data set, ``shots`` shots, seed 1."""
+    argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output]
+    return [*argv, "--methods", "pini", "--shot-list", shots, "--seeds", "1", *extra]
+
+
 def test_a_sweep_reports_a_diverged_run_as_failed_not_as_a_number(data, tmp_path, capsys):
     output = tmp_path / "sweep"
-    argv = [
-        "sweep",
-        *TINY,
-        "--root",
-        data,
-        "--dataset",
-        "toy",
-        "--output",
-        output,
-        "--methods",
-        "pini",
-        "--shot-list",
-        "2",
-        "--seeds",
-        "1",
-        "--epochs",
-        "4",
-        "--lr",
-        "1e25",
-    ]
+    argv = toy_pini_sweep(data, output, "2", "--epochs", "4", "--lr", "1e25")
     status, out, err = run_cli(argv, capsys)
     assert status == 3, err
     assert "FAILED: training diverged at epoch " in out
@@ -750,22 +737,7 @@ def test_a_second_process_on_a_run_or_sweep_folder_gets_one_line_naming_the_hold
     # this process holds the sweep's folder; another sweep there is refused
     run_folders.lock_folder(sweep)
     try:
-        argv = [
-            "sweep",
-            *TINY,
-            "--root",
-            data,
-            "--dataset",
-            "toy",
-            "--output",
-            sweep,
-            "--methods",
-            "pini",
-            "--shot-list",
-            "1",
-            "--seeds",
-            "1",
-        ]
+        argv = toy_pini_sweep(data, sweep, "1")
         other = subprocess.run(
             [sys.executable, "-m", "pini", *map(str, argv)],
             capture_output=True,

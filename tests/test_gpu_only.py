@@ -17,6 +17,7 @@ from conftest import FUSED_BACKENDS
 from helpers import (
     assert_close,
     assert_probabilities_sum_to_one,
+    loss_and_grads,
     record_backward_probabilities,
 )
 
@@ -126,19 +127,9 @@ def _inject_step(x, mu, sigma, seed, backend):
 
 
 def _loss_step(image, text, image_mu, image_sigma, text_mu, text_sigma, target, seed, backend):
-    loss = pini_kernels.noisy_cross_entropy(
-        image,
-        text,
-        30.0,
-        target,
-        image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma),
-        num_samples=2,
-        seed=seed,
-        backend=backend,
-    )
     inputs = (image, text, image_mu, image_sigma, text_mu, text_sigma)
-    return (loss, *torch.autograd.grad(loss, inputs))
+    options = {"num_samples": 2, "seed": seed, "backend": backend}
+    return tuple(loss_and_grads(inputs, 30.0, target, **options))
 
 
 def _step_inputs(name):
@@ -233,18 +224,7 @@ def _matmul_precision(precision: str):
 
 def _loss_and_grads(backend, tensors, target, dtype, **kwargs):
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in tensors]
-    image, text, image_mu, image_sigma, text_mu, text_sigma = leaves
-    loss = pini_kernels.noisy_cross_entropy(
-        image,
-        text,
-        100.0,
-        target,
-        image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma),
-        backend=backend,
-        **kwargs,
-    )
-    return [loss, *torch.autograd.grad(loss, leaves)]
+    return loss_and_grads(leaves, 100.0, target, backend=backend, **kwargs)
 
 
 def _max_error(got, want) -> float:

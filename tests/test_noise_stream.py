@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from conftest import ALL_BACKENDS, DEVICE, FUSED_BACKENDS, backend_device
-from helpers import assert_close, record_error, stream_generator
+from helpers import assert_close, loss_and_grads, record_error, stream_generator
 from scipy import stats
 
 import pini_kernels
@@ -249,19 +249,9 @@ def _every_op_with_seed(backend, seed):
     image, text, image_mu, image_sigma = leaf(6, 12), leaf(9, 12), leaf(12), leaf(12)
     text_mu, text_sigma = leaf(9, 12), leaf(9, 12)
     target = torch.randint(0, 9, (6,), generator=generator).to(device)
-    loss = pini_kernels.noisy_cross_entropy(
-        image,
-        text,
-        14.0,
-        target,
-        image_noise=(image_mu, image_sigma),
-        text_noise=(text_mu, text_sigma),
-        num_samples=2,
-        seed=seed,
-        backend=backend,
-    )
     inputs = (image, text, image_mu, image_sigma, text_mu, text_sigma)
-    results += [loss, *torch.autograd.grad(loss, inputs)]
+    options = {"num_samples": 2, "seed": seed, "backend": backend}
+    results += loss_and_grads(inputs, 14.0, target, **options)
     return results
 
 

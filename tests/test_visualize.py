@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,42 +26,25 @@ def runs(tmp_path_factory):
     return base
 
 
+def on_checkpoint(command: str, run: Path, *extra) -> list:
+    """``pini <command>`` on ``run``'s checkpoint."""
+    return [command, "--no-progress", "--checkpoint", run / "checkpoint.pt", *extra]
+
+
 def test_visualize_draws_each_kind_of_noise(runs, capsys):
-    status, out, err = run_cli(
-        [
-            "visualize",
-            "--no-progress",
-            "--checkpoint",
-            runs / "image" / "checkpoint.pt",
-            "--images",
-            "2",
-        ],
-        capsys,
-    )
+    status, out, err = run_cli(on_checkpoint("visualize", runs / "image", "--images", "2"), capsys)
     assert status == 0, err
     for name in ("noise-image.png", "noise-prompt.png"):
         path = runs / "image" / name
         assert str(path) in out and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    status, out, err = run_cli(
-        ["visualize", "--no-progress", "--checkpoint", runs / "feature" / "checkpoint.pt"], capsys
-    )
+    status, out, err = run_cli(on_checkpoint("visualize", runs / "feature"), capsys)
     assert status == 0, err
     assert (runs / "feature" / "noise-feature.png").stat().st_size > 1000
     assert not (runs / "feature" / "noise-prompt.png").exists()
 
 
 def test_interpret_prints_table_8(runs, capsys):
-    status, out, err = run_cli(
-        [
-            "interpret",
-            "--no-progress",
-            "--checkpoint",
-            runs / "image" / "checkpoint.pt",
-            "--draws",
-            "7",
-        ],
-        capsys,
-    )
+    status, out, err = run_cli(on_checkpoint("interpret", runs / "image", "--draws", "7"), capsys)
     assert status == 0, err
     table = (runs / "image" / "interpretation.md").read_text()
     assert table in out
