@@ -156,3 +156,176 @@ def _markdown_rows(section: str) -> dict[str, dict[str, str]]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
+
+
+# --- pini train and pini eval: the final line, --per-class, summary.json, metrics.jsonl -------
+
+CLASSES = ["bird", "cat", "dog"]
+TEST_SUPPORT = {"bird": 3, "cat": 1, "dog": 6}  # unequal: accuracy != the mean of recalls
+
+
+def _unequal_folder(root):
+    """ImageFolder "toy": 3 training images per class, one of dog's unreadable (so every 3-shot
+    split holds it), and 6, 3 and 1 test images plus an unreadable one in cat."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, counts in (("train", dict.fromkeys(CLASSES, 3)), ("test", TEST_SUPPORT)):
+        for label, name in enumerate(CLASSES):
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for index in range(counts[name]):
+                base = np.array([90 * label, 200 - 80 * label, 60 + 50 * label])
+                pixels = (base + rng.integers(-40, 40, (16, 16, 3))).clip(0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
+    (root / "train" / "dog" / "2.png").write_bytes(b"not an image")
+    (root / "test" / "cat" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The events of a run, in order, from the model itself: ("loss", value, batch images) per
+    training step, ("zero-shot", predictions) and ("eval", predictions) per evaluated batch,
+    ("epoch",) when an epoch's checkpoint is saved."""
+    import pini.train
+    from pini.model import PiNI
+
+    events = []
+    loss, forward, zero_shot = PiNI.loss, PiNI.forward, PiNI.zero_shot_logits
+    save = pini.train.save_checkpoint
+
+    def record_loss(self, images, labels, seed=None):
+        value = loss(self, images, labels, seed=seed)
+        events.append(("loss", value.item(), len(labels)))
+        return value
+
+    def record(name, method):
+        def recorded_method(self, images, *args, **kwargs):
+            logits = method(self, images, *args, **kwargs)
+            if not self.training:
+                events.append((name, logits.argmax(-1).tolist()))
+            return logits
+
+        return recorded_method
+
+    def record_epoch(*args, **kwargs):
+        events.append(("epoch",))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(PiNI, "loss", record_loss)
+    monkeypatch.setattr(PiNI, "forward", record("eval", forward))
+    monkeypatch.setattr(PiNI, "zero_shot_logits", record("zero-shot", zero_shot))
+    monkeypatch.setattr(pini.train, "save_checkpoint", record_epoch)
+    return events
+
+
+def _scores(labels: list[int], predictions: list[int]) -> dict:
+    """Accuracy, macro-F1 over the classes with images and per-class recall, in %, by sklearn."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    present = sorted(set(labels))
+    recall = recall_score(
+        labels, predictions, labels=range(len(CLASSES)), average=None, zero_division=0
+    )
+    return {
+        "accuracy": 100 * accuracy_score(labels, predictions),
+        "macro_f1": 100
+        * f1_score(labels, predictions, labels=present, average="macro", zero_division=0),
+        "per_class": [100 * value for value in recall],
+    }
+
+
+def _evaluations(events: list, name: str, images: int) -> list[list[int]]:
+    """The predictions of each whole evaluation called ``name`` (its batches joined)."""
+    predictions = [p for event in events if event[0] == name for p in event[1]]
+    assert len(predictions) % images == 0
+    return [predictions[i : i + images] for i in range(0, len(predictions), images)]
+
+
+def _per_class_lines(out: str) -> list[tuple[str, str]]:
+    """(class, accuracy as printed) of each --per-class line."""
+    return re.findall(r"^  (\w+) +(\d+\.\d\d)%$", out, flags=re.MULTILINE)
+
+
+def _formatted(per_class: list[float]) -> list[tuple[str, str]]:
+    return [(name, f"{value:.2f}") for name, value in zip(CLASSES, per_class, strict=True)]
+
+
+def test_train_and_eval_print_and_write_the_numbers_of_the_models_predictions(
+    tmp_path, capsys, recorded
+):
+    """3 epochs after a warm-up epoch, batches of 4 of 9 images one of which is unreadable,
+    --eval-every 2, --per-class, test supports 6, 3, 1 (+1 unreadable). From the predictions the
+    model made and the loss of each step: summary.json's and the printed accuracy, macro-F1,
+    per-class accuracy in class order, zero-shot accuracy, image counts; metrics.jsonl's epoch
+    numbers, image-weighted mean loss per epoch, skipped images per epoch, lr and test
+    accuracy (epoch 2 only); `pini eval --per-class` the same numbers again."""
+    from test_cli import run_cli
+
+    from pini.data.load import load_dataset
+
+    root = _unequal_folder(tmp_path / "data" / "toy").parent
+    output = tmp_path / "run"
+    argv = ["train", "--model", "pini-tiny", "--no-progress", "--root", root, "--dataset", "toy"]
+    argv += ["--shots", "3", "--epochs", "3", "--batch-size", "4", "--lr", "0.01"]
+    argv += ["--eval-every", "2", "--per-class", "--output", output]
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0, err
+    labels = [label for path, label in load_dataset(root, "toy").test if "broken" not in str(path)]
+    assert len(labels) == 10
+    (zero_shot,) = _evaluations(recorded, "zero-shot", len(labels))
+    at_epoch_2, final = _evaluations(recorded, "eval", len(labels))
+    want, want_zero_shot = _scores(labels, final), _scores(labels, zero_shot)
+    # The conditions under which a wrong denominator or order shows.
+    assert want["accuracy"] != pytest.approx(np.mean(want["per_class"]))
+    assert len(set(want["per_class"])) > 1
+
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+    assert summary["macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-9)
+    assert summary["zero_shot_accuracy"] == pytest.approx(want_zero_shot["accuracy"], abs=1e-9)
+    assert list(summary["per_class_accuracy"]) == CLASSES
+    assert list(summary["per_class_accuracy"].values()) == pytest.approx(want["per_class"])
+    assert (summary["test_images"], summary["skipped_images"]) == (10, 1)
+    assert (summary["shots"], summary["seed"]) == (3, 1)
+    final_line = re.search(
+        r"^toy, 3 shots, seed 1, noise [\w+-]+: zero-shot CLIP (\d+\.\d\d)% -> PiNI (\d+\.\d\d)% "
+        r"\(macro-F1 (\d+\.\d\d)%\)$",
+        out,
+        flags=re.MULTILINE,
+    )
+    assert final_line, out
+    expected = [want_zero_shot["accuracy"], want["accuracy"], want["macro_f1"]]
+    assert list(final_line.groups()) == [f"{value:.2f}" for value in expected]
+    assert _per_class_lines(out) == _formatted(want["per_class"])
+
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps, epochs = [], []
+    for event in recorded:
+        if event[0] == "loss":
+            steps.append(event[1:])
+        elif event[0] == "epoch":
+            epochs.append(steps)
+            steps = []
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and len(epochs) == 3
+    for line, steps in zip(metrics, epochs, strict=True):
+        assert sum(count for _, count in steps) == 8  # the unreadable image left out
+        weighted = sum(value * count for value, count in steps) / 8
+        assert line["loss"] == pytest.approx(weighted, rel=1e-12)
+        assert line["skipped_images"] == 1 and line["seconds"] >= 0
+    lrs = [1e-5] + [0.01 * 0.5 * (1 + np.cos(np.pi * epoch / 3)) for epoch in (1, 2)]
+    assert [m["lr"] for m in metrics] == pytest.approx(lrs, rel=1e-12)
+    assert ["test_accuracy" in m for m in metrics] == [False, True, False]
+    assert metrics[1]["test_accuracy"] == pytest.approx(_scores(labels, at_epoch_2)["accuracy"])
+
+    recorded.clear()
+    status, out, err = run_cli(
+        ["eval", "--no-progress", "--per-class", "--checkpoint", output / "checkpoint.pt"], capsys
+    )
+    assert status == 0, err
+    (again,) = _evaluations(recorded, "eval", len(labels))
+    want = _scores(labels, again)
+    assert f"toy: accuracy {want['accuracy']:.2f}%, macro-F1 {want['macro_f1']:.2f}% " in out
+    assert "on 10 images, skipped 1 unreadable" in out
+    assert _per_class_lines(out) == _formatted(want["per_class"])
