@@ -125,6 +125,27 @@ def _gradient_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {name: tensor for name, tensor in inputs.items() if tensor.is_floating_point()}
 
 
+def least_work(
+    case: FeatureCase, inputs: dict[str, torch.Tensor], with_target: bool, backward: bool
+) -> tuple[int, int]:
+    """(bytes moved, FLOPs): the least work of the op, the numerators of its floor.
+
+    Forward reads each input of the op once (the target only for the loss) and writes the
+    float32 logits (the loss: one float32) after the (m, B, D) x (D, C) products. Backward reads
+    the output's gradient and the differentiable inputs again (kept for it, docs/spec.md
+    section 6: the gradient of one side's features needs the other's), writes one gradient per
+    differentiable input, and does the two products of the logits' gradient.
+    """
+    read = [tensor for name, tensor in inputs.items() if with_target or name != "target"]
+    output_bytes = 4 if with_target else 4 * case.num_samples * case.batch * case.classes
+    bytes_moved, flops = tensor_bytes(*read) + output_bytes, case.logits_flops
+    if backward:
+        differentiable_bytes = tensor_bytes(*_gradient_inputs(inputs).values())
+        bytes_moved += output_bytes + 2 * differentiable_bytes
+        flops += 2 * case.logits_flops
+    return bytes_moved, flops
+
+
 def _run(benchmark, machine_rates, *, op, case_name, provider, backward, fused, eager) -> None:
     case = CASES[case_name]
     skip_slow_reference(provider, noise_elements=case.noise_elements)
@@ -159,16 +180,7 @@ def _run(benchmark, machine_rates, *, op, case_name, provider, backward, fused, 
                 gradient_tolerance=GRADIENT_TOLERANCE,
             )
 
-    # The least work: read every input (and write the logits) once; backward reads the logits'
-    # gradient, writes one gradient per input, and does the two matmuls of the logits' gradient.
-    input_bytes = tensor_bytes(*inputs.values())
-    output_bytes = 4 if with_target else 4 * case.num_samples * case.batch * case.classes
-    bytes_moved = input_bytes + output_bytes
-    flops = case.logits_flops
-    if backward:
-        bytes_moved += output_bytes + tensor_bytes(*gradient_inputs.values())
-        flops += 2 * case.logits_flops
-
+    bytes_moved, flops = least_work(case, inputs, with_target, backward)
     run_case(
         benchmark,
         op=op,
