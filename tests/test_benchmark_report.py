@@ -385,3 +385,53 @@ def test_committed_report_is_its_json_rendered_and_its_floors_follow_from_it(mac
     committed = (RESULTS / f"{machine}.md").read_text()
     source = committed.split("source: `", 1)[1].split("`", 1)[0]
     assert _render(saved, source) == committed
+
+
+def _report_cells(markdown: str) -> dict[tuple[str, str, str], str]:
+    """{(section, case, column): cell} of every table of a rendered report."""
+    cells, section, columns = {}, "", []
+    for line in markdown.splitlines():
+        values = [value.strip() for value in line.strip("|").split("|")]
+        if line.startswith("## "):
+            section = line.removeprefix("## ")
+        elif line.startswith("| case |"):
+            columns = values
+        elif line.startswith("| ") and not line.startswith("|--"):
+            row = zip(columns, values, strict=True)
+            cells |= {(section, values[0], name): value for name, value in row}
+    return cells
+
+
+TRAIN_STEP = "Training step (forward, backward, optimizer)"
+# What docs/benchmarks.md quotes from the committed CPU report: its text, from these cells.
+DOCS_QUOTES = {
+    "| {} / {} |": [
+        ("fused_inject, forward", "feature-B32-D512-m1", "vs eager"),
+        ("fused_inject, forward+backward", "feature-B32-D512-m1", "vs eager"),
+    ],
+    "m=4, forward / forward+backward | {} / {} |": [
+        ("fused_inject, forward", "image-B8-m4", "vs eager"),
+        ("fused_inject, forward+backward", "image-B8-m4", "vs eager"),
+    ],
+    "(vs `torch.compile`) | {} ({}) |": [
+        ("noisy_cross_entropy, forward+backward", "B256-D512-C1000-m8-image", "vs eager"),
+        ("noisy_cross_entropy, forward+backward", "B256-D512-C1000-m8-image", "vs compiled"),
+    ],
+    "same case, forward+backward | {} |": [
+        ("noisy_cosine_logits, forward+backward", "B256-D512-C1000-m8-image", "vs eager"),
+    ],
+    "(timed apart: {} / {}) | {} / {} |": [
+        (TRAIN_STEP, "feature+prompt, pini-tiny-B32-C37", "vs eager"),
+        (TRAIN_STEP, "image, pini-tiny-B32-C37", "vs eager"),
+        (TRAIN_STEP, "feature+prompt, pini-tiny-B32-C37", "vs eager, interleaved"),
+        (TRAIN_STEP, "image, pini-tiny-B32-C37", "vs eager, interleaved"),
+    ],
+}
+
+
+def test_the_ratios_docs_quote_are_the_committed_reports():
+    cells = _report_cells((RESULTS / "amd-epyc-2-cpus.md").read_text())
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
+    for template, keys in DOCS_QUOTES.items():
+        quote = template.format(*(cells[key] for key in keys))
+        assert quote in docs, f"docs/benchmarks.md does not say {quote!r}, the report's figures"
