@@ -255,12 +255,12 @@ def _formatted(per_class: list[float]) -> list[tuple[str, str]]:
 def test_train_and_eval_print_and_write_the_numbers_of_the_models_predictions(
     tmp_path, capsys, recorded
 ):
-    """3 epochs after a warm-up epoch, batches of 4 of 9 images one of which is unreadable,
-    --eval-every 2, --per-class, test supports 6, 3, 1 (+1 unreadable). From the predictions the
+    """4 epochs, the first a warm-up, batches of 4 of 9 images one of which is unreadable,
+    --eval-every 2, --per-class, test supports 3, 1, 6 (+1 unreadable). From the predictions the
     model made and the loss of each step: summary.json's and the printed accuracy, macro-F1,
     per-class accuracy in class order, zero-shot accuracy, image counts; metrics.jsonl's epoch
     numbers, image-weighted mean loss per epoch, skipped images per epoch, lr and test
-    accuracy (epoch 2 only); `pini eval --per-class` the same numbers again."""
+    accuracy (epochs 2 and 4); `pini eval --per-class` the same numbers again."""
     from test_cli import run_cli
 
     from pini.data.load import load_dataset
@@ -268,18 +268,18 @@ def test_train_and_eval_print_and_write_the_numbers_of_the_models_predictions(
     root = _unequal_folder(tmp_path / "data" / "toy").parent
     output = tmp_path / "run"
     argv = ["train", "--model", "pini-tiny", "--no-progress", "--root", root, "--dataset", "toy"]
-    argv += ["--shots", "3", "--epochs", "3", "--batch-size", "4", "--lr", "0.01"]
+    argv += ["--shots", "3", "--epochs", "4", "--batch-size", "4", "--lr", "0.01"]
     argv += ["--eval-every", "2", "--per-class", "--output", output]
     status, out, err = run_cli(argv, capsys)
     assert status == 0, err
     labels = [label for path, label in load_dataset(root, "toy").test if "broken" not in str(path)]
     assert len(labels) == 10
     (zero_shot,) = _evaluations(recorded, "zero-shot", len(labels))
-    at_epoch_2, final = _evaluations(recorded, "eval", len(labels))
+    at_epoch_2, at_epoch_4, final = _evaluations(recorded, "eval", len(labels))
     want, want_zero_shot = _scores(labels, final), _scores(labels, zero_shot)
     # The conditions under which a wrong denominator or order shows.
     assert want["accuracy"] != pytest.approx(np.mean(want["per_class"]))
-    assert len(set(want["per_class"])) > 1
+    assert len(set(want["per_class"])) > 1 and want["accuracy"] != want["macro_f1"]
 
     summary = json.loads((output / "summary.json").read_text())
     assert summary["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
@@ -308,16 +308,17 @@ def test_train_and_eval_print_and_write_the_numbers_of_the_models_predictions(
         elif event[0] == "epoch":
             epochs.append(steps)
             steps = []
-    assert [m["epoch"] for m in metrics] == [1, 2, 3] and len(epochs) == 3
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4] and len(epochs) == 4
     for line, steps in zip(metrics, epochs, strict=True):
         assert sum(count for _, count in steps) == 8  # the unreadable image left out
         weighted = sum(value * count for value, count in steps) / 8
         assert line["loss"] == pytest.approx(weighted, rel=1e-12)
         assert line["skipped_images"] == 1 and line["seconds"] >= 0
-    lrs = [1e-5] + [0.01 * 0.5 * (1 + np.cos(np.pi * epoch / 3)) for epoch in (1, 2)]
+    lrs = [1e-5] + [0.01 * 0.5 * (1 + np.cos(np.pi * epoch / 4)) for epoch in (1, 2, 3)]
     assert [m["lr"] for m in metrics] == pytest.approx(lrs, rel=1e-12)
-    assert ["test_accuracy" in m for m in metrics] == [False, True, False]
-    assert metrics[1]["test_accuracy"] == pytest.approx(_scores(labels, at_epoch_2)["accuracy"])
+    assert ["test_accuracy" in m for m in metrics] == [False, True, False, True]
+    for line, predictions in ((metrics[1], at_epoch_2), (metrics[3], at_epoch_4)):
+        assert line["test_accuracy"] == pytest.approx(_scores(labels, predictions)["accuracy"])
 
     recorded.clear()
     status, out, err = run_cli(
