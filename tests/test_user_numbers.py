@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -330,3 +331,55 @@ def test_train_and_eval_print_and_write_the_numbers_of_the_models_predictions(
     assert f"toy: accuracy {want['accuracy']:.2f}%, macro-F1 {want['macro_f1']:.2f}% " in out
     assert "on 10 images, skipped 1 unreadable" in out
     assert _per_class_lines(out) == _formatted(want["per_class"])
+
+
+# --- pini interpret: how often each nearest token appears ---------------------------------------
+
+
+class _TokenIds:
+    """A tokenizer whose decoding of a token is its id, so a table names tokens unambiguously."""
+
+    def decode(self, ids: list[int]) -> str:
+        return str(ids[0])
+
+
+def test_interpret_counts_are_how_many_draws_have_the_token_among_their_nearest():
+    """An untrained PiNI's prompt noise (its sigma spreads the 30 draws over many tokens): the
+    noisy embeddings rebuilt from the spec's stream (docs/spec.md §4: prompt noise is
+    noise((draws, L, width), seed + 2)), the 5 nearest vocabulary rows of each by numpy's float64
+    distances, and for each position the count of draws with a token among their 5 nearest. Each
+    token in the table has its count, and the counts are the 5 largest (ties in any order)."""
+    import torch
+
+    import pini
+    import pini_kernels
+    from pini import visualize
+
+    torch.manual_seed(0)
+    clip, tokenizer = pini.build_clip("pini-tiny")
+    config = pini.PiNIConfig.table1("feature+prompt")
+    model = pini.PiNI(clip, tokenizer, CLASSES, config=config)
+    draws, count, seed = 30, 5, 5
+    rows = visualize.interpret_prompt_noise(model, _TokenIds(), draws=draws, count=count, seed=seed)
+    table = visualize.interpretation_markdown(rows, draws)
+    with torch.no_grad():
+        mu, sigma = (value.double().numpy() for value in model.prompt_noise())
+        ids = model.token_ids[0, 1 : 1 + model.prefix_length]
+        prefix = clip.token_embedding(ids).double().numpy()
+        vocabulary = clip.token_embedding.weight.double().numpy()
+        eps = pini_kernels.noise((draws, *prefix.shape), seed=seed + 2).double().numpy()
+    noisy = prefix + mu + sigma * eps  # (draws, L, width), "add" mode
+    squared = (noisy**2).sum(-1)[..., None] - 2 * noisy @ vocabulary.T + (vocabulary**2).sum(-1)
+    nearest = np.argsort(squared, axis=-1)[..., :count]  # (draws, L, count)
+    assert "over 30 noise draws" in table
+    lines = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == len(lines) == len(ids)
+    for position, (row, line) in enumerate(zip(rows, lines, strict=True)):
+        tally = Counter(int(token) for token in nearest[:, position].flatten())
+        assert row["position"] == position and row["token"] == str(int(ids[position]))
+        shown = [(int(token), times) for token, times in row["nearest"]]
+        assert [times for _, times in shown] == sorted(tally.values(), reverse=True)[:count]
+        assert all(times == tally[token] for token, times in shown), (position, shown)
+        cells = re.findall(r"`(\d+)` \((\d+)\)", line)
+        assert [(int(token), int(times)) for token, times in cells] == shown
+    assert len({times for row in rows for _, times in row["nearest"]}) > 3  # counts vary
