@@ -383,3 +383,65 @@ def test_interpret_counts_are_how_many_draws_have_the_token_among_their_nearest(
         cells = re.findall(r"`(\d+)` \((\d+)\)", line)
         assert [(int(token), int(times)) for token, times in cells] == shown
     assert len({times for row in rows for _, times in row["nearest"]}) > 3  # counts vary
+
+
+# --- pini visualize: what the figures show ------------------------------------------------------
+
+
+def test_visualize_figures_show_the_norms_and_the_noise_sample_the_model_uses(
+    tmp_path, monkeypatch
+):
+    """noise-prompt.png's bars are |mu| and |sigma| over the embedding width at each position;
+    noise-image.png's panels are the per-pixel norms over colour channels of mu, sigma and of
+    sample 0 of the spec's image stream (docs/spec.md §4: noise((1, B, 3, H, W), seed + 3)),
+    each image in its own row, computed here with numpy."""
+    import torch
+    from test_cli import make_folder
+
+    import pini
+    import pini_kernels
+    from pini import visualize
+    from pini.data.load import load_dataset
+    from pini.data.transforms import clip_transforms
+
+    figures = []
+    monkeypatch.setattr(visualize, "_save", lambda figure, path: figures.append(figure) or path)
+    torch.manual_seed(0)
+    clip, tokenizer = pini.build_clip("pini-tiny")
+    config = pini.PiNIConfig.table1("image+prompt")
+    model = pini.PiNI(clip, tokenizer, CLASSES, config=config).eval()
+    visualize.prompt_noise_figure(model, _TokenIds(), tmp_path / "prompt.png")
+    with torch.no_grad():
+        mu, sigma = (value.double().numpy() for value in model.prompt_noise())
+    bars = [[bar.get_height() for bar in bars] for bars in figures[0].axes[0].containers]
+    np.testing.assert_allclose(bars[0], np.linalg.norm(mu, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(bars[1], np.linalg.norm(sigma, axis=-1), rtol=1e-5)
+    assert len(bars[0]) == model.prefix_length
+
+    split = load_dataset(make_folder(tmp_path / "data" / "toy", size=16).parent, "toy")
+    transform = clip_transforms(32)[1]
+    seed, count = 4, 3
+    visualize.image_noise_figure(
+        model, split.test, transform, split.classnames, tmp_path / "i.png", count=count, seed=seed
+    )
+    images = torch.stack([transform(_open_rgb(path)) for path, _ in split.test[:count]])
+    with torch.no_grad():
+        text, _ = model.text_features(seed=seed)
+        mu, sigma = (value.expand_as(images) for value in model.image_noise(images, text))
+        mu, sigma = mu.double().numpy(), sigma.double().numpy()
+        eps = pini_kernels.noise((1, *images.shape), seed=seed + 3)[0].double().numpy()
+    shown = {"mu": mu, "sigma": sigma, "noise": mu + sigma * eps}
+    axes = np.array(figures[1].axes[: count * 5]).reshape(count, 5)  # the colour bars come after
+    for row in range(count):
+        for column, name in ((1, "mu"), (2, "sigma"), (3, "noise")):
+            drawn = axes[row, column].get_images()[0].get_array()
+            want = np.linalg.norm(shown[name][row], axis=0)
+            np.testing.assert_allclose(drawn, want, rtol=1e-4, atol=1e-6, err_msg=f"{row} {name}")
+
+
+def _open_rgb(path):
+    """The image at ``path`` in RGB, read before the file is closed."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
