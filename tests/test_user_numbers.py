@@ -445,3 +445,33 @@ def _open_rgb(path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def test_sweep_prints_and_keeps_each_runs_own_numbers(tmp_path, capsys):
+    """Zero-shot CLIP (nothing to train) on two datasets of 9 and 10 test images, seeds 3 and 1
+    in that order: each progress line "[i/N] ... seed S: X% (new)" and each run kept in
+    sweep.json carry the numbers of that run's own summary.json, in the order of the plans."""
+    from test_cli import make_folder, run_cli
+
+    root = make_folder(tmp_path / "data" / "toy").parent
+    _unequal_folder(root / "small")
+    output = tmp_path / "sweep"
+    argv = ["sweep", "--model", "pini-tiny", "--no-progress", "--root", root]
+    argv += ["--datasets", "toy", "small", "--methods", "zero-shot", "--output", output]
+    status, out, err = run_cli([*argv, "--shot-list", "1", "--seeds", "3", "1"], capsys)
+    assert status == 0, err
+    report = json.loads((output / "sweep.json").read_text())
+    plans = [(dataset, seed) for dataset in ("toy", "small") for seed in (3, 1)]
+    progress = re.findall(r"^\[(\d)/(\d)\] (\w+) zero-shot 1 shots seed (\d): (.*)%", out, re.M)
+    assert len(progress) == len(report["runs"]) == 4
+    for number, ((dataset, seed), line, run) in enumerate(
+        zip(plans, progress, report["runs"], strict=True), 1
+    ):
+        summary = json.loads(
+            (output / dataset / "zero-shot" / f"1shot-seed{seed}" / "summary.json").read_text()
+        )
+        assert line == (str(number), "4", dataset, str(seed), f"{summary['accuracy']:.2f}")
+        for key in ("accuracy", "macro_f1", "zero_shot_accuracy", "test_images", "skipped_images"):
+            assert run[key] == summary[key], key
+        assert (run["dataset"], run["seed"], run["shots"]) == (dataset, seed, 1)
+    assert [run["test_images"] for run in report["runs"]] == [9, 9, 10, 10]
