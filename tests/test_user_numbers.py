@@ -394,7 +394,8 @@ def test_visualize_figures_show_the_norms_and_the_noise_sample_the_model_uses(
     """noise-prompt.png's bars are |mu| and |sigma| over the embedding width at each position;
     noise-image.png's panels are the per-pixel norms over colour channels of mu, sigma and of
     sample 0 of the spec's image stream (docs/spec.md §4: noise((1, B, 3, H, W), seed + 3)),
-    each image in its own row, computed here with numpy."""
+    each image in its own row; noise-feature.png's lines and histogram of the text noise, per
+    class; all computed here with numpy."""
     import torch
     from test_cli import make_folder
 
@@ -437,6 +438,22 @@ def test_visualize_figures_show_the_norms_and_the_noise_sample_the_model_uses(
             drawn = axes[row, column].get_images()[0].get_array()
             want = np.linalg.norm(shown[name][row], axis=0)
             np.testing.assert_allclose(drawn, want, rtol=1e-4, atol=1e-6, err_msg=f"{row} {name}")
+
+    # noise-feature.png: the text side's mu and sigma of each class over the dimensions, and the
+    # histogram of its sigma (50 bins, numpy's).
+    model = pini.PiNI(clip, tokenizer, CLASSES, config=pini.PiNIConfig.table1("text-feature"))
+    visualize.feature_noise_figure(
+        model, split.test, transform, split.classnames, tmp_path / "f.png", count=2
+    )
+    with torch.no_grad():
+        _, (mu, sigma) = model.text_features(seed=0)
+        mu, sigma = (value.expand(3, mu.shape[-1]).double().numpy() for value in (mu, sigma))
+    panels = figures[2].axes
+    for panel, values in ((panels[0], mu), (panels[1], sigma)):
+        drawn = [line.get_ydata() for line in panel.get_lines()]
+        np.testing.assert_allclose(drawn, values[:2], rtol=1e-5, atol=1e-7)
+    heights = [bar.get_height() for bar in panels[2].patches]
+    assert heights == np.histogram(sigma[:2].flatten(), bins=50)[0].tolist()
 
 
 def _open_rgb(path):
