@@ -33,6 +33,7 @@ from .runs import (
     plan_sweep_run,
     read_stored_run,
 )
+from .sweep import shots_text
 from .train import distributed_rank_world
 
 
@@ -41,7 +42,7 @@ def _print_summary(summary: dict) -> None:
     what = f"noise {summary['noise']}" if method == "pini" else method
     name = METHODS[method].display_name
     print(
-        f"{summary['dataset']}, {summary['shots']} shots, seed {summary['seed']}, "
+        f"{summary['dataset']}, {shots_text(summary['shots'])}, seed {summary['seed']}, "
         f"{what}: zero-shot CLIP {summary['zero_shot_accuracy']:.2f}% -> "
         f"{name} {summary['accuracy']:.2f}% (macro-F1 {summary['macro_f1']:.2f}%)"
     )
@@ -123,7 +124,7 @@ def _run_sweep(args, plans, output: Path, methods, splits, rank: int) -> int:
             else f"{summary['accuracy']:.2f}%"
         )
         print(
-            f"[{number}/{len(plans)}] {run['dataset']} {run['method']} {run['shots']} shots "
+            f"[{number}/{len(plans)}] {run['dataset']} {run['method']} {shots_text(run['shots'])} "
             f"seed {run['seed']}: {result} ({state})",
             flush=True,
         )

@@ -162,7 +162,7 @@ def markdown(result: dict) -> str:
         header = ["method", *datasets, "average"] + (["PiNI gain"] if with_gain else [])
         lines += [
             "",
-            f"## {_shots(k)}",
+            f"## {shots_text(k)}",
             "",
             _row(header),
             _row(["---"] + ["---:"] * (len(header) - 1)),
@@ -175,7 +175,7 @@ def markdown(result: dict) -> str:
                 cells.append(_format(gain, signed=True) if method != "pini" else "")
             lines.append(_row([_display_name(method), *cells]))
     lines += ["", "## Average over datasets against shots", ""]
-    header = ["method", *(_shots(k) for k in result["shots"])]
+    header = ["method", *(shots_text(k) for k in result["shots"])]
     lines += [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
     for method in methods:
         cells = [_format(table[method]["average"].get(str(k))) for k in result["shots"]]
@@ -185,13 +185,14 @@ def markdown(result: dict) -> str:
         lines += ["", "## Failed runs (left out of the tables above)", ""]
         lines += [
             f"- {run['dataset']} {_display_name(run['method'])} "
-            f"{run['shots']} shots seed {run['seed']}: {run['failure']}"
+            f"{shots_text(run['shots'])} seed {run['seed']}: {run['failure']}"
             for run in failures
         ]
     return "\n".join(lines) + "\n"
 
 
-def _shots(k: int) -> str:
+def shots_text(k: int) -> str:
+    """How many shots, in words: "1 shot", "16 shots"."""
     return f"{k} shot" if k == 1 else f"{k} shots"
 
 

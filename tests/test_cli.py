@@ -616,7 +616,7 @@ def test_torchrun_starts_on_a_fresh_run_folder_every_time(data, tmp_path):
         )
         assert completed.returncode == 0, f"start {attempt}: {completed.stderr[-3000:]}"
         summary = json.loads((output / "summary.json").read_text())
-        assert summary["shots"] == 1 and "toy, 1 shots, seed 1" in completed.stdout
+        assert summary["shots"] == 1 and "toy, 1 shot, seed 1" in completed.stdout
 
 
 def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_is_marked_failed(
@@ -823,7 +823,7 @@ def test_a_failed_write_or_ctrl_c_is_one_line_and_the_run_continues(
     assert not list(output.glob("*.tmp"))
     monkeypatch.undo()
     status, out, err = run_cli(resume(data, output), capsys)
-    assert status == 0 and "toy, 1 shots, seed 1" in out, err
+    assert status == 0 and "toy, 1 shot, seed 1" in out, err
     assert read_checkpoint(output / "checkpoint.pt")["epoch"] == 2
 
 
@@ -927,10 +927,10 @@ def test_resume_takes_the_runs_data_when_left_out_and_either_spelling_of_its_fol
     assert run_cli(toy_train(link, output, "--shots", "1"), capsys)[0] == 0
     (output / "summary.json").unlink()
     status, out, err = run_cli(["train", "--no-progress", "--output", output, "--resume"], capsys)
-    assert status == 0 and "toy, 1 shots, seed 1" in out, err
+    assert status == 0 and "toy, 1 shot, seed 1" in out, err
     (output / "summary.json").unlink()
     status, out, err = run_cli(resume(data, output), capsys)
-    assert status == 0 and "toy, 1 shots, seed 1" in out, err
+    assert status == 0 and "toy, 1 shot, seed 1" in out, err
 
 
 @pytest.mark.parametrize(

@@ -479,7 +479,7 @@ def test_sweep_prints_and_keeps_each_runs_own_numbers(tmp_path, capsys):
     assert status == 0, err
     report = json.loads((output / "sweep.json").read_text())
     plans = [(dataset, seed) for dataset in ("toy", "small") for seed in (3, 1)]
-    progress = re.findall(r"^\[(\d)/(\d)\] (\w+) zero-shot 1 shots seed (\d): (.*)%", out, re.M)
+    progress = re.findall(r"^\[(\d)/(\d)\] (\w+) zero-shot 1 shot seed (\d): (.*)%", out, re.M)
     assert len(progress) == len(report["runs"]) == 4
     for number, ((dataset, seed), line, run) in enumerate(
         zip(plans, progress, report["runs"], strict=True), 1
