@@ -92,11 +92,6 @@ def build_clip(
     finally:
         if quiet:
             logging.disable(logging.NOTSET)
-    if not hasattr(model, "token_embedding"):
-        raise TypeError(
-            f"{name} builds a {type(model).__name__} (a text tower of its own, e.g. an HF text "
-            "encoder): PiNI's prompt-embedding noise needs open_clip's CLIP class"
-        )
     return model, open_clip.get_tokenizer(name)
 
 
@@ -145,22 +140,99 @@ def _weights_source(name: str, pretrained: str) -> tuple[str, dict]:
     )
 
 
+def hf_text_encoder(name: str) -> str | None:
+    """The Hugging Face text encoder that open_clip builds as ``name``'s text tower (e.g.
+    ``"xlm-roberta-base"``), or None where the tower is open_clip's own ``TextTransformer``; read
+    from the model's config, so before any weights load."""
+    register_model_configs()
+    text = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    return text.get("hf_model_name") or None
+
+
+def text_tower(clip: nn.Module) -> nn.Module | None:
+    """The module holding the text transformer's parts (``token_embedding``,
+    ``positional_embedding``, ``transformer``, ``ln_final``, ``text_projection``, ``attn_mask``):
+    the ``CLIP`` itself, or the ``TextTransformer`` of a ``CustomTextCLIP`` (SigLIP, EVA02,
+    MobileCLIP, ...) or ``CoCa`` (``clip.text``). None for a tower that takes no token
+    embeddings (an HF text encoder)."""
+    tower = getattr(clip, "text", None)
+    if isinstance(tower, open_clip.transformer.TextTransformer):
+        return tower
+    return clip if hasattr(clip, "token_embedding") else None
+
+
+def token_embedding(clip: nn.Module) -> nn.Embedding:
+    """The text tower's token embedding (vocabulary, width); a ``TypeError`` for a tower that
+    takes no token embeddings."""
+    tower = text_tower(clip)
+    if tower is None:
+        raise TypeError(
+            f"{type(clip).__name__}'s text tower ({type(clip.text).__name__}) takes no token "
+            "embeddings: prompt noise and CoOp's context need open_clip's TextTransformer"
+        )
+    return tower.token_embedding
+
+
+def logit_bias(clip: nn.Module) -> torch.Tensor | None:
+    """SigLIP's learned logit bias (logits are ``exp(logit_scale) * cos + logit_bias``), or None
+    for a model without one (CLIP's logits are ``exp(logit_scale) * cos``)."""
+    return getattr(clip, "logit_bias", None)
+
+
+def encode_image(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, D) raw image features of ``images`` (B, 3, H, W): the image tower's pooled output, as
+    ``encode_image(normalize=False)`` gives it (CoCa's tower also returns its tokens, and CoCa's
+    ``encode_image`` normalizes). Calls ``clip.visual``, so that a tower replaced by the identity
+    (``evaluation.features_in_place_of_images``) passes features through on every family."""
+    features = clip.visual(images)
+    return features[0] if isinstance(features, tuple) else features
+
+
+def encode_text(clip: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """(C, D) raw text features of ``token_ids`` (C, context) by the tower's own ``encode_text``,
+    not normalized (CoCa's normalizes unless told not to)."""
+    return clip.encode_text(token_ids, normalize=False)
+
+
 def encode_text_embeddings(
     clip: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor
 ) -> torch.Tensor:
-    """open_clip's encode_text from token embeddings (C, L, width) instead of token ids: positional
-    embedding, causal transformer, ln_final, pooling at the end-of-text token, projection."""
-    cast_dtype = clip.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
-    x = clip.ln_final(x)
-    x = open_clip.transformer.text_global_pool(
-        x, token_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)
-    )
-    if clip.text_projection is not None:
-        x = (
-            clip.text_projection(x)
-            if isinstance(clip.text_projection, nn.Linear)
-            else (x @ clip.text_projection)
-        )
+    """The text tower's ``encode_text`` from token embeddings (C, context, width) instead of token
+    ids (C, context), as open_clip's ``TextTransformer.forward`` (or ``CLIP.encode_text``) does
+    it: CoCa's class token appended, the positional embedding, the causal mask (none with
+    ``no_causal_mask``) plus the padding mask where the tower uses one, the transformer,
+    ``ln_final`` and pooling by ``pool_type`` ("argmax", "eos", "last", "first"; CoCa: its class
+    token, then ``ln_final``), the projection (a matrix or a Linear). Returns (C, D)."""
+    tower = text_tower(clip)
+    if tower is None:
+        token_embedding(clip)  # the TypeError naming the tower
+    if tower is clip:
+        pool_type, eos_id = clip.text_pool_type, getattr(clip, "text_eos_id", None)
+    else:
+        pool_type, eos_id = tower.pool_type, tower.eos_id
+    class_embedding = getattr(tower, "cls_emb", None)
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype)
+    if class_embedding is not None:
+        x = torch.cat([x, class_embedding.to(cast_dtype).expand(x.shape[0], 1, -1)], dim=1)
+    attn_mask = tower.attn_mask
+    if getattr(tower, "use_pad_mask", False) or class_embedding is not None:
+        pad_mask = tower._build_additive_mask(token_ids, x.shape[1], x.dtype)
+        if attn_mask is None:
+            attn_mask = pad_mask
+        else:
+            attn_mask = attn_mask[: x.shape[1], : x.shape[1]].unsqueeze(0) + pad_mask
+    positions = tower.positional_embedding
+    if positions.shape[0] != x.shape[1]:
+        positions = positions[: x.shape[1]]
+    x = x + positions.to(cast_dtype)
+    x = tower.transformer(x, attn_mask=attn_mask)
+    if class_embedding is not None:
+        x = tower.ln_final(x[:, -1])
+    else:
+        x = tower.ln_final(x)
+        x = open_clip.transformer.text_global_pool(x, token_ids, pool_type, eos_token_id=eos_id)
+    projection = tower.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, nn.Linear) else (x @ projection)
     return x

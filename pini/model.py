@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import generators as gen
-from .backbone import encode_text_embeddings
+from .backbone import (
+    encode_image,
+    encode_text,
+    encode_text_embeddings,
+    logit_bias,
+    token_embedding,
+)
 from .config import PiNIConfig
 from .noise_paths import (
     IMAGE_FEATURE_STREAM,
@@ -45,7 +51,10 @@ from .prompts import (
 
 
 class PiNI(nn.Module):
-    """PiNI around a frozen open_clip ``CLIP``.
+    """PiNI around a frozen open_clip model: ``CLIP``, ``CustomTextCLIP`` (SigLIP, EVA02,
+    MobileCLIP, ...) or ``CoCa`` (its contrastive towers). Prompt noise needs a text tower that
+    takes token embeddings (open_clip's ``TextTransformer``, not an HF text encoder); SigLIP's
+    ``logit_bias`` is added to every logit reported (docs/spec.md §1).
 
     classnames: the C class names. template: PiNI's prompt template for the dataset
     (``prompts.template_for``). zero_shot_template: CoOp's hand-written prompt for the zero-shot
@@ -71,21 +80,27 @@ class PiNI(nn.Module):
         self.config = config or PiNIConfig()
         self.clip = clip.eval().requires_grad_(False)
         self.zero_shot_template = zero_shot_template
-        device = clip.token_embedding.weight.device
+        device = clip.logit_scale.device
         zero_shot_ids = tokenizer(build_zero_shot_prompts(classnames, zero_shot_template))
         token_ids = tokenizer(build_prompts(classnames, template)).to(device)
         self.register_buffer("token_ids", token_ids, persistent=False)
         # Positions 1 .. prefix_length hold placeholders and template: the same for every class.
         prefix_ids = tokenizer([prompt_prefix(template)])[0]
         self.prefix_length = int((prefix_ids != 0).sum()) - 2  # minus start and end tokens
-        width = clip.token_embedding.weight.shape[1]
-        dim = clip.text_projection.shape[1] if clip.text_projection is not None else width
         cfg = self.config
-        self.prompt_noise = (
-            gen.LearnableNoise((self.prefix_length, width), cfg.sigma_activation)
-            if cfg.text == "prompt"
-            else None
-        )
+        with torch.no_grad(), self._tower_precision():
+            # (C, D): the frozen CLIP on CoOp's hand-written prompts, the paper's zero-shot row.
+            zero_shot_text = encode_text(clip, zero_shot_ids.to(device)).float()
+            # (C, D): the frozen CLIP on PiNI's prompts (placeholders, template, class name), no
+            # noise. The text side when no prompt noise is configured, and the diagnostic baseline.
+            placeholder_text = encode_text(clip, self.token_ids).float()
+        dim = zero_shot_text.shape[-1]
+        self.prompt_noise = None
+        if cfg.text == "prompt":
+            width = token_embedding(clip).weight.shape[1]  # a TypeError for an HF text tower
+            self.prompt_noise = gen.LearnableNoise(
+                (self.prefix_length, width), cfg.sigma_activation
+            )
         self.text_generator = None
         if cfg.text == "feature":
             self.text_generator = (
@@ -94,12 +109,6 @@ class PiNI(nn.Module):
                 else gen.FeatureMLP(dim, sigma_activation=cfg.sigma_activation)
             )
         self.visual_generator = _visual_generator(cfg, dim, clip)
-        with torch.no_grad(), self._tower_precision():
-            # (C, D): the frozen CLIP on PiNI's prompts (placeholders, template, class name), no
-            # noise. The text side when no prompt noise is configured, and the diagnostic baseline.
-            placeholder_text = self._encode_prompts(None)[0]
-            # (C, D): the frozen CLIP on CoOp's hand-written prompts, the paper's zero-shot row.
-            zero_shot_text = clip.encode_text(zero_shot_ids.to(device)).float()
         self.register_buffer("placeholder_prompt_text", placeholder_text, persistent=False)
         self.register_buffer("zero_shot_text", zero_shot_text, persistent=False)
 
@@ -134,7 +143,7 @@ class PiNI(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) float32 features of the frozen image tower, in the configured precision."""
         with self._tower_precision():
-            return self.clip.encode_image(images).float()
+            return encode_image(self.clip, images).float()
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, D): the image's spatial feature, the frozen ViT's patch tokens after its last
@@ -185,7 +194,7 @@ class PiNI(nn.Module):
         tower encodes the num_samples * C prompts in one call.
         """
         clip = self.clip
-        embeddings = clip.token_embedding(self.token_ids).unsqueeze(0)  # (1, C, context, width)
+        embeddings = token_embedding(clip)(self.token_ids).unsqueeze(0)  # (1, C, context, width)
         token_ids = self.token_ids
         if prompt_noise is not None:
             mu, sigma = self._centered(prompt_noise[0]), prompt_noise[1] * sigma_scale
@@ -352,7 +361,14 @@ class PiNI(nn.Module):
     ) -> torch.Tensor:
         """(num_samples, B, C) logits, each sample with its own draw of every noise source."""
         calls = self._logits_op_calls(images, num_samples, sigma_scale, step_seed(seed))
-        return torch.cat([self.noise_ops.noisy_cosine_logits(**call) for call in calls])
+        logits = torch.cat([self.noise_ops.noisy_cosine_logits(**call) for call in calls])
+        return self._with_bias(logits)
+
+    def _with_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` plus SigLIP's ``logit_bias`` where the model has one. The loss needs none:
+        a constant shift of a row's logits leaves its softmax, so its cross-entropy, unchanged."""
+        bias = logit_bias(self.clip)
+        return logits if bias is None else logits + bias.detach().to(logits.dtype)
 
     def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """(B, C) logits for classification with the configured inference noise: one sample
@@ -378,7 +394,7 @@ class PiNI(nn.Module):
 
     def _frozen_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         image = F.normalize(self.encode_image(images), dim=-1)
-        return self.clip.logit_scale.exp() * image @ F.normalize(text, dim=-1).t()
+        return self._with_bias(self.clip.logit_scale.exp() * image @ F.normalize(text, dim=-1).t())
 
 
 def _visual_generator(cfg: PiNIConfig, dim: int, clip: nn.Module) -> nn.Module | None:

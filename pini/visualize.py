@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .backbone import token_embedding
 from .data.image_list import ImageList, collate_skipping
 from .data.transforms import CLIP_MEAN, CLIP_STD
 from .errors import InputError
@@ -229,8 +230,9 @@ def interpret_prompt_noise(
         )
     mu, sigma = model.prompt_noise()
     mu = model._centered(mu)
-    vocabulary = model.clip.token_embedding.weight
-    prefix = model.clip.token_embedding(model.token_ids[0, 1 : 1 + model.prefix_length])
+    embedding = token_embedding(model.clip)
+    vocabulary = embedding.weight
+    prefix = embedding(model.token_ids[0, 1 : 1 + model.prefix_length])
     noise = model.noise_ops.sample_noise(
         mu, sigma, prefix.shape, num_samples=draws, seed=seed + PROMPT_STREAM
     )

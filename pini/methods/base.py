@@ -92,6 +92,10 @@ class Method:
     scale range of the training images (or Tip-Adapter's augmented cache); None where no image
     is augmented. A method is trained (``training``), fitted (``fitting``) or neither
     (zero-shot CLIP). ``baseline``: one of the paper's comparison methods (all but PiNI).
+    ``edits_prompts(pini_config)``: whether the run changes the prompts' token embeddings (CoOp's
+    context, PiNI's prompt noise), so that its text tower must take token embeddings (open_clip's
+    ``TextTransformer``, not an HF text encoder); ``pini_config`` is the run's ``PiNIConfig`` or
+    None.
     """
 
     name: str
@@ -102,6 +106,7 @@ class Method:
     training: Training | None = None
     fitting: Fitting | None = None
     baseline: bool = True
+    edits_prompts: Callable[[Any], bool] = lambda pini_config: False
 
     @property
     def trains(self) -> bool:

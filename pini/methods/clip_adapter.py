@@ -93,7 +93,10 @@ class CLIPAdapter(FrozenCLIPMethod):
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits from raw CLIP image features (B, D)."""
         return cosine_logits(
-            self.adapted_features(image_features), self.zero_shot_text, self._logit_scale()
+            self.adapted_features(image_features),
+            self.zero_shot_text,
+            self._logit_scale(),
+            self._logit_bias(),
         )
 
     def loss_on_features(self, image_features: torch.Tensor, labels: torch.Tensor):

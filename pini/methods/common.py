@@ -3,6 +3,7 @@ logits and loss (pini_kernels' ops with no noise), and image features encoded on
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 
 import pini_kernels
 
+from ..backbone import encode_image, encode_text, logit_bias
 from ..data.features import encode_samples
 from ..errors import InputError
 from ..prompts import DEFAULT_ZERO_SHOT_TEMPLATE as PROMPT
@@ -59,22 +61,24 @@ def hand_written_text(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_ids (C, context), text features (C, D)) of the frozen CLIP on ``template`` with
     "{}" replaced by each class name (CoOp's hand-written prompts)."""
-    device = clip.token_embedding.weight.device
+    device = clip.logit_scale.device
     token_ids = tokenizer(build_zero_shot_prompts(classnames, template)).to(device)
     with torch.no_grad():
-        text = clip.encode_text(token_ids).float()
+        text = encode_text(clip, token_ids).float()
     return token_ids, text
 
 
 def encode_frozen(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, D) float32 image features of the frozen image tower; no graph is kept."""
     with torch.no_grad():
-        return clip.encode_image(images).float()
+        return encode_image(clip, images).float()
 
 
-def cosine_logits(image_features, text_features, logit_scale) -> torch.Tensor:
-    """(B, C) ``logit_scale * <f/|f|, t/|t|>``: pini_kernels' logits op with no noise."""
-    return pini_kernels.noisy_cosine_logits(image_features, text_features, logit_scale, seed=0)[0]
+def cosine_logits(image_features, text_features, logit_scale, bias=None) -> torch.Tensor:
+    """(B, C) ``logit_scale * <f/|f|, t/|t|> + bias``: pini_kernels' logits op with no noise;
+    ``bias`` is SigLIP's ``logit_bias`` (None: none, as CLIP's)."""
+    logits = pini_kernels.noisy_cosine_logits(image_features, text_features, logit_scale, seed=0)
+    return logits[0] if bias is None else logits[0] + bias.to(logits.dtype)
 
 
 def cosine_cross_entropy(image_features, text_features, logit_scale, labels) -> torch.Tensor:
@@ -146,10 +150,18 @@ class FrozenCLIPMethod(nn.Module):
     def _logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp().detach()
 
+    def _logit_bias(self) -> torch.Tensor | None:
+        """SigLIP's ``logit_bias``, added to the logits reported (never needed by the loss: a
+        constant shift of a row leaves its softmax unchanged); None for CLIP."""
+        bias = logit_bias(self.clip)
+        return None if bias is None else bias.detach()
+
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of zero-shot CLIP (the frozen CLIP on the hand-written prompts)."""
         image_features = encode_frozen(self.clip, images)
-        return cosine_logits(image_features, self.zero_shot_text, self._logit_scale())
+        return cosine_logits(
+            image_features, self.zero_shot_text, self._logit_scale(), self._logit_bias()
+        )
 
     # Every method defines ``logits(image_features)`` and, if it trains,
     # ``loss_on_features(image_features, labels)`` on raw CLIP features (B, D); these run them on
@@ -181,7 +193,9 @@ def encode_images(
     left in eval mode."""
     check_positive_int("batch_size", batch_size)
     clip.to(device).eval()
-    encoded = encode_samples(clip.encode_image, samples, transform, batch_size, device)
+    encoded = encode_samples(
+        functools.partial(encode_image, clip), samples, transform, batch_size, device
+    )
     return encoded.features, encoded.labels
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..backbone import encode_text_embeddings
+from ..backbone import encode_text_embeddings, token_embedding
 from ..prompts import DEFAULT_ZERO_SHOT_TEMPLATE, PLACEHOLDER, build_zero_shot_prompts
 from .base import Method, Training, on_frozen_clip
 from .common import (
@@ -62,7 +62,7 @@ class CoOp(FrozenCLIPMethod):
         self.config = CoOpConfig(num_context=num_context, context_init_std=context_init_std)
         count = self.config.num_context
         prefix = " ".join([PLACEHOLDER] * count)
-        device = clip.token_embedding.weight.device
+        device = clip.logit_scale.device
         token_ids = tokenizer(build_zero_shot_prompts(classnames, prefix + " {}.")).to(device)
         placeholder_id = int(tokenizer([PLACEHOLDER])[0, 1])
         if not bool((token_ids[:, 1 : 1 + count] == placeholder_id).all()):
@@ -72,7 +72,7 @@ class CoOp(FrozenCLIPMethod):
             )
         self.register_buffer("token_ids", token_ids, persistent=False)
         with torch.no_grad():
-            embeddings = clip.token_embedding(token_ids).float()
+            embeddings = token_embedding(clip)(token_ids).float()
         # The fixed parts of every prompt: the start token, and the class name, full stop, end
         # token and padding after the context. Rebuilt from the class names, never saved.
         self.register_buffer("token_start", embeddings[:, :1], persistent=False)
@@ -90,7 +90,9 @@ class CoOp(FrozenCLIPMethod):
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C) cosine logits from raw CLIP image features (B, D)."""
-        return cosine_logits(image_features, self.text_features(), self._logit_scale())
+        return cosine_logits(
+            image_features, self.text_features(), self._logit_scale(), self._logit_bias()
+        )
 
     def loss_on_features(self, image_features: torch.Tensor, labels: torch.Tensor):
         """Mean cross-entropy of the cosine logits: image_features (B, D), labels (B,)."""
@@ -121,4 +123,12 @@ def _settings(shots: int, dataset: str | None, classes: int) -> dict:
 
 
 TRAINING = Training(_settings)
-METHOD = Method("coop", "CoOp", on_frozen_clip(CoOp), CoOpConfig, DASSL_CROP_SCALE, TRAINING)
+METHOD = Method(
+    "coop",
+    "CoOp",
+    on_frozen_clip(CoOp),
+    CoOpConfig,
+    DASSL_CROP_SCALE,
+    TRAINING,
+    edits_prompts=lambda pini_config: True,
+)

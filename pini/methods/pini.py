@@ -17,7 +17,7 @@ def _build(setup: MethodSetup) -> PiNI:
         PiNIConfig(**setup.pini_config),
         zero_shot_template=setup.zero_shot_template,
     )
-    return model.to(setup.clip.token_embedding.weight.device)
+    return model.to(setup.clip.logit_scale.device)
 
 
 def _train_settings(shots: int, dataset: str | None, classes: int) -> dict:
@@ -38,4 +38,13 @@ TRAINING = Training(
     _train_settings, demo=dict(epochs=200, lr=0.01, batch_size=32), learned=_classes_learned
 )
 DASSL_CROP_SCALE = (0.08, 1.0)  # Dassl's default, the authors' code base
-METHOD = Method("pini", "PiNI", _build, None, DASSL_CROP_SCALE, TRAINING, baseline=False)
+METHOD = Method(
+    "pini",
+    "PiNI",
+    _build,
+    None,
+    DASSL_CROP_SCALE,
+    TRAINING,
+    baseline=False,
+    edits_prompts=lambda pini_config: pini_config.text == "prompt",
+)

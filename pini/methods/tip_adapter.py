@@ -327,7 +327,7 @@ def _build_fine_tuned(setup: MethodSetup) -> TipAdapterF:
     if cache is None:  # rebuilt to load a checkpoint: keys of the stored shape
         shape = setup.stored_state["cache_keys"].shape
         cache = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long)
-    device = setup.clip.token_embedding.weight.device
+    device = setup.clip.logit_scale.device
     return TipAdapterF(
         setup.clip,
         setup.tokenizer,

@@ -31,7 +31,9 @@ class ZeroShotCLIP(FrozenCLIPMethod):
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits from raw CLIP image features (B, D)."""
-        return cosine_logits(image_features, self.zero_shot_text, self._logit_scale())
+        return cosine_logits(
+            image_features, self.zero_shot_text, self._logit_scale(), self._logit_bias()
+        )
 
 
 METHOD = Method("zero-shot", "zero-shot CLIP", on_frozen_clip(ZeroShotCLIP), ZeroShotConfig)
