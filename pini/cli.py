@@ -40,10 +40,11 @@ from .commands import (
     visualize_command,
 )
 from .config import INFERENCE_MODES, TABLE1
+from .config_file import apply_config_file
 from .errors import InputError, RunDiverged
 from .methods import METHODS
 from .runs import DEFAULT_ROW, MAX_SEED
-from .train import distributed_rank_world
+from .train import OPTIMIZERS, distributed_rank_world
 
 # --- arguments --------------------------------------------------------------------------------
 
@@ -76,6 +77,10 @@ _non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 _positive_float = _checked(
     float, lambda value: math.isfinite(value) and value > 0, "a positive number"
 )
+_non_negative_float = _checked(
+    float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0"
+)
+_momentum = _checked(float, lambda value: 0 <= value < 1, "a momentum in [0, 1)")
 _seed = _checked(int, lambda value: 0 <= value < MAX_SEED, "a seed in [0, 2^62)")
 
 
@@ -88,16 +93,29 @@ DISTRIBUTED_TIMEOUT_MINUTES = 15.0
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pini", description="PiNI few-shot fine-tuning of CLIP")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.set_defaults(command_parsers=commands.choices)  # for --config
 
     general = _Parser(add_help=False)
     general.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     general.add_argument("--per-class", action="store_true", help="print per-class accuracy")
-    general.add_argument("--no-progress", action="store_true", help="no progress bars")
+    general.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="only the results: no progress bars (drawn where stderr is a terminal) and no "
+        "epoch lines (one per epoch elsewhere)",
+    )
     general.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     data = _Parser(add_help=False)
-    data.add_argument("--root", default=None, help="datasets folder (none: bundled digits)")
-    data.add_argument("--dataset", default=None, help="dataset folder name, e.g. oxford_pets")
+    data.add_argument(
+        "--root", default=None, help="datasets folder (default: none, the bundled digits)"
+    )
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset folder name under --root, e.g. oxford_pets (default: --root is the "
+        "dataset's folder)",
+    )
 
     model = _Parser(add_help=False)
     model.add_argument(
@@ -111,14 +129,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="CLIP weights: a local file, an open_clip pretrained tag (openai, "
         "laion2b_s34b_b88k, ...) or hf-hub:org/name; tags are downloaded and cached by "
-        "open_clip (offline: read from the cache)",
+        "open_clip (offline: read from the cache) (default: none, only for pini-tiny and the "
+        "demo)",
     )
     model.add_argument(
         "--trusted",
         action="store_true",
         help="allow OpenAI TorchScript archives (runs code from the file)",
     )
-    model.add_argument("--template", default=None, help="prompt template (default by dataset)")
+    model.add_argument(
+        "--template", default=None, help="prompt template (default: the dataset's, Table 6)"
+    )
     model.add_argument(
         "--noise",
         default=None,
@@ -126,16 +147,29 @@ def _parser() -> argparse.ArgumentParser:
         help=f"a row of the paper's Table 1, filling --visual, --visual-generator, --text and "
         f"--text-generator (default {DEFAULT_ROW}); explicit flags override it",
     )
-    model.add_argument("--visual", default=None, choices=["none", "image", "feature"])
+    model.add_argument(
+        "--visual",
+        default=None,
+        choices=["none", "image", "feature"],
+        help="where visual noise goes (default: the --noise row's)",
+    )
     model.add_argument(
         "--visual-generator",
         default=None,
         help="image: cnn (the paper's residual CNN), attention (the paper's, on CLIP's patch "
-        "tokens), mlp, cnn-light, attention-pixels; feature: attention (the paper's), mlp",
+        "tokens), mlp, cnn-light, attention-pixels; feature: attention (the paper's), mlp "
+        "(default: the --noise row's)",
     )
-    model.add_argument("--text", default=None, choices=["none", "prompt", "feature"])
     model.add_argument(
-        "--text-generator", default=None, help="prompt: embedding; feature: embedding, mlp"
+        "--text",
+        default=None,
+        choices=["none", "prompt", "feature"],
+        help="where text noise goes (default: the --noise row's)",
+    )
+    model.add_argument(
+        "--text-generator",
+        default=None,
+        help="prompt: embedding; feature: embedding, mlp (default: the --noise row's)",
     )
     model.add_argument("--mode", default=None, choices=["add", "mul"], help="default add")
     model.add_argument(
@@ -167,19 +201,89 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         default=None,
         choices=["fp32", "bf16", "fp16"],
-        help="the frozen towers' precision (autocast); the generators stay fp32",
+        help="the frozen towers' precision (autocast); the generators stay fp32 (default fp32)",
+    )
+    model.add_argument(
+        "--scaled-attention",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the cross-attention generators divide by sqrt(d) (default: no, one unscaled head "
+        "as the authors' code)",
     )
 
     run = _Parser(add_help=False)
-    run.add_argument("--epochs", type=_positive_int, default=None)
-    run.add_argument("--lr", type=_positive_float, default=None)
-    run.add_argument("--batch-size", type=_positive_int, default=None, help="default 32")
-    run.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers")
+    run.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="options from a TOML file (YAML with pyyaml installed) under the flags' names, e.g. "
+        "weight-decay = 1e-4; flags given here override it (default: none)",
+    )
+    run.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="default: the method's (PiNI 200, 100 for 1000 classes; CoOp by shots; the demo 200)",
+    )
+    run.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate after the warm-up, cosine-annealed (default: the method's: PiNI "
+        "0.002, 0.001 for 1000 classes; the demo 0.01)",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="default 32 (Tip-Adapter-F 256)",
+    )
+    run.add_argument(
+        "--optimizer",
+        default=None,
+        choices=OPTIMIZERS,
+        help="default sgd (Dassl's; Tip-Adapter-F adamw, with eps 1e-4)",
+    )
+    run.add_argument(
+        "--momentum",
+        type=_momentum,
+        default=None,
+        help="SGD's momentum (default 0.9, Dassl's; the paper does not state it)",
+    )
+    run.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=None,
+        help="default 5e-4 (Dassl's; Tip-Adapter-F 0.01)",
+    )
+    run.add_argument(
+        "--warmup-epochs",
+        type=_non_negative_int,
+        default=None,
+        help="epochs at the constant --warmup-lr before the cosine schedule (default 1; "
+        "Tip-Adapter-F 0)",
+    )
+    run.add_argument(
+        "--warmup-lr",
+        type=_positive_float,
+        default=None,
+        help="warm-up learning rate (default 1e-5)",
+    )
+    run.add_argument(
+        "--workers", type=_non_negative_int, default=0, help="data loader workers (default 0)"
+    )
     run.add_argument(
         "--eval-every",
         type=_positive_int,
         default=None,
-        help="also evaluate on the test set every N epochs, recorded in metrics.jsonl",
+        help="also evaluate on the test set every N epochs, recorded in metrics.jsonl "
+        "(default: never)",
+    )
+    run.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write loss, lr and accuracy per epoch as TensorBoard scalars to "
+        "RUN/tensorboard (needs the tensorboard package)",
     )
     run.add_argument(
         "--timeout",
@@ -189,7 +293,12 @@ def _parser() -> argparse.ArgumentParser:
         f"error (default {DISTRIBUTED_TIMEOUT_MINUTES:g}; raise it when rank 0's evaluations "
         "take longer)",
     )
-    run.add_argument("--output", default=None, help="run folder (default runs/<dataset>-...)")
+    run.add_argument(
+        "--output",
+        default=None,
+        help="run folder (default runs/<dataset>-<noise row or method>-<K>shot-seed<S>; sweep: "
+        "runs/sweep)",
+    )
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --output")
     again.add_argument(
@@ -197,7 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     one = _Parser(add_help=False)
-    one.add_argument("--shots", type=_positive_int, default=None, help="shots per class (16)")
+    one.add_argument(
+        "--shots", type=_positive_int, default=None, help="shots per class (default 16)"
+    )
     one.add_argument("--seed", type=_seed, default=None, help="run seed (default 1)")
 
     train_parser = commands.add_parser(
@@ -269,7 +380,10 @@ def _parser() -> argparse.ArgumentParser:
         help="methods (default: all)",
     )
     sweep.add_argument(
-        "--datasets", nargs="+", default=None, help="dataset folder names under --root"
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="dataset folder names under --root (default: --dataset's, or the bundled digits)",
     )
     sweep.add_argument(
         "--shot-list",
@@ -307,7 +421,17 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:  # the file's options under the flags given
+        try:
+            apply_config_file(args.command_parsers[args.command], args.config, args.command)
+        except InputError as error:
+            if args.debug:
+                raise
+            print(f"pini {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -15,6 +15,7 @@ from .data.transforms import clip_transforms
 from .errors import InputError, RunDiverged
 from .evaluation import evaluate
 from .methods import METHODS
+from .metrics_log import check_tensorboard
 from .model import PiNI
 from .run_folders import SUMMARY, lock_folder, unlock_folder
 from .runner import (
@@ -51,6 +52,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def train_command(args) -> int:
+    if args.tensorboard:
+        check_tensorboard()
     folder = default_output(args, args.shots or 16, 1 if args.seed is None else args.seed)
     if args.resume and args.root is None and args.dataset is None and folder.is_dir():
         stored = read_stored_run(folder)  # left-out data flags take the run's, as other flags do
@@ -62,10 +65,13 @@ def train_command(args) -> int:
     summary = execute(args, plan)
     if summary is not None:
         _print_summary(summary)
+        print(f"run folder: {folder}")  # the last line says where the result is
     return 0
 
 
 def sweep_command(args) -> int:
+    if args.tensorboard:
+        check_tensorboard()
     check_data_args(args)
     if args.datasets and args.dataset:
         raise InputError("give the datasets with --datasets or --dataset, not both")

@@ -23,6 +23,7 @@ from .backbone import TINY_MODEL, build_clip
 from .data.digits import DIGIT_NAMES, digits_pretraining_samples
 from .data.image_list import ImageList
 from .data.transforms import clip_transforms
+from .progress import say, show_bars
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,18 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
     captions = torch.stack(
         [tokenizer([template.format(name) for name in DIGIT_NAMES]) for template in CAPTIONS]
     )  # (templates, classes, context)
+    say(
+        f"pre-training the demo's tiny CLIP on held-out digits ({PRETRAIN_STEPS} steps, once: "
+        f"cached as {path}) ...",
+        progress,
+    )
     optimizer = torch.optim.AdamW(clip.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     clip.train()
     for _ in tqdm(
         range(PRETRAIN_STEPS),
         desc="pre-training the demo's tiny CLIP on digits",
-        disable=not progress,
+        disable=not show_bars(progress),
         leave=False,
     ):
         picks = torch.randint(0, len(dataset), (PRETRAIN_BATCH,), generator=generator)

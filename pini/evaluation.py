@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .data.features import EncodedImages
 from .data.image_list import ImageList, collate_skipping
 from .errors import InputError
+from .progress import show_bars
 
 
 @contextlib.contextmanager
@@ -91,7 +92,7 @@ def evaluate(
     all_labels, all_predictions = [], []
     with bypass:
         for batch_index, inputs, labels, batch_skipped in tqdm(
-            batches, desc="evaluate", leave=False, disable=not progress
+            batches, desc="evaluate", leave=False, disable=not show_bars(progress)
         ):
             skipped += batch_skipped
             if inputs is None:

@@ -2,36 +2,38 @@
 replaced or resumed run makes on its folder before any work.
 
 A run folder holds one run: ``run.json`` (what the run is: method, model, data, every resolved
-option), the few-shot split with a fingerprint of the images it was drawn from, ``metrics.jsonl``,
-``checkpoint.pt`` and ``summary.json``. A new run never writes into a folder that holds
-something (``--overwrite`` replaces a run), ``--resume`` continues exactly the stored run (a flag
-that differs is an error), and ``eval`` rebuilds the model from the checkpoint.
+option), the few-shot split with a fingerprint of the images it was drawn from, ``metrics.jsonl``
+and ``metrics.csv`` (with ``--tensorboard`` also ``tensorboard/``), ``checkpoint.pt`` and
+``summary.json``. A new run never writes into a folder that holds something (``--overwrite``
+replaces a run), ``--resume`` continues exactly the stored run (a flag that differs is an
+error), and ``eval`` rebuilds the model from the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT
 from .errors import InputError
 from .files import write_text_atomically
-from .train import METRICS
+from .metrics_log import METRICS, METRICS_CSV, TENSORBOARD
 
 RUN_FILE = "run.json"
 SUMMARY = "summary.json"
 
-OWN_FILES = (RUN_FILE, CHECKPOINT, METRICS, SUMMARY)
+OWN_FILES = (RUN_FILE, CHECKPOINT, METRICS, METRICS_CSV, SUMMARY)
 # Every file pini writes goes first to NAME.tmp, then replaces NAME: a write that failed (disk
 # full, Ctrl-C) leaves at most these, which are pini's own and hold nothing worth keeping.
 TEMPORARY_FILES = (*(name + ".tmp" for name in OWN_FILES), ".write-test-*")
 
 
 def _own_files(folder: Path) -> list[Path]:
-    return [folder / name for name in OWN_FILES if (folder / name).exists()] + sorted(
-        [*folder.glob("split-*shot-seed*.json*"), *_leftovers(folder)]
-    )
+    return [
+        folder / name for name in (*OWN_FILES, TENSORBOARD) if (folder / name).exists()
+    ] + sorted([*folder.glob("split-*shot-seed*.json*"), *_leftovers(folder)])
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -119,7 +121,10 @@ def prepare_folder(folder: Path, *, overwrite: bool) -> None:
     writes, and creates the folder."""
     if folder.is_dir():
         for path in _own_files(folder) if overwrite else _leftovers(folder):
-            path.unlink()
+            if path.is_dir():  # --tensorboard's events
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     probe = folder / f".write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)

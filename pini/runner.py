@@ -28,6 +28,7 @@ from .methods import METHODS, MethodSetup
 from .methods.common import encode_augmented_views
 from .methods.zero_shot import ZeroShotCLIP
 from .model import PiNI
+from .progress import say
 from .run_folders import RUN_FILE, SUMMARY, lock_folder, prepare_folder, unlock_folder, write_json
 from .runs import (
     RUN_FORMAT,
@@ -68,6 +69,8 @@ def load_backbone(run: dict, device: str, progress: bool, trusted: bool):
                     f"SHA-256 {expected[:16]}...: it was replaced since. Put the original back, "
                     "or start a new run with these weights"
                 )
+        if run["pretrained"] is not None:
+            say(f"loading {run['model']} weights ({run['pretrained']}) ...", progress)
         clip, tokenizer = build_clip(
             run["model"], run["pretrained"], trusted=trusted, device=device
         )
@@ -246,6 +249,7 @@ def _execute_locked(args, plan: RunPlan) -> dict | None:
     subset = getattr(split, "class_subset", None)
     test_features = None
     if rank == 0:
+        say(f"zero-shot CLIP on the {len(split.test)} test images ...", progress)
         test_features = encode_test_features(run, model, clip, split, test_transform, args.device)
     evaluation = dict(
         device=args.device, class_subset=subset, features=test_features, progress=progress
@@ -282,6 +286,7 @@ def _execute_locked(args, plan: RunPlan) -> dict | None:
                 run=run,
                 evaluate_every=args.eval_every or 0,
                 evaluator=evaluator,
+                tensorboard=bool(getattr(args, "tensorboard", False)),
             )
         except RunDiverged as diverged:
             if rank == 0:
@@ -305,6 +310,7 @@ def _execute_locked(args, plan: RunPlan) -> dict | None:
         )
         state = {} if spec.fitting is None else model.state_dict()  # zero-shot: nothing
         save_fitted_checkpoint(checkpoint, method, state, run["method_config"], run)
+    say(f"{spec.display_name} on the {len(split.test)} test images ...", progress)
     result = evaluate(model, split.test, test_transform, **evaluation)
     summary = {
         "dataset": split.name,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import demo
-from .backbone import check_weights, has_vit_image_tower
+from .backbone import check_weights, has_vit_image_tower, hf_text_encoder
 from .checkpoint import (
     CHECKPOINT,
     read_checkpoint,
@@ -21,70 +21,44 @@ from .config import TABLE1, PiNIConfig
 from .data.load import load_dataset
 from .errors import InputError
 from .methods import METHODS
+from .run_flags import (
+    ATTENTION_GENERATORS,
+    CONFIG_FLAGS,
+    RUN_FLAGS,
+    TRAIN_FLAGS,
+    check_method_flags,
+    config_request,
+    flag_for,
+    given_options,
+    shown,
+)
 from .run_folders import RUN_FILE, SUMMARY, check_folder, folder_entries
 from .train import TrainConfig
 
 # The validation split: CoOp's datasets draw min(K, 4) shots per class from the val part.
 VALIDATION_SHOTS = 4
-DEFAULT_ROW = "feature+prompt"
+DEFAULT_ROW = "feature+prompt"  # also in pini.run_flags
 RUN_FORMAT = "pini-run/1"
 MAX_SEED = 1 << 62
 
-# PiNIConfig fields settable from the command line, with their flags.
-CONFIG_FLAGS = {
-    "visual": "--visual",
-    "visual_generator": "--visual-generator",
-    "text": "--text",
-    "text_generator": "--text-generator",
-    "mode": "--mode",
-    "num_samples": "--num-samples",
-    "inference": "--inference",
-    "inference_samples": "--inference-samples",
-    "precision": "--precision",
-    "prompt_noise_draw": "--prompt-noise-draw",
-    "sigma_activation": "--sigma-activation",
-}
-# What else defines a run (its record's keys), with their flags.
-RUN_FLAGS = {
-    "model": "--model",
-    "pretrained": "--pretrained",
-    "root": "--root",
-    "dataset": "--dataset",
-    "template": "--template",
-    "shots": "--shots",
-    "seed": "--seed",
-}
-TRAIN_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size"}
-
-
-def _given(args, keys) -> dict:
-    """The options among ``keys`` that the user gave (not None)."""
-    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
-
-
 # --- resolving what a run is ------------------------------------------------------------------
-
-
-def _config_request(args) -> dict:
-    """PiNIConfig fields the user asked for: the ``--noise`` row's, then explicit flags."""
-    request = dict(TABLE1[args.noise]) if args.noise else {}
-    request.update(_given(args, CONFIG_FLAGS))
-    return request
-
-
-def _flag_for(key: str, args) -> str:
-    if key in CONFIG_FLAGS and getattr(args, key, None) is None and args.noise:
-        return f"--noise {args.noise} ({key})"
-    return CONFIG_FLAGS.get(key) or RUN_FLAGS.get(key) or TRAIN_FLAGS.get(key) or f"--{key}"
 
 
 def _pini_config(request: dict) -> PiNIConfig:
     base = dict(TABLE1[DEFAULT_ROW])
     base.update(request)
     try:
-        return PiNIConfig(**base)
+        config = PiNIConfig(**base)
     except ValueError as error:
         raise InputError(str(error)) from None
+    if config.scaled_attention and (config.visual, config.visual_generator) not in (
+        ATTENTION_GENERATORS
+    ):
+        raise InputError(
+            "--scaled-attention scales the cross-attention generators, and this run has none "
+            f"(--visual {config.visual}, --visual-generator {config.visual_generator})"
+        )
+    return config
 
 
 def _row_name(config: PiNIConfig) -> str:
@@ -163,51 +137,25 @@ def weights_digest(pretrained: str | None) -> str | None:
     return _DIGESTS[key]
 
 
-def _method_flags_given(args) -> list[str]:
-    """The PiNI-only flags the user gave (noise options, --template, --precision)."""
-    flags = [CONFIG_FLAGS[key] for key in _given(args, CONFIG_FLAGS)]
-    if getattr(args, "noise", None):
-        flags.insert(0, "--noise")
-    if getattr(args, "template", None) is not None:
-        flags.append("--template")
-    return flags
-
-
-def check_method_flags(args, methods: list[str], *, sweep: bool = False) -> None:
-    """PiNI's flags need a pini run, training flags a trained method (``methods``: the run's
-    method, or the sweep's ``--methods``)."""
-    pini_flags = _method_flags_given(args)
-    if pini_flags and "pini" not in methods:
-        flags = ", ".join(pini_flags)
-        plural = len(pini_flags) > 1
-        if sweep:
-            raise InputError(
-                f"{flags}: PiNI's option{'s' if plural else ''}, but --methods has no pini"
-            )
-        raise InputError(
-            f"{flags} {'are' if plural else 'is'} PiNI's option{'s' if plural else ''}; "
-            f"--method {methods[0]} has none"
-        )
-    train_flags = [TRAIN_FLAGS[key] for key in _given(args, TRAIN_FLAGS)]
-    if getattr(args, "eval_every", None):
-        train_flags.append("--eval-every")
-    if train_flags and not any(METHODS[method].trains for method in methods):
-        raise InputError(
-            f"{', '.join(train_flags)}: {', '.join(methods)} "
-            f"{'is' if len(methods) == 1 else 'are'} not trained (fitted or zero-shot)"
-        )
-
-
-def _train_config(args, method: str, shots: int, seed: int, split) -> dict | None:
+def _train_config(args, method: str, shots: int, seed: int, split, sweep: bool) -> dict | None:
     """The run's TrainConfig fields (None for a method that is not trained): the flags, else
-    the method's demo settings on the embedded default, else the method's paper's."""
+    the method's demo settings on the embedded default, else the method's paper's.
+    ``--momentum`` is SGD's: an error for an AdamW run, in a ``sweep`` left to its SGD runs."""
     spec = METHODS[method]
     if not spec.trains:
         return None
     defaults = spec.training.settings(shots, split.name, len(split.classnames))
     if args.root is None:
         defaults.update(spec.training.demo)
-    defaults.update(_given(args, TRAIN_FLAGS))
+    given = given_options(args, TRAIN_FLAGS)
+    defaults.update(given)
+    if "momentum" in given and defaults.get("optimizer", "sgd") != "sgd":
+        if not sweep:
+            raise InputError(
+                f"--momentum is SGD's, and this {method} run trains with "
+                f"{defaults['optimizer']}: leave it out, or add --optimizer sgd"
+            )
+        defaults.pop("momentum")
     config = TrainConfig(**defaults, seed=seed)
     return {
         key: value
@@ -227,14 +175,16 @@ def _crop_scale(method: str, embedded: bool) -> list[float] | None:
     return list(crop_scale)
 
 
-def _new_run(args, shots: int | None, seed: int | None, split, method: str | None = None) -> dict:
+def _new_run(
+    args, shots: int | None, seed: int | None, split, method: str | None = None, sweep=False
+) -> dict:
     """The record of a new run from the arguments and the defaults (PiNI, 16 shots, seed 1).
     ``method``: the sweep's (else ``--method``); PiNI's flags only shape a pini run."""
     method = method or getattr(args, "method", None) or "pini"
     shots = 16 if shots is None else shots
     seed = 1 if seed is None else seed
     embedded = args.root is None
-    config = _pini_config(_config_request(args)) if method == "pini" else None
+    config = _pini_config(config_request(args)) if method == "pini" else None
     demo_backbone = embedded and args.model is None and args.pretrained is None
     model_name = args.model or ("pini-tiny" if embedded else "ViT-B-16")
     if args.pretrained is None and model_name != "pini-tiny":
@@ -243,6 +193,17 @@ def _new_run(args, shots: int | None, seed: int | None, split, method: str | Non
             "and its accuracy meaningless (e.g. --pretrained openai, or a weights file)"
         )
     check_weights(model_name, args.pretrained)
+    hf_text = hf_text_encoder(model_name)
+    if hf_text and METHODS[method].edits_prompts(config):
+        rows = [row for row, values in TABLE1.items() if values["text"] != "prompt"]
+        methods = [
+            name for name, spec in METHODS.items() if spec.baseline and not spec.edits_prompts(None)
+        ]
+        raise InputError(
+            f"{model_name}'s text tower is a Hugging Face text encoder ({hf_text}), which takes "
+            "no token embeddings: prompt noise and CoOp cannot run on it; --noise "
+            f"{', '.join(rows)} and --method pini, {', '.join(methods)} can"
+        )
     reads_patches = config and (config.visual, config.visual_generator) == ("image", "attention")
     if reads_patches and not has_vit_image_tower(model_name):
         raise InputError(
@@ -267,7 +228,7 @@ def _new_run(args, shots: int | None, seed: int | None, split, method: str | Non
         "pini_config": dataclasses.asdict(config) if config else None,
         "method_config": METHODS[method].default_options(),
         "crop_scale": _crop_scale(method, embedded),
-        "train_config": _train_config(args, method, shots, seed, split),
+        "train_config": _train_config(args, method, shots, seed, split, sweep),
     }
 
 
@@ -395,20 +356,16 @@ def flag_differences(stored: dict, args, shots=None, seed=None, keys=None) -> li
         if key == "template" and method != "pini":
             found.append(f"--template {value} (the run is {method}, which has no template)")
         elif stored.get(key) != value:
-            found.append(f"{_flag_for(key, args)} {value} (the run has {stored.get(key)})")
-    for key, value in _config_request(args).items():
+            found.append(f"{shown(flag_for(key, args), value)} (the run has {stored.get(key)})")
+    for key, value in config_request(args).items():
+        flag = shown(flag_for(key, args), value)
         if method != "pini":
-            found.append(f"{_flag_for(key, args)} {value} (the run is {method}: no PiNI options)")
+            found.append(f"{flag} (the run is {method}: no PiNI options)")
         elif stored["pini_config"].get(key) != value:
-            found.append(
-                f"{_flag_for(key, args)} {value} (the run has {stored['pini_config'].get(key)})"
-            )
+            found.append(f"{flag} (the run has {stored['pini_config'].get(key)})")
     if keys is None:
         train_config = stored.get("train_config")
-        for key in TRAIN_FLAGS:
-            value = getattr(args, key, None)
-            if value is None:
-                continue
+        for key, value in given_options(args, TRAIN_FLAGS).items():
             if train_config is None:
                 found.append(f"{TRAIN_FLAGS[key]} {value} (the run is {method}, not trained)")
             elif train_config.get(key) != value:
@@ -466,7 +423,7 @@ def default_output(args, shots: int, seed: int) -> Path:
     if args.method not in (None, "pini"):
         row = args.method
     else:
-        row = args.noise or ("custom" if _given(args, CONFIG_FLAGS) else DEFAULT_ROW)
+        row = args.noise or ("custom" if given_options(args, CONFIG_FLAGS) else DEFAULT_ROW)
     return Path("runs") / f"{name}-{row}-{shots}shot-seed{seed}"
 
 
@@ -525,7 +482,7 @@ def plan_sweep_run(args, method: str, shots: int, seed: int, folder: Path, split
     """One run of a sweep, checked before any work: new (an empty or missing folder, or any
     folder with --overwrite), finished (its summary exists: skipped), or unfinished (resumed);
     a stored run of another configuration is an error naming what differs."""
-    requested = normalized_run(_new_run(args, shots, seed, split, method))
+    requested = normalized_run(_new_run(args, shots, seed, split, method, sweep=True))
     stored = None if args.overwrite or not folder.is_dir() else read_stored_run(folder)
     if stored is None:
         check_folder(folder, overwrite=bool(args.overwrite))

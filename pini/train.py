@@ -1,5 +1,6 @@
 """The few-shot trainer: SGD with a constant warm-up epoch then a cosine schedule, metrics to
-JSONL, atomic checkpoints of the trainable parameters, exact resume.
+JSONL and CSV (``pini.metrics_log``), atomic checkpoints of the trainable parameters, exact
+resume; a progress bar per epoch on a terminal, else one line per epoch (``pini.progress``).
 
 Reproducibility: the data order, the augmentations and the noise seeds of epoch ``e`` are derived
 from ``(seed, e)`` and the step, not from state carried between epochs, so a run resumed from the
@@ -15,8 +16,8 @@ from a single-process run's; with the noise switched off the two runs agree to f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -32,10 +33,12 @@ from tqdm import tqdm
 from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
 from .data.image_list import ImageList, collate_skipping
 from .errors import InputError, RunDiverged
-from .files import write_text_atomically
 from .methods.base import TrainableModel
+from .metrics_log import METRICS, MetricsLog
+from .progress import epoch_line, say, show_bars
 
-METRICS = "metrics.jsonl"
+__all__ = ["METRICS", "TrainConfig", "lr_factor", "train"]
+
 OPTIMIZERS = ("sgd", "adamw")
 # Tip-Adapter-F's AdamW (its main.py): eps 1e-4 instead of PyTorch's 1e-8.
 ADAMW_EPS = 1e-4
@@ -155,22 +158,6 @@ def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig):
     )
 
 
-def _keep_metrics_through(path: Path, epochs_done: int) -> None:
-    """Drops metric lines past the checkpoint (a kill between the metrics append and the
-    checkpoint write leaves an epoch that will run again) and any torn last line."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            epoch = json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if isinstance(epoch, int) and epoch <= epochs_done:
-            kept.append(line)
-    write_text_atomically(path, "".join(line + "\n" for line in kept))
-
-
 def _image_size(model: TrainableModel) -> tuple[int, int]:
     size = model.clip.visual.image_size
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -189,16 +176,19 @@ def train(
     run: dict | None = None,
     evaluate_every: int = 0,
     evaluator: Callable[[], float] | None = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Trains the generators of ``model`` on ``samples`` ((source, label) pairs); returns the
-    last epoch's metrics. Writes ``metrics.jsonl`` and ``checkpoint.pt`` under ``output_dir``
+    last epoch's metrics. Writes ``metrics.jsonl``, ``metrics.csv`` (and with ``tensorboard``
+    TensorBoard scalars) and ``checkpoint.pt`` under ``output_dir``
     (``run``, the command's resolved options, is stored in the checkpoint). Without ``resume``,
     a folder that already holds a checkpoint is refused: nothing is overwritten. With
     ``evaluator`` (rank 0), every ``evaluate_every`` epochs its test accuracy is recorded as the
     metrics' ``test_accuracy``; it does not change the training (each epoch reseeds). A loss
     that is NaN or infinite (on any rank), or a trained parameter that is after an epoch, raises
     ``RunDiverged`` before anything non-finite is logged or saved: the checkpoint on disk stays
-    the last finite one."""
+    the last finite one. With ``config.progress`` (rank 0), each epoch ends with a line of its
+    metrics on stderr, after its progress bar where stderr is a terminal."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank_world()
@@ -218,85 +208,85 @@ def train(
     start_epoch = 0
     if resume and checkpoint.is_file():
         start_epoch = load_checkpoint(read_checkpoint(checkpoint), model, optimizer) + 1
-    if rank == 0:
-        _keep_metrics_through(output_dir / METRICS, start_epoch)
-    dataset = ImageList(samples, transform)
-    blank_image = torch.zeros(1, 3, *_image_size(model))
-    metrics: dict = {}
-    for epoch in range(start_epoch, config.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(epoch, config)
-        epoch_seed = _epoch_seed(config.seed, epoch)
-        torch.manual_seed(epoch_seed)  # augmentations in this process
-        order = torch.Generator().manual_seed(epoch_seed)
-        batches = GlobalBatches(len(dataset), config.batch_size, order, rank, world)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=config.num_workers,
-            collate_fn=collate_skipping,
-            generator=order,
-        )
-        model.train()
-        total_loss, trained, skipped, started = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            leave=False,
-            disable=not config.progress or rank != 0,
-        )
-        for step, (images, labels, batch_skipped) in enumerate(bar):
-            skipped += batch_skipped
-            kept = 0 if images is None else images.shape[0]
-            if kept == 0:
-                if world == 1:
-                    continue
-                # Every rank joins every all-reduce: an empty share steps with a zero weight.
-                images, labels = blank_image, torch.zeros(1, dtype=torch.long)
-            # DDP averages over ranks: weight each rank's mean by its share of the global batch,
-            # so the step's gradient is the mean over the samples actually in it.
-            weight = kept * world / batches.shares[step][1] if world > 1 else 1.0
-            images, labels = images.to(device), labels.to(device)
-            noise_seed = (epoch_seed + step + rank * RANK_STREAM) % (1 << 62)
-            loss = step_module(images, labels, noise_seed)
-            value = loss.item()
-            _stop_unless_finite(value if kept else 0.0, epoch, step, world, device)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            optimizer.step()
-            if kept:
-                total_loss += value * kept
-                trained += kept
-                bar.set_postfix(loss=f"{total_loss / trained:.4f}")
-        trained_everywhere = trained
-        if world > 1:
-            count = torch.tensor([trained], dtype=torch.long, device=device)
-            dist.all_reduce(count)
-            trained_everywhere = int(count.item())
-        if trained_everywhere == 0:
-            raise InputError(
-                f"epoch {epoch + 1}: no training image could be read ({skipped} skipped, "
-                "see the warnings above); nothing was trained"
+    log = MetricsLog(output_dir, start_epoch, tensorboard=tensorboard) if rank == 0 else None
+    with log if log is not None else contextlib.nullcontext():
+        dataset = ImageList(samples, transform)
+        blank_image = torch.zeros(1, 3, *_image_size(model))
+        metrics: dict = {}
+        for epoch in range(start_epoch, config.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(epoch, config)
+            epoch_seed = _epoch_seed(config.seed, epoch)
+            torch.manual_seed(epoch_seed)  # augmentations in this process
+            order = torch.Generator().manual_seed(epoch_seed)
+            batches = GlobalBatches(len(dataset), config.batch_size, order, rank, world)
+            loader = DataLoader(
+                dataset,
+                batch_sampler=batches,
+                num_workers=config.num_workers,
+                collate_fn=collate_skipping,
+                generator=order,
             )
-        _stop_unless_parameters_finite(model, epoch)  # every rank holds the same parameters
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": total_loss / max(trained, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "skipped_images": skipped,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        if evaluator is not None and evaluate_every and (epoch + 1) % evaluate_every == 0:
-            metrics["test_accuracy"] = evaluator()
-        if rank == 0:
-            if skipped:
-                tqdm.write(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
-            with open(output_dir / METRICS, "a") as log:
-                log.write(json.dumps(metrics) + "\n")
-            save_checkpoint(checkpoint, model, optimizer, epoch, config, run)
-        if on_epoch_end is not None:
-            on_epoch_end(metrics)
-    return metrics
+            model.train()
+            total_loss, trained, skipped, started = 0.0, 0, 0, time.perf_counter()
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                leave=True,  # the bar of each epoch stays, its summary line below it
+                disable=not show_bars(config.progress and rank == 0),
+            )
+            for step, (images, labels, batch_skipped) in enumerate(bar):
+                skipped += batch_skipped
+                kept = 0 if images is None else images.shape[0]
+                if kept == 0:
+                    if world == 1:
+                        continue
+                    # Every rank joins every all-reduce: an empty share steps with a zero weight.
+                    images, labels = blank_image, torch.zeros(1, dtype=torch.long)
+                # DDP averages over ranks: weight each rank's mean by its share of the global batch,
+                # so the step's gradient is the mean over the samples actually in it.
+                weight = kept * world / batches.shares[step][1] if world > 1 else 1.0
+                images, labels = images.to(device), labels.to(device)
+                noise_seed = (epoch_seed + step + rank * RANK_STREAM) % (1 << 62)
+                loss = step_module(images, labels, noise_seed)
+                value = loss.item()
+                _stop_unless_finite(value if kept else 0.0, epoch, step, world, device)
+                optimizer.zero_grad(set_to_none=True)
+                (loss * weight).backward()
+                optimizer.step()
+                if kept:
+                    total_loss += value * kept
+                    trained += kept
+                    bar.set_postfix(loss=f"{total_loss / trained:.4f}")
+            trained_everywhere = trained
+            if world > 1:
+                count = torch.tensor([trained], dtype=torch.long, device=device)
+                dist.all_reduce(count)
+                trained_everywhere = int(count.item())
+            if trained_everywhere == 0:
+                raise InputError(
+                    f"epoch {epoch + 1}: no training image could be read ({skipped} skipped, "
+                    "see the warnings above); nothing was trained"
+                )
+            _stop_unless_parameters_finite(model, epoch)  # every rank holds the same parameters
+            metrics = {
+                "epoch": epoch + 1,
+                "loss": total_loss / max(trained, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "skipped_images": skipped,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            if evaluator is not None and evaluate_every and (epoch + 1) % evaluate_every == 0:
+                metrics["test_accuracy"] = evaluator()
+            if rank == 0:
+                if skipped:
+                    tqdm.write(f"epoch {epoch + 1}: skipped {skipped} unreadable images")
+                log.append(metrics)
+                save_checkpoint(checkpoint, model, optimizer, epoch, config, run)
+                say(epoch_line(metrics, config.epochs), config.progress)
+            if on_epoch_end is not None:
+                on_epoch_end(metrics)
+        return metrics
 
 
 def _stop_unless_finite(loss: float, epoch: int, step: int, world: int, device) -> None:

@@ -12,17 +12,17 @@ MAX_LINES = 600
 
 # pini's modules from the bottom up; a module may import its own layer and those below.
 PINI_LAYERS = [
-    ["errors", "files"],
+    ["errors", "files", "progress", "metrics_log"],
     ["data", "prompts", "generators", "config", "backbone"],
     ["noise_paths", "model"],
     ["methods"],
     ["checkpoint", "train", "evaluation"],
     ["demo", "sweep", "visualize"],
-    ["run_folders"],
+    ["run_folders", "run_flags"],
     ["runs"],
     ["runner"],
     ["commands"],
-    ["cli", "__main__", "__init__"],
+    ["config_file", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: level for level, names in enumerate(PINI_LAYERS) for name in names}
 

@@ -1,0 +1,117 @@
+"""The flags that shape a run: which run-record key, PiNIConfig field or TrainConfig field each
+sets, how one is shown in a message, and which methods take them (docs/spec.md §11). The run
+record itself is ``pini.runs``."""
+
+from __future__ import annotations
+
+from .config import TABLE1
+from .errors import InputError
+from .methods import METHODS
+
+# PiNIConfig fields settable from the command line, with their flags.
+CONFIG_FLAGS = {
+    "visual": "--visual",
+    "visual_generator": "--visual-generator",
+    "text": "--text",
+    "text_generator": "--text-generator",
+    "mode": "--mode",
+    "num_samples": "--num-samples",
+    "inference": "--inference",
+    "inference_samples": "--inference-samples",
+    "precision": "--precision",
+    "prompt_noise_draw": "--prompt-noise-draw",
+    "sigma_activation": "--sigma-activation",
+    "scaled_attention": "--scaled-attention",
+}
+# What else defines a run (its record's keys), with their flags.
+RUN_FLAGS = {
+    "model": "--model",
+    "pretrained": "--pretrained",
+    "root": "--root",
+    "dataset": "--dataset",
+    "template": "--template",
+    "shots": "--shots",
+    "seed": "--seed",
+}
+# TrainConfig fields settable from the command line, with their flags.
+TRAIN_FLAGS = {
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+    "optimizer": "--optimizer",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "warmup_epochs": "--warmup-epochs",
+    "warmup_lr": "--warmup-lr",
+}
+# The generators that --scaled-attention changes: (visual, visual_generator) pairs.
+ATTENTION_GENERATORS = {
+    ("feature", "attention"),
+    ("image", "attention"),
+    ("image", "attention-pixels"),
+}
+
+
+def given_options(args, keys) -> dict:
+    """The options among ``keys`` that the user gave (not None)."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+
+
+def config_request(args) -> dict:
+    """PiNIConfig fields the user asked for: the ``--noise`` row's, then explicit flags."""
+    request = dict(TABLE1[args.noise]) if args.noise else {}
+    request.update(given_options(args, CONFIG_FLAGS))
+    return request
+
+
+def flag_for(key: str, args) -> str:
+    """The flag that set ``key`` (a run-record key or a config field), e.g. ``--lr``, or
+    ``--noise image (visual)`` where a ``--noise`` row did."""
+    if key in CONFIG_FLAGS and getattr(args, key, None) is None and args.noise:
+        return f"--noise {args.noise} ({key})"
+    return CONFIG_FLAGS.get(key) or RUN_FLAGS.get(key) or TRAIN_FLAGS.get(key) or f"--{key}"
+
+
+def shown(flag: str, value) -> str:
+    """A flag as typed: ``--lr 0.01``; a switch as ``--scaled-attention`` or
+    ``--no-scaled-attention``."""
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {value}"
+
+
+def _method_flags_given(args) -> list[str]:
+    """The PiNI-only flags the user gave (noise options, --template, --precision)."""
+    flags = [CONFIG_FLAGS[key] for key in given_options(args, CONFIG_FLAGS)]
+    if getattr(args, "noise", None):
+        flags.insert(0, "--noise")
+    if getattr(args, "template", None) is not None:
+        flags.append("--template")
+    return flags
+
+
+def check_method_flags(args, methods: list[str], *, sweep: bool = False) -> None:
+    """PiNI's flags need a pini run, training flags a trained method (``methods``: the run's
+    method, or the sweep's ``--methods``)."""
+    pini_flags = _method_flags_given(args)
+    if pini_flags and "pini" not in methods:
+        flags = ", ".join(pini_flags)
+        plural = len(pini_flags) > 1
+        if sweep:
+            raise InputError(
+                f"{flags}: PiNI's option{'s' if plural else ''}, but --methods has no pini"
+            )
+        raise InputError(
+            f"{flags} {'are' if plural else 'is'} PiNI's option{'s' if plural else ''}; "
+            f"--method {methods[0]} has none"
+        )
+    train_flags = [TRAIN_FLAGS[key] for key in given_options(args, TRAIN_FLAGS)]
+    if getattr(args, "eval_every", None):
+        train_flags.append("--eval-every")
+    if getattr(args, "tensorboard", False):
+        train_flags.append("--tensorboard")
+    if train_flags and not any(METHODS[method].trains for method in methods):
+        raise InputError(
+            f"{', '.join(train_flags)}: {', '.join(methods)} "
+            f"{'is' if len(methods) == 1 else 'are'} not trained (fitted or zero-shot)"
+        )
