@@ -369,8 +369,10 @@ def _parser() -> argparse.ArgumentParser:
         "one with another configuration is an error (--overwrite replaces every run). Writes "
         "OUTPUT/sweep.md (mean accuracy and its 95% interval over seeds per method and dataset, "
         "PiNI's gain over each baseline), sweep.png (accuracy against shots) and sweep.json. "
-        "Noise flags apply to the pini runs; --epochs, --lr and --batch-size to every trained "
-        "method. With no --root: every method on the bundled digits.",
+        "Noise flags apply to the pini runs; the training flags (--epochs, --lr, --batch-size, "
+        "--optimizer, --weight-decay, --warmup-epochs, --warmup-lr) to every trained method, "
+        "--momentum to those trained with SGD. With no --root: every method on the bundled "
+        "digits.",
     )
     sweep.add_argument(
         "--methods",

@@ -75,6 +75,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}")
+        for name, low, high in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not low <= value < high:
+                raise InputError(f"{name} must be a number in [{low:g}, {high:g}), got {value!r}")
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:

@@ -25,6 +25,7 @@ from pini import cli, runner, runs
 from pini.checkpoint import read_checkpoint
 from pini.config_file import apply_config_file
 from pini.data.load import load_dataset
+from pini.errors import InputError
 from pini.generators import CrossAttention
 
 
@@ -125,6 +126,18 @@ def test_resume_holds_to_the_new_options(data, tmp_path, capsys):
     same = [*flags, "--weight-decay", "0.0005", "--warmup-epochs", "1", "--scaled-attention"]
     status, _, err = run_cli(resume(data, output, *same), capsys)
     assert status == 0, err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("momentum", 1.5), ("momentum", "0.9"), ("weight_decay", -0.1)]
+)
+def test_a_stored_record_out_of_range_is_one_line_naming_the_key(
+    data, tmp_path, capsys, key, value
+):
+    run, _, _ = _trained(data, tmp_path / "run", capsys)
+    run["train_config"][key] = value
+    with pytest.raises(InputError, match=rf"run record run.json: 'train_config': {key} must be"):
+        runs.normalized_run(run, "run.json")
 
 
 def test_a_sweep_leaves_momentum_to_its_sgd_runs():
