@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import demo
-from .backbone import build_clip
+from .backbone import build_clip, encode_image
 from .checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -123,7 +123,7 @@ def _image_encoder(model, clip):
     """images (B, 3, H, W) -> (B, D) float32 frozen features, as ``model`` encodes them."""
     if isinstance(model, PiNI):
         return model.encode_image  # in the run's precision
-    return lambda images: clip.encode_image(images).float()
+    return lambda images: encode_image(clip, images).float()  # raw, on every family
 
 
 def encode_test_features(run: dict, model, clip, split, test_transform, device: str):
