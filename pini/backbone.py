@@ -13,6 +13,7 @@ import open_clip
 import torch
 from torch import nn
 
+from .data.transforms import Preprocessing
 from .errors import InputError
 
 TINY_MODEL = "pini-tiny"
@@ -177,6 +178,16 @@ def logit_bias(clip: nn.Module) -> torch.Tensor | None:
     """SigLIP's learned logit bias (logits are ``exp(logit_scale) * cos + logit_bias``), or None
     for a model without one (CLIP's logits are ``exp(logit_scale) * cos``)."""
     return getattr(clip, "logit_bias", None)
+
+
+def preprocessing_of(clip: nn.Module) -> Preprocessing:
+    """The image preprocessing ``clip``'s weights expect: open_clip's ``preprocess_cfg`` (set by
+    ``create_model`` per pretrained tag: mean, std, interpolation, resize mode), or OpenAI's at
+    the image tower's size for a model that carries none."""
+    config = getattr(clip.visual, "preprocess_cfg", None)
+    if config is None:
+        return Preprocessing(size=clip.visual.image_size)
+    return Preprocessing.from_config(config)
 
 
 def encode_image(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .backbone import TINY_MODEL, build_clip
+from .backbone import TINY_MODEL, build_clip, preprocessing_of
 from .data.digits import DIGIT_NAMES, digits_pretraining_samples
 from .data.image_list import ImageList
 from .data.transforms import clip_transforms
@@ -56,7 +56,7 @@ def digits_clip(cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True):
             torch.manual_seed(0)
             clip, tokenizer = build_clip(TINY_MODEL)
     samples = digits_pretraining_samples()
-    transform, _ = clip_transforms(clip.visual.image_size[0], CROP_SCALE)
+    transform, _ = clip_transforms(preprocessing_of(clip), CROP_SCALE)
     dataset = ImageList(samples, transform)
     captions = torch.stack(
         [tokenizer([template.format(name) for name in DIGIT_NAMES]) for template in CAPTIONS]

@@ -14,7 +14,8 @@ Where each concern lives:
 - ``listing``: listing image and class folders and reading text files, shared by the readers.
 - ``sample_ids``: ``sample_id`` and ``listing_fingerprint``, a sample's and a listing's identity.
 - ``few_shot``: K-shot sampling and its cached split file.
-- ``transforms``: CLIP's preprocessing (``clip_transforms``, ``CLIP_MEAN``, ``CLIP_STD``).
+- ``transforms``: CLIP's preprocessing (``Preprocessing``, the weights' own; ``clip_transforms``;
+  OpenAI's ``CLIP_MEAN``, ``CLIP_STD``).
 - ``image_list``: ``ImageList`` and ``collate_skipping``, images as tensors for a DataLoader.
 - ``features``: ``encode_samples``, ``EncodedImages`` and the in-process ``FeatureCache``.
 """
