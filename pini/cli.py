@@ -1,4 +1,4 @@
-"""The command line: ``pini train | eval | sweep | visualize | interpret | plot`` (also
+"""The command line: ``pini train | eval | predict | sweep | visualize | interpret | plot`` (also
 ``python -m pini``). This module is the parser and ``main`` (errors to one line and an exit
 status); each command is in ``pini.commands``.
 
@@ -35,6 +35,7 @@ from .commands import (
     eval_command,
     interpret_command,
     plot_command,
+    predict_command,
     sweep_command,
     train_command,
     visualize_command,
@@ -330,6 +331,38 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate a run's checkpoint (on its own data, or another dataset via --root and "
         "--dataset)",
     )
+    guess = commands.add_parser(
+        "predict",
+        parents=[stored],
+        help="the top-k classes of images with their probabilities (CSV and JSON)",
+        description="Classify images with a run's stored method: per image the --top-k classes "
+        "and their probabilities, one line each printed (the first class), all in "
+        "OUTPUT/predictions.csv and predictions.json.",
+    )
+    guess.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    guess.add_argument(
+        "--top-k", type=_positive_int, default=5, help="classes per image (default 5)"
+    )
+    guess.add_argument("--output", default=None, help="folder of the files (default: the run's)")
+    guess.add_argument(
+        "--inference",
+        default=None,
+        choices=INFERENCE_MODES,
+        help="PiNI's inference noise instead of the run's (default: the run's)",
+    )
+    guess.add_argument(
+        "--inference-samples",
+        type=_positive_int,
+        default=None,
+        help="draws averaged by --inference average (default: the run's)",
+    )
+    guess.add_argument(
+        "--seed", type=_seed, default=0, help="seed of PiNI's noise draws (default 0)"
+    )
+    guess.add_argument("--trusted", action="store_true", help="as for pini eval")
+    for flag, text in (("--no-progress", "no progress lines"), ("--debug", "show tracebacks")):
+        guess.add_argument(flag, action="store_true", help=text)
+    guess.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     draw = commands.add_parser(
         "visualize",
         parents=[general, data, model, stored],
@@ -448,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         command = {
             "train": train_command,
             "eval": eval_command,
+            "predict": predict_command,
             "sweep": sweep_command,
             "visualize": visualize_command,
             "interpret": interpret_command,

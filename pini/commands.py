@@ -1,5 +1,5 @@
-"""The commands of ``pini``: train, sweep, eval, visualize, interpret and plot (the parser is
-``pini.cli``)."""
+"""The commands of ``pini``: train, sweep, eval, predict, visualize, interpret and plot (the
+parser is ``pini.cli``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .backbone import register_model_configs
+from .backbone import preprocessing_of, register_model_configs
 from .checkpoint import (
     read_checkpoint,
 )
@@ -17,9 +17,9 @@ from .evaluation import evaluate
 from .methods import METHODS
 from .metrics_log import check_tensorboard
 from .model import PiNI
+from .progress import say
 from .run_folders import SUMMARY, lock_folder, unlock_folder
 from .runner import (
-    clip_image_size,
     encode_test_features,
     execute,
     load_stored_method,
@@ -151,7 +151,7 @@ def _run_sweep(args, plans, output: Path, methods, splits, rank: int) -> int:
 def eval_command(args) -> int:
     run, split, model, clip = load_stored_method(args, "eval")
     progress = not args.no_progress
-    test_transform = clip_transforms(clip_image_size(clip))[1]
+    test_transform = clip_transforms(preprocessing_of(clip))[1]
     features = encode_test_features(run, model, clip, split, test_transform, args.device)
     result = evaluate(
         model,
@@ -170,6 +170,46 @@ def eval_command(args) -> int:
     if args.per_class:
         for name, accuracy in zip(split.classnames, result["per_class_accuracy"], strict=True):
             print(f"  {name:<24} {accuracy:6.2f}%")
+    return 0
+
+
+def predict_command(args) -> int:
+    from . import predict
+
+    images = predict.image_files(args.paths)  # checked before the model loads
+    if not images:
+        raise InputError(
+            f"no image files in {' '.join(args.paths)} (suffixes "
+            f"{' '.join(sorted(predict.IMAGE_SUFFIXES))})"
+        )
+    model, classnames, transform = predict.load_run(
+        args.checkpoint,
+        args.device,
+        inference=args.inference,
+        inference_samples=args.inference_samples,
+        trusted=args.trusted,
+        progress=not args.no_progress,
+    )
+    plural = "s" if len(images) > 1 else ""
+    say(f"classifying {len(images)} image{plural} ...", not args.no_progress)
+    rows = predict.predict(
+        model, images, transform, args.top_k, classnames=classnames, seed=args.seed
+    )
+    unreadable = [row for row in rows if "error" in row]
+    if len(unreadable) == len(rows):
+        first = rows[0]
+        raise InputError(
+            f"no image could be read of the {len(rows)} given ({first['image']}: {first['error']})"
+        )
+    for row in unreadable:
+        warning = f"pini predict: warning: cannot read {row['image']} ({row['error']})"
+        print(warning, file=sys.stderr)
+    written = predict.write_predictions(rows, args.output or Path(args.checkpoint).parent)
+    for row in rows:
+        if "top_k" in row:
+            best = row["top_k"][0]
+            print(f"{row['image']}: {best['class']} ({100 * best['probability']:.2f}%)")
+    print("written: " + ", ".join(str(path) for path in written))
     return 0
 
 
@@ -256,6 +296,4 @@ def plot_command(args) -> int:
 
 
 def _test_transform(model: PiNI):
-    size = model.clip.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return clip_transforms(size)[1]
+    return clip_transforms(preprocessing_of(model.clip))[1]

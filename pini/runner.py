@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import demo
-from .backbone import build_clip, encode_image
+from .backbone import build_clip, encode_image, preprocessing_of
 from .checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -21,6 +21,7 @@ from .checkpoint import (
 from .data.features import FeatureCache, encode_samples
 from .data.few_shot import few_shot
 from .data.sample_ids import listing_fingerprint, sample_id
+from .data.split import Split
 from .data.transforms import clip_transforms
 from .errors import InputError, RunDiverged
 from .evaluation import evaluate
@@ -104,7 +105,8 @@ FEATURES = FeatureCache()
 def _features(run: dict, part: str, samples: list[tuple], transform_key: tuple, compute):
     """``compute()``'s features of ``samples``, from ``FEATURES`` when the same backbone (model,
     weights, seed of random weights, precision) already encoded the same listing through the
-    same transform (``transform_key``)."""
+    same transform (``transform_key``: test or augmented views, with the weights' whole
+    ``Preprocessing``, so two preprocessings never share features)."""
     precision = (run["pini_config"] or {}).get("precision", "fp32")
     demo_version = (demo.CACHE_VERSION, demo.PRETRAIN_STEPS) if run["demo_backbone"] else None
     backbone = (
@@ -131,22 +133,23 @@ def encode_test_features(run: dict, model, clip, split, test_transform, device: 
     (PiNI's image-level noise) and must see them."""
     if getattr(model, "perturbs_images", False):
         return None
-    size = clip_image_size(clip)
+    preprocessing = preprocessing_of(clip)
 
     def compute():
         return encode_samples(_image_encoder(model, clip), split.test, test_transform, 64, device)
 
-    return _features(run, "test", split.test, ("test", size, 64, str(device)), compute)
+    key = ("test", preprocessing, 64, str(device))
+    return _features(run, "test", split.test, key, compute)
 
 
 def _plain_features(run, part: str, samples, clip, test_transform, device: str):
     """(features (N, D), labels (N,)) of ``samples`` through the test transform."""
-    size = clip_image_size(clip)
+    preprocessing = preprocessing_of(clip)
 
     def compute():
         return encode_samples(_image_encoder(None, clip), samples, test_transform, 64, device)
 
-    encoded = _features(run, part, samples, ("test", size, 64, str(device)), compute)
+    encoded = _features(run, part, samples, ("test", preprocessing, 64, str(device)), compute)
     return encoded.features, encoded.labels
 
 
@@ -156,7 +159,7 @@ def _cache_views(run: dict, samples, clip, train_transform, device: str):
     views = run["method_config"]["cache_views"]
     key = (
         "views",
-        clip_image_size(clip),
+        preprocessing_of(clip),
         tuple(run["crop_scale"]),
         views,
         run["seed"],
@@ -232,7 +235,8 @@ def _execute_locked(args, plan: RunPlan) -> dict | None:
     if not needed:
         return None
     crop_scale = run["crop_scale"] or (0.08, 1.0)
-    train_transform, test_transform = clip_transforms(clip_image_size(clip), tuple(crop_scale))
+    preprocessing = preprocessing_of(clip)  # the weights' own (docs/spec.md §13)
+    train_transform, test_transform = clip_transforms(preprocessing, tuple(crop_scale))
     cache = folder / f"split-{run['shots']}shot-seed{run['seed']}.json"
     source = {"dataset": run["dataset"], "root": run["root"]}
     if rank == 0:
@@ -394,11 +398,7 @@ def load_stored_method(args, command: str):
     """(run record, split, model with the checkpoint's state, frozen CLIP) for ``eval``,
     ``visualize`` and ``interpret``: the method the checkpoint stores, on the run's own data or
     on ``--root`` / ``--dataset``; checked before any work."""
-    state = read_checkpoint(args.checkpoint)
-    run = state.get("run")
-    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
-        raise InputError(f"checkpoint {args.checkpoint} has no run record; retrain it")
-    run = normalized_run(run, args.checkpoint)
+    state, run = _stored_run(args.checkpoint)
     differences = flag_differences(run, args, keys=("model", "pretrained", "template"))
     if differences:
         raise InputError(
@@ -420,13 +420,41 @@ def load_stored_method(args, command: str):
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
             "so it cannot be evaluated there"
         )
-    clip, tokenizer = load_backbone(run, args.device, not args.no_progress, bool(args.trusted))
+    model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
+    return run, split, model, clip
+
+
+def _stored_run(checkpoint) -> tuple[dict, dict]:
+    """(checkpoint state, its checked run record)."""
+    state = read_checkpoint(checkpoint)
+    run = state.get("run")
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise InputError(f"checkpoint {checkpoint} has no run record; retrain it")
+    return state, normalized_run(run, checkpoint)
+
+
+def _restored(state: dict, run: dict, split, device: str, progress: bool, trusted: bool):
+    """(model with the checkpoint's state, frozen CLIP): the stored method rebuilt on ``split``'s
+    classes."""
+    clip, tokenizer = load_backbone(run, device, progress, bool(trusted))
     model = build_method(run, split, clip, tokenizer, stored=state)
     if isinstance(model, nn.Module):
         load_checkpoint(state, model)
     else:
         _load_fitted(model, state["trained_state"], run)
-    return run, split, model, clip
+    return model, clip
+
+
+def load_stored_model(
+    checkpoint, device: str = "cpu", *, progress: bool = False, trusted: bool = False
+):
+    """(run record, model with the checkpoint's state, frozen CLIP): the method a checkpoint
+    stores, rebuilt as ``load_stored_method`` rebuilds it for ``eval``, on the run's own classes
+    and without reading its data (``pini predict``, ``pini.predict.load_run``)."""
+    state, run = _stored_run(checkpoint)
+    classes = Split(list(run["classnames"]), [], [], run["dataset"])  # names only, no images
+    model, clip = _restored(state, run, classes, device, progress, trusted)
+    return run, model, clip
 
 
 def load_stored_pini(args, command: str):

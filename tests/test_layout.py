@@ -21,7 +21,7 @@ PINI_LAYERS = [
     ["run_folders", "run_flags"],
     ["runs"],
     ["runner"],
-    ["commands"],
+    ["commands", "predict"],
     ["config_file", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: level for level, names in enumerate(PINI_LAYERS) for name in names}
