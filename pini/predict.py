@@ -135,6 +135,11 @@ def _read(source, transform) -> tuple[torch.Tensor | None, str | None]:
         return None, f"{type(error).__name__}: {error}"
 
 
+def _name(image: Image.Image, number: int) -> str:
+    """An in-memory image's name in the predictions: its file, else its place in the list."""
+    return getattr(image, "filename", "") or f"image {number}"
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -146,7 +151,8 @@ def predict(
     seed: int = 0,
     batch_size: int = 64,
 ) -> list[dict]:
-    """One dict per image of ``images`` (paths, or PIL images), in order: ``{"image": path,
+    """One dict per image of ``images`` (paths, or PIL images: named by their file, else
+    ``"image N"``, N counted from 0), in order: ``{"image": path,
     "top_k": [{"class": name, "probability": p}, ...]}`` with the ``min(top_k, C)`` most
     probable classes, most probable first (``probabilities``), or ``{"image": path, "error":
     why}`` for an image that cannot be read. ``model`` and ``transform`` as ``load_run`` gives
@@ -163,8 +169,8 @@ def predict(
     for batch_index, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start : start + batch_size]
         tensors, readable = [], []
-        for source in batch:
-            name = getattr(source, "filename", None) or str(source)
+        for number, source in enumerate(batch, start):
+            name = str(source) if not isinstance(source, Image.Image) else _name(source, number)
             tensor, error = _read(source, transform)
             rows.append({"image": name, "error": error} if error else {"image": name})
             if tensor is not None:

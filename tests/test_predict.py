@@ -22,12 +22,14 @@ from pini.predict import load_run, predict
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"pini": RUN, "linear-probe": RUN} trained on the toy data under DATA; (runs, DATA)."""
+    """({method: RUN}, DATA): a run of PiNI and of three untrained baselines on the toy data."""
     base = tmp_path_factory.mktemp("predict")
     data = make_folder(base / "data" / "toy").parent
     common = ["--root", data, "--dataset", "toy", "--shots", "2"]
     made = {}
-    for method, flags in (("pini", TINY), ("linear-probe", ["--model", "pini-tiny"])):
+    fitted = ["--model", "pini-tiny"]  # no training flags: nothing is trained
+    methods = {"pini": TINY, "linear-probe": fitted, "tip-adapter": fitted, "zero-shot": fitted}
+    for method, flags in methods.items():
         output = base / method
         argv = ["train", *flags, "--no-progress", "--method", method, *common, "--output", output]
         assert cli.main([str(a) for a in argv]) == 0
@@ -62,6 +64,24 @@ def test_predictions_are_the_models_logits_softmaxed_in_top_k_order(runs):
         torch.testing.assert_close(torch.tensor(values), probabilities[order])
     everything = predict(model, images, transform, top_k=99, classnames=classnames)
     assert all(len(row["top_k"]) == len(classnames) for row in everything)
+    in_memory = [Image.new("RGB", (9, 7), (200, 30, 90)), Image.open(images[0])]
+    named = predict(model, in_memory, transform, top_k=1, classnames=classnames)
+    assert [row["image"] for row in named] == ["image 0", images[0]]
+
+
+@pytest.mark.parametrize("method", ["pini", "linear-probe", "tip-adapter", "zero-shot"])
+def test_top_1_predictions_score_what_pini_eval_scores(runs, method, capsys):
+    """The same model, transform and noise seeds as `pini eval`: the same accuracy."""
+    made, data = runs
+    checkpoint = made[method] / "checkpoint.pt"
+    status, out, err = run_cli(["eval", "--no-progress", "--checkpoint", checkpoint], capsys)
+    assert status == 0, err
+    accuracy = float(out.split("accuracy ")[1].split("%")[0])
+    model, classnames, transform = load_run(checkpoint)
+    images = _images(data)  # the test set in pini eval's order: class folders, then files
+    rows = predict(model, images, transform, top_k=1, classnames=classnames)
+    right = [row["top_k"][0]["class"] == row["image"].split("/")[-2] for row in rows]
+    assert f"{100 * sum(right) / len(right):.2f}" == f"{accuracy:.2f}"
 
 
 def test_average_inference_gives_the_mean_probabilities_not_a_second_softmax(runs):
