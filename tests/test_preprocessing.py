@@ -1,9 +1,13 @@
 """The weights' own preprocessing (docs/spec.md §13): pini's test transform is open_clip's
 evaluation transform for a model's ``preprocess_cfg``, its training augmentation normalizes and
-interpolates as the weights expect, and pini-tiny's transforms are OpenAI's as before.
-Pretrained tags' configurations are open_clip's metadata: nothing is downloaded."""
+interpolates as the weights expect, pini-tiny's transforms are OpenAI's as before, and cached
+features are keyed by the preprocessing. Pretrained tags' configurations are open_clip's
+metadata: nothing is downloaded."""
 
 from __future__ import annotations
+
+import dataclasses
+import types
 
 import numpy as np
 import open_clip
@@ -14,7 +18,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional
 
+from pini import runner
 from pini.backbone import build_clip, preprocessing_of, register_model_configs
+from pini.data.features import FeatureCache
 from pini.data.transforms import CLIP_MEAN, CLIP_STD, Preprocessing, clip_transforms
 
 # (model, tag): OpenAI's own; SigLIP (mean/std 0.5, squash); CLIPA (ImageNet's statistics,
@@ -141,6 +147,31 @@ def test_a_model_built_with_a_tags_preprocessing_reports_it():
     clip = open_clip.create_model("pini-tiny", force_preprocess_cfg=config)
     expected = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
     assert preprocessing_of(clip) == expected
+
+
+def test_two_preprocessings_never_share_cached_features(monkeypatch):
+    monkeypatch.setattr(runner, "FEATURES", FeatureCache())
+    torch.manual_seed(0)
+    clip, _ = build_clip("pini-tiny")
+    run = dict(
+        model="pini-tiny",
+        pretrained=None,
+        pretrained_sha256=None,
+        demo_backbone=False,
+        seed=0,
+        pini_config=None,
+    )
+    split = types.SimpleNamespace(test=[(image, 0) for image in random_images(5)])
+    openai = preprocessing_of(clip)
+    siglip = dataclasses.replace(openai, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash")
+    encoded = {}
+    for name, preprocessing in [("openai", openai), ("siglip", siglip), ("again", openai)]:
+        clip.visual.preprocess_cfg = dataclasses.asdict(preprocessing)
+        test = clip_transforms(preprocessing)[1]
+        encoded[name] = runner.encode_test_features(run, None, clip, split, test, "cpu").features
+    assert (runner.FEATURES.misses, runner.FEATURES.hits) == (2, 1)
+    assert not torch.allclose(encoded["openai"], encoded["siglip"])
+    assert torch.equal(encoded["openai"], encoded["again"])
 
 
 @pytest.mark.parametrize(
