@@ -196,11 +196,6 @@ def _validation_samples(run: dict, split, samples: list[tuple], folder: Path) ->
     return few_shot(pool, shots, run["seed"], cache=cache, source=source)
 
 
-def clip_image_size(clip) -> int:
-    size = clip.visual.image_size
-    return size[0] if isinstance(size, (tuple, list)) else size
-
-
 def execute(args, plan: RunPlan) -> dict | None:
     """Runs a checked plan; rank 0 holds the run folder's lock throughout."""
     rank, world = distributed_rank_world()
