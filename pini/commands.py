@@ -149,7 +149,7 @@ def _run_sweep(args, plans, output: Path, methods, splits, rank: int) -> int:
 
 
 def eval_command(args) -> int:
-    run, split, model, clip = load_stored_method(args, "eval")
+    run, split, model, clip = load_stored_method(args, "eval", inference=True)
     progress = not args.no_progress
     test_transform = clip_transforms(preprocessing_of(clip))[1]
     features = encode_test_features(run, model, clip, split, test_transform, args.device)

@@ -4,6 +4,8 @@ encoded once per process where that is exact (``FEATURES``)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -389,12 +391,26 @@ def _load_fitted(model, state: dict, run: dict) -> None:
         raise InputError(f"the checkpoint's {run['method']} state does not fit: {error}") from None
 
 
-def load_stored_method(args, command: str):
+INFERENCE_OPTIONS = ("inference", "inference_samples")  # PiNI's test-time noise, not training
+
+
+def load_stored_method(args, command: str, *, inference: bool = False):
     """(run record, split, model with the checkpoint's state, frozen CLIP) for ``eval``,
     ``visualize`` and ``interpret``: the method the checkpoint stores, on the run's own data or
-    on ``--root`` / ``--dataset``; checked before any work."""
+    on ``--root`` / ``--dataset``; checked before any work. ``inference``: ``--inference`` and
+    ``--inference-samples`` replace a PiNI run's test-time noise (``pini eval``: they change
+    nothing that was trained)."""
     state, run = _stored_run(args.checkpoint)
-    differences = flag_differences(run, args, keys=("model", "pretrained", "template"))
+    override = {key: getattr(args, key, None) for key in INFERENCE_OPTIONS} if inference else {}
+    override = {key: value for key, value in override.items() if value is not None}
+    if override and run["method"] != "pini":
+        flags = " and ".join("--" + key.replace("_", "-") for key in override)
+        raise InputError(
+            f"{flags} set PiNI's test-time noise; the run in {Path(args.checkpoint).parent} is "
+            f"{run['method']}, which has none"
+        )
+    compared = argparse.Namespace(**{**vars(args), **dict.fromkeys(override)})
+    differences = flag_differences(run, compared, keys=("model", "pretrained", "template"))
     if differences:
         raise InputError(
             f"{command} builds the model stored in {args.checkpoint}, but "
@@ -416,6 +432,11 @@ def load_stored_method(args, command: str):
             "so it cannot be evaluated there"
         )
     model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
+    if override:
+        try:
+            model.config = dataclasses.replace(model.config, **override)
+        except ValueError as error:
+            raise InputError(str(error)) from None
     return run, split, model, clip
 
 

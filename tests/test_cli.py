@@ -405,6 +405,54 @@ def test_eval_refuses_contradicting_model_flags(trained, tmp_path, capsys):
         assert_one_line_error(result, "eval builds the model stored in", fragment)
 
 
+def test_eval_replaces_the_test_time_noise_of_a_pini_run(trained, tmp_path, capsys, monkeypatch):
+    """``pini eval --inference mean|sample|average`` scores a PiNI run with another test-time
+    noise, without retraining; the accuracy is that of the model's own top-1 predictions."""
+    from pini import predict
+
+    data, output = trained(tmp_path)
+    checkpoint = output / "checkpoint.pt"
+    test = load_dataset(data, "toy").test
+    classnames = load_dataset(data, "toy").classnames
+    import pini.commands
+
+    evaluated = []
+    evaluate = pini.commands.evaluate
+    monkeypatch.setattr(
+        pini.commands,
+        "evaluate",
+        lambda model, *a, **k: evaluated.append(model) or evaluate(model, *a, **k),
+    )
+    for flags in (["--inference", "mean"], ["--inference", "average", "--inference-samples", "3"]):
+        status, out, err = run_cli(
+            ["eval", "--no-progress", "--checkpoint", checkpoint, *flags], capsys
+        )
+        assert status == 0, err
+        options = dict(zip(("inference", "inference_samples"), flags[1::2], strict=False))
+        options = {
+            key: int(value) if key.endswith("samples") else value for key, value in options.items()
+        }
+        config = evaluated[-1].config
+        assert (config.inference, config.inference_samples) == (
+            options["inference"],
+            options.get("inference_samples", 8),
+        )
+        model, names, transform = predict.load_run(checkpoint, **options)
+        rows = predict.predict(model, [path for path, _ in test], transform, 1, classnames=names)
+        right = sum(
+            row["top_k"][0]["class"] == classnames[label]
+            for row, (_, label) in zip(rows, test, strict=True)
+        )
+        assert f"accuracy {100 * right / len(test):.2f}%" in out, (flags, out)
+    zero_shot = tmp_path / "zero-shot"
+    argv = ["train", "--model", "pini-tiny", "--no-progress", "--root", data, "--dataset", "toy"]
+    assert run_cli([*argv, "--method", "zero-shot", "--output", zero_shot], capsys)[0] == 0
+    result = run_cli(
+        ["eval", "--checkpoint", zero_shot / "checkpoint.pt", "--inference", "mean"], capsys
+    )
+    assert_one_line_error(result, "--inference set PiNI's test-time noise", "zero-shot")
+
+
 def test_eval_on_other_data_and_its_limits(trained, tmp_path, capsys):
     other = make_folder(tmp_path / "more" / "pets", classes=["ant", "bee", "cow", "eel"])
     data, output = trained(tmp_path)
