@@ -43,7 +43,7 @@ from .commands import (
 from .config import INFERENCE_MODES, TABLE1
 from .config_file import apply_config_file
 from .errors import InputError, RunDiverged
-from .methods import METHODS
+from .methods import METHODS, PAPER_METHODS
 from .runs import DEFAULT_ROW, MAX_SEED
 from .train import OPTIMIZERS, distributed_rank_world
 
@@ -411,8 +411,9 @@ def _parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=list(METHODS),
-        help="methods (default: all)",
+        default=list(PAPER_METHODS),
+        help=f"methods (default: the paper's, {' '.join(PAPER_METHODS)}; tip-adapter and "
+        "tip-adapter-f are extras)",
     )
     sweep.add_argument(
         "--datasets",

@@ -14,13 +14,13 @@ from PIL import Image
 from test_cli import TINY, assert_one_line_error, make_folder, run_cli
 
 import pini
-from pini import runner
+from pini import cli, runner
 from pini.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from pini.data.features import EncodedImages, encode_samples
 from pini.data.load import load_dataset
 from pini.data.transforms import clip_transforms
 from pini.evaluation import evaluate
-from pini.methods import METHODS
+from pini.methods import METHODS, PAPER_METHODS
 
 TRAINED_METHODS = [name for name, method in METHODS.items() if method.trains]
 VALIDATED_METHODS = [
@@ -374,3 +374,11 @@ def test_sweep_refuses_a_run_of_another_configuration_before_any_run(tmp_path, c
     assert not (output / "toy" / "coop" / "2shot-seed1").exists()  # checked before any run
     result = run_cli([*argv, "--methods", "linear-probe", "--noise", "feature"], capsys)
     assert_one_line_error(result, "--noise: PiNI's option, but --methods has no pini")
+
+
+def test_a_sweep_defaults_to_the_papers_methods():
+    """Without --methods, ``pini sweep`` runs the methods of the paper's Table 2 (PiNI, zero-shot
+    CLIP, the linear probe, CoOp, CLIP-Adapter); Tip-Adapter and -F are extras."""
+    args = cli._parser().parse_args(["sweep"])
+    assert args.methods == ["pini", "zero-shot", "linear-probe", "coop", "clip-adapter"]
+    assert set(PAPER_METHODS) <= set(METHODS)

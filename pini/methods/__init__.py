@@ -29,7 +29,14 @@ from . import clip_adapter, coop, linear_probe, pini, tip_adapter, zero_shot
 from .base import Method, MethodSetup, TrainableModel
 from .common import check_positive_int
 
-__all__ = ["METHODS", "Method", "MethodSetup", "TrainableModel", "training_defaults"]
+__all__ = [
+    "METHODS",
+    "PAPER_METHODS",
+    "Method",
+    "MethodSetup",
+    "TrainableModel",
+    "training_defaults",
+]
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -43,6 +50,10 @@ METHODS: dict[str, Method] = {
         tip_adapter.FINE_TUNED_METHOD,
     )
 }
+
+# The methods of the paper's Table 2 (``pini sweep``'s default); Tip-Adapter and Tip-Adapter-F are
+# extras, not among the paper's baselines.
+PAPER_METHODS = ("pini", "zero-shot", "linear-probe", "coop", "clip-adapter")
 
 
 def training_defaults(method: str, shots: int, dataset_name: str | None = None) -> dict:
