@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .backbone import token_embedding
+from .backbone import preprocessing_of, token_embedding
 from .data.image_list import ImageList, collate_skipping
-from .data.transforms import CLIP_MEAN, CLIP_STD
+from .data.transforms import Preprocessing
 from .errors import InputError
 from .model import PiNI
 from .noise_paths import IMAGE_STREAM, PROMPT_STREAM
@@ -44,10 +44,10 @@ def _first_images(samples: list[tuple], transform, count: int) -> tuple[torch.Te
     raise InputError("no readable test image to draw")
 
 
-def _to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) in [0, 1] from CLIP-normalized (B, 3, H, W)."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+def _to_pixels(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """(B, H, W, 3) in [0, 1] from (B, 3, H, W) normalized with the weights' own mean and std."""
+    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
     return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
 
@@ -82,7 +82,9 @@ def image_noise_figure(
     magnitude = {"mu": mu.norm(dim=1).cpu().numpy(), "sigma": sigma.norm(dim=1).cpu().numpy()}
     plt = _pyplot()
     figure, axes = plt.subplots(len(images), 5, figsize=(15, 3.2 * len(images)), squeeze=False)
-    pixels, noisy_pixels = _to_pixels(images).numpy(), _to_pixels(noisy).numpy()
+    preprocessing = preprocessing_of(model.clip)
+    pixels = _to_pixels(images, preprocessing).numpy()
+    noisy_pixels = _to_pixels(noisy, preprocessing).numpy()
     for row in range(len(images)):
         panels = axes[row]
         panels[0].imshow(pixels[row])

@@ -186,3 +186,17 @@ def test_two_preprocessings_never_share_cached_features(monkeypatch):
 def test_a_preprocessing_out_of_range_is_refused(config, message):
     with pytest.raises(ValueError, match=message):
         Preprocessing.from_config(config)
+
+
+@pytest.mark.parametrize("mean_std", [(CLIP_MEAN, CLIP_STD), ((0.5,) * 3, (0.5,) * 3)])
+def test_visualize_shows_the_images_as_the_weights_normalized_them(mean_std):
+    """The figures undo the weights' own normalization: an image of the model's size comes back
+    as its pixels (not tinted by OpenAI's mean and std on a SigLIP-like model)."""
+    from pini.visualize import _to_pixels
+
+    mean, std = mean_std
+    preprocessing = Preprocessing(16, mean=mean, std=std, resize_mode="squash")
+    pixels = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    normalized = clip_transforms(preprocessing)[1](Image.fromarray(pixels))
+    shown = _to_pixels(normalized[None], preprocessing)[0].numpy()
+    np.testing.assert_allclose(shown, pixels / 255.0, atol=1e-5)
