@@ -5,6 +5,7 @@ embeddings."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -122,12 +123,14 @@ def _weights_source(name: str, pretrained: str) -> tuple[str, dict]:
     if pretrained.startswith("hf-hub:"):
         repository = pretrained[len("hf-hub:") :]
         try:
-            return open_clip.pretrained.download_pretrained_from_hf(repository), {}
+            weights = open_clip.pretrained.download_pretrained_from_hf(repository)
         except Exception as error:
             raise InputError(
                 f"--pretrained {pretrained}: no open_clip weights could be fetched from that "
                 f"repository ({str(error).splitlines()[0][:160]})"
             ) from None
+        preprocessing = _hub_preprocessing(repository, pretrained)
+        return weights, ({"force_preprocess_cfg": preprocessing} if preprocessing else {})
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags or pretrained.lower() in tags:
         tag = pretrained if pretrained in tags else pretrained.lower()
@@ -139,6 +142,28 @@ def _weights_source(name: str, pretrained: str) -> tuple[str, dict]:
         f"--pretrained {pretrained} is neither a file nor a pretrained tag of {name} "
         f"(tags: {', '.join(tags) if tags else 'none'})"
     )
+
+
+def _hub_preprocessing(repository: str, pretrained: str) -> dict:
+    """The image preprocessing an ``hf-hub:`` repository's ``open_clip_config.json`` gives its
+    weights (mean, std, interpolation, resize mode, fill; the size is the model's), or {} where
+    it has no such file (OpenAI's then, docs/spec.md §13)."""
+    try:
+        path = open_clip.pretrained.download_pretrained_from_hf(
+            repository, filename="open_clip_config.json"
+        )
+    except Exception:  # no config in the repository (or not cached offline): OpenAI's
+        return {}
+    try:
+        config = json.loads(Path(path).read_text())
+        given = config.get("preprocess_cfg") or {}
+        keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+        return {key: given[key] for key in keys if given.get(key) is not None}
+    except (OSError, ValueError, AttributeError) as error:
+        raise InputError(
+            f"--pretrained {pretrained}: the repository's open_clip_config.json cannot be read "
+            f"({str(error)[:160]})"
+        ) from None
 
 
 def hf_text_encoder(name: str) -> str | None:

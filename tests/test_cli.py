@@ -576,6 +576,10 @@ for pretrained in ("testtag", "hf-hub:pini-test/pini-tiny"):
     clip, _ = pini.build_clip("pini-tiny", pretrained)
     for name, value in clip.state_dict().items():
         assert torch.equal(value, expected[name]), (pretrained, name)
+# The repository's open_clip_config.json gives the weights' preprocessing.
+clip, _ = pini.build_clip("pini-tiny", "hf-hub:pini-test/pini-tiny")
+preprocessing = pini.backbone.preprocessing_of(clip)
+print("PREPROCESSING", preprocessing.mean, preprocessing.std, preprocessing.resize_mode)
 try:
     pini.build_clip("pini-tiny", "hf-hub:pini-test/not-cached")
 except pini.errors.InputError as error:
@@ -594,6 +598,8 @@ def test_pretrained_tag_and_hf_hub_name_load_offline_from_the_cache(tmp_path):
     snapshot = repository / "snapshots" / commit
     snapshot.mkdir(parents=True)
     torch.save(clip.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    preprocess = {"mean": [0.5] * 3, "std": [0.25] * 3, "resize_mode": "squash"}
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"preprocess_cfg": preprocess}))
     (repository / "refs").mkdir()
     (repository / "refs" / "main").write_text(commit)
     environment = {
@@ -610,6 +616,7 @@ def test_pretrained_tag_and_hf_hub_name_load_offline_from_the_cache(tmp_path):
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
+    assert "PREPROCESSING (0.5, 0.5, 0.5) (0.25, 0.25, 0.25) squash" in completed.stdout
     assert (
         "ERROR --pretrained hf-hub:pini-test/not-cached: no open_clip weights" in completed.stdout
     )
