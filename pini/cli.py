@@ -360,6 +360,11 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=_seed, default=0, help="seed of PiNI's noise draws (default 0)"
     )
     guess.add_argument("--trusted", action="store_true", help="as for pini eval")
+    guess.add_argument(
+        "--pretrained",
+        default=None,
+        help="the run's weights file where it lies now, if it moved (same SHA-256)",
+    )
     for flag, text in (("--no-progress", "no progress lines"), ("--debug", "show tracebacks")):
         guess.add_argument(flag, action="store_true", help=text)
     guess.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")

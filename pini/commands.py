@@ -188,6 +188,7 @@ def predict_command(args) -> int:
         inference=args.inference,
         inference_samples=args.inference_samples,
         trusted=args.trusted,
+        pretrained=args.pretrained,
         progress=not args.no_progress,
     )
     plural = "s" if len(images) > 1 else ""

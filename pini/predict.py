@@ -62,6 +62,7 @@ def load_run(
     inference: str | None = None,
     inference_samples: int | None = None,
     trusted: bool = False,
+    pretrained: str | None = None,
     progress: bool = False,
 ) -> tuple[nn.Module, list[str], object]:
     """(model, classnames, transform) of the run whose ``checkpoint`` (``RUN/checkpoint.pt``) is
@@ -73,8 +74,12 @@ def load_run(
 
     ``inference`` ("sample", "mean", "average") and ``inference_samples`` replace the run's
     inference noise options; PiNI only (they change nothing else), an ``InputError`` for any
-    other method. ``trusted``: allow an OpenAI TorchScript weights file (runs code from it)."""
-    run, model, clip = load_stored_model(checkpoint, device, progress=progress, trusted=trusted)
+    other method. ``trusted``: allow an OpenAI TorchScript weights file (runs code from it).
+    ``pretrained``: the run's weights file where it lies now, if it moved (its SHA-256 must be
+    the run's)."""
+    run, model, clip = load_stored_model(
+        checkpoint, device, progress=progress, trusted=trusted, pretrained=pretrained
+    )
     options = {
         key: value
         for key, value in (("inference", inference), ("inference_samples", inference_samples))

@@ -43,6 +43,8 @@ from .runs import (
     load_split,
     normalized_run,
     prompt_template,
+    relocated_weights,
+    resolve_pretrained,
     weights_digest,
 )
 from .train import TrainConfig, distributed_rank_world, train
@@ -401,6 +403,7 @@ def load_stored_method(args, command: str, *, inference: bool = False):
     ``--inference-samples`` replace a PiNI run's test-time noise (``pini eval``: they change
     nothing that was trained)."""
     state, run = _stored_run(args.checkpoint)
+    run = relocated_weights(run, getattr(args, "pretrained", None))
     override = {key: getattr(args, key, None) for key in INFERENCE_OPTIONS} if inference else {}
     override = {key: value for key, value in override.items() if value is not None}
     if override and run["method"] != "pini":
@@ -462,12 +465,24 @@ def _restored(state: dict, run: dict, split, device: str, progress: bool, truste
 
 
 def load_stored_model(
-    checkpoint, device: str = "cpu", *, progress: bool = False, trusted: bool = False
+    checkpoint,
+    device: str = "cpu",
+    *,
+    progress: bool = False,
+    trusted: bool = False,
+    pretrained: str | None = None,
 ):
     """(run record, model with the checkpoint's state, frozen CLIP): the method a checkpoint
     stores, rebuilt as ``load_stored_method`` rebuilds it for ``eval``, on the run's own classes
-    and without reading its data (``pini predict``, ``pini.predict.load_run``)."""
+    and without reading its data (``pini predict``, ``pini.predict.load_run``). ``pretrained``:
+    the run's weights file where it lies now (checked by its SHA-256)."""
     state, run = _stored_run(checkpoint)
+    run = relocated_weights(run, pretrained)
+    if pretrained is not None and run["pretrained"] != resolve_pretrained(pretrained):
+        raise InputError(
+            f"--pretrained {pretrained} is not the weights file the run in "
+            f"{Path(checkpoint).parent} was made with (its SHA-256 differs, or the run has none)"
+        )
     classes = Split(list(run["classnames"]), [], [], run["dataset"])  # names only, no images
     model, clip = _restored(state, run, classes, device, progress, trusted)
     return run, model, clip

@@ -76,7 +76,7 @@ def _resolve_root(root: str | None) -> str | None:
     return None if root is None else str(Path(root).expanduser().resolve())
 
 
-def _resolve_pretrained(pretrained: str | None) -> str | None:
+def resolve_pretrained(pretrained: str | None) -> str | None:
     """A local file as its absolute path; a tag or hf-hub name as given."""
     if pretrained is None:
         return None
@@ -135,6 +135,18 @@ def weights_digest(pretrained: str | None) -> str | None:
                 digest.update(block)
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]
+
+
+def relocated_weights(run: dict, pretrained: str | None) -> dict:
+    """``run`` with its weights file at ``pretrained`` instead of the path it recorded, when that
+    file has the SHA-256 the run recorded: a run does not depend on where its weights lie. Else
+    ``run`` as it is (a file with other weights is then a differing ``--pretrained``)."""
+    if pretrained is None or run.get("pretrained_sha256") is None:
+        return run
+    path = resolve_pretrained(pretrained)
+    if path == run["pretrained"] or weights_digest(path) != run["pretrained_sha256"]:
+        return run
+    return {**run, "pretrained": path}
 
 
 def _train_config(args, method: str, shots: int, seed: int, split, sweep: bool) -> dict | None:
@@ -215,8 +227,8 @@ def _new_run(
         "format": RUN_FORMAT,
         "method": method,
         "model": model_name,
-        "pretrained": _resolve_pretrained(args.pretrained),
-        "pretrained_sha256": weights_digest(_resolve_pretrained(args.pretrained)),
+        "pretrained": resolve_pretrained(args.pretrained),
+        "pretrained_sha256": weights_digest(resolve_pretrained(args.pretrained)),
         "demo_backbone": demo_backbone,
         "root": _resolve_root(args.root),
         "dataset": split.name,
@@ -333,7 +345,7 @@ def _requested(args, shots: int | None, seed: int | None) -> dict:
     if "root" in request:
         request["root"] = _resolve_root(request["root"])
     if "pretrained" in request:
-        request["pretrained"] = _resolve_pretrained(request["pretrained"])
+        request["pretrained"] = resolve_pretrained(request["pretrained"])
     if shots is not None:
         request["shots"] = shots
     if seed is not None:
@@ -342,7 +354,9 @@ def _requested(args, shots: int | None, seed: int | None) -> dict:
 
 
 def flag_differences(stored: dict, args, shots=None, seed=None, keys=None) -> list[str]:
-    """``--flag given`` vs the stored run, for every option the user gave that differs."""
+    """``--flag given`` vs the stored run, for every option the user gave that differs (a
+    weights file elsewhere with the run's SHA-256 is the same weights)."""
+    stored = relocated_weights(stored, getattr(args, "pretrained", None))
     found = []
     method = stored.get("method", "pini")
     if getattr(args, "method", None) and args.method != method:
@@ -470,7 +484,7 @@ def plan_run(args, shots: int | None, seed: int | None, folder: Path, split) -> 
                 + "; ".join(differences)
                 + ". For a new run use another --output, or --overwrite to replace this one"
             )
-        run = stored
+        run = relocated_weights(stored, args.pretrained)
     else:
         check_method_flags(args, [args.method or "pini"])
         run = _new_run(args, shots, seed, split)  # checks the options before the folder

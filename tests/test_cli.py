@@ -761,6 +761,40 @@ def test_weights_are_checked_by_hash_and_trusted_is_never_stored(
         )
 
 
+def test_a_run_follows_its_weights_file_when_it_moves(data, tmp_path, capsys):
+    """A run does not depend on where its weights file lies: `pini eval`, `pini predict` and
+    `--resume` take --pretrained at the new place when the file has the run's SHA-256, give
+    the same results, and refuse other weights in one line."""
+    from pini.backbone import build_clip
+
+    weights = tmp_path / "weights.pt"
+    torch.save(build_clip("pini-tiny")[0].state_dict(), weights)
+    output = tmp_path / "run"
+    assert run_cli(toy_train(data, output, "--pretrained", weights, "--shots", "1"), capsys)[0] == 0
+    checkpoint = output / "checkpoint.pt"
+    evaluation = ["eval", "--checkpoint", checkpoint, "--no-progress"]
+    before = run_cli(evaluation, capsys)[1]
+    moved = tmp_path / "elsewhere" / "same.pt"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    assert_one_line_error(run_cli(evaluation, capsys), "is gone")
+    status, after, err = run_cli([*evaluation, "--pretrained", moved], capsys)
+    assert status == 0 and after == before, err
+    image = tmp_path / "one.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
+    predict = ["predict", "--checkpoint", checkpoint, image, "--output", tmp_path / "p"]
+    assert run_cli([*predict, "--pretrained", moved, "--no-progress"], capsys)[0] == 0
+    status, _, err = run_cli(resume(data, output, "--pretrained", moved), capsys)
+    assert status == 0, err
+    torch.manual_seed(5)
+    other = tmp_path / "other.pt"
+    torch.save(build_clip("pini-tiny")[0].state_dict(), other)
+    assert_one_line_error(run_cli([*evaluation, "--pretrained", other], capsys), "--pretrained")
+    assert_one_line_error(
+        run_cli([*predict, "--pretrained", other], capsys), "not the weights file"
+    )
+
+
 def test_a_second_process_on_a_run_or_sweep_folder_gets_one_line_naming_the_holder(
     data, tmp_path, capsys
 ):
