@@ -267,3 +267,25 @@ def test_a_missing_native_backend_warns_once_when_it_would_have_been_chosen(monk
     assert len(messages) == 1
     assert "'cpu' kernels are not available" in messages[0]
     assert "python -m pini_kernels.build" in messages[0]
+
+
+def test_python_m_pini_kernels_says_which_backends_this_install_has():
+    """``python -m pini_kernels`` lists every backend, available or why not, and the backend a
+    call on CPU tensors picks; the same answers the library gives."""
+    import torch
+
+    from pini_kernels import __main__ as doctor
+    from pini_kernels import backends
+
+    lines = doctor.report().splitlines()
+    available = backends.available_backends()
+    for name in backends.BACKENDS:
+        (line,) = [line for line in lines if line.split()[:1] == [name]]
+        assert ("not available:" not in line) == (name in available), line
+    chosen = backends.resolve_backend(None, torch.device("cpu"))
+    assert f"a call on CPU tensors runs on: {chosen}" in lines
+    completed = subprocess.run(
+        [sys.executable, "-m", "pini_kernels"], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert all(f"  {name} " in completed.stdout for name in backends.BACKENDS), completed.stdout
