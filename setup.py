@@ -108,12 +108,42 @@ def warn_when_compiling_fails(build_command, required: bool):
     return BuildNativeOrWarn
 
 
+def cuda_home_from_nvcc() -> str | None:
+    """The CUDA toolkit folder of the ``nvcc`` on PATH, as nvcc itself reports it (its dry run's
+    ``TOP=``), for when CUDA_HOME is not set: torch then guesses the parent of nvcc's folder,
+    which is wrong where ``nvcc`` is a wrapper script outside the toolkit. None when nvcc is
+    missing or its answer holds no ``include/cuda_runtime.h``."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if "TOP=" in line:
+            home = os.path.realpath(line.split("TOP=", 1)[1].strip().strip('"'))
+            if Path(home, "include", "cuda_runtime.h").is_file():
+                return home
+    return None
+
+
 def native_extension():
     """The extension and its build command, or (None, None) with a warning saying why."""
     build_cpu, build_cuda = switch("PINI_BUILD_CPU"), switch("PINI_BUILD_CUDA")
     if build_cpu == "0" and build_cuda == "0":
         say("PINI_BUILD_CPU=0 and PINI_BUILD_CUDA=0: pure-Python install")
         return None, None
+    if build_cuda != "0" and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        home = cuda_home_from_nvcc()
+        if home is not None:  # before torch reads it, at the import of cpp_extension
+            os.environ["CUDA_HOME"] = home
+            say(f"CUDA_HOME not set: using {home}, the toolkit of the nvcc on PATH")
     try:
         import torch
         from torch.utils import cpp_extension

@@ -289,3 +289,35 @@ def test_python_m_pini_kernels_says_which_backends_this_install_has():
     )
     assert completed.returncode == 0, completed.stderr
     assert all(f"  {name} " in completed.stdout for name in backends.BACKENDS), completed.stdout
+
+
+def _setup_function(name: str):
+    """A function of setup.py, without running setup.py (which builds at import)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"os": os, "shutil": shutil, "subprocess": subprocess, "Path": Path}
+    exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_cuda_home_comes_from_the_nvcc_on_path_even_when_it_is_a_wrapper(tmp_path, monkeypatch):
+    """A wrapper script `nvcc` outside the toolkit (as on these machines) made torch guess its
+    parent folder as CUDA_HOME and the install silently skipped the CUDA kernels; setup.py asks
+    nvcc where its toolkit is."""
+    cuda_home_from_nvcc = _setup_function("cuda_home_from_nvcc")
+    toolkit = tmp_path / "cuda-99.0"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    nvcc = wrappers / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={toolkit}/bin/..' >&2\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", str(wrappers))
+    assert cuda_home_from_nvcc() == os.path.realpath(toolkit)
+    (toolkit / "include" / "cuda_runtime.h").unlink()  # not a toolkit: no answer
+    assert cuda_home_from_nvcc() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvcc
+    assert cuda_home_from_nvcc() is None
