@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,15 +56,39 @@ def native_missing_hint() -> str:
     )
 
 
-def build_in_place(root: Path, *, cpu_only: bool = False) -> int:
-    """Runs ``setup.py build_ext --inplace`` in ``root``; returns its exit status."""
+# A compiler's or the linker's error line: GCC/clang "file:line:col: error: ...", nvcc "file(line):
+# error: ..." and "nvcc fatal : ...", "fatal error", ld's "undefined reference"; not a command
+# line's "-Werror", not a warning.
+_ERROR_LINE = re.compile(r"\berror\s*:|fatal error|nvcc fatal|undefined reference", re.IGNORECASE)
+# An error from the CUDA part of the build (a .cu file, nvcc, the CUDA toolkit or its headers).
+_CUDA_ERROR = re.compile(r"\.cu\b|\.cuh\b|nvcc|cuda", re.IGNORECASE)
+
+
+def first_error(lines: list[str]) -> str | None:
+    """The first line of a build's output that reports an error (not a warning), stripped."""
+    for line in lines:
+        if _ERROR_LINE.search(line) and "warning" not in line.lower():
+            return line.strip()
+    return None
+
+
+def build_in_place(root: Path, *, cpu_only: bool = False) -> tuple[int, str | None]:
+    """Runs ``setup.py build_ext --inplace`` in ``root``, its output shown as it comes; returns
+    its exit status and the first error line of that output (None when there is none)."""
     env = dict(os.environ)
     env.setdefault("PINI_BUILD_CPU", "1")  # a failed compile is an error here, not a warning
     if cpu_only:
         env["PINI_BUILD_CUDA"] = "0"
     command = [sys.executable, "setup.py", "build_ext", "--inplace"]
     print(f"pini_kernels.build: {' '.join(command)} (in {root})", flush=True)
-    return subprocess.run(command, cwd=root, env=env, check=False).returncode
+    lines: list[str] = []
+    with subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as build:
+        for line in build.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+    return build.returncode, first_error(lines)
 
 
 def built_backends(root: Path) -> list[str]:
@@ -98,9 +123,29 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "pini_kernels.build: ninja not found, compiling one file at a time (pip install ninja)"
         )
-    status = build_in_place(root, cpu_only=arguments.cpu_only)
+    status, error = build_in_place(root, cpu_only=arguments.cpu_only)
+    if status != 0 and not arguments.cpu_only and error and _CUDA_ERROR.search(error):
+        # The CUDA kernels are the usual casualty (toolkit, arch list, host compiler): keep the
+        # CPU kernels rather than nothing, and say why the CUDA ones are missing.
+        print(
+            f"pini_kernels.build: the CUDA kernels failed to compile ({error}); retrying without "
+            "them (--cpu-only)",
+            flush=True,
+        )
+        cpu_status, cpu_error = build_in_place(root, cpu_only=True)
+        if cpu_status == 0:
+            backends = built_backends(root)
+            print(
+                f"pini_kernels.build: built pini_kernels._C with kernels for: "
+                f"{', '.join(backends)}; NOT the CUDA kernels, whose build failed with: {error}"
+            )
+            return 1
+        status, error = cpu_status, cpu_error
     if status != 0:
-        print(f"pini_kernels.build: the build failed (exit status {status}); see the output above.")
+        print(
+            f"pini_kernels.build: the build failed (exit status {status}); the first error: "
+            f"{error or 'none found in the output (see above)'}"
+        )
         return status
     backends = built_backends(root)
     print(f"pini_kernels.build: built pini_kernels._C with kernels for: {', '.join(backends)}")

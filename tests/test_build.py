@@ -321,3 +321,51 @@ def test_cuda_home_comes_from_the_nvcc_on_path_even_when_it_is_a_wrapper(tmp_pat
     assert cuda_home_from_nvcc() is None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvcc
     assert cuda_home_from_nvcc() is None
+
+
+def test_a_failed_build_ends_with_the_compilers_first_error():
+    """``python -m pini_kernels.build`` ends with the first error line of hundreds of lines of
+    build output, not "see the output above"; warnings and "-Werror" on a command line are not
+    errors."""
+    from pini_kernels.build import first_error
+
+    output = [
+        "[1/4] c++ -MMD -Wno-error=deprecated -c csrc/cpu/kernels.cpp -o kernels.o\n",
+        "csrc/cpu/kernels.cpp:12:3: warning: unused variable 'x' [-Wunused-variable]\n",
+        "FAILED: kernels_cuda.o\n",
+        'csrc/cuda/kernels.cu(41): error: identifier "half2" is undefined\n',
+        'csrc/cuda/kernels.cu(57): error: expected a ";"\n',
+        "RuntimeError: Error compiling objects for extension\n",
+    ]
+    assert first_error(output) == 'csrc/cuda/kernels.cu(41): error: identifier "half2" is undefined'
+    assert first_error(["nvcc fatal   : Unsupported gpu architecture 'compute_120'\n"]) == (
+        "nvcc fatal   : Unsupported gpu architecture 'compute_120'"
+    )
+    assert first_error(["ld: kernels.o: undefined reference to `foo'\n"]).endswith("`foo'")
+    assert first_error(output[:2]) is None
+
+
+def test_a_failed_cuda_compile_keeps_the_cpu_kernels(monkeypatch, capsys, tmp_path):
+    """When the CUDA kernels fail to compile, the build retries without them and says which
+    error cost them, instead of leaving no native backend at all."""
+    from pini_kernels import build
+
+    calls = []
+
+    def fake_build(root, *, cpu_only=False):
+        calls.append(cpu_only)
+        return (0, None) if cpu_only else (1, "csrc/cuda/kernels.cu(41): error: bad")
+
+    monkeypatch.setattr(build, "build_in_place", fake_build)
+    monkeypatch.setattr(build, "source_checkout", lambda: tmp_path)
+    monkeypatch.setattr(build, "built_backends", lambda root: ["cpu"])
+    assert build.main([]) == 1 and calls == [False, True]
+    out = capsys.readouterr().out
+    assert "built pini_kernels._C with kernels for: cpu; NOT the CUDA kernels" in out
+    assert out.strip().endswith("csrc/cuda/kernels.cu(41): error: bad")
+    calls.clear()  # a CPU error: no retry, and the first error is the last line
+    monkeypatch.setattr(
+        build, "build_in_place", lambda root, cpu_only=False: (1, "a.cpp:1: error: x")
+    )
+    assert build.main([]) == 1
+    assert capsys.readouterr().out.strip().endswith("the first error: a.cpp:1: error: x")
