@@ -14,7 +14,6 @@ per image; ``write_predictions`` writes them as ``predictions.csv`` and ``predic
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -78,21 +77,14 @@ def load_run(
     ``pretrained``: the run's weights file where it lies now, if it moved (its SHA-256 must be
     the run's)."""
     run, model, clip = load_stored_model(
-        checkpoint, device, progress=progress, trusted=trusted, pretrained=pretrained
+        checkpoint,
+        device,
+        progress=progress,
+        trusted=trusted,
+        pretrained=pretrained,
+        inference=inference,
+        inference_samples=inference_samples,
     )
-    options = {
-        key: value
-        for key, value in (("inference", inference), ("inference_samples", inference_samples))
-        if value is not None
-    }
-    if options and not isinstance(model, PiNI):
-        flags = " and ".join("--" + key.replace("_", "-") for key in options)
-        raise InputError(
-            f"{flags} set PiNI's inference noise; the run in {Path(checkpoint).parent} is "
-            f"{type(model).__name__}, which has no noise"
-        )
-    if options:
-        model.config = dataclasses.replace(model.config, **options)  # checked by PiNIConfig
     if not isinstance(model, nn.Module):
         model = OnImages(clip, model)
     transform = clip_transforms(preprocessing_of(clip))[1]  # the test transform, as eval's

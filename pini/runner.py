@@ -393,7 +393,24 @@ def _load_fitted(model, state: dict, run: dict) -> None:
         raise InputError(f"the checkpoint's {run['method']} state does not fit: {error}") from None
 
 
-INFERENCE_OPTIONS = ("inference", "inference_samples")  # PiNI's test-time noise, not training
+def with_inference(model, run: dict, checkpoint, **options):
+    """``model`` with the test-time noise options given (``inference``, ``inference_samples``;
+    None: not given) in place of the run's: PiNI's only, as nothing trained depends on them; an
+    ``InputError`` for another method, which draws no noise, or for a value out of range."""
+    override = {key: value for key, value in options.items() if value is not None}
+    if not override:
+        return model
+    if run["method"] != "pini":
+        flags = " and ".join("--" + key.replace("_", "-") for key in override)
+        raise InputError(
+            f"{flags} set PiNI's test-time noise; the run in {Path(checkpoint).parent} is "
+            f"{run['method']} ({type(model).__name__}), which has none"
+        )
+    try:
+        model.config = dataclasses.replace(model.config, **override)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return model
 
 
 def load_stored_method(args, command: str, *, inference: bool = False):
@@ -404,15 +421,9 @@ def load_stored_method(args, command: str, *, inference: bool = False):
     nothing that was trained)."""
     state, run = _stored_run(args.checkpoint)
     run = relocated_weights(run, getattr(args, "pretrained", None))
-    override = {key: getattr(args, key, None) for key in INFERENCE_OPTIONS} if inference else {}
-    override = {key: value for key, value in override.items() if value is not None}
-    if override and run["method"] != "pini":
-        flags = " and ".join("--" + key.replace("_", "-") for key in override)
-        raise InputError(
-            f"{flags} set PiNI's test-time noise; the run in {Path(args.checkpoint).parent} is "
-            f"{run['method']}, which has none"
-        )
-    compared = argparse.Namespace(**{**vars(args), **dict.fromkeys(override)})
+    keys = ("inference", "inference_samples") if inference else ()
+    given = {key: getattr(args, key, None) for key in keys}
+    compared = argparse.Namespace(**{**vars(args), **dict.fromkeys(given)})
     differences = flag_differences(run, compared, keys=("model", "pretrained", "template"))
     if differences:
         raise InputError(
@@ -435,12 +446,7 @@ def load_stored_method(args, command: str, *, inference: bool = False):
             "so it cannot be evaluated there"
         )
     model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
-    if override:
-        try:
-            model.config = dataclasses.replace(model.config, **override)
-        except ValueError as error:
-            raise InputError(str(error)) from None
-    return run, split, model, clip
+    return run, split, with_inference(model, run, args.checkpoint, **given), clip
 
 
 def _stored_run(checkpoint) -> tuple[dict, dict]:
@@ -471,11 +477,14 @@ def load_stored_model(
     progress: bool = False,
     trusted: bool = False,
     pretrained: str | None = None,
+    inference: str | None = None,
+    inference_samples: int | None = None,
 ):
     """(run record, model with the checkpoint's state, frozen CLIP): the method a checkpoint
     stores, rebuilt as ``load_stored_method`` rebuilds it for ``eval``, on the run's own classes
     and without reading its data (``pini predict``, ``pini.predict.load_run``). ``pretrained``:
-    the run's weights file where it lies now (checked by its SHA-256)."""
+    the run's weights file where it lies now (checked by its SHA-256). ``inference``,
+    ``inference_samples``: PiNI's test-time noise instead of the run's (``with_inference``)."""
     state, run = _stored_run(checkpoint)
     run = relocated_weights(run, pretrained)
     if pretrained is not None and run["pretrained"] != resolve_pretrained(pretrained):
@@ -485,7 +494,8 @@ def load_stored_model(
         )
     classes = Split(list(run["classnames"]), [], [], run["dataset"])  # names only, no images
     model, clip = _restored(state, run, classes, device, progress, trusted)
-    return run, model, clip
+    options = dict(inference=inference, inference_samples=inference_samples)
+    return run, with_inference(model, run, checkpoint, **options), clip
 
 
 def load_stored_pini(args, command: str):
