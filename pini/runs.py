@@ -37,7 +37,7 @@ from .train import TrainConfig
 
 # The validation split: CoOp's datasets draw min(K, 4) shots per class from the val part.
 VALIDATION_SHOTS = 4
-DEFAULT_ROW = "feature+prompt"  # also in pini.run_flags
+DEFAULT_ROW = "feature+prompt"  # the Table 1 row of a run without noise flags
 RUN_FORMAT = "pini-run/1"
 MAX_SEED = 1 << 62
 
