@@ -11,7 +11,9 @@ installed torch.
 Switches (environment variables):
   PINI_BUILD_CPU=0|1|auto    build the CPU kernels (default auto: when a C++ compiler exists)
   PINI_BUILD_CUDA=0|1|auto   build the CUDA kernels (default auto: when nvcc and torch.version.cuda)
-                             With either at 1 a failed compile fails the build; otherwise it warns.
+                             With either at 1 a failed compile of those kernels fails the build;
+                             otherwise it warns: a failed CUDA compile builds the CPU kernels
+                             alone, a failed CPU compile installs the pure-Python package.
   PINI_CPU_ARCH              the CPU kernels' target:
                                auto (default): x86-64-v3 (AVX2, FMA) on x86-64, plus a copy of the
                                  kernels for AVX-512 that runs where the CPU has it; the compiler's
@@ -86,24 +88,44 @@ def cpu_target(compiler: str) -> tuple[list[str], list[tuple[str, str]]]:
     return X86_64_V3_FLAGS, []
 
 
-def warn_when_compiling_fails(build_command, required: bool):
-    """``build_command`` that, when compiling fails and the build was not ``required``, warns and
-    installs the pure-Python package instead of failing ``pip install``."""
+def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: bool, cpu_alone):
+    """``build_command`` that, when the CUDA kernels fail to compile and were not required, builds
+    ``cpu_alone`` (the extension without them; None when there is none to fall back to) instead,
+    and when the CPU kernels fail too and were not required, warns and installs the pure-Python
+    package instead of failing ``pip install``."""
 
     class BuildNativeOrWarn(build_command):
         def run(self):
+            with_cuda = cpu_alone is not None
             try:
                 super().run()
+                return
             except Exception as error:
-                if required:
+                if cuda_required or (cpu_required and not with_cuda):
                     raise
+                failure = error
+            if with_cuda:
                 warnings.warn(
-                    f"pini: compiling the native kernels failed ({error}; the compiler's output is "
-                    "above), so only the 'triton' and 'reference' backends are installed. Once "
-                    "fixed, `python -m pini_kernels.build` compiles them in place.",
+                    f"pini: compiling the CUDA kernels failed ({failure}; the compiler's output is "
+                    "above): building the CPU kernels alone, so the 'cuda' backend is missing. "
+                    "`python -m pini_kernels.build` names the first error.",
                     stacklevel=1,
                 )
-                self.extensions = []  # nothing built: nothing for the wheel to collect
+                self.extensions = [cpu_alone]
+                try:
+                    super().run()
+                    return
+                except Exception as error:
+                    if cpu_required:
+                        raise
+                    failure = error
+            warnings.warn(
+                f"pini: compiling the native kernels failed ({failure}; the compiler's output is "
+                "above), so only the 'triton' and 'reference' backends are installed. Once "
+                "fixed, `python -m pini_kernels.build` compiles them in place.",
+                stacklevel=1,
+            )
+            self.extensions = []  # nothing built: nothing for the wheel to collect
 
     return BuildNativeOrWarn
 
@@ -189,26 +211,29 @@ def native_extension():
         str(CSRC / "cpu" / "kernels.cpp"),
         str(CSRC / "cpu" / "kernels_avx512.cpp"),  # empty unless x86-64 (csrc/cpu/isa.h)
     ]
-    if with_cuda:
-        sources += [str(source) for source in cuda_sources]
-        define_macros.append(("PINI_WITH_CUDA", "1"))
-        extension_type = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx_flags, "nvcc": ["-O3"]}
-    else:
-        extension_type = cpp_extension.CppExtension
-        extra = {"cxx": cxx_flags}
-    kernels = f"CPU kernels for {target}" + (" + CUDA kernels" if with_cuda else "")
-    say(f"building pini_kernels._C: {kernels}")
-    extension = extension_type(
+    cpu_extension = cpp_extension.CppExtension(
         "pini_kernels._C",
         sources,
-        define_macros=define_macros,
-        extra_compile_args=extra,
+        define_macros=list(define_macros),
+        extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
+    extension, cpu_alone = cpu_extension, None
+    if with_cuda:
+        extension = cpp_extension.CUDAExtension(
+            "pini_kernels._C",
+            sources + [str(source) for source in cuda_sources],
+            define_macros=[*define_macros, ("PINI_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
+        )
+        cpu_alone = None if build_cpu == "0" else cpu_extension
+    kernels = f"CPU kernels for {target}" + (" + CUDA kernels" if with_cuda else "")
+    say(f"building pini_kernels._C: {kernels}")
     build_command = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    required = "1" in (build_cpu, build_cuda)
-    return extension, warn_when_compiling_fails(build_command, required)
+    return extension, warn_when_compiling_fails(
+        build_command, build_cpu == "1", build_cuda == "1", cpu_alone
+    )
 
 
 extension, build_command = native_extension()

@@ -291,13 +291,13 @@ def test_python_m_pini_kernels_says_which_backends_this_install_has():
     assert all(f"  {name} " in completed.stdout for name in backends.BACKENDS), completed.stdout
 
 
-def _setup_function(name: str):
+def _setup_function(name: str, **modules):
     """A function of setup.py, without running setup.py (which builds at import)."""
     import ast
 
     tree = ast.parse((ROOT / "setup.py").read_text())
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace = {"os": os, "shutil": shutil, "subprocess": subprocess, "Path": Path}
+    namespace = {"os": os, "shutil": shutil, "subprocess": subprocess, "Path": Path, **modules}
     exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
     return namespace[name]
 
@@ -369,3 +369,55 @@ def test_a_failed_cuda_compile_keeps_the_cpu_kernels(monkeypatch, capsys, tmp_pa
     )
     assert build.main([]) == 1
     assert capsys.readouterr().out.strip().endswith("the first error: a.cpp:1: error: x")
+
+
+class _FakeBuild:
+    """A build command whose compile fails for every extension named in ``failing``."""
+
+    failing: tuple = ()
+
+    def __init__(self, extensions):
+        self.extensions = list(extensions)
+        self.built = []
+
+    def run(self):
+        if any(name in self.failing for name in self.extensions):
+            raise RuntimeError("Error compiling objects for extension")
+        self.built.append(list(self.extensions))
+
+
+@pytest.mark.parametrize(
+    "failing, cpu_required, cuda_required, expected",
+    [
+        ((), False, False, [["cpu+cuda"]]),
+        (("cpu+cuda",), False, False, [["cpu"]]),  # the CUDA kernels cost, the CPU ones kept
+        (("cpu+cuda",), True, False, [["cpu"]]),  # PINI_BUILD_CPU=1 asks for the CPU ones only
+        (("cpu+cuda", "cpu"), False, False, []),  # nothing compiles: the pure-Python package
+        (("cpu+cuda",), False, True, RuntimeError),  # PINI_BUILD_CUDA=1: the build fails
+        (("cpu+cuda", "cpu"), True, False, RuntimeError),  # PINI_BUILD_CPU=1: the build fails
+    ],
+)
+def test_pip_installs_keep_the_cpu_kernels_when_the_cuda_ones_fail_to_compile(
+    failing, cpu_required, cuda_required, expected
+):
+    """setup.py's build command: a failed CUDA compile of an install that did not require it
+    builds the CPU kernels alone (with a warning), rather than leaving no native backend."""
+    import warnings
+
+    wrap = _setup_function("warn_when_compiling_fails", warnings=warnings)
+    base = type("Failing", (_FakeBuild,), {"failing": failing})
+    command = wrap(base, cpu_required, cuda_required, "cpu")(["cpu+cuda"])
+    if expected is RuntimeError:
+        with pytest.raises(RuntimeError):
+            command.run()
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        command.run()
+    assert command.built == expected
+    assert command.extensions == (expected[-1] if expected else [])
+    said = " ".join(str(warning.message) for warning in caught)
+    if failing:
+        assert "CUDA kernels failed" in said and "'cuda' backend is missing" in said
+    if expected == []:
+        assert "only the 'triton' and 'reference' backends" in said
