@@ -310,7 +310,7 @@ class LossFunction : public torch::autograd::Function<LossFunction> {
                         const Tensor& image_seed, const Tensor& text_seed, int64_t num_samples,
                         bool multiply, int64_t reduction, double label_smoothing, int64_t needs) {
     const bool in_forward = reduction != kReductionNone && needs != 0;
-    const int64_t batch = image.size(0);
+    const int64_t batch = image.size(-2);  // (B, D) or (m, B, D)
     OptionalTensor row_grads;
     if (in_forward) {
       const double weight = reduction == kReductionMean && batch > 0
@@ -356,7 +356,7 @@ class LossFunction : public torch::autograd::Function<LossFunction> {
         return tensor.defined() ? OptionalTensor(tensor) : std::nullopt;
       };
       const int64_t num_samples = ctx->saved_data["num_samples"].toInt();
-      const int64_t batch = grads[0].size(0);
+      const int64_t batch = grads[0].size(-2);
       Tensor row_grads = grad_loss.to(at::kFloat);
       if (ctx->saved_data["reduction"].toInt() == kReductionMean) {
         row_grads = row_grads / static_cast<double>(num_samples * batch);

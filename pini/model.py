@@ -36,7 +36,6 @@ from .noise_paths import (
     IMAGE_STREAM,
     NOISE_PATH_OPS,
     PROMPT_STREAM,
-    TEXT_FEATURE_STREAM,
     EagerNoisePath,
     FusedNoisePath,
     step_seed,
@@ -294,63 +293,49 @@ class PiNI(nn.Module):
 
     # --- loss and inference -----------------------------------------------------------------
 
-    def _logits_op_calls(self, images, num_samples: int, sigma_scale: float, seed: int):
-        """Keyword arguments of the pini_kernels logits/loss calls that cover ``num_samples``
-        noise samples of the batch ``images`` (B, 3, H, W), in sample order.
+    def _logits_op_call(self, images, num_samples: int, sigma_scale: float, seed: int) -> dict:
+        """Keyword arguments of the one pini_kernels logits/loss call that covers
+        ``num_samples`` noise samples of the batch ``images`` (B, 3, H, W), every Table 1 row.
 
-        One call with ``num_samples`` when every sample shares the image features and the image
-        noise's (mu, sigma): the op draws the feature noise of both sides (streams ``seed`` and
-        ``seed + 1``) and takes per-sample text features (num_samples, C, D) as they are. One
-        call per sample when each sample has its own image features (raw-image noise) or its own
-        image noise (mu, sigma) (a cross-attention generator reading per-sample text features):
-        the feature noise is then injected here from the same streams, and each call gets sample
-        j's noisy features with nothing left to draw.
+        The op draws the text features' noise (stream ``seed + 1`` over (num_samples, C, D)) and
+        takes per-sample text features (num_samples, C, D) as they are. It draws the image
+        features' noise (stream ``seed``) too when every sample shares the image noise's
+        (mu, sigma); when each sample has its own (a cross-attention generator reading
+        per-sample text features), that noise is injected here from the same stream, and the op
+        gets the (num_samples, B, D) noisy features, as it does for raw-image noise.
         """
         text, text_noise = self.text_features(num_samples, sigma_scale=sigma_scale, seed=seed)
-        common = dict(logit_scale=self.clip.logit_scale.exp(), mode=self.config.mode, seed=seed)
+        call = dict(
+            text_features=text,
+            text_noise=text_noise,
+            logit_scale=self.clip.logit_scale.exp(),
+            mode=self.config.mode,
+            seed=seed,
+            num_samples=num_samples,
+        )
         visual = self.config.visual
-        per_sample_text = text.dim() == 3
         if visual == "image":
             features = self._noisy_image_features(images, text, num_samples, sigma_scale, seed)
-        else:
-            features = self.encode_image(images)
-            image_noise = None
-            if visual == "feature":
-                image_noise = self._feature_noise(features, text, sigma_scale)
-            if not (per_sample_text and self._reads_text()):
-                return [
-                    dict(
-                        image_features=features,
-                        text_features=text,
-                        image_noise=image_noise,
-                        text_noise=text_noise,
-                        num_samples=num_samples,
-                        **common,
-                    )
-                ]
+            return dict(image_features=features, **call)
+        features = self.encode_image(images)
+        image_noise = None
+        if visual == "feature":
+            image_noise = self._feature_noise(features, text, sigma_scale)
+        if text.dim() == 3 and self._reads_text():  # (mu, sigma) of each sample's text
             features = self._inject_samples(
                 features, *image_noise, num_samples, seed + IMAGE_FEATURE_STREAM
             )
-        if not per_sample_text:
-            text = text.expand(num_samples, *text.shape)
-        if text_noise is not None:  # the stream the op would draw: (num_samples, C, D) of seed + 1
-            text = self.noise_ops.inject(
-                text, *text_noise, mode=self.config.mode, seed=seed + TEXT_FEATURE_STREAM
-            )
-        return [
-            dict(image_features=features[j], text_features=text[j], num_samples=1, **common)
-            for j in range(num_samples)
-        ]
+            image_noise = None
+        return dict(image_features=features, image_noise=image_noise, **call)
 
     def loss(
         self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None
     ) -> torch.Tensor:
         """Eq. (13): cross-entropy of the noisy cosine logits, averaged over the batch and over
-        ``num_samples`` noise samples per image, each sample with all its noise drawn anew.
-        images: (B, 3, H, W); labels: (B,). Returns a float32 scalar."""
-        calls = self._logits_op_calls(images, self.config.num_samples, 1.0, step_seed(seed))
-        losses = [self.noise_ops.noisy_cross_entropy(target=labels, **call) for call in calls]
-        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        ``num_samples`` noise samples per image, each sample with all its noise drawn anew, in
+        one op call. images: (B, 3, H, W); labels: (B,). Returns a float32 scalar."""
+        call = self._logits_op_call(images, self.config.num_samples, 1.0, step_seed(seed))
+        return self.noise_ops.noisy_cross_entropy(target=labels, **call)
 
     def sample_logits(
         self,
@@ -360,9 +345,8 @@ class PiNI(nn.Module):
         seed: int | None = None,
     ) -> torch.Tensor:
         """(num_samples, B, C) logits, each sample with its own draw of every noise source."""
-        calls = self._logits_op_calls(images, num_samples, sigma_scale, step_seed(seed))
-        logits = torch.cat([self.noise_ops.noisy_cosine_logits(**call) for call in calls])
-        return self._with_bias(logits)
+        call = self._logits_op_call(images, num_samples, sigma_scale, step_seed(seed))
+        return self._with_bias(self.noise_ops.noisy_cosine_logits(**call))
 
     def _with_bias(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` plus SigLIP's ``logit_bias`` where the model has one. The loss needs none:

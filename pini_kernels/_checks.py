@@ -120,29 +120,28 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_features(image_features, text_features, num_samples: int) -> None:
-    """image_features: (B, D); text_features: (C, D) shared by every sample, or
-    (num_samples, C, D), one set per sample."""
-    check_float_tensor("image_features", image_features, allow_float64=True)
-    check_float_tensor("text_features", text_features, allow_float64=True)
-    if image_features.dim() != 2:
-        raise ValueError(
-            f"image_features must be 2-D (B, D), got shape {tuple(image_features.shape)}"
-        )
-    if text_features.dim() not in (2, 3):
-        raise ValueError(
-            f"text_features must be (C, D) or (num_samples, C, D), got shape "
-            f"{tuple(text_features.shape)}"
-        )
-    if text_features.dim() == 3 and text_features.shape[0] != num_samples:
-        classes, dim = text_features.shape[1:]
-        raise ValueError(
-            f"text_features with 3 dims must be (num_samples, C, D) = ({num_samples}, {classes}, "
-            f"{dim}), got shape {tuple(text_features.shape)}"
-        )
-    if image_features.shape[1] != text_features.shape[-1]:
+    """image_features: (B, D) shared by every sample, or (num_samples, B, D), one set per sample;
+    text_features: (C, D) or (num_samples, C, D) likewise."""
+    for name, features, rows in (
+        ("image_features", image_features, "B"),
+        ("text_features", text_features, "C"),
+    ):
+        check_float_tensor(name, features, allow_float64=True)
+        if features.dim() not in (2, 3):
+            raise ValueError(
+                f"{name} must be ({rows}, D) or (num_samples, {rows}, D), got shape "
+                f"{tuple(features.shape)}"
+            )
+        if features.dim() == 3 and features.shape[0] != num_samples:
+            count, dim = features.shape[1:]
+            raise ValueError(
+                f"{name} with 3 dims must be (num_samples, {rows}, D) = ({num_samples}, {count}, "
+                f"{dim}), got shape {tuple(features.shape)}"
+            )
+    if image_features.shape[-1] != text_features.shape[-1]:
         raise ValueError(
             f"image_features and text_features must have the same feature dimension D, got "
-            f"{image_features.shape[1]} and {text_features.shape[-1]}"
+            f"{image_features.shape[-1]} and {text_features.shape[-1]}"
         )
 
 

@@ -248,13 +248,20 @@ def _check_logits_call(
     image_noise, text_noise, mode, num_samples, _ = noise
     samples = _checks.check_num_samples(num_samples, allow_none=False)
     _checks.check_features(image_features, text_features, samples)
-    image_pair = _checks.check_noise_pair(
-        "image_noise", image_noise, image_features, "image_features"
-    )
-    # Text noise is per class, (C, D), shared by every sample even when the text features are not.
-    text_target = "text_features[s]" if text_features.dim() == 3 else "text_features"
-    text_pair = _checks.check_noise_pair(
-        "text_noise", text_noise, text_features, text_target, shape=text_features.shape[-2:]
+    # Noise parameters are per row, (B, D) / (C, D), shared by every sample even when the
+    # features are not.
+    image_pair, text_pair = (
+        _checks.check_noise_pair(
+            side,
+            pair,
+            features,
+            f"{name}[s]" if features.dim() == 3 else name,
+            shape=features.shape[-2:],
+        )
+        for side, pair, features, name in (
+            ("image_noise", image_noise, image_features, "image_features"),
+            ("text_noise", text_noise, text_features, "text_features"),
+        )
     )
     scale = _checks.check_logit_scale(logit_scale, image_features)
     multiply = _checks.check_mode(mode)
@@ -263,7 +270,7 @@ def _check_logits_call(
         if pair is not None:
             named[f"{side}[0] (mu)"], named[f"{side}[1] (sigma)"] = pair
     _checks.check_same_device(**named)
-    rows = max(image_features.shape[0], text_features.shape[-2]) * image_features.shape[1]
+    rows = max(image_features.shape[-2], text_features.shape[-2]) * image_features.shape[-1]
     _checks.check_total_elements(samples, rows)
     chosen = resolve_backend(backend, image_features.device)
     if chosen != "reference":
@@ -286,14 +293,16 @@ def noisy_cosine_logits(
 ) -> torch.Tensor:
     """CLIP's logits between noisy features: ``logit_scale * <z/|z|, t/|t|>`` per noise sample.
 
-    image_features: (B, D); text_features: (C, D), shared by every sample, or (num_samples, C, D),
-    sample ``s`` using ``text_features[s]`` (e.g. text features of per-sample prompt noise).
-    image_noise / text_noise: None (no noise on that side) or a (mu, sigma) pair broadcastable to
-    (B, D) / (C, D); the image noise is drawn from the stream of ``seed`` over (num_samples, B, D),
-    the text noise from ``seed + 1`` over (num_samples, C, D). logit_scale: the
-    already-exponentiated scale, a float or 0-d tensor. Returns (num_samples, B, C) in the inputs'
-    promoted dtype. Differentiable in every tensor; gradients come back in the shapes given
-    (a (num_samples, C, D) text_features gets a per-sample gradient, a (C, D) one the sum).
+    image_features: (B, D), shared by every sample, or (num_samples, B, D), sample ``s`` using
+    ``image_features[s]`` (e.g. features of noisy images); text_features: (C, D) or
+    (num_samples, C, D) likewise (e.g. text features of per-sample prompt noise). One call covers
+    every sample: Eq. (13)'s m samples need no loop. image_noise / text_noise: None (no noise on
+    that side) or a (mu, sigma) pair broadcastable to (B, D) / (C, D), shared by the samples; the
+    image noise is drawn from the stream of ``seed`` over (num_samples, B, D), the text noise from
+    ``seed + 1`` over (num_samples, C, D). logit_scale: the already-exponentiated scale, a float
+    or 0-d tensor. Returns (num_samples, B, C) in the inputs' promoted dtype. Differentiable in
+    every tensor; gradients come back in the shapes given (a per-sample side gets a per-sample
+    gradient, a shared one the sum over samples).
     """
     noise = _NoiseSettings(image_noise, text_noise, mode, num_samples, seed)
     call = _prepare_logits_call(image_features, text_features, logit_scale, noise, backend)
@@ -325,7 +334,7 @@ def noisy_cross_entropy(
     """PiNI's loss, Eq. (13): cross-entropy over the noisy cosine logits, for every noise sample.
 
     Equals ``F.cross_entropy`` of ``noisy_cosine_logits(...)`` (same arguments and seed, so
-    text_features may be (C, D) or (num_samples, C, D) here too) with the
+    each side's features may be shared (2-d) or per sample (3-d) here too) with the
     (num_samples, B, C) logits flattened to rows and ``target`` (B,) repeated per sample:
     "mean" averages over samples and batch, "sum" sums, "none" gives (num_samples, B). The fused
     backends never store the logits or ``eps``: a "mean" or "sum" loss computes its gradients in
@@ -338,7 +347,7 @@ def noisy_cross_entropy(
     """
 
     def check_loss_arguments() -> float:
-        _checks.check_target(target, image_features.shape[0])
+        _checks.check_target(target, image_features.shape[-2])
         _checks.check_same_device(image_features=image_features, target=target)
         _checks.check_reduction(reduction)
         return _checks.check_label_smoothing(label_smoothing)

@@ -40,8 +40,9 @@ _INPUTS = 11  # the custom op's argument count, for autograd's None per input
 
 def logits_forward(*arguments) -> torch.Tensor:
     """(num_samples, B, C) logits of noisy, normalized features, for ``_FORWARD_SCHEMA``'s
-    arguments: image: (B, D); text: (C, D) or (num_samples, C, D), one set of class rows per
-    sample; logit_scale is 0-d; the noise parameters None or broadcastable to their side."""
+    arguments: image: (B, D) or (num_samples, B, D); text: (C, D) or (num_samples, C, D) (the
+    3-d ones: a set of rows per sample); logit_scale is 0-d; the noise parameters None or
+    broadcastable to their side's rows."""
     inputs, (seed, num_samples, multiply, backend) = split_inputs(arguments)
     image, text, logit_scale, *noise_parameters = inputs
     kernels = kernel_tables.loss_kernels(backend)
@@ -49,7 +50,7 @@ def logits_forward(*arguments) -> torch.Tensor:
     dtype = _checks.result_dtype(image, text, *noise_parameters)
     with on_device(image.device):
         image_side, text_side = sides = per_sample.make_sides(kernels, inputs, seed_arg, multiply)
-        out = new_buffer((num_samples, image.shape[0], text.shape[-2]), dtype, image.device)
+        out = new_buffer((num_samples, image.shape[-2], text.shape[-2]), dtype, image.device)
         scale = logit_scale.to(device=image.device, dtype=torch.float32)
         for sample in range(num_samples):
             per_sample.normalize_sample(kernels, sides, sample)
@@ -115,7 +116,7 @@ noisy_cosine_logits, noisy_cosine_logits_backward = per_sample.custom_ops(
 def _noisy_cosine_logits_fake(*arguments):
     (image, text, _, *noise_parameters), (_, num_samples, *_) = split_inputs(arguments)
     dtype = _checks.result_dtype(image, text, *noise_parameters)
-    return image.new_empty((num_samples, image.shape[0], text.shape[-2]), dtype=dtype)
+    return image.new_empty((num_samples, image.shape[-2], text.shape[-2]), dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):

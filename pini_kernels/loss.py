@@ -107,7 +107,7 @@ def _cross_entropy(
     kernels = kernel_tables.loss_kernels(backend)
     flow = kernel_tables.loss_flow_kernels(backend)
     seed_arg = kernel_seed(seed, image.device)
-    rows, classes = image.shape[0], text.shape[-2]
+    rows, classes = image.shape[-2], text.shape[-2]
     device = image.device
     target = target.to(torch.int64).contiguous()
     grads: list = [None] * len(DIFFERENTIABLE_INPUTS)
@@ -168,7 +168,7 @@ def cross_entropy_backward(grad_loss: torch.Tensor, *arguments) -> list[torch.Te
     image, logit_scale = inputs[0], inputs[2]
     kernels = kernel_tables.loss_kernels(backend)
     flow = kernel_tables.loss_flow_kernels(backend)
-    rows = image.shape[0]
+    rows = image.shape[-2]
     device = image.device
     scale = logit_scale.to(device=device, dtype=torch.float32)
     grad_loss = grad_loss.to(torch.float32)
@@ -239,7 +239,7 @@ noisy_cross_entropy, noisy_cross_entropy_backward = per_sample.custom_ops(
 def _noisy_cross_entropy_fake(*arguments):
     inputs, (_, _, num_samples, _, reduction, _, _, needs) = split_inputs(arguments)
     image = inputs[0]
-    rows = image.shape[0]
+    rows = image.shape[-2]
     loss_shape = (num_samples, rows) if reduction == "none" else ()
     loss = image.new_empty(loss_shape, dtype=torch.float32)
     if gradients_in_forward(reduction, needs):

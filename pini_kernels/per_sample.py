@@ -4,9 +4,10 @@
 The work is done one noise sample at a time, so nothing of size ``m*B*C``, ``m*B*D`` or ``m*C*D``
 exists (beyond per-sample text features the caller passes in). For each sample the backend's row
 kernels (``kernel_tables.LogitsKernels``) noise and L2-normalize the image rows (the stream of
-``seed``, elements ``s*B*D + b*D + d``) and the text rows (the stream of ``seeds.text_seed``; with
-``(m, C, D)`` text features, sample ``s`` reads ``text[s]``) into fp32 buffers of one sample
-(``Side``). A side whose rows are the same in every sample is normalized once.
+``seed``, elements ``s*B*D + b*D + d``) and the text rows (the stream of ``seeds.text_seed``; a
+side given as ``(m, N, D)``, one set of rows per sample, reads ``features[s]`` for sample ``s``)
+into fp32 buffers of one sample (``Side``). A side whose rows are the same in every sample is
+normalized once.
 
 Backward (``backward``) goes through the samples again: each sample's unit rows and cosines (one
 ``(B, C)`` tile, with the backend's ``cosines``, the product forward used) become
@@ -208,7 +209,8 @@ def backward(
     # first sample's product writes the sum, the others' add to it), and they are backpropagated
     # once. The other sides' unit gradients and the cosines use one buffer each for all samples
     # (the CPU allocator gives each new large buffer fresh pages to fault in).
-    summed = image.shape[0] > 0 and num_samples > 0  # else the sums stay zero
+    batch, classes = image.shape[-2], text.shape[-2]
+    summed = batch > 0 and num_samples > 0  # else the sums stay zero
     unit_grad_sums = [
         None
         if side.changes_per_sample
@@ -219,11 +221,11 @@ def backward(
         torch.empty_like(side.unit) if side.changes_per_sample else None for side in sides
     ]
     cosine_buffer = None
-    if image.shape[0] > 0:
-        cosine_buffer = image_side.unit.new_empty((image.shape[0], text.shape[-2]))
+    if batch > 0:
+        cosine_buffer = image_side.unit.new_empty((batch, classes))
     for sample in range(num_samples):
         normalize_sample(kernels, sides, sample)
-        if image.shape[0] == 0:
+        if batch == 0:
             continue
         if needs_cosines:
             cosine = kernels.cosines(image_side.unit, text_side.unit, cosine_buffer)

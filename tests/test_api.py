@@ -231,6 +231,7 @@ def _opcheck_cases(backend: str) -> dict[str, list[tuple]]:
     inputs = (image, text, scale, image_mu, image_sigma, text_mu, text_sigma)
     image_only = (image, text, scale, image_mu, image_sigma, None, None)
     per_sample_text = (image, random(2, 4, 6), scale, None, None, text_mu, text_sigma)
+    per_sample_image = (random(2, 3, 6), text, scale, image_mu, image_sigma, None, None)
     needs = [True] * 7
     image_needs = [True] * 5 + [False] * 2
     text_needs = [True] * 3 + [False] * 2 + [True] * 2
@@ -238,6 +239,7 @@ def _opcheck_cases(backend: str) -> dict[str, list[tuple]]:
         (*inputs, seed, 2, False, backend),
         (*image_only, seed, 2, True, backend),
         (*per_sample_text, seed, 2, False, backend),
+        (*per_sample_image, seed, 2, True, backend),
     ]
     grad_logits = random(2, 3, 4, grad=False)
     cases["noisy_cosine_logits_backward"] = [
@@ -249,6 +251,7 @@ def _opcheck_cases(backend: str) -> dict[str, list[tuple]]:
         (*inputs, target, seed, 2, False, "mean", 0.0, backend, needs),
         (*image_only, target, seed, 2, True, "sum", 0.1, backend, image_needs),
         (*per_sample_text, target, seed, 2, False, "none", 0.0, backend, text_needs),
+        (*per_sample_image, target, seed, 2, True, "mean", 0.0, backend, image_needs),
     ]
     lse = torch.randn(2, 3, generator=generator).abs() + 2.0
     none_loss = (torch.randn(2, 3), *inputs, target, lse, seed, 2, False, "none", 0.0)

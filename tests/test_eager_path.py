@@ -148,3 +148,40 @@ def test_noise_path_is_checked():
         PiNIConfig(noise_path="jit")
     assert PiNIConfig().noise_path == "fused"
     assert all("noise_path" not in values for values in TABLE1.values())
+
+
+@pytest.mark.parametrize(
+    "row, overrides",
+    [(row, {}) for row in TABLE1]
+    + [
+        ("feature+prompt", {"visual_generator": "mlp"}),
+        ("image+prompt", {"visual_generator": "attention"}),
+    ],
+)
+def test_one_op_call_covers_every_noise_sample(backbone, row, overrides, monkeypatch):
+    """Eq. (13) with m = 3 samples is one call of the loss op (and sampled logits one call of
+    the logits op) on every row, per-sample image features and per-sample text features
+    included; the loss and gradients are the eager path's, which materializes every sample."""
+    fused, eager = _model_pair(backbone, row, num_samples=3, **overrides)
+    calls = []
+    for name in ("noisy_cross_entropy", "noisy_cosine_logits"):
+        op = getattr(pini_kernels, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(pini_kernels, name, counted)
+    images, labels = _batch()
+    fused_loss, fused_gradients = _loss_and_gradients(fused, images, labels, SEED)
+    assert calls == ["noisy_cross_entropy"]
+    logits = fused.sample_logits(images, num_samples=3, seed=SEED)
+    assert calls == ["noisy_cross_entropy", "noisy_cosine_logits"]
+    assert logits.shape == (3, len(images), len(CLASSES))
+    eager_loss, eager_gradients = _loss_and_gradients(eager, images, labels, SEED)
+    torch.testing.assert_close(eager_loss, fused_loss, **LOSS_TOLERANCE)
+    for name, fused_gradient in fused_gradients.items():
+        torch.testing.assert_close(eager_gradients[name], fused_gradient, **GRADIENT_TOLERANCE)
+    torch.testing.assert_close(
+        eager.sample_logits(images, num_samples=3, seed=SEED), logits, **LOSS_TOLERANCE
+    )
