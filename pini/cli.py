@@ -416,9 +416,37 @@ def _parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=list(PAPER_METHODS),
-        help=f"methods (default: the paper's, {' '.join(PAPER_METHODS)}; tip-adapter and "
-        "tip-adapter-f are extras)",
+        default=None,
+        help=f"methods (default: the paper's, {' '.join(PAPER_METHODS)}; with --noise-rows "
+        "zero-shot pini; tip-adapter and tip-adapter-f are extras)",
+    )
+    sweep.add_argument(
+        "--noise-rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="Table 1: PiNI once per noise row, each a --noise row whose locations may name "
+        "their generator (image:attention, feature:mlp+prompt), or a preset: table1 (its "
+        "eight rows), generators (each location alone with each generator); one table row "
+        "each (default: PiNI once, with the noise flags)",
+    )
+    sweep.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="MODEL[=WEIGHTS]",
+        help="Table 4: the whole sweep once per backbone, MODEL with --pretrained's weights or "
+        "MODEL=WEIGHTS, in OUTPUT/<backbone>/; a table of methods against backbones (default: "
+        "--model's one backbone)",
+    )
+    sweep.add_argument(
+        "--eval-datasets",
+        nargs="+",
+        default=None,
+        metavar="DATASET",
+        help="Table 3: also evaluate every run on these test sets under --root, as pini eval "
+        "--dataset does (e.g. imagenetv2 imagenet-sketch imagenet-a imagenet-r after --dataset "
+        "imagenet); columns source, targets and their average (default: none)",
     )
     sweep.add_argument(
         "--datasets",
