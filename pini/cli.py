@@ -399,8 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep",
         parents=[general, data, model, run],
-        help="methods x datasets x shots x seeds: the paper's Table 2 and Fig. 5, mean and 95%% "
-        "interval",
+        help="methods x datasets x shots x seeds: the paper's Tables 1 to 4 and Fig. 5, mean and "
+        "95%% interval",
         description="Train and evaluate one run per method, dataset, shot count and seed (run "
         "folders OUTPUT/<dataset>/<method>/<K>shot-seed<S>, default OUTPUT runs/sweep); a run "
         "already finished with the same configuration is skipped, an unfinished one resumed, "
@@ -410,7 +410,10 @@ def _parser() -> argparse.ArgumentParser:
         "Noise flags apply to the pini runs; the training flags (--epochs, --lr, --batch-size, "
         "--optimizer, --weight-decay, --warmup-epochs, --warmup-lr) to every trained method, "
         "--momentum to those trained with SGD. With no --root: every method on the bundled "
-        "digits.",
+        "digits. One command per table: --noise-rows table1 (Table 1: a row per noise row), "
+        "--dataset imagenet --eval-datasets imagenetv2 imagenet-sketch imagenet-a imagenet-r "
+        "(Table 3: source, targets, target average), --models A B (Table 4: methods against "
+        "backbones, runs in OUTPUT/<backbone>/).",
     )
     sweep.add_argument(
         "--methods",

@@ -173,9 +173,10 @@ def _format(cell: dict | None, signed: bool = False) -> str:
 
 def markdown(result: dict) -> str:
     """Per shot count, largest first, a table (rows: methods or noise rows; columns: datasets,
-    their average and PiNI's gain on the average: Tables 1 to 3), then the average against
-    shots (Fig. 5); for several backbones first the backbone table (Table 4: rows against
-    backbones, each cell the average over datasets), then each backbone's tables."""
+    their average and PiNI's gain on the average: Tables 1 to 3), then, for several shot
+    counts, the average against shots (Fig. 5); for several backbones first the backbone table
+    (Table 4: rows against backbones, each cell the average over datasets), then each
+    backbone's tables."""
     if "by_backbone" not in result:
         lines = ["# pini sweep", "", _introduction(result)]
         lines += _shot_tables(result) + _against_shots(result) + _failures(result["runs"])
@@ -224,7 +225,7 @@ def _shot_tables(result: dict, title: str = "") -> list[str]:
     """One table per shot count, largest first, headed ``title`` and the shot count."""
     methods, datasets, table = result["methods"], result["datasets"], result["accuracy"]
     source = result["averaged"] != datasets
-    average = "target average" if source else "average"
+    average = _average_name(result)
     columns = [f"{datasets[0]} (source)", *datasets[1:]] if source else datasets
     with_gain = bool(result["pini_gain"])
     lines = []
@@ -242,14 +243,23 @@ def _shot_tables(result: dict, title: str = "") -> list[str]:
 
 
 def _against_shots(result: dict) -> list[str]:
+    """Fig. 5 as a table: each row's average against the shot counts (none for one count)."""
+    if len(result["shots"]) < 2:
+        return []
     header = ["method", *(shots_text(k) for k in result["shots"])]
-    lines = ["", "## Average over datasets against shots", "", *_header(header)]
+    title = "Target average" if _average_name(result) != "average" else "Average over datasets"
+    lines = ["", f"## {title} against shots", "", *_header(header)]
     for method in result["methods"]:
         cells = [
             _format(result["accuracy"][method]["average"].get(str(k))) for k in result["shots"]
         ]
         lines.append(_row([_display_name(method), *cells]))
     return lines
+
+
+def _average_name(result: dict) -> str:
+    """The average's column: "average" (of every dataset), or "target average" (Table 3)."""
+    return "average" if result["averaged"] == result["datasets"] else "target average"
 
 
 def _failures(runs: list[dict]) -> list[str]:
@@ -286,7 +296,7 @@ def plot(result: dict, path: str | Path) -> Path:
     datasets = result["datasets"]
     panels = [(name, "datasets", name) for name in datasets]
     if len(datasets) > 1:
-        panels.append(("average", "average", None))
+        panels.append((_average_name(result), "average", None))
     width = 5.0 * len(panels) if len(panels) > 1 else 6.5
     figure, axes = plt.subplots(1, len(panels), figsize=(width, 4.4), squeeze=False)
     for axis, (title, kind, name) in zip(axes[0], panels, strict=True):
