@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -124,19 +125,16 @@ def sweep_command(args) -> int:
     output = Path(args.output or "runs/sweep")
     splits = [_training_split(args.root, name) for name in names]
     targets = _target_splits(args, splits)
-    runs = []
-    for backbone in backbones:  # every run is checked before the first one starts
+    runs = []  # every run is checked before the first one starts
+    grid = itertools.product(backbones, splits, rows, args.shot_list, args.seeds)
+    for backbone, split, row, shots, seed in grid:
         base = output / backbone.folder if backbone.folder else output
-        for split in splits:
-            for row in rows:
-                for shots in args.shot_list:
-                    for seed in args.seeds:
-                        folder = base / split.name / row.folder / f"{shots}shot-seed{seed}"
-                        run_args = _run_arguments(args, row, backbone)
-                        plan = plan_sweep_run(run_args, row.method, shots, seed, folder, split)
-                        for target in targets:
-                            check_classes(plan.run, target)
-                        runs.append(_SweepRun(plan, row, backbone, run_args))
+        folder = base / split.name / row.folder / f"{shots}shot-seed{seed}"
+        run_args = _run_arguments(args, row, backbone)
+        plan = plan_sweep_run(run_args, row.method, shots, seed, folder, split)
+        for target in targets:
+            check_classes(plan.run, target)
+        runs.append(_SweepRun(plan, row, backbone, run_args))
     rank, _ = distributed_rank_world()
     if rank == 0:
         lock_folder(output)  # one sweep at a time writes its tables
@@ -198,7 +196,7 @@ def _run_sweep(args, runs, output: Path, rows, backbones, splits, targets, rank:
             summary = plan.finished or execute(item.args, plan)
         except RunDiverged:  # marked failed in its folder; the sweep goes on
             summary = json.loads((plan.folder / SUMMARY).read_text()) if rank == 0 else None
-        if summary is None:  # ranks other than 0 only train
+        if rank != 0:  # ranks other than 0 only train; rank 0 evaluates and reports
             continue
         labels = {
             "folder": str(plan.folder),

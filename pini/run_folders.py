@@ -35,11 +35,11 @@ def _own_files(folder: Path) -> list[Path]:
     return [
         folder / name for name in (*OWN_FILES, TENSORBOARD) if (folder / name).exists()
     ] + sorted(
-        [
+        {  # a set: a failed write's split-*.json.tmp is also one of the leftovers
             *folder.glob("split-*shot-seed*.json*"),
             *folder.glob("eval-*.json*"),  # a sweep's evaluations on its --eval-datasets
             *_leftovers(folder),
-        ]
+        }
     )
 
 

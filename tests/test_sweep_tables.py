@@ -231,6 +231,16 @@ def test_table3_trains_on_imagenet_and_tabulates_pini_evals_on_its_variants(tmp_
     assert status == 0, err
     assert again.count("(done before)") == 4 * (1 + len(TARGETS)) and _mtimes(output) == before
     assert (output / "sweep.md").read_text() == table
+    # a target whose test images changed is evaluated again, the rest reused
+    listing = json.loads((run / "eval-imagenet-sketch.json").read_text())["listing"]
+    (data / "imagenet-sketch" / "images" / WNIDS[0] / "0.JPEG").rename(
+        data / "imagenet-sketch" / "images" / WNIDS[1] / "9.JPEG"
+    )
+    status, changed, err = run_cli(argv, capsys)
+    assert status == 0, err
+    assert re.findall(r" on (\S+): [\d.]+% \(evaluated\)", changed) == ["imagenet-sketch"] * 4
+    assert changed.count("(done before)") == 4 * len(TARGETS)
+    assert json.loads((run / "eval-imagenet-sketch.json").read_text())["listing"] != listing
 
 
 @pytest.mark.parametrize(
@@ -304,3 +314,29 @@ def test_table4_tabulates_methods_against_backbones(tmp_path, capsys):
     status, again, err = run_cli([*argv, "--shot-list", "1", "--seeds", *SEEDS], capsys)
     assert status == 0, err
     assert again.count("(done before)") == 8
+
+
+def test_overwrite_replaces_a_run_with_its_evaluations(tmp_path):
+    """eval-<dataset>.json (and a failed write's .tmp) are the run's own files: --overwrite
+    deletes them with the run instead of refusing the folder as holding foreign files. A failed
+    write's split-*.json.tmp was listed twice and its second deletion raised FileNotFoundError."""
+    from pini import run_folders
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in (
+        "run.json",
+        "summary.json",
+        "eval-imagenet-sketch.json",
+        "eval-imagenetv2.json.tmp",
+        "split-1shot-seed1.json",
+        "split-1shot-seed1.json.tmp",
+    ):
+        (folder / name).write_text("{}")
+    run_folders.check_folder(folder, overwrite=True)
+    run_folders.prepare_folder(folder, overwrite=True)
+    assert sorted(path.name for path in folder.iterdir()) == []
+    (folder / "notes.txt").write_text("mine")
+    (folder / "eval-imagenetv2.json").write_text("{}")
+    with pytest.raises(InputError, match=r"also holds other files \(notes.txt\)"):
+        run_folders.check_folder(folder, overwrite=True)
