@@ -21,6 +21,7 @@ from .methods import METHODS, PAPER_METHODS
 from .metrics_log import check_tensorboard
 from .model import PiNI
 from .progress import say
+from .run_flags import CONFIG_FLAGS
 from .run_folders import SUMMARY, lock_folder, unlock_folder, write_json
 from .runner import (
     check_classes,
@@ -76,12 +77,8 @@ def train_command(args) -> int:
 
 
 # Where a noise goes and its generator: set by each --noise-rows row, so not flags beside it.
-ROW_FLAGS = {
-    "noise": "--noise",
-    "visual": "--visual",
-    "visual_generator": "--visual-generator",
-    "text": "--text",
-    "text_generator": "--text-generator",
+ROW_FLAGS = {"noise": "--noise"} | {
+    key: CONFIG_FLAGS[key] for key in ("visual", "visual_generator", "text", "text_generator")
 }
 
 
@@ -270,10 +267,7 @@ def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
         result = evaluate_stored(run, model, clip, target, args.device, progress)
         entry = {
             "dataset": target.name,
-            "method": run["method"],
-            "shots": run["shots"],
-            "seed": run["seed"],
-            "noise": run["noise"],
+            **{key: run[key] for key in ("method", "shots", "seed", "noise")},
             "accuracy": result["accuracy"],
             "macro_f1": result["macro_f1"],
             "test_images": result["samples"],
