@@ -445,6 +445,11 @@ def load_stored_method(args, command: str, *, inference: bool = False):
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
             "so it cannot be evaluated there"
         )
+    if not learned:
+        # A dataset with a class subset (ImageNet-A, -R): the model is built on those classes
+        # alone, as the authors build it; a method that learned per class keeps the run's
+        # classes and the evaluation restricts its logits (docs/spec.md §11).
+        split = split.on_class_subset()
     model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
     return run, split, with_inference(model, run, args.checkpoint, **given), clip
 
