@@ -320,10 +320,11 @@ def _check_record(run: dict, source) -> None:
         if not isinstance(section, dict) or set(section) != fields:
             given = set(section) if isinstance(section, dict) else set()
             missing, extra = sorted(fields - given), sorted(given - fields)
+            earlier = "; a run of an earlier pini lacks the options added since: train it anew"
             fail(
                 key,
                 f"an object with every option of the run (missing {missing or 'none'}, "
-                f"unknown {extra or 'none'})",
+                f"unknown {extra or 'none'}{earlier if missing else ''})",
             )
         try:
             config(**section)

@@ -126,7 +126,9 @@ def test_a_run_from_before_these_options_is_refused_with_one_line(tmp_path, caps
                 del state["run"]["pini_config"][key]
             torch.save(state, path)
     result = run_cli(["eval", "--checkpoint", output / "checkpoint.pt"], capsys)
-    assert_one_line_error(result, "'pini_config'", "missing ['fixed_prompt', 'prompt_noise_per")
+    assert_one_line_error(
+        result, "'pini_config'", "missing ['fixed_prompt', 'prompt_noise_per", "train it anew"
+    )
     result = run_cli(toy_train(data, output, "--resume"), capsys)
     assert_one_line_error(result, "'pini_config'", "missing ['fixed_prompt'")
 
