@@ -329,3 +329,25 @@ def test_prompt_noise_per_step_must_be_a_bool():
         pini.PiNIConfig(prompt_noise_per_step="yes")
     with pytest.raises(ValueError, match="fixed_prompt must be one of"):
         pini.PiNIConfig(fixed_prompt="X X X")
+
+
+def test_the_new_options_are_keys_of_a_config_file(tmp_path, capsys):
+    data = make_folder(tmp_path / "data" / "toy").parent
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'noise = "feature+prompt"\nnum-samples = 2\nprompt-noise-per-step = false\n'
+        'precision = "fp16-all"\n'
+    )
+    output = tmp_path / "run"
+    status, _, err = run_cli(toy_train(data, output, "--config", config), capsys)
+    assert status == 0, err
+    record = json.loads((output / "run.json").read_text())["pini_config"]
+    assert record["prompt_noise_per_step"] is False and record["precision"] == "fp16-all"
+    config.write_text('noise = "image"\nfixed-prompt = "placeholder"\n')
+    status, _, err = run_cli(toy_train(data, tmp_path / "image", "--config", config), capsys)
+    assert status == 0, err
+    record = json.loads((tmp_path / "image" / "run.json").read_text())["pini_config"]
+    assert record["fixed_prompt"] == "placeholder"
+    config.write_text('fixed-prompt = "nothing"\n')
+    result = run_cli(toy_train(data, tmp_path / "bad", "--config", config), capsys)
+    assert_one_line_error(result, "fixed-prompt", "hand-written, placeholder")
