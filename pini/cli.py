@@ -40,7 +40,7 @@ from .commands import (
     train_command,
     visualize_command,
 )
-from .config import INFERENCE_MODES, TABLE1
+from .config import FIXED_PROMPTS, INFERENCE_MODES, PRECISIONS, TABLE1
 from .config_file import apply_config_file
 from .errors import InputError, RunDiverged
 from .methods import METHODS, PAPER_METHODS
@@ -199,10 +199,25 @@ def _parser() -> argparse.ArgumentParser:
         help="sigma from the generators' output: abs (the authors', default) or softplus",
     )
     model.add_argument(
+        "--prompt-noise-per-step",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="training with --num-samples m: the m samples share one prompt noise draw per step "
+        "(the authors', default); --no-prompt-noise-per-step draws it per sample",
+    )
+    model.add_argument(
+        "--fixed-prompt",
+        default=None,
+        choices=FIXED_PROMPTS,
+        help="the prompt of the rows without prompt noise: hand-written (the dataset's zero-shot "
+        "prompt, the authors', default) or placeholder (PiNI's 16-placeholder prompt)",
+    )
+    model.add_argument(
         "--precision",
         default=None,
-        choices=["fp32", "bf16", "fp16"],
-        help="the frozen towers' precision (autocast); the generators stay fp32 (default fp32)",
+        choices=PRECISIONS,
+        help="fp32 (default; exact on CPU and GPU); bf16, fp16: autocast for the frozen towers, "
+        "generators in fp32; fp16-all: CLIP and the generators in fp16 (the authors')",
     )
     model.add_argument(
         "--scaled-attention",

@@ -256,7 +256,7 @@ def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
     progress = not args.no_progress
     lock_folder(folder)
     try:
-        run, model, clip = restore_on(
+        run, target, model, clip = restore_on(
             folder / CHECKPOINT, target, args.device, progress=progress, trusted=args.trusted
         )
         say(

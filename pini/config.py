@@ -21,6 +21,12 @@ INFERENCE_MODES = ("sample", "mean", "average")
 # "shared": one (L, width) prompt noise draw per sample added to every class's prompt (the paper:
 # the template is the random variable); "per-class": each class's prompt gets its own draw.
 PROMPT_NOISE_DRAWS = ("shared", "per-class")
+# The prompt of the rows without prompt noise: "hand-written", the dataset's zero-shot prompt (the
+# authors', CLIP's default prompts); "placeholder", PiNI's 16-placeholder prompt without noise.
+FIXED_PROMPTS = ("hand-written", "placeholder")
+# "fp32": everything in float32; "bf16" / "fp16": autocast for the frozen towers, generators in
+# float32; "fp16-all": CLIP and the generators in float16 (the authors' PREC="fp16").
+PRECISIONS = ("fp32", "bf16", "fp16", "fp16-all")
 # "fused": every noise path on pini_kernels' ops; "eager": the same noise and loss in plain
 # PyTorch as the authors write it (EagerNoisePath), e.g. to measure what the kernels gain.
 NOISE_PATHS = ("fused", "eager")
@@ -35,12 +41,18 @@ def _choice(name: str, value, allowed) -> None:
 class PiNIConfig:
     """Which noise goes where. The defaults are the paper's: visual features with the
     cross-attention generator, and prompt word embeddings with learnable (mu, sigma), one prompt
-    noise draw per sample shared by every class, one noise sample (m = 1).
+    noise draw shared by every class, one noise sample (m = 1).
 
     visual_generator for "image" noise: "cnn" (the paper's 10-layer residual CNN) or "attention"
     (the paper's: CLIP's patch tokens attend over the class text features), or the lighter
     "mlp", "cnn-light", "attention-pixels"; for "feature" noise: "attention" or "mlp".
     prompt_noise_draw: "shared" (the paper) or "per-class" (each class its own draw).
+    prompt_noise_per_step: in training, one prompt noise draw per step that all m samples share
+    (the authors'), or with False one per sample; inference draws one per sample either way.
+    fixed_prompt: the text of the rows without prompt noise, "hand-written" (the dataset's
+    zero-shot prompt, the authors') or "placeholder" (PiNI's prompt without noise).
+    precision: "fp32"; "bf16" / "fp16" autocast the frozen towers; "fp16-all" casts CLIP and the
+    generators to float16 (the authors' setting).
     noise_path: "fused" (pini_kernels' ops) or "eager" (plain PyTorch as the authors write it,
     eps drawn from the same streams: the same loss and gradients for the same seed).
     """
@@ -54,9 +66,11 @@ class PiNIConfig:
     inference: str = "sample"  # one sample (the paper), "mean" (sigma = 0), "average" of k
     inference_samples: int = 8
     prompt_noise_draw: str = "shared"  # or "per-class"
+    prompt_noise_per_step: bool = True  # training: m samples share one prompt noise draw
+    fixed_prompt: str = "hand-written"  # rows without prompt noise; or "placeholder"
     scaled_attention: bool = False
     sigma_activation: str = "abs"
-    precision: str = "fp32"  # the frozen towers: "fp32", or autocast "bf16" / "fp16"
+    precision: str = "fp32"  # or autocast "bf16" / "fp16" (towers), "fp16-all" (everything)
     noise_path: str = "fused"  # or "eager": the same noise and loss in plain PyTorch
 
     def __post_init__(self):
@@ -70,7 +84,12 @@ class PiNIConfig:
         _choice("inference", self.inference, INFERENCE_MODES)
         _choice("prompt_noise_draw", self.prompt_noise_draw, PROMPT_NOISE_DRAWS)
         _choice("sigma_activation", self.sigma_activation, gen.SIGMA_ACTIVATIONS)
-        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("fixed_prompt", self.fixed_prompt, FIXED_PROMPTS)
+        if not isinstance(self.prompt_noise_per_step, bool):
+            raise ValueError(
+                f"prompt_noise_per_step must be True or False, got {self.prompt_noise_per_step!r}"
+            )
         _choice("noise_path", self.noise_path, NOISE_PATHS)
         for name in ("num_samples", "inference_samples"):
             value = getattr(self, name)
@@ -79,13 +98,15 @@ class PiNIConfig:
 
     @classmethod
     def table1(cls, row: str, **overrides) -> PiNIConfig:
-        """A row of the paper's Table 1 by its flag, e.g. ``table1("feature+prompt")``."""
+        """A ``TABLE1`` row by its flag, e.g. ``table1("feature+prompt")``: a location of the
+        paper's Table 1, or a pair of them."""
         if row not in TABLE1:
             raise ValueError(f"unknown Table 1 row {row!r}; expected one of {list(TABLE1)}")
         return cls(**{**TABLE1[row], **overrides})
 
 
-# The paper's Table 1: each injection location alone and every visual x text pair.
+# The --noise rows: the paper's Table 1 (each injection location alone: image, feature, prompt,
+# text-feature) and every visual x text pair of them, which Table 1 does not report.
 TABLE1 = {
     "image": dict(visual="image", visual_generator="cnn", text="none"),
     "feature": dict(visual="feature", visual_generator="attention", text="none"),

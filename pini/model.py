@@ -7,10 +7,17 @@ train; CLIP is frozen and kept in eval mode. Every noise path calls ``pini_kerne
 ``FusedNoisePath``; ``noise_path="eager"`` swaps in ``EagerNoisePath``, the same noise and loss in
 plain PyTorch as the authors write it.
 
-Eq. (13) averages over ``num_samples`` = m noise samples, and every noise source is drawn anew for
-each sample: the prompt noise (one (L, width) draw per sample, shared by every class), the image
-or feature noise, and the text-feature noise. One step's seed s drives them all (docs/spec.md
-§4): image features s, text features s + 1, prompt embeddings s + 2, raw images s + 3.
+Eq. (13) averages over ``num_samples`` = m noise samples. The image or feature noise and the
+text-feature noise are drawn anew for each sample; the prompt noise (one (L, width) draw shared by
+every class) once per training step, shared by the m samples as in the authors' code, or with
+``prompt_noise_per_step=False`` once per sample (inference always draws it per sample). One
+step's seed s drives them all (docs/spec.md §4): image features s, text features s + 1, prompt
+embeddings s + 2, raw images s + 3.
+
+Rows without prompt noise score the images against the dataset's hand-written prompt (the
+zero-shot prompt, as the authors' code does), or with ``fixed_prompt="placeholder"`` against
+PiNI's 16-placeholder prompt without noise. ``precision="fp16-all"`` casts the frozen CLIP (in
+place) and the generators to float16, the authors' ``PREC="fp16"``.
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ class PiNI(nn.Module):
 
     classnames: the C class names. template: PiNI's prompt template for the dataset
     (``prompts.template_for``). zero_shot_template: CoOp's hand-written prompt for the zero-shot
-    baseline (``prompts.zero_shot_template``), "{}" standing for the class name.
+    baseline (``prompts.zero_shot_template``), "{}" standing for the class name; also the prompt
+    of the rows without prompt noise (``fixed_prompt="hand-written"``).
 
     ``loss(images, labels)`` is Eq. (13) for one batch; ``forward(images)`` gives (B, C) logits
     with the configured inference noise; ``zero_shot_logits(images)`` is the paper's zero-shot
@@ -77,7 +85,9 @@ class PiNI(nn.Module):
     ):
         super().__init__()
         self.config = config or PiNIConfig()
-        self.clip = clip.eval().requires_grad_(False)
+        # float16 for "fp16-all" (the frozen CLIP, in place, and the generators), else float32.
+        self.compute_dtype = torch.float16 if self.config.precision == "fp16-all" else torch.float32
+        self.clip = clip.eval().requires_grad_(False).to(self.compute_dtype)
         self.zero_shot_template = zero_shot_template
         device = clip.logit_scale.device
         zero_shot_ids = tokenizer(build_zero_shot_prompts(classnames, zero_shot_template))
@@ -89,10 +99,11 @@ class PiNI(nn.Module):
         cfg = self.config
         with torch.no_grad(), self._tower_precision():
             # (C, D): the frozen CLIP on CoOp's hand-written prompts, the paper's zero-shot row.
-            zero_shot_text = encode_text(clip, zero_shot_ids.to(device)).float()
+            # The text side of the rows without prompt noise (fixed_prompt="hand-written").
+            zero_shot_text = encode_text(clip, zero_shot_ids.to(device)).to(self.compute_dtype)
             # (C, D): the frozen CLIP on PiNI's prompts (placeholders, template, class name), no
-            # noise. The text side when no prompt noise is configured, and the diagnostic baseline.
-            placeholder_text = encode_text(clip, self.token_ids).float()
+            # noise: the rows without prompt noise with fixed_prompt="placeholder", a diagnostic.
+            placeholder_text = encode_text(clip, self.token_ids).to(self.compute_dtype)
         dim = zero_shot_text.shape[-1]
         self.prompt_noise = None
         if cfg.text == "prompt":
@@ -108,6 +119,9 @@ class PiNI(nn.Module):
                 else gen.FeatureMLP(dim, sigma_activation=cfg.sigma_activation)
             )
         self.visual_generator = _visual_generator(cfg, dim, clip)
+        for generator in (self.prompt_noise, self.text_generator, self.visual_generator):
+            if generator is not None:
+                generator.to(self.compute_dtype)
         self.register_buffer("placeholder_prompt_text", placeholder_text, persistent=False)
         self.register_buffer("zero_shot_text", zero_shot_text, persistent=False)
 
@@ -132,17 +146,27 @@ class PiNI(nn.Module):
         return self
 
     def _tower_precision(self):
-        """Autocast for the frozen towers ("bf16" / "fp16"); the generators stay in float32."""
-        if self.config.precision == "fp32":
+        """Autocast for the frozen towers ("bf16" / "fp16"); the generators stay in float32.
+        None for "fp32" and "fp16-all" (CLIP's weights are already in ``compute_dtype``)."""
+        if self.config.precision in ("fp32", "fp16-all"):
             return contextlib.nullcontext()
         device_type = self.token_ids.device.type
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(device_type, dtype=dtype)
 
+    def _generator_precision(self):
+        """For "fp16-all", float16 autocast around the generators (their weights are float16):
+        their matrix products and convolutions run in float16, whatever dtype a generator casts
+        its inputs to; a null context otherwise."""
+        if self.config.precision != "fp16-all":
+            return contextlib.nullcontext()
+        return torch.autocast(self.token_ids.device.type, dtype=torch.float16)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, D) float32 features of the frozen image tower, in the configured precision."""
+        """(B, D) features of the frozen image tower in ``compute_dtype`` (float32, or float16
+        for "fp16-all"), computed in the configured precision."""
         with self._tower_precision():
-            return encode_image(self.clip, images).float()
+            return encode_image(self.clip, images.to(self.compute_dtype)).to(self.compute_dtype)
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, D): the image's spatial feature, the frozen ViT's patch tokens after its last
@@ -150,7 +174,7 @@ class PiNI(nn.Module):
         visual = self.clip.visual
         with torch.no_grad(), self._tower_precision():
             tokens = visual.forward_intermediates(
-                images,
+                images.to(self.compute_dtype),
                 indices=1,
                 normalize_intermediates=True,
                 intermediates_only=True,
@@ -158,7 +182,7 @@ class PiNI(nn.Module):
             )["image_intermediates"][-1]
             if visual.proj is not None:
                 tokens = tokens @ visual.proj
-        return tokens.float()
+        return tokens.to(self.compute_dtype)
 
     def _centered(self, mu: torch.Tensor) -> torch.Tensor:
         """In "mul" mode the generators predict mu - 1: noise starts near 1, i.e. near CLIP."""
@@ -218,33 +242,51 @@ class PiNI(nn.Module):
             )
             token_ids = token_ids.repeat(num_samples, 1)
         with self._tower_precision():
-            text = encode_text_embeddings(clip, embeddings.flatten(0, 1), token_ids).float()
+            text = encode_text_embeddings(clip, embeddings.flatten(0, 1), token_ids)
+        text = text.to(self.compute_dtype)
         return text.view(embeddings.shape[0], self.token_ids.shape[0], -1)
 
+    @property
+    def fixed_text(self) -> torch.Tensor:
+        """(C, D): the text features of the rows without prompt noise, the frozen CLIP on the
+        hand-written prompt (``fixed_prompt="hand-written"``) or on PiNI's placeholder prompt."""
+        if self.config.fixed_prompt == "hand-written":
+            return self.zero_shot_text
+        return self.placeholder_prompt_text
+
     def text_features(
-        self, num_samples: int = 1, *, sigma_scale: float = 1.0, seed: int | None = None
+        self,
+        num_samples: int = 1,
+        *,
+        sigma_scale: float = 1.0,
+        seed: int | None = None,
+        one_prompt_draw: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Text features for ``num_samples`` noise samples, and the feature-level text noise.
 
         With prompt noise: (num_samples, C, D), sample j encoding its own prompt noise (stream
-        of ``seed + 2``, see ``_encode_prompts``), or (C, D) for one sample. Without: the (C, D)
-        features of PiNI's prompts, shared by every sample. The text noise is None or a
-        (mu, sigma) pair broadcastable to (C, D), whose eps the caller draws (stream of
-        ``seed + 1``). ``sigma_scale`` multiplies every sigma (0 gives the mean).
+        of ``seed + 2``, see ``_encode_prompts``), or (C, D) for one sample or with
+        ``one_prompt_draw`` (one draw, sample 0 of that stream, shared by every sample). Without:
+        ``fixed_text`` (C, D), shared by every sample. The text noise is None or a (mu, sigma)
+        pair broadcastable to (C, D), whose eps the caller draws (stream of ``seed + 1``).
+        ``sigma_scale`` multiplies every sigma (0 gives the mean).
         """
+        if one_prompt_draw:
+            num_samples = 1
         if self.prompt_noise is not None:
-            text = self._encode_prompts(
-                self.prompt_noise(), num_samples, sigma_scale, step_seed(seed)
-            )
+            with self._generator_precision():
+                prompt_noise = self.prompt_noise()
+            text = self._encode_prompts(prompt_noise, num_samples, sigma_scale, step_seed(seed))
             text = text[0] if num_samples == 1 else text
         else:
-            text = self.placeholder_prompt_text
+            text = self.fixed_text
         text_noise = None
         if self.text_generator is not None:
-            if isinstance(self.text_generator, gen.LearnableNoise):
-                mu, sigma = self.text_generator()
-            else:
-                mu, sigma = self.text_generator(text)
+            with self._generator_precision():
+                if isinstance(self.text_generator, gen.LearnableNoise):
+                    mu, sigma = self.text_generator()
+                else:
+                    mu, sigma = self.text_generator(text)
             text_noise = (self._centered(mu), sigma * sigma_scale)
         return text, text_noise
 
@@ -265,11 +307,13 @@ class PiNI(nn.Module):
         if self.config.visual != "image":
             raise ValueError(f"image_noise needs visual='image', got {self.config.visual!r}")
         if isinstance(generator, gen.ImageCrossAttention):
-            mu, sigma = generator(self._patch_tokens(images), text, images.shape[-2:])
-        elif isinstance(generator, gen.PixelCrossAttention):
-            mu, sigma = generator(images, text)
+            tokens = self._patch_tokens(images)
+            with self._generator_precision():
+                mu, sigma = generator(tokens, text, images.shape[-2:])
         else:
-            mu, sigma = generator(images)
+            with self._generator_precision():
+                is_pixel_attention = isinstance(generator, gen.PixelCrossAttention)
+                mu, sigma = generator(images, text) if is_pixel_attention else generator(images)
         return self._centered(mu), sigma
 
     def _noisy_image_features(self, images, text, num_samples, sigma_scale, seed):
@@ -285,17 +329,26 @@ class PiNI(nn.Module):
         """(mu, sigma) of the visual-feature noise: (B, D), or (num_samples, B, D) when a
         cross-attention generator reads per-sample text features (num_samples, C, D)."""
         generator = self.visual_generator
-        if isinstance(generator, gen.FeatureCrossAttention):
-            mu, sigma = generator(image_features, text)
-        else:
-            mu, sigma = generator(image_features)
+        with self._generator_precision():
+            if isinstance(generator, gen.FeatureCrossAttention):
+                mu, sigma = generator(image_features, text)
+            else:
+                mu, sigma = generator(image_features)
         return self._centered(mu), sigma * sigma_scale
 
     # --- loss and inference -----------------------------------------------------------------
 
-    def _logits_op_call(self, images, num_samples: int, sigma_scale: float, seed: int) -> dict:
+    def _logits_op_call(
+        self,
+        images,
+        num_samples: int,
+        sigma_scale: float,
+        seed: int,
+        one_prompt_draw: bool = False,
+    ) -> dict:
         """Keyword arguments of the one pini_kernels logits/loss call that covers
-        ``num_samples`` noise samples of the batch ``images`` (B, 3, H, W), every Table 1 row.
+        ``num_samples`` noise samples of the batch ``images`` (B, 3, H, W), every Table 1 row;
+        ``one_prompt_draw``: the samples share one prompt noise draw (``text_features``).
 
         The op draws the text features' noise (stream ``seed + 1`` over (num_samples, C, D)) and
         takes per-sample text features (num_samples, C, D) as they are. It draws the image
@@ -304,7 +357,10 @@ class PiNI(nn.Module):
         per-sample text features), that noise is injected here from the same stream, and the op
         gets the (num_samples, B, D) noisy features, as it does for raw-image noise.
         """
-        text, text_noise = self.text_features(num_samples, sigma_scale=sigma_scale, seed=seed)
+        images = images.to(self.compute_dtype)
+        text, text_noise = self.text_features(
+            num_samples, sigma_scale=sigma_scale, seed=seed, one_prompt_draw=one_prompt_draw
+        )
         call = dict(
             text_features=text,
             text_noise=text_noise,
@@ -332,9 +388,17 @@ class PiNI(nn.Module):
         self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None
     ) -> torch.Tensor:
         """Eq. (13): cross-entropy of the noisy cosine logits, averaged over the batch and over
-        ``num_samples`` noise samples per image, each sample with all its noise drawn anew, in
-        one op call. images: (B, 3, H, W); labels: (B,). Returns a float32 scalar."""
-        call = self._logits_op_call(images, self.config.num_samples, 1.0, step_seed(seed))
+        ``num_samples`` noise samples per image, in one op call: each sample with its own image
+        (or feature) and text-feature noise, the prompt noise drawn once for the step
+        (``prompt_noise_per_step``, the authors') or per sample. images: (B, 3, H, W); labels:
+        (B,). Returns a float32 scalar."""
+        call = self._logits_op_call(
+            images,
+            self.config.num_samples,
+            1.0,
+            step_seed(seed),
+            one_prompt_draw=self.config.prompt_noise_per_step,
+        )
         return self.noise_ops.noisy_cross_entropy(target=labels, **call)
 
     def sample_logits(
@@ -373,11 +437,12 @@ class PiNI(nn.Module):
 
     def placeholder_prompt_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of the frozen CLIP on PiNI's own prompts (placeholders and template),
-        without any noise: a diagnostic, what PiNI computes with every noise switched off."""
+        without any noise: a diagnostic, what a prompt row computes with its noise switched off
+        (and a row without prompt noise with ``fixed_prompt="placeholder"``)."""
         return self._frozen_logits(images, self.placeholder_prompt_text)
 
     def _frozen_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        image = F.normalize(self.encode_image(images), dim=-1)
+        image = F.normalize(self.encode_image(images), dim=-1)  # casts to compute_dtype
         return self._with_bias(self.clip.logit_scale.exp() * image @ F.normalize(text, dim=-1).t())
 
 

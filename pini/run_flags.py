@@ -20,6 +20,8 @@ CONFIG_FLAGS = {
     "inference_samples": "--inference-samples",
     "precision": "--precision",
     "prompt_noise_draw": "--prompt-noise-draw",
+    "prompt_noise_per_step": "--prompt-noise-per-step",
+    "fixed_prompt": "--fixed-prompt",
     "sigma_activation": "--sigma-activation",
     "scaled_attention": "--scaled-attention",
 }

@@ -438,28 +438,32 @@ def load_stored_method(args, command: str, *, inference: bool = False):
         root, dataset = args.root, args.dataset
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
-    split = load_split(root, dataset, "test")
-    check_classes(run, split)
+    split = check_classes(run, load_split(root, dataset, "test"))
     model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
     return run, split, with_inference(model, run, args.checkpoint, **given), clip
 
 
-def check_classes(run: dict, split) -> None:
-    """A run that learned something per class is evaluated only on data of its own classes."""
+def check_classes(run: dict, split):
+    """The split a stored run is evaluated on: a run that learned something per class only on
+    data of its own classes (with their logits restricted to a dataset's class subset); any
+    other run on the subset's classes alone (ImageNet-A, -R: the model is built on those
+    classes, as the authors build it; docs/spec.md §11)."""
     learned = METHODS[run["method"]].learned(run)
     if learned and list(split.classnames) != run["classnames"]:
         raise InputError(
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
             "so it cannot be evaluated there"
         )
+    return split if learned else split.on_class_subset()
 
 
 def restore_on(checkpoint, split, device: str, *, progress: bool, trusted: bool):
-    """(run record, model with the checkpoint's state, frozen CLIP): the stored method rebuilt
-    on ``split``, as ``load_stored_method`` rebuilds it for ``pini eval --dataset``."""
+    """(run record, the split it is evaluated on, model with the checkpoint's state, frozen
+    CLIP): the stored method rebuilt on ``split`` (on its class subset, ``check_classes``), as
+    ``load_stored_method`` rebuilds it for ``pini eval --dataset``."""
     state, run = _stored_run(checkpoint)
-    check_classes(run, split)
-    return (run, *_restored(state, run, split, device, progress, trusted))
+    split = check_classes(run, split)
+    return (run, split, *_restored(state, run, split, device, progress, trusted))
 
 
 def evaluate_stored(run: dict, model, clip, split, device: str, progress: bool) -> dict:

@@ -40,6 +40,8 @@ VALIDATION_SHOTS = 4
 DEFAULT_ROW = "feature+prompt"  # the Table 1 row of a run without noise flags
 RUN_FORMAT = "pini-run/1"
 MAX_SEED = 1 << 62
+# PiNIConfig fields that only a run with prompt noise uses: refused for any other when given.
+PROMPT_ROW_OPTIONS = ("prompt_noise_per_step",)
 
 # --- resolving what a run is ------------------------------------------------------------------
 
@@ -57,6 +59,17 @@ def _pini_config(request: dict) -> PiNIConfig:
         raise InputError(
             "--scaled-attention scales the cross-attention generators, and this run has none "
             f"(--visual {config.visual}, --visual-generator {config.visual_generator})"
+        )
+    prompt_flags = [CONFIG_FLAGS[key] for key in PROMPT_ROW_OPTIONS if key in request]
+    if prompt_flags and config.text != "prompt":
+        raise InputError(
+            f"{', '.join(prompt_flags)} shape{'s' if len(prompt_flags) == 1 else ''} the prompt "
+            f"noise, and this run has none (--text {config.text})"
+        )
+    if "fixed_prompt" in request and config.text == "prompt":
+        raise InputError(
+            "--fixed-prompt is the prompt of the rows without prompt noise, and this run's prompt "
+            "carries noise (--text prompt: PiNI's 16-placeholder prompt)"
         )
     return config
 
@@ -307,10 +320,11 @@ def _check_record(run: dict, source) -> None:
         if not isinstance(section, dict) or set(section) != fields:
             given = set(section) if isinstance(section, dict) else set()
             missing, extra = sorted(fields - given), sorted(given - fields)
+            earlier = "; a run of an earlier pini lacks the options added since: train it anew"
             fail(
                 key,
                 f"an object with every option of the run (missing {missing or 'none'}, "
-                f"unknown {extra or 'none'})",
+                f"unknown {extra or 'none'}{earlier if missing else ''})",
             )
         try:
             config(**section)

@@ -69,9 +69,11 @@ def test_prompt_layout(backbone):
     [("none", "attention"), ("feature", "attention"), ("image", "cnn"), ("image", "attention")],
 )
 @pytest.mark.parametrize("text", ["none", "prompt", "feature"])
-def test_noise_off_reproduces_placeholder_prompt_logits(
+def test_noise_off_reproduces_the_frozen_clip_on_the_rows_prompt(
     backbone, text, visual, visual_generator, mode
 ):
+    """With every noise off: the placeholder prompt's logits for a row with prompt noise, the
+    hand-written (zero-shot) prompt's for any other (docs/spec.md §9)."""
     model = _model(
         backbone,
         text=text,
@@ -83,10 +85,9 @@ def test_noise_off_reproduces_placeholder_prompt_logits(
     _zero_noise(model)
     model.eval()
     images, _ = _batch()
+    frozen = model.placeholder_prompt_logits if text == "prompt" else model.zero_shot_logits
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(images), model.placeholder_prompt_logits(images), atol=1e-4, rtol=1e-5
-        )
+        torch.testing.assert_close(model(images), frozen(images), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_samples", [1, 3])
@@ -103,7 +104,7 @@ def test_loss_is_equation_13_by_hand(backbone, num_samples):
     seed = 1234
     loss = model.loss(images, labels, seed=seed)
     with torch.no_grad():
-        text = model.placeholder_prompt_text
+        text = model.zero_shot_text  # the hand-written prompt (docs/spec.md §9)
         text_mu, text_sigma = model.text_generator(text)
         image = model.clip.encode_image(images)
         image_mu, image_sigma = model.visual_generator(image, text)

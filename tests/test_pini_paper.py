@@ -156,10 +156,15 @@ def test_prompt_text_features_by_value_on_the_documented_stream(backbone, mode, 
     assert_close(text, expected, atol=1e-5, rtol=1e-5, name="prompt text features")
 
 
-def test_prompt_row_loss_and_logits_use_each_samples_text(backbone):
+@pytest.mark.parametrize("per_step", [False, True])
+def test_prompt_row_loss_and_logits_use_each_samples_text(backbone, per_step):
     """Eq. (13) with m = 3 on the prompt row: sample j's logits pair the clean image features
-    with sample j's prompt text; the loss averages over samples and batch."""
-    model = _model(backbone, visual="none", text="prompt", num_samples=3)
+    with sample j's prompt text; the loss averages over samples and batch. With
+    prompt_noise_per_step the loss's samples all read sample 0's prompt text (one draw per step);
+    the logits (inference) are per sample either way."""
+    model = _model(
+        backbone, visual="none", text="prompt", num_samples=3, prompt_noise_per_step=per_step
+    )
     images, labels = _batch()
     loss = model.loss(images, labels, seed=SEED)
     with torch.no_grad():
@@ -168,7 +173,8 @@ def test_prompt_row_loss_and_logits_use_each_samples_text(backbone):
         text = _prompt_text_by_hand(model, 3, SEED)
         image = clip.encode_image(images)
         expected_logits = torch.stack([_logits_by_hand(clip, image, text[j]) for j in range(3)])
-        expected_loss = F.cross_entropy(expected_logits.flatten(0, 1), labels.repeat(3))
+        loss_logits = expected_logits[:1].expand(3, -1, -1) if per_step else expected_logits
+        expected_loss = F.cross_entropy(loss_logits.flatten(0, 1), labels.repeat(3))
     assert_close(logits, expected_logits, atol=1e-4, rtol=1e-5, name="logits")
     assert_close(loss.detach(), expected_loss, atol=1e-5, rtol=1e-5, name="loss")
 
@@ -187,15 +193,19 @@ def test_prompt_noise_gradients_reach_mu_and_sigma(backbone):
 # --- Eq. (13) with every noise source resampled ----------------------------------------------
 
 
-def test_feature_prompt_row_by_hand_with_three_samples(backbone):
+@pytest.mark.parametrize("per_step", [False, True])
+def test_feature_prompt_row_by_hand_with_three_samples(backbone, per_step):
     """The default row with m = 3: the cross-attention generator reads sample j's text, and the
-    feature noise of sample j is noise((m, B, D), seed)[j]."""
-    model = _model(backbone, num_samples=3)
+    feature noise of sample j is noise((m, B, D), seed)[j]; with prompt_noise_per_step (the
+    default) sample j's text is sample 0's, one prompt noise draw for the step."""
+    model = _model(backbone, num_samples=3, prompt_noise_per_step=per_step)
     images, labels = _batch()
     loss = model.loss(images, labels, seed=SEED)
     with torch.no_grad():
         clip = model.clip
         text = _prompt_text_by_hand(model, 3, SEED)
+        if per_step:
+            text = text[:1].expand(3, -1, -1)
         image = clip.encode_image(images)
         eps = pini_kernels.noise((3, *image.shape), seed=SEED)
         logits = []
@@ -212,7 +222,8 @@ def test_feature_prompt_row_by_hand_with_three_samples(backbone):
 )
 def test_image_rows_by_hand_with_two_samples(backbone, visual_generator, text, mode):
     """Raw-image noise of sample j is noise((m, B, 3, H, W), seed + 3)[j]; text-feature noise
-    noise((m, C, D), seed + 1)[j]; prompt noise as documented."""
+    noise((m, C, D), seed + 1)[j]; prompt noise as documented, drawn per sample in the loss too
+    (prompt_noise_per_step=False)."""
     samples = 2
     model = _model(
         backbone,
@@ -222,6 +233,7 @@ def test_image_rows_by_hand_with_two_samples(backbone, visual_generator, text, m
         text_generator="mlp" if text == "feature" else "embedding",
         mode=mode,
         num_samples=samples,
+        prompt_noise_per_step=False,
     ).eval()
     images, labels = _batch()
     logits = model.sample_logits(images, samples, seed=SEED)
@@ -235,7 +247,7 @@ def test_image_rows_by_hand_with_two_samples(backbone, visual_generator, text, m
         if text == "prompt":
             text_features = _prompt_text_by_hand(model, samples, SEED)
         else:
-            clean_text = model.placeholder_prompt_text
+            clean_text = model.zero_shot_text  # the hand-written prompt (docs/spec.md §9)
             text_mu, text_sigma = model.text_generator(clean_text)
             text_eps = pini_kernels.noise((samples, *clean_text.shape), seed=SEED + 1)
             text_features = inject(clean_text, text_mu + text_sigma * text_eps)

@@ -30,7 +30,8 @@ class Split:
       ImageNet's 1000; ImageNet-Sketch with folders missing). Labels stay indices into the full
       ``classnames``, so an ImageNet-trained model's classes apply unchanged; evaluate as CoOp
       does by restricting the logits to these columns:
-      ``prediction = class_subset[logits[:, class_subset].argmax(-1)]``.
+      ``prediction = class_subset[logits[:, class_subset].argmax(-1)]`` (a model whose classes
+      are learned per class), or build the model on ``on_class_subset()`` (any other).
     - ``directory``: the dataset folder that was read (None for the digits).
     """
 
@@ -57,3 +58,27 @@ class Split:
             else:
                 hint = f"expected {part} images in the dataset's layout"
             raise InputError(f"dataset {where} has no {label} images; {hint}")
+
+    def on_class_subset(self) -> Split:
+        """This split with only the classes of ``class_subset``: ``classnames`` theirs, in
+        order, every label its position there, ``class_subset`` None. A model built on it
+        carries those classes alone (the authors' 200-class ImageNet-A and -R models: the text
+        features, and what reads them, over the 200); itself where ``class_subset`` is None."""
+        if self.class_subset is None:
+            return self
+        position = {label: index for index, label in enumerate(self.class_subset)}
+
+        def relabelled(samples: list[tuple]) -> list[tuple]:
+            outside = sorted({label for _, label in samples} - set(position))
+            if outside:
+                raise ValueError(f"labels {outside[:4]} of {self.name} are not in class_subset")
+            return [(source, position[label]) for source, label in samples]
+
+        return dataclasses.replace(
+            self,
+            classnames=[self.classnames[label] for label in self.class_subset],
+            train=relabelled(self.train),
+            val=relabelled(self.val),
+            test=relabelled(self.test),
+            class_subset=None,
+        )
