@@ -22,6 +22,7 @@ CONFIG_FLAGS = {
     "prompt_noise_draw": "--prompt-noise-draw",
     "sigma_activation": "--sigma-activation",
     "scaled_attention": "--scaled-attention",
+    "head_init": "--head-init",
 }
 # What else defines a run (its record's keys), with their flags.
 RUN_FLAGS = {
@@ -43,6 +44,8 @@ TRAIN_FLAGS = {
     "weight_decay": "--weight-decay",
     "warmup_epochs": "--warmup-epochs",
     "warmup_lr": "--warmup-lr",
+    "cosine_from": "--cosine-from",
+    "drop_last": "--drop-last",
 }
 # The generators that --scaled-attention changes: (visual, visual_generator) pairs.
 ATTENTION_GENERATORS = {
