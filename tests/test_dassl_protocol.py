@@ -338,3 +338,30 @@ def test_a_split_file_of_the_previous_draw_is_still_reused(tmp_path):
     cache.write_text(json.dumps(stored))  # not what the previous draw gives
     with pytest.raises(pini.errors.InputError, match="not the ones seed 1 draws"):
         few_shot(samples, 3, seed=1, cache=cache, source={"dataset": "toy"})
+
+
+def test_a_sweep_written_before_is_refused_in_one_line_or_continued_with_its_options(
+    data, tmp_path, capsys
+):
+    """A sweep's finished run from before the new defaults is not silently reported as a run
+    of them: one line naming each option that differs; with the run's own options (the old
+    behaviour's flags) the sweep reuses it."""
+    output = tmp_path / "sweep"
+    argv = ["sweep", "--model", "pini-tiny", "--no-progress", "--batch-size", "4", "--epochs"]
+    argv += ["1", "--root", data, "--dataset", "toy", "--output", output, "--methods", "pini"]
+    argv += ["--shot-list", "2", "--seeds", "1"]
+    before = ["--cosine-from", "start", "--no-drop-last", "--head-init", "small"]
+    status, _, err = run_cli([*argv, *before], capsys)
+    assert status == 0, err
+    _as_written_before(output / "toy" / "pini" / "2shot-seed1")
+    result = run_cli(argv, capsys)
+    assert_one_line_error(
+        result,
+        "another configuration",
+        "pini_config.head_init small -> default",
+        "train_config.cosine_from start -> warmup-end",
+        "train_config.drop_last False -> True",
+    )
+    status, out, err = run_cli([*argv, *before], capsys)
+    assert status == 0, err
+    assert "| PiNI |" in out
