@@ -1,7 +1,8 @@
 // fused_inject's eager entry point with its autograd in C++: the `pini_native::inject` op.
 //
 // pini_kernels/inject.py works out the layout (rows x width, `inner` elements per parameter) and
-// hands this op x (contiguous) and mu, sigma as flat contiguous parameters; the op draws nothing
+// hands this op x, mu and sigma contiguous (mu and sigma of one shape, read as flat parameters;
+// their gradients come back in that shape); the op draws nothing
 // itself: it calls `pini_native::inject_forward` and, in backward, `inject_backward` through the
 // dispatcher, so the CPU and CUDA kernels both run under it. What it adds is the autograd node:
 // a C++ node runs backward without a Python frame or the GIL, which on small tensors costs more
@@ -24,15 +25,18 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// out: (num_samples, *x.shape), or x.shape without `sample_dim` (one sample): no view node
+// between the op and its caller, which a small tensor's backward would pay for.
 Tensor call_forward(const Tensor& x, const Tensor& mu, const Tensor& sigma, const Tensor& seed,
                     int64_t num_samples, bool multiply, int64_t rows, int64_t width, int64_t inner,
-                    at::ScalarType out_dtype) {
+                    at::ScalarType out_dtype, bool sample_dim) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pini_native::inject_forward", "")
                              .typed<void(const Tensor&, const Tensor&, const Tensor&,
                                          const Tensor&, int64_t, bool, int64_t, int64_t, int64_t,
                                          Tensor&)>();
-  std::vector<int64_t> shape{num_samples};
+  std::vector<int64_t> shape;
+  if (sample_dim) shape.push_back(num_samples);
   shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
   Tensor out = new_buffer(shape, x.options().dtype(out_dtype));
   if (x.numel() > 0) {
@@ -42,11 +46,12 @@ Tensor call_forward(const Tensor& x, const Tensor& mu, const Tensor& sigma, cons
   return out;
 }
 
-// (row_chunks, width) fp32 partial sums -> (width / inner,) sums, in a fixed order.
-Tensor reduce_partial_sums(const Tensor& partial, int64_t inner) {
-  Tensor per_column = partial.size(0) == 1 ? partial.view({-1}) : partial.sum(0);
-  if (inner == 1) return per_column;
-  return per_column.view({-1, inner}).sum(1);
+// (row_chunks, width) fp32 partial sums -> the sums in `param`'s shape and dtype, in a fixed
+// order.
+Tensor reduce_partial_sums(const Tensor& partial, int64_t inner, const Tensor& param) {
+  Tensor sums = partial.size(0) == 1 ? partial.view({-1}) : partial.sum(0);
+  if (inner != 1) sums = sums.view({-1, inner}).sum(1);
+  return sums.view(param.sizes()).to(param.scalar_type());
 }
 
 class InjectFunction : public torch::autograd::Function<InjectFunction> {
@@ -54,7 +59,7 @@ class InjectFunction : public torch::autograd::Function<InjectFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& mu,
                         const Tensor& sigma, const Tensor& seed, int64_t num_samples,
                         bool multiply, int64_t rows, int64_t width, int64_t inner,
-                        int64_t rows_per_chunk, at::ScalarType out_dtype) {
+                        int64_t rows_per_chunk, at::ScalarType out_dtype, bool sample_dim) {
     // Add mode's gradients never read x: an 8-byte stand-in keeps its shape and dtype only.
     const Tensor saved_x = multiply ? x : at::empty({}, x.options()).expand(x.sizes());
     ctx->save_for_backward({saved_x, mu, sigma, seed});
@@ -64,7 +69,8 @@ class InjectFunction : public torch::autograd::Function<InjectFunction> {
     ctx->saved_data["width"] = width;
     ctx->saved_data["inner"] = inner;
     ctx->saved_data["rows_per_chunk"] = rows_per_chunk;
-    return call_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out_dtype);
+    return call_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out_dtype,
+                        sample_dim);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -97,8 +103,8 @@ class InjectFunction : public torch::autograd::Function<InjectFunction> {
               num_samples, multiply, rows, width, inner, rows_per_chunk, grad_x, partial_mu,
               partial_sigma);
       if (need_params) {
-        mu_grad = reduce_partial_sums(*partial_mu, inner).to(mu.scalar_type());
-        sigma_grad = reduce_partial_sums(*partial_sigma, inner).to(sigma.scalar_type());
+        mu_grad = reduce_partial_sums(*partial_mu, inner, mu);
+        sigma_grad = reduce_partial_sums(*partial_sigma, inner, sigma);
       }
     } else if (need_params) {  // an empty x: zero gradients, as torch gives
       mu_grad = at::zeros_like(mu);
@@ -106,29 +112,32 @@ class InjectFunction : public torch::autograd::Function<InjectFunction> {
     }
     return once_differentiable({grad_x ? *grad_x : Tensor(), mu_grad, sigma_grad, Tensor(),
                                 Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-                                Tensor()},
+                                Tensor(), Tensor()},
                                "fused_inject");
   }
 };
 
 Tensor inject_autograd(const Tensor& x, const Tensor& mu, const Tensor& sigma, const Tensor& seed,
                        int64_t num_samples, bool multiply, int64_t rows, int64_t width,
-                       int64_t inner, int64_t rows_per_chunk, at::ScalarType out_dtype) {
+                       int64_t inner, int64_t rows_per_chunk, at::ScalarType out_dtype,
+                       bool sample_dim) {
   return InjectFunction::apply(x, mu, sigma, seed, num_samples, multiply, rows, width, inner,
-                               rows_per_chunk, out_dtype);
+                               rows_per_chunk, out_dtype, sample_dim);
 }
 
 Tensor inject_no_autograd(const Tensor& x, const Tensor& mu, const Tensor& sigma,
                           const Tensor& seed, int64_t num_samples, bool multiply, int64_t rows,
                           int64_t width, int64_t inner, int64_t /*rows_per_chunk*/,
-                          at::ScalarType out_dtype) {
-  return call_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out_dtype);
+                          at::ScalarType out_dtype, bool sample_dim) {
+  return call_forward(x, mu, sigma, seed, num_samples, multiply, rows, width, inner, out_dtype,
+                      sample_dim);
 }
 
 TORCH_LIBRARY_FRAGMENT(pini_native, m) {
   m.def(
       "inject(Tensor x, Tensor mu, Tensor sigma, Tensor seed, int num_samples, bool multiply, "
-      "int rows, int width, int inner, int rows_per_chunk, ScalarType out_dtype) -> Tensor");
+      "int rows, int width, int inner, int rows_per_chunk, ScalarType out_dtype, "
+      "bool sample_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pini_native, Autograd, m) { m.impl("inject", &inject_autograd); }

@@ -420,8 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep",
         parents=[general, data, model, run],
-        help="methods x datasets x shots x seeds: the paper's Table 2 and Fig. 5, mean and 95%% "
-        "interval",
+        help="methods x datasets x shots x seeds: the paper's Tables 1 to 4 and Fig. 5, mean and "
+        "95%% interval",
         description="Train and evaluate one run per method, dataset, shot count and seed (run "
         "folders OUTPUT/<dataset>/<method>/<K>shot-seed<S>, default OUTPUT runs/sweep); a run "
         "already finished with the same configuration is skipped, an unfinished one resumed, "
@@ -431,15 +431,46 @@ def _parser() -> argparse.ArgumentParser:
         "Noise flags apply to the pini runs; the training flags (--epochs, --lr, --batch-size, "
         "--optimizer, --weight-decay, --warmup-epochs, --warmup-lr) to every trained method, "
         "--momentum to those trained with SGD. With no --root: every method on the bundled "
-        "digits.",
+        "digits. One command per table: --noise-rows table1 (Table 1: a row per noise row), "
+        "--dataset imagenet --eval-datasets imagenetv2 imagenet-sketch imagenet-a imagenet-r "
+        "(Table 3: source, targets, target average), --models A B (Table 4: methods against "
+        "backbones, runs in OUTPUT/<backbone>/).",
     )
     sweep.add_argument(
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=list(PAPER_METHODS),
-        help=f"methods (default: the paper's, {' '.join(PAPER_METHODS)}; tip-adapter and "
-        "tip-adapter-f are extras)",
+        default=None,
+        help=f"methods (default: the paper's, {' '.join(PAPER_METHODS)}; with --noise-rows "
+        "zero-shot pini; tip-adapter and tip-adapter-f are extras)",
+    )
+    sweep.add_argument(
+        "--noise-rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="Table 1: PiNI once per noise row, each a --noise row whose locations may name "
+        "their generator (image:attention, feature:mlp+prompt), or a preset: table1 (its "
+        "eight rows), generators (each location alone with each generator); one table row "
+        "each (default: PiNI once, with the noise flags)",
+    )
+    sweep.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="MODEL[=WEIGHTS]",
+        help="Table 4: the whole sweep once per backbone, MODEL with --pretrained's weights or "
+        "MODEL=WEIGHTS, in OUTPUT/<backbone>/; a table of methods against backbones (default: "
+        "--model's one backbone)",
+    )
+    sweep.add_argument(
+        "--eval-datasets",
+        nargs="+",
+        default=None,
+        metavar="DATASET",
+        help="Table 3: also evaluate every run on these test sets under --root, as pini eval "
+        "--dataset does (e.g. imagenetv2 imagenet-sketch imagenet-a imagenet-r after --dataset "
+        "imagenet); columns source, targets and their average (default: none)",
     )
     sweep.add_argument(
         "--datasets",

@@ -3,29 +3,36 @@ parser is ``pini.cli``)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
 
+from . import sweep_grid
 from .backbone import preprocessing_of, register_model_configs
-from .checkpoint import (
-    read_checkpoint,
-)
+from .checkpoint import CHECKPOINT, read_checkpoint
+from .data.names import TEST_ONLY_DATASETS, canonical_name
+from .data.sample_ids import listing_fingerprint
 from .data.transforms import clip_transforms
 from .errors import InputError, RunDiverged
-from .evaluation import evaluate
-from .methods import METHODS
+from .methods import METHODS, PAPER_METHODS
 from .metrics_log import check_tensorboard
 from .model import PiNI
 from .progress import say
-from .run_folders import SUMMARY, lock_folder, unlock_folder
+from .run_flags import CONFIG_FLAGS
+from .run_folders import SUMMARY, lock_folder, unlock_folder, write_json
 from .runner import (
-    encode_test_features,
+    check_classes,
+    evaluate_stored,
     execute,
     load_stored_method,
     load_stored_pini,
+    restore_on,
 )
 from .runs import (
+    RunPlan,
     check_data_args,
     check_method_flags,
     default_output,
@@ -69,6 +76,23 @@ def train_command(args) -> int:
     return 0
 
 
+# Where a noise goes and its generator: set by each --noise-rows row, so not flags beside it.
+ROW_FLAGS = {"noise": "--noise"} | {
+    key: CONFIG_FLAGS[key] for key in ("visual", "visual_generator", "text", "text_generator")
+}
+
+
+@dataclasses.dataclass
+class _SweepRun:
+    """One run of a sweep: its checked plan, its row and backbone, and the arguments it runs
+    with (the sweep's, with the backbone's model and weights and the row's noise flags)."""
+
+    plan: RunPlan
+    row: sweep_grid.Row
+    backbone: sweep_grid.Backbone
+    args: argparse.Namespace
+
+
 def sweep_command(args) -> int:
     if args.tensorboard:
         check_tensorboard()
@@ -76,92 +100,189 @@ def sweep_command(args) -> int:
     if args.datasets and args.dataset:
         raise InputError("give the datasets with --datasets or --dataset, not both")
     names = args.datasets or [args.dataset]
-    if args.root is None and any(name not in (None, "digits") for name in names):
+    given = [*names, *(args.eval_datasets or [])]
+    if args.root is None and any(name not in (None, "digits") for name in given):
         raise InputError(
-            f"--datasets {' '.join(names)} needs --root, the folder that holds them (without "
-            "it, pini uses the bundled digits)"
+            f"--datasets {' '.join(n for n in given if n)} needs --root, the folder that holds "
+            "them (without it, pini uses the bundled digits)"
         )
-    methods = list(dict.fromkeys(args.methods))
+    row_flags = [flag for key, flag in ROW_FLAGS.items() if getattr(args, key) is not None]
+    if args.noise_rows and row_flags:
+        raise InputError(
+            f"{', '.join(row_flags)}: each --noise-rows row says where the noise goes and its "
+            "generators; leave these out"
+        )
+    if args.models and args.model:
+        raise InputError("--models names the backbones (MODEL or MODEL=WEIGHTS); leave out --model")
+    default = ["zero-shot", "pini"] if args.noise_rows else list(PAPER_METHODS)
+    methods = list(dict.fromkeys(args.methods or default))
     check_method_flags(args, methods, sweep=True)
+    rows = sweep_grid.rows(methods, args.noise_rows)
+    backbones = sweep_grid.backbones(args.models, args.pretrained)
     output = Path(args.output or "runs/sweep")
-    splits = [load_split(args.root, name, "train", "test") for name in names]
-    # Every run is checked before the first one starts.
-    plans = [
-        plan_sweep_run(
-            args,
-            method,
-            shots,
-            seed,
-            output / split.name / method / f"{shots}shot-seed{seed}",
-            split,
-        )
-        for split in splits
-        for method in methods
-        for shots in args.shot_list
-        for seed in args.seeds
-    ]
+    splits = [_training_split(args.root, name) for name in names]
+    targets = _target_splits(args, splits)
+    runs = []  # every run is checked before the first one starts
+    grid = itertools.product(backbones, splits, rows, args.shot_list, args.seeds)
+    for backbone, split, row, shots, seed in grid:
+        base = output / backbone.folder if backbone.folder else output
+        folder = base / split.name / row.folder / f"{shots}shot-seed{seed}"
+        run_args = _run_arguments(args, row, backbone)
+        plan = plan_sweep_run(run_args, row.method, shots, seed, folder, split)
+        for target in targets:
+            check_classes(plan.run, target)
+        runs.append(_SweepRun(plan, row, backbone, run_args))
     rank, _ = distributed_rank_world()
     if rank == 0:
         lock_folder(output)  # one sweep at a time writes its tables
     try:
-        return _run_sweep(args, plans, output, methods, splits, rank)
+        return _run_sweep(args, runs, output, rows, backbones, splits, targets, rank)
     finally:
         unlock_folder(output)
 
 
-def _run_sweep(args, plans, output: Path, methods, splits, rank: int) -> int:
-    """Runs a sweep's checked plans in order, then writes its report (rank 0)."""
+def _training_split(root, name):
+    """The dataset ``name`` with training and test images; a test-only one is refused with the
+    flag that evaluates on it."""
+    if canonical_name(name) in TEST_ONLY_DATASETS:
+        raise InputError(
+            f"dataset {name} is test-only (no training images): train on imagenet and evaluate "
+            f"on it with --eval-datasets {name}"
+        )
+    return load_split(root, name, "train", "test")
+
+
+def _target_splits(args, splits) -> list:
+    """The datasets of ``--eval-datasets`` (Table 3's targets), each with test images."""
+    if not args.eval_datasets:
+        return []
+    if len(splits) != 1:
+        raise InputError(
+            "--eval-datasets evaluates the runs of one training dataset (Table 3: --dataset "
+            f"imagenet), and --datasets names {len(splits)}"
+        )
+    targets: dict = {}
+    for name in args.eval_datasets:
+        target = load_split(args.root, name, "test")
+        if target.name == splits[0].name:
+            raise InputError(
+                f"--eval-datasets {name} is the training dataset: its test set is the source "
+                "column already"
+            )
+        targets.setdefault(target.name, target)
+    return list(targets.values())
+
+
+def _run_arguments(args, row: sweep_grid.Row, backbone: sweep_grid.Backbone):
+    """The sweep's arguments with the backbone's model and weights and the row's noise flags."""
+    changes = dict(row.noise or {})
+    if backbone.model is not None:
+        changes.update(model=backbone.model, pretrained=backbone.pretrained)
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _run_sweep(args, runs, output: Path, rows, backbones, splits, targets, rank: int) -> int:
+    """Runs a sweep's checked plans in order, each finished run evaluated on the targets, then
+    writes its report (rank 0)."""
     from . import sweep
 
     summaries = []
-    for number, plan in enumerate(plans, 1):
-        run = plan.run
+    for number, item in enumerate(runs, 1):
+        plan, run = item.plan, item.plan.run
         try:
-            summary = plan.finished or execute(args, plan)
+            summary = plan.finished or execute(item.args, plan)
         except RunDiverged:  # marked failed in its folder; the sweep goes on
             summary = json.loads((plan.folder / SUMMARY).read_text()) if rank == 0 else None
-        if summary is None:  # ranks other than 0 only train
+        if rank != 0:  # ranks other than 0 only train; rank 0 evaluates and reports
             continue
-        summaries.append({**summary, "folder": str(plan.folder)})
+        labels = {
+            "folder": str(plan.folder),
+            "row": item.row.key,
+            "backbone": item.backbone.label or run["model"],
+            "trained_on": run["dataset"],
+        }
+        summaries.append({**summary, **labels})
         state = "done before" if plan.finished else "resumed" if plan.resume else "new"
         result = (
             f"FAILED: {summary['failure']}"
             if sweep.failed(summary)
             else f"{summary['accuracy']:.2f}%"
         )
-        print(
-            f"[{number}/{len(plans)}] {run['dataset']} {run['method']} {shots_text(run['shots'])} "
-            f"seed {run['seed']}: {result} ({state})",
-            flush=True,
+        where = f"{item.backbone.label} " if item.backbone.label else ""
+        line = (
+            f"[{number}/{len(runs)}] {where}{run['dataset']} {item.row.key} "
+            f"{shots_text(run['shots'])} seed {run['seed']}"
         )
+        print(f"{line}: {result} ({state})", flush=True)
+        if sweep.failed(summary):
+            continue
+        for target in targets:
+            entry, state = _evaluate_target(item.args, plan.folder, target)
+            summaries.append({**entry, **labels})
+            print(f"{line} on {target.name}: {entry['accuracy']:.2f}% ({state})", flush=True)
     if rank != 0:
         return 0
-    datasets = [split.name for split in splits]
-    report = sweep.report(summaries, methods, datasets, args.shot_list, args.seeds)
+    datasets = [split.name for split in [*splits, *targets]]
+    averaged = [target.name for target in targets] or None
+    grid = ([row.key for row in rows], datasets, args.shot_list, args.seeds)
+    if args.models:
+        labels = [backbone.label for backbone in backbones]
+        report = sweep.backbone_report(summaries, labels, *grid, averaged=averaged)
+    else:
+        report = sweep.report(summaries, *grid, averaged=averaged)
     written = sweep.write(report, output)
     print(sweep.markdown(report), end="")
     print("written: " + ", ".join(str(path) for path in written))
     failures = sum(sweep.failed(summary) for summary in summaries)
     if failures:
-        print(f"pini sweep: {failures} of {len(plans)} runs failed (see above)", file=sys.stderr)
+        print(f"pini sweep: {failures} of {len(runs)} runs failed (see above)", file=sys.stderr)
         return 3
     return 0
 
 
+def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
+    """(the evaluation of the finished run in ``folder`` on ``target``, "evaluated" or "done
+    before"): ``pini eval --dataset``'s numbers, kept in RUN/eval-<target>.json; one kept there
+    is reused while the target's test listing is the same."""
+    path = folder / f"eval-{target.name}.json"
+    listing = listing_fingerprint(target.test, target.directory)
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = None
+        if isinstance(stored, dict) and stored.get("listing") == listing:
+            return stored, "done before"
+    progress = not args.no_progress
+    lock_folder(folder)
+    try:
+        run, model, clip = restore_on(
+            folder / CHECKPOINT, target, args.device, progress=progress, trusted=args.trusted
+        )
+        say(
+            f"{METHODS[run['method']].display_name} on the {len(target.test)} test images "
+            f"of {target.name} ...",
+            progress,
+        )
+        result = evaluate_stored(run, model, clip, target, args.device, progress)
+        entry = {
+            "dataset": target.name,
+            **{key: run[key] for key in ("method", "shots", "seed", "noise")},
+            "accuracy": result["accuracy"],
+            "macro_f1": result["macro_f1"],
+            "test_images": result["samples"],
+            "skipped_images": result["skipped_images"],
+            "listing": listing,
+        }
+        write_json(path, entry)
+    finally:
+        unlock_folder(folder)
+    return entry, "evaluated"
+
+
 def eval_command(args) -> int:
     run, split, model, clip = load_stored_method(args, "eval", inference=True)
-    progress = not args.no_progress
-    test_transform = clip_transforms(preprocessing_of(clip))[1]
-    features = encode_test_features(run, model, clip, split, test_transform, args.device)
-    result = evaluate(
-        model,
-        split.test,
-        test_transform,
-        device=args.device,
-        progress=progress,
-        class_subset=getattr(split, "class_subset", None),
-        features=features,
-    )
+    result = evaluate_stored(run, model, clip, split, args.device, not args.no_progress)
     print(
         f"{split.name}: accuracy {result['accuracy']:.2f}%, macro-F1 "
         f"{result['macro_f1']:.2f}% on {result['samples']} images, skipped "

@@ -4,9 +4,10 @@ replaced or resumed run makes on its folder before any work.
 A run folder holds one run: ``run.json`` (what the run is: method, model, data, every resolved
 option), the few-shot split with a fingerprint of the images it was drawn from, ``metrics.jsonl``
 and ``metrics.csv`` (with ``--tensorboard`` also ``tensorboard/``), ``checkpoint.pt`` and
-``summary.json``. A new run never writes into a folder that holds something (``--overwrite``
-replaces a run), ``--resume`` continues exactly the stored run (a flag that differs is an
-error), and ``eval`` rebuilds the model from the checkpoint.
+``summary.json``; a sweep with ``--eval-datasets`` adds ``eval-<dataset>.json`` per target. A
+new run never writes into a folder that holds something (``--overwrite`` replaces a run),
+``--resume`` continues exactly the stored run (a flag that differs is an error), and ``eval``
+rebuilds the model from the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ TEMPORARY_FILES = (*(name + ".tmp" for name in OWN_FILES), ".write-test-*")
 def _own_files(folder: Path) -> list[Path]:
     return [
         folder / name for name in (*OWN_FILES, TENSORBOARD) if (folder / name).exists()
-    ] + sorted([*folder.glob("split-*shot-seed*.json*"), *_leftovers(folder)])
+    ] + sorted(
+        {  # a set: a failed write's split-*.json.tmp is also one of the leftovers
+            *folder.glob("split-*shot-seed*.json*"),
+            *folder.glob("eval-*.json*"),  # a sweep's evaluations on its --eval-datasets
+            *_leftovers(folder),
+        }
+    )
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -41,6 +48,7 @@ def _leftovers(folder: Path) -> list[Path]:
     return sorted(
         {path for pattern in TEMPORARY_FILES for path in folder.glob(pattern)}
         | set(folder.glob("split-*shot-seed*.json.tmp"))
+        | set(folder.glob("eval-*.json.tmp"))
     )
 
 

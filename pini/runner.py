@@ -442,14 +442,43 @@ def load_stored_method(args, command: str, *, inference: bool = False):
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
     split = load_split(root, dataset, "test")
+    check_classes(run, split)
+    model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
+    return run, split, with_inference(model, run, args.checkpoint, **given), clip
+
+
+def check_classes(run: dict, split) -> None:
+    """A run that learned something per class is evaluated only on data of its own classes."""
     learned = METHODS[run["method"]].learned(run)
     if learned and list(split.classnames) != run["classnames"]:
         raise InputError(
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
             "so it cannot be evaluated there"
         )
-    model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
-    return run, split, with_inference(model, run, args.checkpoint, **given), clip
+
+
+def restore_on(checkpoint, split, device: str, *, progress: bool, trusted: bool):
+    """(run record, model with the checkpoint's state, frozen CLIP): the stored method rebuilt
+    on ``split``, as ``load_stored_method`` rebuilds it for ``pini eval --dataset``."""
+    state, run = _stored_run(checkpoint)
+    check_classes(run, split)
+    return (run, *_restored(state, run, split, device, progress, trusted))
+
+
+def evaluate_stored(run: dict, model, clip, split, device: str, progress: bool) -> dict:
+    """``evaluate``'s result for a stored method on ``split``'s test images through the test
+    transform (from frozen features where that is exact), on its ``class_subset``."""
+    test_transform = clip_transforms(preprocessing_of(clip))[1]
+    features = encode_test_features(run, model, clip, split, test_transform, device)
+    return evaluate(
+        model,
+        split.test,
+        test_transform,
+        device=device,
+        progress=progress,
+        class_subset=getattr(split, "class_subset", None),
+        features=features,
+    )
 
 
 def _stored_run(checkpoint) -> tuple[dict, dict]:

@@ -1,11 +1,14 @@
-"""The report of ``pini sweep``: the paper's Table 2 and Fig. 5 from the runs' summaries.
+"""The report of ``pini sweep``: the paper's Tables 1 to 4 and Fig. 5 from the runs' summaries.
 
-``report`` gathers every run's numbers and, per method, dataset and shot count, the mean test
-accuracy over seeds with the half-width of its 95% interval (Student's t, ``mean_and_interval``),
-the same for the average over datasets (per seed, the mean over datasets, then over seeds) and
-PiNI's gain over each baseline (per seed, PiNI's average minus the baseline's: paired, since both
-ran on the same few-shot split). ``write`` stores it as ``sweep.json`` (everything, so a report
-can be rebuilt), ``sweep.md`` (the tables) and ``sweep.png`` (accuracy against shots).
+``report`` gathers every run's numbers and, per row (a method, or PiNI with one noise row),
+dataset and shot count, the mean test accuracy over seeds with the half-width of its 95%
+interval (Student's t, ``mean_and_interval``), the same for the average over datasets (per seed,
+the mean over the averaged datasets, then over seeds; for a domain-generalization sweep the
+target datasets) and PiNI's gain over each baseline (per seed, PiNI's average minus the
+baseline's: paired, since both ran on the same few-shot split). ``backbone_report`` holds one
+report per backbone (Table 4). ``write`` stores it as ``sweep.json`` (everything, so a report
+can be rebuilt), ``sweep.md`` (the tables) and, for one backbone, ``sweep.png`` (accuracy
+against shots).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ CONFIDENCE = 0.95
 # What sweep.json keeps of each run's summary.
 RUN_KEYS = (
     "method",
+    "row",
+    "backbone",
+    "trained_on",
     "dataset",
     "shots",
     "seed",
@@ -66,17 +72,20 @@ def report(
     datasets: list[str],
     shots: list[int],
     seeds: list[int],
+    averaged: list[str] | None = None,
 ) -> dict:
     """The sweep's numbers from its runs' summaries (each with "method", "dataset", "shots",
-    "seed", "accuracy", ...): see the module's docstring. Cells without runs are left out; an
-    average needs every dataset of its seed."""
+    "seed", "accuracy", ..., and "row" where the row is not the method): see the module's
+    docstring. ``methods``: the rows; ``averaged``: the datasets of the average (default all).
+    Cells without runs are left out; an average needs every averaged dataset of its seed."""
+    averaged = list(datasets if averaged is None else averaged)
     accuracy = {
-        (s["method"], s["dataset"], s["shots"], s["seed"]): s["accuracy"]
+        (s.get("row", s["method"]), s["dataset"], s["shots"], s["seed"]): s["accuracy"]
         for s in summaries
         if not failed(s)
     }
     table: dict = {}
-    averages: dict = {}  # (method, K) -> {seed: mean over datasets}
+    averages: dict = {}  # (row, K) -> {seed: mean over the averaged datasets}
     for method in methods:
         per_dataset: dict = {}
         for dataset in datasets:
@@ -93,9 +102,9 @@ def report(
         average = {}
         for k in shots:
             by_seed = {
-                seed: statistics.fmean(accuracy[method, dataset, k, seed] for dataset in datasets)
+                seed: statistics.fmean(accuracy[method, dataset, k, seed] for dataset in averaged)
                 for seed in seeds
-                if all((method, dataset, k, seed) in accuracy for dataset in datasets)
+                if all((method, dataset, k, seed) in accuracy for dataset in averaged)
             }
             averages[method, k] = by_seed
             if by_seed:
@@ -117,12 +126,30 @@ def report(
         "confidence": CONFIDENCE,
         "methods": list(methods),
         "datasets": list(datasets),
+        "averaged": averaged,
         "shots": list(shots),
         "seeds": list(seeds),
         "accuracy": table,
         "pini_gain": gain,
         "runs": [_run_entry(summary) for summary in summaries],
     }
+
+
+def backbone_report(
+    summaries: list[dict], backbones: list[str], *grid, averaged: list[str] | None = None
+) -> dict:
+    """Table 4: one ``report`` per backbone (``grid``: its rows, datasets, shots and seeds) of
+    the summaries whose "backbone" is that one, under "by_backbone"; the backbone table's cell
+    of a row, backbone and shot count is that report's average over datasets."""
+    by_backbone = {
+        backbone: report(
+            [s for s in summaries if s["backbone"] == backbone], *grid, averaged=averaged
+        )
+        for backbone in backbones
+    }
+    first = by_backbone[backbones[0]]
+    keys = ("format", "confidence", "methods", "datasets", "averaged", "shots", "seeds")
+    return {**{key: first[key] for key in keys}, "backbones": backbones, "by_backbone": by_backbone}
 
 
 def _run_entry(summary: dict) -> dict:
@@ -145,28 +172,66 @@ def _format(cell: dict | None, signed: bool = False) -> str:
 
 
 def markdown(result: dict) -> str:
-    """Table 2 per shot count (rows: methods; columns: datasets, their average and PiNI's gain
-    on the average), largest shot count first, then the average against shots (Fig. 5)."""
-    methods, datasets, table = result["methods"], result["datasets"], result["accuracy"]
-    seeds = ", ".join(str(seed) for seed in result["seeds"])
-    lines = [
-        "# pini sweep",
-        "",
-        f"Test accuracy (%): mean ± half-width of the {result['confidence']:.0%} interval over "
-        f"seeds {seeds} (Student's t, n - 1 degrees of freedom). Average: per seed, the mean "
-        "over datasets. PiNI gain: PiNI's average minus the method's, paired by seed (the same "
-        "few-shot split).",
-    ]
-    with_gain = bool(result["pini_gain"])
+    """Per shot count, largest first, a table (rows: methods or noise rows; columns: datasets,
+    their average and PiNI's gain on the average: Tables 1 to 3), then, for several shot
+    counts, the average against shots (Fig. 5); for several backbones first the backbone table
+    (Table 4: rows against backbones, each cell the average over datasets), then each
+    backbone's tables."""
+    if "by_backbone" not in result:
+        lines = ["# pini sweep", "", _introduction(result)]
+        lines += _shot_tables(result) + _against_shots(result) + _failures(result["runs"])
+        return "\n".join(lines) + "\n"
+    backbones, reports = result["backbones"], result["by_backbone"]
+    introduction = _introduction(reports[backbones[0]])
+    lines = ["# pini sweep", "", f"{introduction} Backbones: each backbone's average."]
     for k in sorted(result["shots"], reverse=True):
-        header = ["method", *datasets, "average"] + (["PiNI gain"] if with_gain else [])
-        lines += [
-            "",
-            f"## {shots_text(k)}",
-            "",
-            _row(header),
-            _row(["---"] + ["---:"] * (len(header) - 1)),
-        ]
+        header = ["method", *backbones]
+        lines += ["", f"## Backbones, {shots_text(k)}", "", *_header(header)]
+        for method in result["methods"]:
+            cells = [
+                _format(reports[backbone]["accuracy"][method]["average"].get(str(k)))
+                for backbone in backbones
+            ]
+            lines.append(_row([_display_name(method), *cells]))
+    for backbone in backbones:
+        lines += _shot_tables(reports[backbone], f"{backbone}, ")
+    lines += _failures([run for backbone in backbones for run in reports[backbone]["runs"]])
+    return "\n".join(lines) + "\n"
+
+
+def _introduction(result: dict) -> str:
+    seeds = ", ".join(str(seed) for seed in result["seeds"])
+    datasets, averaged = result["datasets"], result["averaged"]
+    text = (
+        f"Test accuracy (%): mean ± half-width of the {result['confidence']:.0%} interval over "
+        f"seeds {seeds} (Student's t, n - 1 degrees of freedom). "
+    )
+    if averaged != datasets:
+        text += (
+            f"Trained on {datasets[0]} (the source), evaluated on it and on the targets "
+            f"{', '.join(averaged)}; target average: per seed, the mean over the targets. "
+        )
+    else:
+        text += "Average: per seed, the mean over datasets. "
+    if result["pini_gain"]:
+        text += (
+            "PiNI gain: PiNI's average minus the method's, paired by seed (the same few-shot "
+            "split)."
+        )
+    return text.rstrip()
+
+
+def _shot_tables(result: dict, title: str = "") -> list[str]:
+    """One table per shot count, largest first, headed ``title`` and the shot count."""
+    methods, datasets, table = result["methods"], result["datasets"], result["accuracy"]
+    source = result["averaged"] != datasets
+    average = _average_name(result)
+    columns = [f"{datasets[0]} (source)", *datasets[1:]] if source else datasets
+    with_gain = bool(result["pini_gain"])
+    lines = []
+    for k in sorted(result["shots"], reverse=True):
+        header = ["method", *columns, average] + (["PiNI gain"] if with_gain else [])
+        lines += ["", f"## {title}{shots_text(k)}", "", *_header(header)]
         for method in methods:
             cells = [_format(table[method]["datasets"][d].get(str(k))) for d in datasets]
             cells.append(_format(table[method]["average"].get(str(k))))
@@ -174,21 +239,43 @@ def markdown(result: dict) -> str:
                 gain = result["pini_gain"].get(method, {}).get(str(k))
                 cells.append(_format(gain, signed=True) if method != "pini" else "")
             lines.append(_row([_display_name(method), *cells]))
-    lines += ["", "## Average over datasets against shots", ""]
+    return lines
+
+
+def _against_shots(result: dict) -> list[str]:
+    """Fig. 5 as a table: each row's average against the shot counts (none for one count)."""
+    if len(result["shots"]) < 2:
+        return []
     header = ["method", *(shots_text(k) for k in result["shots"])]
-    lines += [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
-    for method in methods:
-        cells = [_format(table[method]["average"].get(str(k))) for k in result["shots"]]
-        lines.append(_row([_display_name(method), *cells]))
-    failures = [run for run in result["runs"] if run["status"] == "failed"]
-    if failures:
-        lines += ["", "## Failed runs (left out of the tables above)", ""]
-        lines += [
-            f"- {run['dataset']} {_display_name(run['method'])} "
-            f"{shots_text(run['shots'])} seed {run['seed']}: {run['failure']}"
-            for run in failures
+    title = "Target average" if _average_name(result) != "average" else "Average over datasets"
+    lines = ["", f"## {title} against shots", "", *_header(header)]
+    for method in result["methods"]:
+        cells = [
+            _format(result["accuracy"][method]["average"].get(str(k))) for k in result["shots"]
         ]
-    return "\n".join(lines) + "\n"
+        lines.append(_row([_display_name(method), *cells]))
+    return lines
+
+
+def _average_name(result: dict) -> str:
+    """The average's column: "average" (of every dataset), or "target average" (Table 3)."""
+    return "average" if result["averaged"] == result["datasets"] else "target average"
+
+
+def _failures(runs: list[dict]) -> list[str]:
+    failures = [run for run in runs if run["status"] == "failed"]
+    if not failures:
+        return []
+    lines = ["", "## Failed runs (left out of the tables above)", ""]
+    return lines + [
+        f"- {run['dataset']} {_display_name(run.get('row') or run['method'])} "
+        f"{shots_text(run['shots'])} seed {run['seed']}: {run['failure']}"
+        for run in failures
+    ]
+
+
+def _header(cells: list[str]) -> list[str]:
+    return [_row(cells), _row(["---"] + ["---:"] * (len(cells) - 1))]
 
 
 def shots_text(k: int) -> str:
@@ -209,7 +296,7 @@ def plot(result: dict, path: str | Path) -> Path:
     datasets = result["datasets"]
     panels = [(name, "datasets", name) for name in datasets]
     if len(datasets) > 1:
-        panels.append(("average", "average", None))
+        panels.append((_average_name(result), "average", None))
     width = 5.0 * len(panels) if len(panels) > 1 else 6.5
     figure, axes = plt.subplots(1, len(panels), figsize=(width, 4.4), squeeze=False)
     for axis, (title, kind, name) in zip(axes[0], panels, strict=True):
@@ -263,16 +350,22 @@ def plot(result: dict, path: str | Path) -> Path:
 
 
 def write(result: dict, folder: str | Path) -> list[Path]:
-    """``folder``/sweep.json, sweep.md and sweep.png; returns their paths."""
+    """``folder``/sweep.json, sweep.md and, for one backbone, sweep.png; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "sweep.json", folder / "sweep.md", folder / "sweep.png"]
+    paths = [folder / "sweep.json", folder / "sweep.md"]
     for path, text in ((paths[0], json.dumps(result, indent=1)), (paths[1], markdown(result))):
         write_text_atomically(path, text)
-    plot(result, paths[2])
+    if "by_backbone" not in result:
+        paths.append(plot(result, folder / "sweep.png"))
     return paths
 
 
 def _display_name(method: str) -> str:
-    """The method's name in tables and plots (the registry's), or the name as given."""
-    return METHODS[method].display_name if method in METHODS else method
+    """A row's name in tables and plots: the method's (the registry's), "PiNI ROW" for a noise
+    row ("pini ROW"), or the name as given."""
+    if method in METHODS:
+        return METHODS[method].display_name
+    if method.startswith("pini "):
+        return METHODS["pini"].display_name + method[len("pini") :]
+    return method

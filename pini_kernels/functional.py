@@ -123,8 +123,8 @@ def fused_inject(
         return reference.fused_inject(
             x, mu, sigma, seed=seeds.reference_seed(seed), num_samples=samples, multiply=multiply
         )
-    out = inject.run_inject(x, mu, sigma, seeds.seed_tensor(seed), samples or 1, multiply, chosen)
-    return out.view(x.shape) if samples is None else out
+    settings = (samples or 1, multiply, chosen, samples is not None)
+    return inject.run_inject(x, mu, sigma, seeds.seed_tensor(seed), *settings)
 
 
 def _check_inject(x, mu, sigma, mode, num_samples, backend) -> tuple[bool, int | None, str]:

@@ -181,10 +181,11 @@ class LossFlowKernels(Protocol):
 class InjectAutogradKernels(Protocol):
     def inject_autograd(
         self, x: Tensor, mu: Tensor, sigma: Tensor, seed: KernelSeed, num_samples: int,
-        multiply: bool, rows: int, width: int, inner: int, dtype: torch.dtype,
+        multiply: bool, rows: int, width: int, inner: int, dtype: torch.dtype, sample_dim: bool,
     ) -> Tensor:  # fmt: skip
         """``fused_inject`` with its autograd node in C++ (csrc/autograd.cpp), for contiguous x,
-        mu and sigma of one shape given as flat views (``inject._native_fast_path``)."""
+        mu and sigma of one shape (``inject._native_fast_path``): (num_samples, *x.shape), or
+        x.shape without ``sample_dim``; the parameters' gradients in their own shape."""
 
 
 # Each backend's module of each op's table, imported on first use (Triton is Linux-only).

@@ -190,11 +190,10 @@ def cross_entropy_autograd(
 
 
 def inject_autograd(
-    x, mu, sigma, seed: KernelSeed, num_samples, multiply, rows, width, inner, dtype
+    x, mu, sigma, seed: KernelSeed, num_samples, multiply, rows, width, inner, dtype, sample_dim
 ) -> torch.Tensor:
     """See kernel_tables.InjectAutogradKernels (``pini_native::inject``, csrc/autograd.cpp)."""
     rows_per_chunk = _rows_per_chunk(rows, width, x.device)
     seed = native_seed(seed, x.device)
-    return _ops().inject(
-        x, mu, sigma, seed, num_samples, multiply, rows, width, inner, rows_per_chunk, dtype
-    )
+    layout = (rows, width, inner, rows_per_chunk)
+    return _ops().inject(x, mu, sigma, seed, num_samples, multiply, *layout, dtype, sample_dim)

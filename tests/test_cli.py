@@ -414,12 +414,12 @@ def test_eval_replaces_the_test_time_noise_of_a_pini_run(trained, tmp_path, caps
     checkpoint = output / "checkpoint.pt"
     test = load_dataset(data, "toy").test
     classnames = load_dataset(data, "toy").classnames
-    import pini.commands
+    import pini.runner
 
     evaluated = []
-    evaluate = pini.commands.evaluate
+    evaluate = pini.runner.evaluate
     monkeypatch.setattr(
-        pini.commands,
+        pini.runner,
         "evaluate",
         lambda model, *a, **k: evaluated.append(model) or evaluate(model, *a, **k),
     )

@@ -675,7 +675,7 @@ def test_native_autograd_op_equals_the_python_function(case, mode):
         leaves = [tensor.clone().requires_grad_(True) for tensor in tensors]
         if entry == "native":
             native = kernel_tables.inject_autograd_kernels("cpu")
-            out = inject._inject_with_autograd(native, *leaves, seed, 3, multiply)
+            out = inject._inject_with_autograd(native, *leaves, seed, 3, multiply, True)
             assert type(out.grad_fn).__name__ == "CppFunction"  # backward runs no Python
         else:
             out = inject.InjectFunction.apply(*leaves, seed, 3, multiply, "cpu")
@@ -685,6 +685,33 @@ def test_native_autograd_op_equals_the_python_function(case, mode):
     for name, native, python in zip(("out", "x", "mu", "sigma"), *results, strict=True):
         assert native.dtype == python.dtype and native.shape == python.shape, name
         assert torch.equal(native, python), f"{case} {mode}: {name} differs"
+
+
+@pytest.mark.parametrize("param_shape", [(32, 48), (48,)], ids=["per-row", "per-feature"])
+def test_one_sample_on_the_native_path_is_one_autograd_node(param_shape):
+    """fused_inject without num_samples on contiguous CPU tensors: the C++ node gives x's shape
+    itself and takes mu and sigma in their own shapes, so no view node sits before or after it
+    (each costs microseconds forward and backward, which a (32, 512) tensor feels). Output and
+    gradients equal the reference's."""
+    if "cpu" not in pini_kernels.available_backends():
+        pytest.skip("needs the native CPU kernels")
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 48, generator=generator)
+    mu = torch.randn(param_shape, generator=generator)
+    sigma = torch.rand(param_shape, generator=generator) + 0.1
+    grad_out = torch.randn(32, 48, generator=generator)
+    results = []
+    for backend in ("cpu", "reference"):
+        leaves = [tensor.clone().requires_grad_(True) for tensor in (x, mu, sigma)]
+        out = pini_kernels.fused_inject(*leaves, seed=5, backend=backend)
+        if backend == "cpu":
+            assert type(out.grad_fn).__name__ == "CppFunction"
+            inputs = [edge[0] for edge in out.grad_fn.next_functions if edge[0] is not None]
+            assert all(type(node).__name__ == "AccumulateGrad" for node in inputs), inputs
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for name, got, want in zip(("out", "x", "mu", "sigma"), *results, strict=True):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_native_fast_path_leaves_layouts_and_expansions_to_the_python_function():

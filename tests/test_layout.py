@@ -17,7 +17,7 @@ PINI_LAYERS = [
     ["noise_paths", "model"],
     ["methods"],
     ["checkpoint", "train", "evaluation"],
-    ["demo", "sweep", "visualize"],
+    ["demo", "sweep", "sweep_grid", "visualize"],
     ["run_folders", "run_flags"],
     ["runs"],
     ["runner"],

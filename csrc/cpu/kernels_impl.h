@@ -355,7 +355,10 @@ void inject_backward(const Out* grad_out, const In* x, const float* mu, const fl
     const int64_t length = std::min(kColumnChunk, shape.width - column_start);
     const int64_t row_start = row_chunk * rows_per_chunk;
     const int64_t row_end = std::min(row_start + rows_per_chunk, shape.rows);
-    gather_params(mu, sigma, shape.inner, column_start, length, mu_tile, sigma_tile);
+    // Add mode's gradients do not read mu or sigma (d/d mu = g, d/d sigma = g * eps).
+    if (shape.multiply) {
+      gather_params(mu, sigma, shape.inner, column_start, length, mu_tile, sigma_tile);
+    }
     std::fill(mu_grad, mu_grad + length, 0.0f);
     std::fill(sigma_grad, sigma_grad + length, 0.0f);
     for (int64_t row = row_start; row < row_end; ++row) {
