@@ -39,6 +39,8 @@ class InjectCase:
     x_shape: tuple[int, ...]
     noise_shape: tuple[int, ...]  # the shape of mu and sigma, broadcast to x_shape
     num_samples: int | None  # None: one draw shaped like x (no sample dimension)
+    x_grad: bool = True  # forward+backward: whether x needs a gradient too (a frozen CLIP's
+    # features do not: only the generator's mu and sigma train)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -47,7 +49,10 @@ class InjectCase:
         return (self.num_samples, *self.x_shape)
 
     def describe(self) -> str:
-        return f"x {self.x_shape}, mu/sigma {self.noise_shape}, num_samples={self.num_samples}"
+        frozen = "" if self.x_grad else " (x without gradient)"
+        return (
+            f"x {self.x_shape}{frozen}, mu/sigma {self.noise_shape}, num_samples={self.num_samples}"
+        )
 
 
 def _image(batch: int, num_samples: int) -> InjectCase:
@@ -60,6 +65,14 @@ def _prompt(classes: int) -> InjectCase:
 
 def _feature(batch: int, width: int, num_samples: int) -> InjectCase:
     return InjectCase((batch, width), (batch, width), num_samples)
+
+
+# The paper's feature noise as a user times it: frozen features x (B, D), a generator's per-row
+# or per-feature mu/sigma, one draw shaped like x, against ``x + mu + sigma * torch.randn(B, D)``.
+SMALL_FEATURE_CASES = {
+    "feature-B32-D512-per-row": InjectCase((32, 512), (32, 512), None, x_grad=False),
+    "feature-B32-D512-per-feature": InjectCase((32, 512), (512,), None, x_grad=False),
+}
 
 
 if FULL_SIZES:
@@ -79,6 +92,7 @@ else:  # sized for a 2-core CPU
         "feature-B32-D512-m1": _feature(32, 512, 1),
         "feature-B256-D768-m8": _feature(256, 768, 8),
     }
+CASES |= SMALL_FEATURE_CASES
 
 
 def make_inputs(case: InjectCase, requires_grad: bool) -> dict[str, torch.Tensor]:
@@ -89,17 +103,23 @@ def make_inputs(case: InjectCase, requires_grad: bool) -> dict[str, torch.Tensor
         "mu": torch.randn(case.noise_shape, device=DEVICE),
         "sigma": torch.rand(case.noise_shape, device=DEVICE) + 0.1,
     }
-    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
+    for name, tensor in inputs.items():
+        tensor.requires_grad_(requires_grad and (case.x_grad or name != "x"))
+    return inputs
 
 
 def least_bytes_moved(case: InjectCase, inputs: dict[str, torch.Tensor], backward: bool) -> int:
-    """Read x, mu, sigma and write the samples; backward reads their gradient, writes 3 gradients.
+    """Read x, mu, sigma and write the samples; backward reads their gradient and writes the
+    gradients of the inputs that need one (all three, or mu and sigma for a frozen x).
 
     eps is regenerated from the seed, never read or written.
     """
     output_bytes = tensor_bytes(inputs["x"]) * (case.num_samples or 1)
     forward = tensor_bytes(*inputs.values()) + output_bytes
-    return forward + (output_bytes + tensor_bytes(*inputs.values()) if backward else 0)
+    if not backward:
+        return forward
+    trained = [tensor for name, tensor in inputs.items() if case.x_grad or name != "x"]
+    return forward + output_bytes + tensor_bytes(*trained)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -109,6 +129,7 @@ def test_fused_inject(benchmark, machine_rates, backward: bool, case_name: str, 
     case = CASES[case_name]
     skip_slow_reference(provider, noise_elements=torch.Size(case.sample_shape).numel())
     inputs = make_inputs(case, requires_grad=backward)
+    trained = {name: tensor for name, tensor in inputs.items() if tensor.requires_grad}
     function = provider_function(provider, pini_kernels.fused_inject, eager_fused_inject)
 
     backend = fused_backend_of(provider)
@@ -122,7 +143,7 @@ def test_fused_inject(benchmark, machine_rates, backward: bool, case_name: str, 
                     **inputs, num_samples=case.num_samples, seed=CHECK_SEED, backend=backend
                 ),
                 lambda: eager_fused_inject(**inputs, num_samples=case.num_samples, eps=eps),
-                gradient_inputs=inputs,
+                gradient_inputs=trained,
                 backward=backward,
                 output_tolerance=OUTPUT_TOLERANCE,
                 gradient_tolerance=GRADIENT_TOLERANCE,
@@ -134,7 +155,7 @@ def test_fused_inject(benchmark, machine_rates, backward: bool, case_name: str, 
         case=case_name,
         provider=provider,
         call=lambda: function(**inputs, num_samples=case.num_samples),
-        gradient_inputs=tuple(inputs.values()) if backward else (),
+        gradient_inputs=tuple(trained.values()),
         check=check,
         bytes_moved=least_bytes_moved(case, inputs, backward),
         flops=0,

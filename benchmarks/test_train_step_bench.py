@@ -41,7 +41,7 @@ from .harness import (
 
 OP = "train_step"
 DIRECTION = "forward+backward+optimizer"
-ROWS = ("feature+prompt", "image")
+ROWS = ("feature", "feature+prompt", "image")
 NOISE_PATHS = ("fused", "eager")
 NOISE_PATH_RANGE = "pini.noise_path"  # the record_function label of the noise path and loss
 NOISE_PATH_METHODS = ("inject", "sample_noise", "noisy_cosine_logits", "noisy_cross_entropy")
@@ -68,9 +68,12 @@ class StepCase:
         )
 
 
+# m = 1 as in the paper, and Eq. (13)'s m = 4 and 8 noise samples per image, where the noise path
+# and loss are a larger share of the step.
 CASES = {
-    "pini-tiny-B32-C37": StepCase("pini-tiny", 32, 37, 1, needs_gpu=False),
-    "ViT-B-16-B32-C37": StepCase("ViT-B-16", 32, 37, 1, needs_gpu=True),
+    f"{model}-B32-C37{'' if m == 1 else f'-m{m}'}": StepCase(model, 32, 37, m, needs_gpu=gpu)
+    for model, gpu in (("pini-tiny", False), ("ViT-B-16", True))
+    for m in (1, 4, 8)
 }
 
 

@@ -4,12 +4,16 @@ Run as a script (tests/test_gpu_compile.py does, in a process without TRITON_INT
 interpreter accepts programs the GPU compiler rejects, so this catches what it cannot. Exits
 non-zero on the first failure.
 
-``--resources`` also runs ``ptxas -v`` on each sm_90 variant's PTX and prints the resource table
-(registers per thread, spill stores/loads, shared memory); it fails when any kernel spills or a
-memory-bound kernel (noise, inject, normalize) needs more than MEMORY_BOUND_MAX_REGISTERS: at 4
-warps a thread's registers bound how many warps fit on an SM, and a memory-bound kernel needs many
-in flight to approach copy bandwidth. Every sm_90 variant's approximate float32 instructions must
-be among those APPROXIMATE_MATH_ALLOWED lists for it (the GPU tolerances rest on that table).
+Each kernel is compiled as its launcher launches it: the block sizes, rows per tile and warps
+``launch.elementwise_config`` (or the row tiling) picks for a few problem shapes on a 132-SM GPU,
+with the alignment hints a launch adds (``launch_hints``). ``--resources`` also runs ``ptxas -v``
+on each sm_90 variant's PTX and prints the resource table (registers per thread, spill
+stores/loads, static shared memory, and the dynamic shared memory the launch requests); it
+fails when any kernel spills or a memory-bound kernel (noise, inject, normalize) needs more
+than MEMORY_BOUND_MAX_REGISTERS: at 4 warps a thread's registers bound how many warps fit on an
+SM, and a memory-bound kernel needs many in flight to approach copy bandwidth. Every sm_90
+variant's approximate float32 instructions must be among those APPROXIMATE_MATH_ALLOWED lists
+for it (the GPU tolerances rest on that table).
 """
 
 import itertools
@@ -24,11 +28,14 @@ from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from pini_kernels.triton import inject, launch, logits_loss, noise_stream, normalize  # noqa: E402
+
+CUDA = torch.device("cuda")  # the launchers' configurations for a GPU (none is needed here)
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 # 65536 registers per SM / (96 x 32 threads) = 21 warps: five 4-warp programs in flight per SM.
@@ -72,14 +79,47 @@ def approximations(name: str, ptx: str) -> list[str]:
     return sorted(used - APPROXIMATE_MATH_ALLOWED.get(name, set()))
 
 
-def compile_kernel(kernel, types: dict, constants: dict, target, num_warps: int):
-    """The kernel compiled as the launch code runs it: its types, constexprs and warps."""
+# A GPU to size the launch grids for (H100 SXM: 132 SMs); the launchers read the device's count.
+MULTIPROCESSORS = 132
+# (rows, width) of the elementwise kernels' problems, as the launchers see them: a batch of
+# (B, D) features with per-row parameters, the same per-feature ((B, D) as rows x D), raw images
+# with per-pixel noise, a very tall narrow problem, and an odd width (no alignment, no hints).
+ELEMENTWISE_PROBLEMS = {
+    "feature B32 D512": (1, 32 * 512),
+    "per-feature B256 D768": (256, 768),
+    "image B32 3x224x224": (32, 3 * 224 * 224),
+    "narrow 2^25 x 64": (2**25, 64),
+    "odd 1000 x 37": (1000, 37),
+}
+# The widest feature row the Triton row kernels take (normalize.MAX_FEATURE_DIM) and CLIP's.
+ROW_WIDTHS = (512, 768, normalize.MAX_FEATURE_DIM)
+
+
+def launch_hints(kernel, signature: dict, values: dict) -> dict:
+    """The alignment hints Triton adds when the launcher calls ``kernel``: tt.divisibility 16 on
+    every pointer (torch's allocations are 16-byte aligned) and on every integer argument whose
+    value (``values``, as the launcher passes it) is a multiple of 16."""
+    hints = {}
+    for index, name in enumerate(kernel.arg_names):
+        kind = signature[name]
+        if kind.startswith("*") or (kind[0] in "iu" and values.get(name, 1) % 16 == 0):
+            hints[(index,)] = [["tt.divisibility", 16]]
+    return hints
+
+
+def compile_kernel(kernel, types: dict, constants: dict, target, launch_options, values=None):
+    """The kernel compiled as the launch code runs it: its types, constexprs, launch options
+    (warps, or a dict of Triton's options: num_warps, maxnreg) and (for the integer ``values``
+    the launcher passes, and every pointer) the alignment hints of a launch."""
+    if isinstance(launch_options, int):
+        launch_options = {"num_warps": launch_options}
     if constants.get("SEED_IN_MEMORY"):  # the seed as a pointer to a 0-d int64 tensor
         types = dict(types, seed="*i64")
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=target, options={"num_warps": num_warps})
+    attrs = launch_hints(kernel, signature, values or {})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options=dict(launch_options))
 
 
 def find_ptxas() -> str | None:
@@ -133,9 +173,28 @@ def describe_flags(flags: dict) -> str:
     return " ".join(words)
 
 
+def elementwise_launches():
+    """(problem, config, integer argument values) of each ELEMENTWISE_PROBLEMS entry, configured
+    by the launcher itself (``launch.elementwise_config`` for a GPU of MULTIPROCESSORS SMs)."""
+    for problem, (rows, width) in ELEMENTWISE_PROBLEMS.items():
+        config = launch.elementwise_config(
+            width, rows, CUDA, multiprocessors=MULTIPROCESSORS, aligned=width % 4 == 0
+        )
+        values = dict(
+            num_samples=1,
+            numel=rows * width,
+            rows=rows,
+            width=width,
+            inner=2,
+            rows_per_program=config.rows_per_program,
+            start=0,
+        )
+        yield problem, config, values
+
+
 def variants():
-    """(name, kernel, argument types, constexprs, warps) of every variant the launchers use."""
-    warps = launch.NUM_WARPS_GPU
+    """(name, kernel, argument types, constexprs, warps, integer values) of every variant the
+    launchers use."""
     sizes = dict(
         seed="i64",
         num_samples="i32",
@@ -145,37 +204,50 @@ def variants():
         inner="i32",
         rows_per_program="i32",
     )
-    for dtype, (multiply, aligned, has_inner) in itertools.product(
-        ("fp32", "bf16", "fp16"), itertools.product((False, True), repeat=3)
-    ):
-        pointers = dict(x_ptr=f"*{dtype}", mu_ptr="*fp32", sigma_ptr="*fp32", out_ptr=f"*{dtype}")
-        # The seed in memory on the fp32 variants: every other flag is seen with both seed kinds.
-        flags = dict(
-            SEED_IN_MEMORY=dtype == "fp32",
-            HAS_INNER=has_inner,
-            MULTIPLY=multiply,
-            ALIGNED=aligned,
-            BLOCK=launch.MAX_BLOCK_GPU,
-        )
-        yield "inject_forward", inject._inject_forward_kernel, {**pointers, **sizes}, flags, warps
-    for multiply, aligned, need_x, need_params in itertools.product((False, True), repeat=4):
-        pointers = dict(grad_out_ptr="*bf16", x_ptr="*bf16", grad_x_ptr="*bf16")
-        for name in ("mu_ptr", "sigma_ptr", "partial_mu_ptr", "partial_sigma_ptr"):
-            pointers[name] = "*fp32"
-        flags = dict(
-            SEED_IN_MEMORY=need_x != aligned,
-            HAS_INNER=aligned,
-            MULTIPLY=multiply,
-            ALIGNED=aligned,
-            NEED_X_GRAD=need_x,
-            NEED_PARAM_GRAD=need_params,
-            BLOCK=launch.MAX_BLOCK_GPU,
-        )
-        yield "inject_backward", inject._inject_backward_kernel, {**pointers, **sizes}, flags, warps
-    for aligned, in_memory in itertools.product((False, True), repeat=2):
-        types = dict(out_ptr="*fp32", seed="i64", start="i64", numel="i64")
-        flags = dict(SEED_IN_MEMORY=in_memory, ALIGNED=aligned, BLOCK=launch.MAX_BLOCK_GPU)
-        yield "noise", noise_stream._noise_kernel, types, flags, warps
+    for problem, config, values in elementwise_launches():
+        shape = dict(ROWS=config.rows_per_tile, BLOCK=config.block)
+        aligned = values["width"] % 4 == 0
+        for dtype, (multiply, has_inner) in itertools.product(
+            ("fp32", "bf16", "fp16"), itertools.product((False, True), repeat=2)
+        ):
+            pointers = dict(
+                x_ptr=f"*{dtype}", mu_ptr="*fp32", sigma_ptr="*fp32", out_ptr=f"*{dtype}"
+            )
+            # The seed in memory on the fp32 variants: every other flag is seen with both kinds.
+            flags = dict(
+                SEED_IN_MEMORY=dtype == "fp32",
+                HAS_INNER=has_inner,
+                MULTIPLY=multiply,
+                ALIGNED=aligned,
+                **shape,
+            )
+            kernel, types = inject._inject_forward_kernel, {**pointers, **sizes}
+            yield "inject_forward", kernel, types, flags, config.launch_options, values, problem
+        for multiply, need_x, need_params in itertools.product((False, True), repeat=3):
+            pointers = dict(grad_out_ptr="*bf16", x_ptr="*bf16", grad_x_ptr="*bf16")
+            for name in ("mu_ptr", "sigma_ptr", "partial_mu_ptr", "partial_sigma_ptr"):
+                pointers[name] = "*fp32"
+            flags = dict(
+                SEED_IN_MEMORY=need_x,
+                HAS_INNER=need_params,
+                MULTIPLY=multiply,
+                ALIGNED=aligned,
+                NEED_X_GRAD=need_x,
+                NEED_PARAM_GRAD=need_params,
+                **shape,
+            )
+            kernel, types = inject._inject_backward_kernel, {**pointers, **sizes}
+            yield "inject_backward", kernel, types, flags, config.launch_options, values, problem
+    for problem, config, values in elementwise_launches():
+        if values["rows"] != 1:  # the noise kernel is one row of numel elements
+            continue
+        for aligned, in_memory in itertools.product((False, True), repeat=2):
+            types = dict(out_ptr="*fp32", seed="i64", start="i64", numel="i64")
+            flags = dict(SEED_IN_MEMORY=in_memory, ALIGNED=aligned, BLOCK=config.block)
+            options = launch.elementwise_config(
+                values["width"], 1, CUDA, multiprocessors=MULTIPROCESSORS, aligned=aligned
+            ).launch_options
+            yield "noise", noise_stream._noise_kernel, types, flags, options, values, problem
     yield from cosine_variants()
 
 
@@ -196,11 +268,12 @@ def cosine_variants():
         "grad_sigma_ptr",
     ):
         row_types[name] = "*fp32"
-    # CLIP's widths (ViT-B 512, ViT-L 768), tiled as the launcher tiles them.
+    # CLIP's widths (ViT-B 512, ViT-L 768) and the widest the ops take, tiled as the launcher
+    # tiles them.
     for dim, has_noise, multiply, aligned in itertools.product(
-        (512, 768), (False, True), (False, True), (False, True)
+        ROW_WIDTHS, (False, True), (False, True), (False, True)
     ):
-        if dim == 768 and not has_noise:
+        if dim != 512 and not has_noise:
             continue
         block, rows, warps = normalize._row_tiling(dim)
         flags = dict(
@@ -211,16 +284,14 @@ def cosine_variants():
             ROWS=rows,
             BLOCK=block,
         )
-        yield "normalize", normalize._noisy_normalize_kernel, row_types, flags, warps
+        values = dict(rows=1024, dim=dim if aligned else dim - 1, x_row_stride=dim)
+        problem = f"D{dim}"
+        kernel = normalize._noisy_normalize_kernel
+        yield "normalize", kernel, row_types, flags, warps, values, problem
         for need_x, need_params in ((True, True), (True, False), (False, True)):
             backward_flags = dict(flags, NEED_X_GRAD=need_x, NEED_PARAM_GRAD=need_params)
-            yield (
-                "normalize_backward",
-                normalize._noisy_normalize_backward_kernel,
-                row_types,
-                backward_flags,
-                warps,
-            )
+            kernel = normalize._noisy_normalize_backward_kernel
+            yield "normalize_backward", kernel, row_types, backward_flags, warps, values, problem
     loss_types = dict(
         rows="i32", classes="i32", dim="i32", classes_per_split="i32", target_ptr="*i64"
     )
@@ -242,13 +313,9 @@ def cosine_variants():
             INPUT_PRECISION=precision,
         )
         warps = logits_loss.LOGITS_TILE_WARPS
-        yield (
-            "cosine_cross_entropy",
-            logits_loss._cosine_cross_entropy_kernel,
-            loss_types,
-            flags,
-            warps,
-        )
+        values = dict(rows=32, classes=100, dim=512, classes_per_split=64)
+        kernel = logits_loss._cosine_cross_entropy_kernel
+        yield "cosine_cross_entropy", kernel, loss_types, flags, warps, values, "B32 C100 D512"
         cosine_types = dict(
             image_ptr="*fp32",
             text_ptr="*fp32",
@@ -257,7 +324,8 @@ def cosine_variants():
             classes="i32",
             dim="i32",
         )
-        yield "cosines", logits_loss._cosine_kernel, cosine_types, flags, warps
+        kernel = logits_loss._cosine_kernel
+        yield "cosines", kernel, cosine_types, flags, warps, values, "B32 C100 D512"
     grad_types = dict(
         cosine_ptr="*fp32",
         lse_ptr="*fp32",
@@ -273,7 +341,9 @@ def cosine_variants():
     for compute_stats in (False, True):
         flags = dict(BLOCK=logits_loss.BLOCK_GRAD_CLASSES, COMPUTE_STATS=compute_stats)
         name = "cross_entropy_stats_grad" if compute_stats else "cross_entropy_grad"
-        yield name, logits_loss._cross_entropy_grad_kernel, grad_types, flags, 4
+        values = dict(classes=100)
+        kernel = logits_loss._cross_entropy_grad_kernel
+        yield name, kernel, grad_types, flags, 4, values, "B32 C100"
 
 
 def main() -> int:
@@ -285,36 +355,43 @@ def main() -> int:
         print("no ptxas found (set PINI_PTXAS): resource table skipped")
     rows, problems = [], []
     for target in TARGETS[:1] if only_first_target else TARGETS:
-        for name, kernel, types, flags, warps in variants():
+        for name, kernel, types, flags, warps, values, shape in variants():
             try:
-                compiled = compile_kernel(kernel, types, flags, target, warps)
+                compiled = compile_kernel(kernel, types, flags, target, warps, values)
             except Exception as error:
-                print(f"FAILED {name} sm_{target.arch} {types} {flags}: {error}")
+                print(f"FAILED {name} sm_{target.arch} {shape} {types} {flags}: {error}")
                 return 1
             count += 1
+            where = f"{name} {shape} [{describe_flags(flags)}]"
             unexpected = approximations(name, compiled.asm["ptx"])
             if unexpected and target.arch == 90:
                 problems.append(
-                    f"{name} [{describe_flags(flags)}] uses {', '.join(unexpected)}, which the GPU "
-                    "tolerances do not allow for (APPROXIMATE_MATH_ALLOWED)"
+                    f"{where} uses {', '.join(unexpected)}, which the GPU tolerances do not allow "
+                    "for (APPROXIMATE_MATH_ALLOWED)"
                 )
             if ptxas is not None and target.arch == 90:
                 used = ptxas_resources(ptxas, compiled.asm["ptx"])
-                rows.append((name, f"{describe_flags(flags)} warps={warps}", used))
+                used["dynamic"] = compiled.metadata.shared  # what the launch asks for
+                options = warps if isinstance(warps, dict) else {"num_warps": warps}
+                settings = " ".join(f"{key}={value}" for key, value in options.items())
+                rows.append((name, shape, f"{describe_flags(flags)} {settings}", used))
                 if used["spill_stores"] or used["spill_loads"]:
-                    problems.append(f"{name} [{describe_flags(flags)}] spills")
+                    problems.append(f"{where} spills")
                 over = used["registers"] > MEMORY_BOUND_MAX_REGISTERS
                 if name in MEMORY_BOUND_KERNELS and over:
                     problems.append(
-                        f"{name} [{describe_flags(flags)}] uses {used['registers']} registers "
+                        f"{where} uses {used['registers']} registers "
                         f"(memory-bound kernels: at most {MEMORY_BOUND_MAX_REGISTERS})"
                     )
     if rows:
-        print(f"{'kernel':<22} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'smem':>6}  flags")
-        for name, flags, used in rows:
+        print(
+            f"{'kernel':<22} {'problem':<22} {'regs':>4} {'spill st':>8} {'spill ld':>8} "
+            f"{'smem':>6} {'dyn smem':>8}  flags"
+        )
+        for name, shape, flags, used in rows:
             print(
-                f"{name:<22} {used['registers']:>4} {used['spill_stores']:>8} "
-                f"{used['spill_loads']:>8} {used['shared']:>6}  {flags}"
+                f"{name:<22} {shape:<22} {used['registers']:>4} {used['spill_stores']:>8} "
+                f"{used['spill_loads']:>8} {used['shared']:>6} {used['dynamic']:>8}  {flags}"
             )
     print(f"compiled {count} kernel variants in {time.perf_counter() - started:.1f} s")
     for problem in problems:

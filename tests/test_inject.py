@@ -509,9 +509,11 @@ def test_inject_spans_several_blocks(fused_backend, pattern, mode):
 
 @pytest.fixture
 def small_triton_programs(monkeypatch):
-    """Triton under the interpreter launched like a GPU: 32-column blocks, 8 programs wanted, so
-    rows split into several chunks (no effect on a real GPU, which splits them anyway)."""
+    """Triton under the interpreter launched like a GPU: 32-column blocks, tiles of 2 rows (64
+    elements), 8 programs wanted, so rows split into several chunks each walked in several tiles,
+    the last cut short (no effect on a real GPU, which splits and tiles them anyway)."""
     monkeypatch.setattr(launch, "MAX_BLOCK_INTERPRETER", 32)
+    monkeypatch.setattr(launch, "TILE_ELEMENTS_INTERPRETER", 64)
     monkeypatch.setattr(launch, "INTERPRETER_TARGET_PROGRAMS", 8)
 
 
@@ -546,6 +548,7 @@ def test_inject_more_rows_than_one_chunk(fused_backend, pattern, mode):
     elif fused_backend == "triton" and device.type == "cpu":
         config = launch.elementwise_config(layout.width, layout.rows, device)
         assert config.column_blocks > 1 and (config.row_chunks > 1 or layout.rows == 1)
+        assert config.rows_per_tile == min(2, layout.rows)
     compare_inject_with_reference(fused_backend, x, mu, sigma, mode=mode, num_samples=2, seed=5)
 
 

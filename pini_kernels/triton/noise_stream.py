@@ -107,7 +107,7 @@ def noise_forward(
     out = new_buffer(numel, dtype, device)
     if numel == 0:
         return out
-    config = elementwise_config(width=numel, rows=1, device=device)
+    config = elementwise_config(width=numel, rows=1, device=device, aligned=start % 4 == 0)
     grid = (config.column_blocks,)
     seed, seed_in_memory = triton_seed_args(seed)
     _noise_kernel[grid](
@@ -118,6 +118,6 @@ def noise_forward(
         SEED_IN_MEMORY=seed_in_memory,
         ALIGNED=start % 4 == 0,
         BLOCK=config.block,
-        num_warps=config.num_warps,
+        **config.launch_options,
     )
     return out

@@ -16,9 +16,13 @@ from .noise_stream import load_seed, normal_rows
 
 # Features are normalized like F.normalize: v / max(|v|, NORM_FLOOR), its default eps.
 NORM_FLOOR = tl.constexpr(1e-12)
-# One program holds a whole feature row; CLIP widths are 512-1024. Past this, a row no longer fits
-# in registers and the kernel would need a loop over D.
-MAX_FEATURE_DIM = 16384
+# One program holds a whole feature row, 4 elements a thread (ROW_TILE_ELEMENTS_PER_THREAD) up to
+# 16 warps: 2048 elements. CLIP's widths are 512-1280. Wider rows cost registers the memory-bound
+# budget does not have: on sm_90 a 4096-wide row took up to 109 registers a thread and 8192 or
+# 16384 spilled (32 to 3,224 bytes; ptxas -v, tests/gpu_compile_check.py --resources, which
+# compiles this width). Wider rows would need a loop over D: the ops refuse them on this backend
+# with one line (the "cpu" and "cuda" backends take them).
+MAX_FEATURE_DIM = 2048
 # Row-wise kernels (noise + normalization) work on tiles of whole rows, at least this many
 # elements: one 512-wide CLIP row per program on a GPU; under the interpreter, wide tiles cut the
 # per-program overhead.
