@@ -1,6 +1,7 @@
-"""Where pini follows the authors' code base (Dassl, docs/spec.md §10, §11): the learning rate of
-every epoch, the last partial batch, the generators' output layers; and runs written before those
-defaults resume exactly as they were trained.
+"""Where pini follows the authors' code and its base, Dassl (docs/spec.md §10, §11): the learning
+rate of every epoch, the last partial batch, the generators' output layers, the authors' image
+CNN, Dassl's few-shot draw; and runs (and sweeps) written before those defaults resume exactly as
+they were trained, or are refused in one line.
 
 The runs are the tiny random model on a 3-class toy dataset (tests/test_cli.py's helpers).
 """
