@@ -157,9 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--visual-generator",
         default=None,
-        help="image: cnn (the paper's residual CNN), attention (the paper's, on CLIP's patch "
-        "tokens), mlp, cnn-light, attention-pixels; feature: attention (the paper's), mlp "
-        "(default: the --noise row's)",
+        help="image: cnn-authors (the paper's residual CNN as the authors built it), cnn (pini's "
+        "narrower one), attention (the paper's, on CLIP's patch tokens), mlp, cnn-light, "
+        "attention-pixels; feature: attention (the paper's), mlp (default: the --noise row's)",
     )
     model.add_argument(
         "--text",
@@ -226,6 +226,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the cross-attention generators divide by sqrt(d) (default: no, one unscaled head "
         "as the authors' code)",
     )
+    model.add_argument(
+        "--head-init",
+        default=None,
+        choices=["default", "small"],
+        help="the generators' output layers start at PyTorch's initialisation (the authors', "
+        "default) or small: N(0, 0.02^2) weights and zero bias",
+    )
 
     run = _Parser(add_help=False)
     run.add_argument(
@@ -284,6 +291,20 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         help="warm-up learning rate (default 1e-5)",
+    )
+    run.add_argument(
+        "--cosine-from",
+        default=None,
+        choices=["warmup-end", "start"],
+        help="the cosine schedule counts epochs from the end of the warm-up (Dassl's, default) "
+        "or from epoch 0",
+    )
+    run.add_argument(
+        "--drop-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="leave out each epoch's last partial batch where the training set holds at least "
+        "--batch-size images (Dassl's train loader; default: yes)",
     )
     run.add_argument(
         "--workers", type=_non_negative_int, default=0, help="data loader workers (default 0)"

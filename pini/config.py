@@ -9,11 +9,12 @@ from . import generators as gen
 
 VISUAL_LOCATIONS = ("none", "image", "feature")
 TEXT_LOCATIONS = ("none", "prompt", "feature")
-# The paper's generators first: for raw images its 10-layer residual CNN ("cnn") and the
-# cross-attention of CLIP's patch tokens over the class text features ("attention"); "mlp",
-# "cnn-light" and "attention-pixels" (a learned patchify of the pixels as queries) are lighter.
+# The paper's generators first: for raw images its 10-layer residual CNN, as the authors built it
+# ("cnn-authors") or pini's narrower one ("cnn"), and the cross-attention of CLIP's patch tokens
+# over the class text features ("attention"); "mlp", "cnn-light" and "attention-pixels" (a
+# learned patchify of the pixels as queries) are lighter.
 VISUAL_GENERATORS = {
-    "image": ("cnn", "attention", "mlp", "cnn-light", "attention-pixels"),
+    "image": ("cnn-authors", "cnn", "attention", "mlp", "cnn-light", "attention-pixels"),
     "feature": ("attention", "mlp"),
 }
 TEXT_GENERATORS = {"prompt": ("embedding",), "feature": ("embedding", "mlp")}
@@ -43,7 +44,8 @@ class PiNIConfig:
     cross-attention generator, and prompt word embeddings with learnable (mu, sigma), one prompt
     noise draw shared by every class, one noise sample (m = 1).
 
-    visual_generator for "image" noise: "cnn" (the paper's 10-layer residual CNN) or "attention"
+    visual_generator for "image" noise: "cnn-authors" (the paper's 10-layer residual CNN as the
+    authors built it), "cnn" (pini's narrower one, rescaled per image) or "attention"
     (the paper's: CLIP's patch tokens attend over the class text features), or the lighter
     "mlp", "cnn-light", "attention-pixels"; for "feature" noise: "attention" or "mlp".
     prompt_noise_draw: "shared" (the paper) or "per-class" (each class its own draw).
@@ -72,6 +74,7 @@ class PiNIConfig:
     sigma_activation: str = "abs"
     precision: str = "fp32"  # or autocast "bf16" / "fp16" (towers), "fp16-all" (everything)
     noise_path: str = "fused"  # or "eager": the same noise and loss in plain PyTorch
+    head_init: str = "default"  # generators' output layers: PyTorch's (the authors') or "small"
 
     def __post_init__(self):
         _choice("visual", self.visual, VISUAL_LOCATIONS)
@@ -91,6 +94,7 @@ class PiNIConfig:
                 f"prompt_noise_per_step must be True or False, got {self.prompt_noise_per_step!r}"
             )
         _choice("noise_path", self.noise_path, NOISE_PATHS)
+        _choice("head_init", self.head_init, gen.HEAD_INITS)
         for name in ("num_samples", "inference_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -108,13 +112,13 @@ class PiNIConfig:
 # The --noise rows: the paper's Table 1 (each injection location alone: image, feature, prompt,
 # text-feature) and every visual x text pair of them, which Table 1 does not report.
 TABLE1 = {
-    "image": dict(visual="image", visual_generator="cnn", text="none"),
+    "image": dict(visual="image", visual_generator="cnn-authors", text="none"),
     "feature": dict(visual="feature", visual_generator="attention", text="none"),
     "prompt": dict(visual="none", text="prompt", text_generator="embedding"),
     "text-feature": dict(visual="none", text="feature", text_generator="mlp"),
-    "image+prompt": dict(visual="image", visual_generator="cnn", text="prompt"),
+    "image+prompt": dict(visual="image", visual_generator="cnn-authors", text="prompt"),
     "image+text-feature": dict(
-        visual="image", visual_generator="cnn", text="feature", text_generator="mlp"
+        visual="image", visual_generator="cnn-authors", text="feature", text_generator="mlp"
     ),
     "feature+prompt": dict(visual="feature", visual_generator="attention", text="prompt"),
     "feature+text-feature": dict(

@@ -3,14 +3,18 @@
 Every generator returns ``(mu, sigma)``, broadcastable to the tensor its noise perturbs. Following
 the authors' code, ``sigma`` comes out of ``abs()`` by default (``sigma_activation="softplus"`` is
 the smooth alternative), and the cross-attention generators use one unscaled head by default
-(``scaled=True`` divides the scores by sqrt(d)). Final layers start small (std 0.02) so training
-begins close to zero-shot CLIP without freezing ``sigma`` at a kink of ``abs``.
+(``scaled=True`` divides the scores by sqrt(d)). Output layers (the ones that give mu and sigma)
+keep PyTorch's default initialisation, as the authors' ``fc_mean``/``fc_variance`` and
+``conv_mean``/``conv_variance``; ``head_init="small"`` starts them at N(0, 0.02^2) with zero
+bias instead, so training begins near the frozen CLIP.
 
-The image-level generators of the paper (Section 4.2) are ``ImageCNN`` (a 10-layer residual CNN
-with BatchNorm) and ``ImageCrossAttention`` (CLIP's patch tokens attending over the class text
-features); as in the authors' code their mu and sigma are rescaled to a root mean square of 0.1
-per image, in CLIP's normalized pixel space. ``LightImageCNN``, ``PixelCrossAttention`` and
-``ImageMLP`` are lighter variants whose noise is bounded by ``tanh`` / a clamp instead.
+The image-level generators of the paper (Section 4.2): ``AuthorsImageCNN`` (the authors' 10-layer
+residual CNN, 64 -> [64, 64] -> 128 -> 64 channels, its mu and sigma rescaled to a root mean
+square of 0.1 per channel of each image, as their code does), ``ImageCNN`` (pini's narrower
+variant: 32 channels, 4 identity blocks, rescaled per image) and ``ImageCrossAttention`` (CLIP's
+patch tokens attending over the class text features, rescaled per image), all in CLIP's
+normalized pixel space. ``LightImageCNN``, ``PixelCrossAttention`` and ``ImageMLP`` are lighter
+variants whose noise is bounded by ``tanh`` / a clamp instead.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 SIGMA_ACTIVATIONS = ("abs", "softplus")
+# Output layers: "default" keeps PyTorch's initialisation (the authors'), "small" draws the
+# weights from N(0, INIT_STD^2) with zero bias. LearnableNoise starts at N(0, INIT_STD^2) either
+# way (the authors' template_mu / template_var).
+HEAD_INITS = ("default", "small")
 INIT_STD = 0.02
-PIXEL_NOISE_RMS = 0.1  # the paper's image generators: RMS of mu and of sigma, per image
+PIXEL_NOISE_RMS = 0.1  # the paper's image generators: RMS of mu and of sigma (0.1, the authors')
 RMS_FLOOR = 1e-12  # keeps an all-zero output at zero instead of dividing 0 by 0
 
 
@@ -31,10 +39,14 @@ def _sigma(raw: torch.Tensor, activation: str) -> torch.Tensor:
     return raw.abs() if activation == "abs" else F.softplus(raw)
 
 
-def _small_init(layer: nn.Module) -> nn.Module:
-    nn.init.normal_(layer.weight, std=INIT_STD)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+def _head(layer: nn.Module, head_init: str) -> nn.Module:
+    """An output layer with ``head_init``'s initialisation (see HEAD_INITS)."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+    if head_init == "small":
+        nn.init.normal_(layer.weight, std=INIT_STD)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -70,13 +82,19 @@ class LearnableNoise(nn.Module):
 class FeatureMLP(nn.Module):
     """(N, D) features -> per-row (mu, sigma) of shape (N, D)."""
 
-    def __init__(self, dim: int, hidden: int | None = None, sigma_activation: str = "abs"):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int | None = None,
+        sigma_activation: str = "abs",
+        head_init: str = "default",
+    ):
         super().__init__()
         _check_activation(sigma_activation)
         hidden = hidden or dim
         self.sigma_activation = sigma_activation
         self.body = nn.Sequential(nn.Linear(dim, hidden), nn.GELU())
-        self.head = _small_init(nn.Linear(hidden, 2 * dim))
+        self.head = _head(nn.Linear(hidden, 2 * dim), head_init)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, raw_sigma = self.head(self.body(features.float())).chunk(2, dim=-1)
@@ -114,12 +132,18 @@ class FeatureCrossAttention(nn.Module):
     """Visual features: the image's global feature (B, D) attends over all class text features
     (C, D) -> per-row (mu, sigma) of shape (B, D); (S, B, D) for text features (S, C, D)."""
 
-    def __init__(self, dim: int, scaled: bool = False, sigma_activation: str = "abs"):
+    def __init__(
+        self,
+        dim: int,
+        scaled: bool = False,
+        sigma_activation: str = "abs",
+        head_init: str = "default",
+    ):
         super().__init__()
         _check_activation(sigma_activation)
         self.sigma_activation = sigma_activation
         self.attention = CrossAttention(dim, dim, dim, scaled)
-        self.head = _small_init(nn.Linear(dim, 2 * dim))
+        self.head = _head(nn.Linear(dim, 2 * dim), head_init)
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor
@@ -132,13 +156,19 @@ class FeatureCrossAttention(nn.Module):
 class ImageMLP(nn.Module):
     """Raw images (B, 3, H, W) -> per-pixel (mu, sigma): a pointwise MLP over the channels."""
 
-    def __init__(self, hidden: int = 16, sigma_activation: str = "abs", bound: float = 1.0):
+    def __init__(
+        self,
+        hidden: int = 16,
+        sigma_activation: str = "abs",
+        bound: float = 1.0,
+        head_init: str = "default",
+    ):
         super().__init__()
         _check_activation(sigma_activation)
         self.sigma_activation = sigma_activation
         self.bound = bound
         self.body = nn.Sequential(nn.Conv2d(3, hidden, 1), nn.GELU())
-        self.head = _small_init(nn.Conv2d(hidden, 6, 1))
+        self.head = _head(nn.Conv2d(hidden, 6, 1), head_init)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, raw_sigma = self.head(self.body(images.float())).chunk(2, dim=1)
@@ -152,9 +182,9 @@ class ImageCNN(nn.Module):
     Ten 3x3 convolutions at full resolution: a stem (convolution, BatchNorm, ReLU), ``blocks``
     residual blocks of two convolutions each (conv-BN-ReLU-conv-BN, plus the block's input, then
     ReLU), and an output convolution to (mu, sigma). mu and sigma are each rescaled to a root mean
-    square of ``rms`` per image (0.1 in CLIP's normalized pixel space, as the authors do), so the
-    generator learns where the noise goes, not how strong it is. BatchNorm follows the module's
-    train/eval mode.
+    square of ``rms`` per image (0.1 in CLIP's normalized pixel space; the authors' network,
+    ``AuthorsImageCNN``, rescales per channel), so the generator learns where the noise goes, not
+    how strong it is. BatchNorm follows the module's train/eval mode.
     """
 
     def __init__(
@@ -162,6 +192,7 @@ class ImageCNN(nn.Module):
         hidden: int = 32,
         blocks: int = 4,
         sigma_activation: str = "abs",
+        head_init: str = "default",
         rms: float = PIXEL_NOISE_RMS,
     ):
         super().__init__()
@@ -171,7 +202,7 @@ class ImageCNN(nn.Module):
             nn.Sequential(_conv_bn(hidden, hidden), nn.ReLU(), _conv_bn(hidden, hidden))
             for _ in range(blocks)
         )
-        self.head = _small_init(nn.Conv2d(hidden, 6, 3, padding=1))
+        self.head = _head(nn.Conv2d(hidden, 6, 3, padding=1), head_init)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.stem(images.float())
@@ -189,6 +220,53 @@ def _conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+class AuthorsImageCNN(nn.Module):
+    """The authors' image generator (``visual_generator="cnn-authors"``, their
+    ``VPNGenerator``): raw images (B, 3, H, W) -> per-pixel (mu, sigma) of the same shape, at full
+    resolution. A stem (3x3 convolution 3 -> 64, BatchNorm, ReLU), four residual blocks 64 -> 64,
+    64 -> 64, 64 -> 128, 128 -> 64 (each conv-BN-ReLU-conv-BN plus its shortcut, then ReLU; the
+    shortcut is the identity where the width stays, a 1x1 convolution and BatchNorm where it
+    changes), and two 3x3 output convolutions without bias, one for mu and one for sigma: ten 3x3
+    convolutions on the main path. mu and sigma are each rescaled to a root mean square of
+    ``rms`` (0.1) per channel of each image, as their ``normalize(x, dim=2) * sqrt(H * W) * 0.1``
+    over (B, 3, H * W) does; sigma is the activation of the raw output, rescaled.
+    """
+
+    WIDTHS = ((64, 64), (64, 64), (64, 128), (128, 64))  # (in, out) of each residual block
+
+    def __init__(
+        self,
+        sigma_activation: str = "abs",
+        rms: float = PIXEL_NOISE_RMS,
+        head_init: str = "default",
+    ):
+        super().__init__()
+        _pixel_noise_settings(self, sigma_activation, rms)
+        self.stem = nn.Sequential(_conv_bn(3, 64), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(_conv_bn(width_in, width_out), nn.ReLU(), _conv_bn(width_out, width_out))
+            for width_in, width_out in self.WIDTHS
+        )
+        self.shortcuts = nn.ModuleList(
+            nn.Identity()
+            if width_in == width_out
+            else nn.Sequential(
+                nn.Conv2d(width_in, width_out, 1, bias=False), nn.BatchNorm2d(width_out)
+            )
+            for width_in, width_out in self.WIDTHS
+        )
+        self.mean_head = _head(nn.Conv2d(64, 3, 3, padding=1, bias=False), head_init)
+        self.sigma_head = _head(nn.Conv2d(64, 3, 3, padding=1, bias=False), head_init)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.stem(images.float())
+        for block, shortcut in zip(self.blocks, self.shortcuts, strict=True):
+            hidden = F.relu(block(hidden) + shortcut(hidden))
+        mu = _to_rms_per_channel(self.mean_head(hidden), self.rms)
+        sigma = _sigma(self.sigma_head(hidden), self.sigma_activation)
+        return mu, _to_rms_per_channel(sigma, self.rms)
+
+
 class LightImageCNN(nn.Module):
     """A lighter image generator (``visual_generator="cnn-light"``): raw images (B, 3, H, W) ->
     per-pixel (mu, sigma) of the same shape from a residual CNN at full resolution (a stem, two
@@ -196,7 +274,12 @@ class LightImageCNN(nn.Module):
     (|mu| <= bound via tanh, sigma <= bound)."""
 
     def __init__(
-        self, hidden: int = 16, blocks: int = 2, sigma_activation: str = "abs", bound: float = 1.0
+        self,
+        hidden: int = 16,
+        blocks: int = 2,
+        sigma_activation: str = "abs",
+        bound: float = 1.0,
+        head_init: str = "default",
     ):
         super().__init__()
         _check_activation(sigma_activation)
@@ -212,7 +295,7 @@ class LightImageCNN(nn.Module):
             )
             for _ in range(blocks)
         )
-        self.head = _small_init(nn.Conv2d(hidden, 6, 3, padding=1))
+        self.head = _head(nn.Conv2d(hidden, 6, 3, padding=1), head_init)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.stem(images.float())
@@ -238,13 +321,14 @@ class ImageCrossAttention(nn.Module):
         patch_size: int,
         scaled: bool = False,
         sigma_activation: str = "abs",
+        head_init: str = "default",
         rms: float = PIXEL_NOISE_RMS,
     ):
         super().__init__()
         _pixel_noise_settings(self, sigma_activation, rms)
         self.patch_size = patch_size
         self.attention = CrossAttention(token_dim, text_dim, token_dim, scaled)
-        self.head = _small_init(nn.Linear(token_dim, 6 * patch_size * patch_size))
+        self.head = _head(nn.Linear(token_dim, 6 * patch_size * patch_size), head_init)
 
     def forward(
         self,
@@ -283,6 +367,7 @@ class PixelCrossAttention(nn.Module):
         dim: int = 64,
         scaled: bool = False,
         sigma_activation: str = "abs",
+        head_init: str = "default",
         bound: float = 1.0,
     ):
         super().__init__()
@@ -292,7 +377,7 @@ class PixelCrossAttention(nn.Module):
         self.patch_size = patch_size
         self.patches = nn.Conv2d(3, dim, patch_size, stride=patch_size)
         self.attention = CrossAttention(dim, text_dim, dim, scaled)
-        self.head = _small_init(nn.Linear(dim, 6 * patch_size * patch_size))
+        self.head = _head(nn.Linear(dim, 6 * patch_size * patch_size), head_init)
 
     def forward(
         self, images: torch.Tensor, text_features: torch.Tensor
@@ -330,3 +415,11 @@ def _rescaled(mu, raw_sigma, rms: float, activation: str):
 def _to_rms(values: torch.Tensor, rms: float) -> torch.Tensor:
     mean_square = values.square().mean(dim=(-3, -2, -1), keepdim=True)
     return values * (rms * torch.rsqrt(mean_square + RMS_FLOOR))
+
+
+def _to_rms_per_channel(values: torch.Tensor, rms: float) -> torch.Tensor:
+    """(B, C, H, W) scaled to a root mean square of ``rms`` over each (image, channel):
+    ``F.normalize`` over the H * W pixels (norm floored at RMS_FLOOR) times sqrt(H * W) * rms."""
+    pixels = values.shape[-2] * values.shape[-1]
+    norm = values.flatten(-2).norm(dim=-1).clamp_min(RMS_FLOOR)[..., None, None]
+    return values * (math.sqrt(pixels) * rms / norm)

@@ -116,7 +116,9 @@ class PiNI(nn.Module):
             self.text_generator = (
                 gen.LearnableNoise((len(classnames), dim), cfg.sigma_activation)
                 if cfg.text_generator == "embedding"
-                else gen.FeatureMLP(dim, sigma_activation=cfg.sigma_activation)
+                else gen.FeatureMLP(
+                    dim, sigma_activation=cfg.sigma_activation, head_init=cfg.head_init
+                )
             )
         self.visual_generator = _visual_generator(cfg, dim, clip)
         for generator in (self.prompt_noise, self.text_generator, self.visual_generator):
@@ -449,11 +451,13 @@ class PiNI(nn.Module):
 def _visual_generator(cfg: PiNIConfig, dim: int, clip: nn.Module) -> nn.Module | None:
     if cfg.visual == "none":
         return None
-    options = dict(sigma_activation=cfg.sigma_activation)
+    options = dict(sigma_activation=cfg.sigma_activation, head_init=cfg.head_init)
     if cfg.visual == "feature":
         if cfg.visual_generator == "attention":
             return gen.FeatureCrossAttention(dim, scaled=cfg.scaled_attention, **options)
         return gen.FeatureMLP(dim, **options)
+    if cfg.visual_generator == "cnn-authors":
+        return gen.AuthorsImageCNN(**options)
     if cfg.visual_generator == "cnn":
         return gen.ImageCNN(**options)
     if cfg.visual_generator == "cnn-light":

@@ -24,6 +24,7 @@ CONFIG_FLAGS = {
     "fixed_prompt": "--fixed-prompt",
     "sigma_activation": "--sigma-activation",
     "scaled_attention": "--scaled-attention",
+    "head_init": "--head-init",
 }
 # What else defines a run (its record's keys), with their flags.
 RUN_FLAGS = {
@@ -45,6 +46,8 @@ TRAIN_FLAGS = {
     "weight_decay": "--weight-decay",
     "warmup_epochs": "--warmup-epochs",
     "warmup_lr": "--warmup-lr",
+    "cosine_from": "--cosine-from",
+    "drop_last": "--drop-last",
 }
 # The generators that --scaled-attention changes: (visual, visual_generator) pairs.
 ATTENTION_GENERATORS = {

@@ -180,7 +180,8 @@ def _cache_views(run: dict, samples, clip, train_transform, device: str):
 
 def _validation_samples(run: dict, split, samples: list[tuple], folder: Path) -> list[tuple]:
     """The validation split of the methods that search hyper-parameters: min(K, 4) images per
-    class (CoOp's few-shot val), drawn by the run's seed from the dataset's val part, or where
+    class (CoOp's few-shot val), drawn by the run's seed from the dataset's val part (after the
+    training shots, from the same stream, as Dassl draws it), or where
     it has none from the training images outside the K shots; stored in the run folder like
     the few-shot split."""
     if split.val:
@@ -197,7 +198,9 @@ def _validation_samples(run: dict, split, samples: list[tuple], folder: Path) ->
     shots = min(run["shots"], VALIDATION_SHOTS)
     source = {"dataset": run["dataset"], "root": run["root"], "part": part}
     cache = folder / f"split-val-{shots}shot-seed{run['seed']}.json"
-    return few_shot(pool, shots, run["seed"], cache=cache, source=source)
+    # Drawn after the training shots from the seed's one stream, as Dassl draws CoOp's val.
+    first = ((split.train, run["shots"]),)
+    return few_shot(pool, shots, run["seed"], cache=cache, source=source, drawn_before=first)
 
 
 def execute(args, plan: RunPlan) -> dict | None:

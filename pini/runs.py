@@ -42,6 +42,19 @@ RUN_FORMAT = "pini-run/1"
 MAX_SEED = 1 << 62
 # PiNIConfig fields that only a run with prompt noise uses: refused for any other when given.
 PROMPT_ROW_OPTIONS = ("prompt_noise_per_step",)
+# Options added to the run record after runs were written without them, each with the value
+# that is what such a run did: a record without one reads as that value, so an older run
+# resumes, evaluates and predicts exactly as it was trained (docs/spec.md §11). Today's defaults
+# differ (Dassl's schedule and loader, PyTorch's initialisation of the output layers, the
+# authors' prompts and one prompt noise draw per step).
+OPTIONS_ADDED = {
+    "train_config": {"cosine_from": "start", "drop_last": False},
+    "pini_config": {
+        "head_init": "small",
+        "fixed_prompt": "placeholder",
+        "prompt_noise_per_step": False,
+    },
+}
 
 # --- resolving what a run is ------------------------------------------------------------------
 
@@ -334,9 +347,12 @@ def _check_record(run: dict, source) -> None:
 
 def normalized_run(run: dict, source=None) -> dict:
     """A run record with its training options complete and as JSON values, comparable with a
-    new one. ``source``: the file it was read from; the record is then checked first
-    (``_check_record``)."""
+    new one; an option it was written without (``OPTIONS_ADDED``) reads as what the run did.
+    ``source``: the file it was read from; the record is then checked (``_check_record``)."""
     run = dict(run)
+    for section, added in OPTIONS_ADDED.items():
+        if isinstance(run.get(section), dict):
+            run[section] = {**added, **run[section]}
     if source is not None:
         _check_record(run, source)
     if run.get("train_config") is not None:

@@ -40,6 +40,11 @@ from .progress import epoch_line, say, show_bars
 __all__ = ["METRICS", "TrainConfig", "lr_factor", "train"]
 
 OPTIMIZERS = ("sgd", "adamw")
+# Where the cosine schedule counts its epochs from: "warmup-end" (Dassl's: the CosineAnnealingLR
+# behind its ConstantWarmupScheduler starts counting when the warm-up ends, so the first epoch
+# after it runs at ``lr``), or "start" (counted from epoch 0, as pini counted before it followed
+# Dassl: one epoch ahead of Dassl's after one warm-up epoch).
+COSINE_FROM = ("warmup-end", "start")
 # Tip-Adapter-F's AdamW (its main.py): eps 1e-4 instead of PyTorch's 1e-8.
 ADAMW_EPS = 1e-4
 
@@ -49,7 +54,10 @@ class TrainConfig:
     """The paper's defaults (appendix A.3): SGD, batch 32, a cosine schedule after one warm-up
     epoch at a constant 1e-5, lr 0.002, 200 epochs. Momentum 0.9 and weight decay 5e-4 are
     Dassl's defaults (the authors' code base): the paper does not state them. ``optimizer``
-    "adamw" is AdamW with ``weight_decay`` and eps ``ADAMW_EPS`` (Tip-Adapter-F's)."""
+    "adamw" is AdamW with ``weight_decay`` and eps ``ADAMW_EPS`` (Tip-Adapter-F's).
+    ``cosine_from`` and ``drop_last`` follow Dassl's trainer (docs/spec.md §10): the cosine
+    counted from the end of the warm-up, and an epoch's last partial batch dropped where the
+    training set holds at least ``batch_size`` images."""
 
     epochs: int = 200
     lr: float = 0.002
@@ -62,10 +70,16 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     optimizer: str = "sgd"  # or "adamw" (Tip-Adapter-F's; ``momentum`` is then unused)
+    cosine_from: str = "warmup-end"  # or "start" (see COSINE_FROM)
+    drop_last: bool = True  # Dassl's train loader: drop_last when len(data) >= batch_size
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.cosine_from not in COSINE_FROM:
+            raise InputError(f"cosine_from must be one of {COSINE_FROM}, got {self.cosine_from!r}")
+        if not isinstance(self.drop_last, bool):
+            raise InputError(f"drop_last must be true or false, got {self.drop_last!r}")
         for name in ("epochs", "batch_size", "warmup_epochs"):
             value = getattr(self, name)
             minimum = 0 if name == "warmup_epochs" else 1
@@ -83,10 +97,13 @@ class TrainConfig:
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:
-    """Multiplier of ``lr`` in ``epoch``: warm-up at a constant ``warmup_lr``, then cosine."""
+    """Multiplier of ``lr`` in ``epoch`` (from 0): ``warmup_epochs`` at a constant ``warmup_lr``,
+    then a cosine over ``epochs`` (Dassl's ``CosineAnnealingLR(T_max=epochs)``), counted from
+    the end of the warm-up (``cosine_from="warmup-end"``, Dassl's) or from epoch 0 ("start")."""
     if epoch < config.warmup_epochs:
         return config.warmup_lr / config.lr
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    counted = epoch - config.warmup_epochs if config.cosine_from == "warmup-end" else epoch
+    return 0.5 * (1.0 + math.cos(math.pi * counted / config.epochs))
 
 
 # Under torch.distributed, rank r draws its noise from seed + r * RANK_STREAM (its own streams).
@@ -96,7 +113,9 @@ RANK_STREAM = 1_000_000_007
 class GlobalBatches(Sampler):
     """One permutation of the data per epoch (from ``generator``), cut into global batches of
     ``batch_size``; each rank takes every ``world``-th sample of each global batch, so the ranks
-    together see exactly the batches a single process would.
+    together see exactly the batches a single process would. With ``drop_last`` (Dassl's train
+    loader) a last global batch smaller than ``batch_size`` is left out, where there is a full
+    one before it: 37 images give batches [32], 20 images [20].
 
     Every rank takes part in every step, even where the last global batch leaves it no sample
     (100 samples, batch 32, 8 ranks: the tail of 4 gives ranks 4..7 nothing): it then gets an
@@ -111,11 +130,13 @@ class GlobalBatches(Sampler):
         generator: torch.Generator,
         rank: int = 0,
         world: int = 1,
+        drop_last: bool = False,
     ):
         order = torch.randperm(length, generator=generator).tolist()
         self.batches: list[list[int]] = []
         self.shares: list[tuple[int, int]] = []
-        for start in range(0, length, batch_size):
+        end = length - length % batch_size if drop_last and length >= batch_size else length
+        for start in range(0, end, batch_size):
             global_batch = order[start : start + batch_size]
             mine = global_batch[rank::world]
             self.batches.append(mine)
@@ -224,7 +245,9 @@ def train(
             epoch_seed = _epoch_seed(config.seed, epoch)
             torch.manual_seed(epoch_seed)  # augmentations in this process
             order = torch.Generator().manual_seed(epoch_seed)
-            batches = GlobalBatches(len(dataset), config.batch_size, order, rank, world)
+            batches = GlobalBatches(
+                len(dataset), config.batch_size, order, rank, world, config.drop_last
+            )
             loader = DataLoader(
                 dataset,
                 batch_sampler=batches,

@@ -108,9 +108,11 @@ def test_each_method_writes_the_summary_format_and_eval_repeats_it(pets, tmp_pat
     assert state["format"] == CHECKPOINT_FORMAT and state["method"] == method
     if method == "zero-shot":
         assert summary["accuracy"] == pytest.approx(summary["zero_shot_accuracy"], abs=1e-9)
-    if method in VALIDATED_METHODS:  # drawn from the dataset's val part: 1 image per class
+    if method in VALIDATED_METHODS:  # drawn from the dataset's val part: 1 image per class,
+        # so its 2 shots are that image twice (Dassl's draw with repeats)
         validation = json.loads((output / "split-val-2shot-seed1.json").read_text())
-        assert validation["source"]["part"] == "val" and len(validation["samples"]) == 3
+        assert validation["source"]["part"] == "val" and len(validation["samples"]) == 6
+        assert len({tuple(sample) for sample in validation["samples"]}) == 3
     if method == "tip-adapter-f":  # the searched alpha and beta are the checkpoint's
         for name in ("alpha", "beta"):  # float32 buffers
             assert float(state["trained_state"][name]) == pytest.approx(summary["fitted"][name])

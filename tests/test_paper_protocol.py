@@ -108,29 +108,40 @@ def test_fixed_prompt_flag_is_stored_and_refused_on_prompt_rows(tmp_path, capsys
     assert_one_line_error(result, "--prompt-noise-per-step", "has none (--text none)")
 
 
-def test_a_run_from_before_these_options_is_refused_with_one_line(tmp_path, capsys):
-    """Its record lacks the new options; its behaviour (the placeholder prompt, prompt noise per
-    sample) is not today's default, so it is refused, never filled in (docs/spec.md §11)."""
-    data = make_folder(tmp_path / "data" / "toy").parent
-    output = tmp_path / "run"
-    assert run_cli(toy_train(data, output), capsys)[0] == 0
+def _strip_from_record(output, keys) -> None:
+    """The run's record (run.json and the checkpoint's) without ``pini_config[key]``: as a run
+    of a pini from before those options wrote it."""
     for path in (output / "run.json", output / "checkpoint.pt"):
         if path.suffix == ".json":
             record = json.loads(path.read_text())
-            for key in ("fixed_prompt", "prompt_noise_per_step"):
+            for key in keys:
                 del record["pini_config"][key]
             path.write_text(json.dumps(record))
         else:
             state = torch.load(path, weights_only=False)
-            for key in ("fixed_prompt", "prompt_noise_per_step"):
+            for key in keys:
                 del state["run"]["pini_config"][key]
             torch.save(state, path)
-    result = run_cli(["eval", "--checkpoint", output / "checkpoint.pt"], capsys)
-    assert_one_line_error(
-        result, "'pini_config'", "missing ['fixed_prompt', 'prompt_noise_per", "train it anew"
-    )
-    result = run_cli(toy_train(data, output, "--resume"), capsys)
-    assert_one_line_error(result, "'pini_config'", "missing ['fixed_prompt'")
+
+
+def test_a_run_from_before_these_options_reads_as_it_was_trained(tmp_path, capsys):
+    """Its record lacks the new options: it read the placeholder prompt and drew prompt noise
+    per sample, so a record without them reads as that (pini.runs.OPTIONS_ADDED, docs/spec.md
+    §11) and evaluates as before; a record without any other key is still refused."""
+    data = make_folder(tmp_path / "data" / "toy").parent
+    output = tmp_path / "run"
+    flags = ("--noise", "feature", "--fixed-prompt", "placeholder")
+    assert run_cli(toy_train(data, output, *flags), capsys)[0] == 0
+    evaluate = ["eval", "--checkpoint", output / "checkpoint.pt"]
+    status, before, _ = run_cli(evaluate, capsys)
+    assert status == 0
+    _strip_from_record(output, ("fixed_prompt", "prompt_noise_per_step"))
+    status, after, err = run_cli(evaluate, capsys)
+    assert status == 0, err
+    assert after == before
+    _strip_from_record(output, ("mode",))
+    result = run_cli(evaluate, capsys)
+    assert_one_line_error(result, "'pini_config'", "missing ['mode']", "train it anew")
 
 
 # --- 2. ImageNet-A and -R: the model on their classes ------------------------------------------

@@ -32,7 +32,7 @@ def test_few_shot_is_deterministic_and_exact(tmp_path, caplog):
     assert first == few_shot(samples, 3, seed=1)
     assert first != few_shot(samples, 3, seed=2)
     counts = {label: sum(1 for _, y in first if y == label) for label in range(3)}
-    assert counts == {0: 3, 1: 3, 2: 2}  # class 2 has only 2 samples
+    assert counts == {0: 3, 1: 3, 2: 3}  # class 2 has only 2 samples: drawn with repeats
     assert "fewer than 3 shots" in caplog.text
     cache = tmp_path / "split.json"
     cached = few_shot(samples, 3, seed=1, cache=cache)
@@ -79,7 +79,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 def test_schedule_warms_up_then_follows_a_cosine():
     config = TrainConfig(epochs=10, lr=0.002)
     assert lr_factor(0, config) * config.lr == pytest.approx(1e-5)
-    assert lr_factor(1, config) == pytest.approx(
+    assert lr_factor(1, config) == 1.0  # Dassl's cosine starts when the warm-up ends
+    assert lr_factor(2, config) == pytest.approx(
         0.5 * (1 + torch.cos(torch.tensor(0.1 * torch.pi)))
     )
     assert lr_factor(9, config) < lr_factor(5, config) < lr_factor(1, config)
@@ -183,7 +184,9 @@ def _ddp_worker(rank, world, init_file, output, result_file, shots, batch_size):
         _noise_off_sigma(model)
         samples = few_shot(load_digits_split().train, shots, seed=1)
         _, deterministic = clip_transforms(32)
-        config = TrainConfig(epochs=2, lr=0.05, batch_size=batch_size, progress=False)
+        config = TrainConfig(
+            epochs=2, lr=0.05, batch_size=batch_size, drop_last=False, progress=False
+        )
         train(model, samples, deterministic, config, output)
         if rank == 0:
             torch.save(_parameters(model), result_file)
@@ -216,7 +219,8 @@ def test_multi_process_gloo_run_equals_one_process_with_the_noise_off(
     torch.manual_seed(0)
     model = _fresh_model()
     _noise_off_sigma(model)
-    config = TrainConfig(epochs=2, lr=0.05, batch_size=batch_size, progress=False)
+    # The uneven last global batch is what this test is about: kept (--no-drop-last).
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=batch_size, drop_last=False, progress=False)
     train(model, samples, deterministic, config, tmp_path / "single")
     single = _parameters(model)
     result = tmp_path / "ddp.pt"
@@ -300,8 +304,9 @@ def test_macro_f1_is_the_unweighted_mean_over_classes_with_images():
 
 def test_each_epoch_trains_at_the_scheduled_learning_rate(tmp_path):
     """The lr each epoch actually used (metrics.jsonl's "lr", read from the optimizer) is the
-    warm-up's 1e-5 in epoch 1, then lr * the cosine factor, by value: a 3-epoch run at lr 0.01
-    logs [1e-05, 0.0075, 0.0025]. A schedule shifted by one epoch logs [0.0075, 0.0025, 0.0]."""
+    warm-up's 1e-5 in epoch 1, then lr * the cosine factor counted from the end of the warm-up
+    (Dassl's), by value: a 3-epoch run at lr 0.01 logs [1e-05, 0.01, 0.0075]. Counted from epoch
+    0 it logs [1e-05, 0.0075, 0.0025]."""
     from test_cli import make_folder, toy_train
 
     data = make_folder(tmp_path / "data" / "toy").parent
@@ -309,4 +314,9 @@ def test_each_epoch_trains_at_the_scheduled_learning_rate(tmp_path):
     argv = [str(a) for a in toy_train(data, output, "--epochs", "3", "--lr", "0.01")]
     assert cli.main(argv) == 0
     logged = [json.loads(line)["lr"] for line in (output / METRICS).read_text().splitlines()]
+    assert logged == pytest.approx([1e-05, 0.01, 0.0075], rel=1e-12)
+    start = tmp_path / "start"
+    argv = toy_train(data, start, "--epochs", "3", "--lr", "0.01", "--cosine-from", "start")
+    assert cli.main([str(a) for a in argv]) == 0
+    logged = [json.loads(line)["lr"] for line in (start / METRICS).read_text().splitlines()]
     assert logged == pytest.approx([1e-05, 0.0075, 0.0025], rel=1e-12)

@@ -48,7 +48,9 @@ def _mtimes(folder) -> dict:
 
 
 def test_noise_rows_parse_presets_generators_and_drop_repeats():
-    rows = sweep_grid.rows(["pini", "coop"], ["table1", "image:cnn", "text-feature:embedding"])
+    rows = sweep_grid.rows(
+        ["pini", "coop"], ["table1", "image:cnn-authors", "text-feature:embedding"]
+    )
     keys = [row.key for row in rows]
     assert keys[:8] == [
         "pini image",
@@ -59,7 +61,7 @@ def test_noise_rows_parse_presets_generators_and_drop_repeats():
         "pini image+text-feature",
         "pini feature+prompt",
         "pini feature+text-feature",
-    ]  # image:cnn is Table 1's image row: not a second one
+    ]  # image:cnn-authors is Table 1's image row: not a second one
     assert keys[8:] == ["pini text-feature:embedding", "coop"]
     assert rows[8].noise == {"noise": "text-feature", "text_generator": "embedding"}
     assert rows[8].folder == "pini-text-feature:embedding"
@@ -69,6 +71,7 @@ def test_noise_rows_parse_presets_generators_and_drop_repeats():
     generators = [row.key for row in sweep_grid.rows(["pini"], ["generators"])]
     assert generators == [
         "pini image",
+        "pini image:cnn",
         "pini image:attention",
         "pini image:mlp",
         "pini image:cnn-light",
@@ -81,7 +84,7 @@ def test_noise_rows_parse_presets_generators_and_drop_repeats():
     ]
     for spec, message in (
         ("image+feature", "two visual locations"),
-        ("image:embedding", "image noise has the generators cnn, attention"),
+        ("image:embedding", "image noise has the generators cnn-authors, cnn, attention"),
         ("pixels", "expected a Table 1 row"),
         ("prompt:", "expected a Table 1 row"),
     ):

@@ -55,7 +55,10 @@ def test_sgd_options_are_stored_and_used(data, tmp_path, capsys):
     (group,) = checkpoint["optimizer"]["param_groups"]
     assert (group["momentum"], group["weight_decay"]) == (0.5, 0.001)
     assert "betas" not in group
-    # Two warm-up epochs at 1e-4, then the cosine schedule of epoch 2 of 3.
+    # Two warm-up epochs at 1e-4, then the cosine schedule's first epoch (Dassl's: counted from
+    # the end of the warm-up); counted from epoch 0 it is cosine epoch 2 of 3.
+    assert [row["lr"] for row in metrics] == pytest.approx([1e-4, 1e-4, 0.01])
+    _, _, metrics = _trained(data, tmp_path / "start", capsys, *argv, "--cosine-from", "start")
     assert [row["lr"] for row in metrics] == pytest.approx([1e-4, 1e-4, 0.01 * 0.25])
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..errors import InputError
@@ -16,8 +16,46 @@ from .sample_ids import listing_fingerprint, sample_id
 
 log = logging.getLogger(__name__)
 
-# The format of a cached split file: a file of another format is refused, not read.
-SPLIT_FORMAT = "pini-few-shot-split/2"
+# The format of a cached split file: a file of another format is refused, not read. Format 3
+# holds Dassl's draw; format 2 (pini before it) the sorted draw, still read so that a run
+# folder written then resumes with its own split.
+SPLIT_FORMAT = "pini-few-shot-split/3"
+PREVIOUS_SPLIT_FORMAT = "pini-few-shot-split/2"
+
+
+def dassl_draw(samples: list[tuple], shots: int, rng: random.Random) -> list[int]:
+    """Indices of ``shots`` samples per label, drawn as Dassl's ``generate_fewshot_dataset``
+    draws them (CoOp's few-shot splits, the authors' too): labels in the order they first appear
+    in ``samples``, ``rng.sample(members, shots)`` for each, or ``rng.choices(members,
+    k=shots)`` (with repeats) for a label with fewer; the indices in the order drawn. With
+    ``rng = random.Random(seed)`` and ``samples`` in Dassl's order, the same images as Dassl
+    with ``random.seed(seed)``."""
+    by_label: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_label.setdefault(label, []).append(index)
+    indices = []
+    for members in by_label.values():
+        if len(members) >= shots:
+            indices += rng.sample(members, shots)
+        else:
+            indices += rng.choices(members, k=shots)
+    return indices
+
+
+def _sorted_draw(samples: list[tuple], shots: int, rng: random.Random) -> list[int]:
+    """The draw of format 2: labels in sorted order, each label's draw sorted, every member of
+    a label with fewer than ``shots`` once."""
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for index, (_, label) in enumerate(samples):
+        by_label[label].append(index)
+    indices = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        indices += members if len(members) < shots else sorted(rng.sample(members, shots))
+    return indices
+
+
+DRAWS = {SPLIT_FORMAT: dassl_draw, PREVIOUS_SPLIT_FORMAT: _sorted_draw}
 
 
 def few_shot(
@@ -26,39 +64,45 @@ def few_shot(
     seed: int,
     cache: str | Path | None = None,
     source: dict | None = None,
+    drawn_before: tuple[tuple[list[tuple], int], ...] = (),
 ) -> list[tuple]:
-    """``shots`` samples per class, chosen by ``seed`` (fewer only where a class has fewer, with a
-    warning).
+    """``shots`` samples per class, drawn by ``seed`` as Dassl draws them (``dassl_draw``; a
+    class with fewer is drawn with repeats, with a warning). ``drawn_before``: the ``(samples,
+    shots)`` draws that come first from the same stream, as Dassl draws CoOp's validation shots
+    right after the training shots from one ``random.seed(seed)``.
 
     With ``cache``, the split is stored there with what it was drawn from: ``source`` (e.g. the
     dataset name and root), ``shots``, ``seed``, a fingerprint of the whole listing (paths and
     labels) and the chosen samples. A later call reuses it only if all of these still match, and
     otherwise raises ``InputError`` saying what differs: a split is never silently reused for
-    other images."""
+    other images. A file of the previous format holds the previous draw, and is checked and
+    reused as that draw."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise InputError(f"shots must be an integer >= 1, got {shots!r}")
     source = dict(source or {})
     fingerprint = listing_fingerprint(samples)
     record = {"source": source, "shots": shots, "seed": seed, "listing": fingerprint}
     cache = Path(cache) if cache else None
-    stored = cache is not None and cache.is_file()
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for index, (_, label) in enumerate(samples):
-        by_class[label].append(index)
+    stored = _stored_split(cache) if cache is not None and cache.is_file() else None
+    if stored is not None and stored["format"] == PREVIOUS_SPLIT_FORMAT:
+        redrawn = _sorted_draw(samples, shots, random.Random(seed))
+        return _cached_split(cache, stored, samples, record, redrawn)
     rng = random.Random(seed)
-    indices = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        if len(members) < shots:
-            if not stored:
-                log.warning(
-                    "class %d has %d samples, fewer than %d shots", label, len(members), shots
-                )
-            indices += members
-        else:
-            indices += sorted(rng.sample(members, shots))
-    if stored:
-        return _cached_split(cache, samples, record, indices)
+    for earlier, earlier_shots in drawn_before:
+        dassl_draw(earlier, earlier_shots, rng)
+    indices = dassl_draw(samples, shots, rng)
+    if stored is not None:
+        return _cached_split(cache, stored, samples, record, indices)
+    counts = Counter(label for _, label in samples)
+    for label, count in sorted(counts.items()):
+        if count < shots:
+            log.warning(
+                "class %d has %d samples, fewer than %d shots: %d drawn with repeats (as Dassl)",
+                label,
+                count,
+                shots,
+                shots,
+            )
     chosen = [samples[i] for i in indices]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -72,21 +116,27 @@ def few_shot(
     return chosen
 
 
-def _cached_split(
-    cache: Path, samples: list[tuple], record: dict, redrawn: list[int]
-) -> list[tuple]:
-    """The split stored in ``cache``, after checking it was drawn from the same listing with the
-    same options (``record``) and is what its seed draws from that listing (``redrawn``);
-    ``InputError`` naming every difference otherwise."""
+def _stored_split(cache: Path) -> dict:
+    """The split file ``cache`` as written, of this format or the previous one; ``InputError``
+    otherwise."""
     try:
         stored = json.loads(cache.read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"few-shot split {cache} cannot be read ({error}); delete it") from None
-    if not isinstance(stored, dict) or stored.get("format") != SPLIT_FORMAT:
+    if not isinstance(stored, dict) or stored.get("format") not in DRAWS:
         raise InputError(
             f"few-shot split {cache} is not one this version wrote (no record of the images it "
             "was drawn from); delete it or use another --output"
         )
+    return stored
+
+
+def _cached_split(
+    cache: Path, stored: dict, samples: list[tuple], record: dict, redrawn: list[int]
+) -> list[tuple]:
+    """The split ``stored`` in ``cache``, after checking it was drawn from the same listing with
+    the same options (``record``) and is what its seed draws from that listing (``redrawn``);
+    ``InputError`` naming every difference otherwise."""
     names = {"source": "dataset", "shots": "shots", "seed": "seed", "listing": "image listing"}
     differences = [
         f"{names[key]} {stored.get(key)!r} -> {record[key]!r}"

@@ -31,8 +31,11 @@ class TipAdapterConfig:
     ``init_alpha`` 1.17 and ``init_beta`` 1 are used when the search is off (and to train
     Tip-Adapter-F). With ``search`` the validation split picks beta from
     ``search_grid(beta_max, beta_steps)`` and alpha from ``search_grid(alpha_max, alpha_steps)``:
-    ``search_scale: [7, 3]``, ``search_step: [200, 20]`` in those configs (others differ per
-    dataset, e.g. DTD [13, 13], EuroSAT [12, 10]). ``cache_views`` (for the caller, who encodes the
+    ``search_scale: [7, 3]``, ``search_step: [200, 20]`` in those configs. These are the defaults
+    for every dataset: Tip-Adapter's own configs differ per dataset (``search_scale`` and
+    ``init_alpha``: DTD [13, 13] and 2, EuroSAT [12, 10] and 2, FGVC-Aircraft [30, 30] and 5),
+    and its code searches on the whole val split, not min(K, 4) shots per class (docs/baselines.md
+    lists both differences). ``cache_views`` (for the caller, who encodes the
     cache): the keys average the features of 10 augmented passes over the few-shot images
     (``augment_epoch``), see ``encode_augmented_views``.
     """
