@@ -93,6 +93,13 @@ class _SweepRun:
     args: argparse.Namespace
 
 
+def sweep_methods(args) -> list[str]:
+    """The methods a sweep runs: ``--methods``, else the paper's Table 2 methods (Tip-Adapter
+    and -F are extras), or zero-shot CLIP and PiNI for ``--noise-rows`` (Table 1)."""
+    default = ["zero-shot", "pini"] if args.noise_rows else list(PAPER_METHODS)
+    return list(dict.fromkeys(args.methods or default))
+
+
 def sweep_command(args) -> int:
     if args.tensorboard:
         check_tensorboard()
@@ -114,8 +121,7 @@ def sweep_command(args) -> int:
         )
     if args.models and args.model:
         raise InputError("--models names the backbones (MODEL or MODEL=WEIGHTS); leave out --model")
-    default = ["zero-shot", "pini"] if args.noise_rows else list(PAPER_METHODS)
-    methods = list(dict.fromkeys(args.methods or default))
+    methods = sweep_methods(args)
     check_method_flags(args, methods, sweep=True)
     rows = sweep_grid.rows(methods, args.noise_rows)
     backbones = sweep_grid.backbones(args.models, args.pretrained)

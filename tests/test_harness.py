@@ -381,6 +381,10 @@ def test_sweep_refuses_a_run_of_another_configuration_before_any_run(tmp_path, c
 def test_a_sweep_defaults_to_the_papers_methods():
     """Without --methods, ``pini sweep`` runs the methods of the paper's Table 2 (PiNI, zero-shot
     CLIP, the linear probe, CoOp, CLIP-Adapter); Tip-Adapter and -F are extras."""
+    from pini.commands import sweep_methods
+
     args = cli._parser().parse_args(["sweep"])
-    assert args.methods == ["pini", "zero-shot", "linear-probe", "coop", "clip-adapter"]
+    assert sweep_methods(args) == ["pini", "zero-shot", "linear-probe", "coop", "clip-adapter"]
     assert set(PAPER_METHODS) <= set(METHODS)
+    table1 = cli._parser().parse_args(["sweep", "--noise-rows", "table1"])
+    assert sweep_methods(table1) == ["zero-shot", "pini"]
