@@ -164,9 +164,9 @@ class ImageMLP(nn.Module):
         head_init: str = "default",
     ):
         super().__init__()
+        self.bound = bound  # tanh bound of mu and sigma
         _check_activation(sigma_activation)
         self.sigma_activation = sigma_activation
-        self.bound = bound
         self.body = nn.Sequential(nn.Conv2d(3, hidden, 1), nn.GELU())
         self.head = _head(nn.Conv2d(hidden, 6, 1), head_init)
 

@@ -227,15 +227,10 @@ def variants():
             pointers = dict(grad_out_ptr="*bf16", x_ptr="*bf16", grad_x_ptr="*bf16")
             for name in ("mu_ptr", "sigma_ptr", "partial_mu_ptr", "partial_sigma_ptr"):
                 pointers[name] = "*fp32"
-            flags = dict(
-                SEED_IN_MEMORY=need_x,
-                HAS_INNER=need_params,
-                MULTIPLY=multiply,
-                ALIGNED=aligned,
-                NEED_X_GRAD=need_x,
-                NEED_PARAM_GRAD=need_params,
-                **shape,
-            )
+            # The seed in memory and the parameters' layout vary with the gradients wanted.
+            flags = dict(SEED_IN_MEMORY=need_x, HAS_INNER=need_params, MULTIPLY=multiply)
+            flags |= dict(ALIGNED=aligned, NEED_X_GRAD=need_x, NEED_PARAM_GRAD=need_params)
+            flags |= shape
             kernel, types = inject._inject_backward_kernel, {**pointers, **sizes}
             yield "inject_backward", kernel, types, flags, config.launch_options, values, problem
     for problem, config, values in elementwise_launches():

@@ -685,21 +685,29 @@ def test_per_sample_text_half(fused_backend, dtype):
     assert logits.dtype == dtype
 
 
-@pytest.mark.parametrize("mode", ["add", "mul"])
-def test_reference_per_sample_text_by_hand(mode):
-    """Sample s: image noise from the stream of seed over (m, B, D), text noise from seed + 1
-    over (m, C, D) perturbing text_features[s]; F.normalize; logit_scale times the dot."""
-    batch, classes, dim, samples = PER_SAMPLE_SMALL
-    image, text, scale, image_pair, text_pair, target = _make_per_sample(
-        *PER_SAMPLE_SMALL, "both", "cpu"
-    )
-    seed = 2**40 + 9
+def logits_by_hand(image, text, image_pair, text_pair, mode, samples, seed, scale=14.0):
+    """(m, B, C) logits of docs/spec.md §2-§4 written out: image noise from the stream of seed
+    over (m, B, D), text noise from seed + 1 over (m, C, D), each side's features (N, D) or
+    (m, N, D); F.normalize; the scale times the dot."""
+    batch, classes, dim = image.shape[-2], text.shape[-2], image.shape[-1]
     image_eps = pini_kernels.noise((samples, batch, dim), seed=seed)
     text_eps = pini_kernels.noise((samples, classes, dim), seed=seed + 1)
     combine = torch.mul if mode == "mul" else torch.add
     noisy_image = combine(image, image_pair[0] + image_pair[1] * image_eps)
     noisy_text = combine(text, text_pair[0] + text_pair[1] * text_eps)
-    expected = 14.0 * F.normalize(noisy_image, dim=-1) @ F.normalize(noisy_text, dim=-1).mT
+    return scale * F.normalize(noisy_image, dim=-1) @ F.normalize(noisy_text, dim=-1).mT
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_reference_per_sample_text_by_hand(mode):
+    """Sample s: image noise from the stream of seed over (m, B, D), text noise from seed + 1
+    over (m, C, D) perturbing text_features[s]; F.normalize; logit_scale times the dot."""
+    batch, classes, _, samples = PER_SAMPLE_SMALL
+    image, text, scale, image_pair, text_pair, target = _make_per_sample(
+        *PER_SAMPLE_SMALL, "both", "cpu"
+    )
+    seed = 2**40 + 9
+    expected = logits_by_hand(image, text, image_pair, text_pair, mode, samples, seed)
     kwargs = dict(image_noise=image_pair, text_noise=text_pair, mode=mode, num_samples=samples)
     logits = pini_kernels.noisy_cosine_logits(
         image, text, scale, seed=seed, backend="reference", **kwargs
@@ -791,27 +799,43 @@ def test_per_sample_text_torch_compile(fused_backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("op", list(OPS))
-def test_per_sample_text_shape_errors(backend, op):
+@pytest.mark.parametrize("side", ["image", "text"])
+def test_per_sample_shape_errors(backend, op, side):
+    """A side's features given per sample, (num_samples, N, D), with the wrong sample count, too
+    many dims, another D, or per-sample noise parameters (they are per row, shared by the
+    samples): one clear ValueError each. Image: B = 5 rows; text: C = 9."""
     device = backend_device(backend)
     image, text, scale, _, _, target = _make_per_sample(*PER_SAMPLE_SMALL, "none", device)
+    rows, letter = (5, "B") if side == "image" else (9, "C")
     extra = (target,) if op == "loss" else ()
-    call = lambda text, **kwargs: OPS[op](image, text, scale, *extra, backend=backend, **kwargs)
-    wrong_samples = r"text_features .*\(num_samples, C, D\) = \(2, 9, 12\), got shape \(3, 9, 12\)"
-    with pytest.raises(ValueError, match=wrong_samples):
-        call(text, num_samples=2)
+
+    def call(features, **kwargs):  # the other side shared, (N, D)
+        sides = (features, text[0]) if side == "image" else (image, features)
+        return OPS[op](*sides, scale, *extra, backend=backend, **kwargs)
+
+    features = image.expand(3, *image.shape) if side == "image" else text  # (3, N, 12)
+    name = f"{side}_features"
+    shape = rf"\(num_samples, {letter}, D\)"
+    with pytest.raises(ValueError, match=rf"{name} .*{shape} = \(2, {rows}, 12\), got shape"):
+        call(features, num_samples=2)
+    with pytest.raises(ValueError, match=rf"{name} must be \({letter}, D\) or {shape}"):
+        call(features[None], num_samples=3)
+    dims = "11 and 12" if side == "image" else "12 and 11"
+    with pytest.raises(ValueError, match=f"same feature dimension D, got {dims}"):
+        call(features[..., :11], num_samples=3)
+    per_sample_mu = torch.zeros(3, rows, 12, device=device)
+    wrong_noise = rf"{side}_noise\[0\] \(mu\) of shape \(3, {rows}, 12\) does not broadcast to "
+    with pytest.raises(ValueError, match=wrong_noise + rf"{name}\[s\]'s shape \({rows}, 12\)"):
+        call(features, num_samples=3, **{f"{side}_noise": (per_sample_mu, 1.0)})
+
+
+def test_per_sample_features_default_to_one_sample():
+    """num_samples defaults to 1, so (m, N, D) features of either side need it said."""
+    image, text, scale, _, _, _ = _make_per_sample(*PER_SAMPLE_SMALL, "none", "cpu")
     with pytest.raises(ValueError, match=r"text_features .*\(num_samples, C, D\) = \(1, 9, 12\)"):
-        call(text)  # num_samples defaults to 1
-    with pytest.raises(
-        ValueError, match=r"text_features must be \(C, D\) or \(num_samples, C, D\)"
-    ):
-        call(text[None], num_samples=3)
-    with pytest.raises(ValueError, match="same feature dimension D, got 12 and 11"):
-        call(text[..., :11], num_samples=3)
-    # Text noise is per class (C, D), shared by the samples: a per-sample mu is an error.
-    per_sample_mu = torch.zeros(3, 9, 12, device=device)
-    wrong_noise = r"text_noise\[0\] \(mu\) of shape \(3, 9, 12\) does not broadcast to "
-    with pytest.raises(ValueError, match=wrong_noise + r"text_features\[s\]'s shape \(9, 12\)"):
-        call(text, num_samples=3, text_noise=(per_sample_mu, 1.0))
+        pini_kernels.noisy_cosine_logits(image, text, scale, backend="reference")
+    with pytest.raises(ValueError, match=r"image_features .*\(num_samples, B, D\) = \(1, 5, 12\)"):
+        pini_kernels.noisy_cosine_logits(image.expand(3, 5, 12), text[0], scale)
 
 
 # --- edges: huge logits, the split merge, zero-norm rows ----------------------------------------

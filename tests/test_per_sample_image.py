@@ -3,15 +3,27 @@ uses ``image_features[s]`` (the features of noisy images, or of per-sample featu
 by the caller), so Eq. (13)'s m samples are one call. Every backend against the reference,
 forward and every gradient; both native loss flows (csrc/loss_flow.cpp and the Python one); a
 case past one 64-row / 64-class tile and a multiple of none; shared features given per sample;
-the shape errors. ``test_cosine.py`` covers per-sample text features the same way.
+``test_cosine.py`` covers per-sample text features the same way, and the shape errors of
+both sides.
 """
+
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ALL_BACKENDS, backend_device
 from helpers import assert_close, use_python_loss_flow
-from test_cosine import GRAD_NAMES, NOISE_SIDES, OPS, _compare, _differentiable, _leaves, _run
+from test_cosine import (
+    GRAD_NAMES,
+    NOISE_SIDES,
+    OPS,
+    _compare,
+    _differentiable,
+    _leaves,
+    _run,
+    logits_by_hand,
+)
 
 import pini_kernels
 
@@ -61,21 +73,14 @@ def test_per_sample_image_matches_reference(fused_backend, op, sides, mode, text
     assert grads[1].shape == inputs[1].shape
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_per_sample_image_reductions(fused_backend, loss_flow, reduction, label_smoothing):
+def test_per_sample_image_reductions(fused_backend, loss_flow):
+    """Every reduction, with and without label smoothing, per-sample image and text features."""
     inputs = _make(*SMALL, "both", backend_device(fused_backend), text_per_sample=True)
-    loss, _ = _compare(
-        fused_backend,
-        pini_kernels.noisy_cross_entropy,
-        inputs,
-        mode="mul",
-        num_samples=SMALL[3],
-        seed=4,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
-    assert loss.shape == ((SMALL[3], SMALL[0]) if reduction == "none" else ())
+    for reduction, smoothing in itertools.product(("mean", "sum", "none"), (0.0, 0.25)):
+        options = dict(reduction=reduction, label_smoothing=smoothing, mode="mul", seed=4)
+        op = pini_kernels.noisy_cross_entropy
+        loss, _ = _compare(fused_backend, op, inputs, num_samples=SMALL[3], **options)
+        assert loss.shape == ((SMALL[3], SMALL[0]) if reduction == "none" else ())
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -99,15 +104,10 @@ def test_reference_per_sample_image_by_hand(mode):
     """Sample s: image_features[s] with the image noise of the stream of seed over (m, B, D)
     (the same elements as for shared image features), text noise from seed + 1; F.normalize;
     logit_scale times the dot; the loss is F.cross_entropy over the m*B rows."""
-    batch, classes, dim, samples = SMALL
+    batch, classes, _, samples = SMALL
     image, text, scale, image_pair, text_pair, target = _make(*SMALL, "both", "cpu")
     seed = 2**40 + 9
-    image_eps = pini_kernels.noise((samples, batch, dim), seed=seed)
-    text_eps = pini_kernels.noise((samples, classes, dim), seed=seed + 1)
-    combine = torch.mul if mode == "mul" else torch.add
-    noisy_image = combine(image, image_pair[0] + image_pair[1] * image_eps)
-    noisy_text = combine(text, text_pair[0] + text_pair[1] * text_eps)
-    expected = 14.0 * F.normalize(noisy_image, dim=-1) @ F.normalize(noisy_text, dim=-1).mT
+    expected = logits_by_hand(image, text, image_pair, text_pair, mode, samples, seed)
     kwargs = dict(image_noise=image_pair, text_noise=text_pair, mode=mode, num_samples=samples)
     for backend in ALL_BACKENDS:
         device = backend_device(backend)
@@ -182,29 +182,3 @@ def test_shared_image_given_per_sample(backend, loss_flow):
     assert_close(expanded_grads[0].sum(0), shared_grads[0], atol=1e-5, rtol=1e-5, name="image")
     for name, got, want in zip(GRAD_NAMES[1:], expanded_grads[1:], shared_grads[1:], strict=True):
         assert_close(got, want, atol=1e-5, rtol=1e-5, name=name)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("op", list(OPS))
-def test_per_sample_image_shape_errors(backend, op):
-    device = backend_device(backend)
-    image, text, scale, _, _, target = _make(*SMALL, "none", device)
-    extra = (target,) if op == "loss" else ()
-    call = lambda image, **kwargs: OPS[op](image, text, scale, *extra, backend=backend, **kwargs)
-    wrong = r"image_features .*\(num_samples, B, D\) = \(2, 5, 12\), got shape \(3, 5, 12\)"
-    with pytest.raises(ValueError, match=wrong):
-        call(image, num_samples=2)
-    with pytest.raises(ValueError, match=r"image_features .*\(num_samples, B, D\) = \(1, 5, 12\)"):
-        call(image)  # num_samples defaults to 1
-    with pytest.raises(ValueError, match=r"image_features must be \(B, D\) or \(num_samples, B"):
-        call(image[None], num_samples=3)
-    with pytest.raises(ValueError, match="same feature dimension D, got 11 and 12"):
-        call(image[..., :11], num_samples=3)
-    # Image noise is per row (B, D), shared by the samples: a per-sample mu is an error.
-    per_sample_mu = torch.zeros(3, 5, 12, device=device)
-    wrong_noise = r"image_noise\[0\] \(mu\) of shape \(3, 5, 12\) does not broadcast to "
-    with pytest.raises(ValueError, match=wrong_noise + r"image_features\[s\]'s shape \(5, 12\)"):
-        call(image, num_samples=3, image_noise=(per_sample_mu, 1.0))
-    if op == "loss":
-        with pytest.raises(ValueError, match="target"):
-            OPS[op](image, text, scale, target[:4], num_samples=3, backend=backend)
