@@ -133,12 +133,13 @@ Tensor inject_no_autograd(const Tensor& x, const Tensor& mu, const Tensor& sigma
                       sample_dim);
 }
 
-TORCH_LIBRARY_FRAGMENT(pini_native, m) {
-  m.def(
-      "inject(Tensor x, Tensor mu, Tensor sigma, Tensor seed, int num_samples, bool multiply, "
-      "int rows, int width, int inner, int rows_per_chunk, ScalarType out_dtype, "
-      "bool sample_dim) -> Tensor");
-}
+// The op's schema: pini_kernels/native.py's inject_autograd passes the arguments in this order.
+constexpr const char* kInjectSchema =
+    "inject(Tensor x, Tensor mu, Tensor sigma, Tensor seed, int num_samples, bool multiply, "
+    "int rows, int width, int inner, int rows_per_chunk, ScalarType out_dtype, "
+    "bool sample_dim) -> Tensor";
+
+TORCH_LIBRARY_FRAGMENT(pini_native, m) { m.def(kInjectSchema); }
 
 TORCH_LIBRARY_IMPL(pini_native, Autograd, m) { m.impl("inject", &inject_autograd); }
 
