@@ -97,6 +97,7 @@ def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: 
     class BuildNativeOrWarn(build_command):
         def run(self):
             with_cuda = cpu_alone is not None
+            compiler = self.compiler  # build_ext.run replaces it with the compiler it made
             try:
                 super().run()
                 return
@@ -112,6 +113,7 @@ def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: 
                     stacklevel=1,
                 )
                 self.extensions = [cpu_alone]
+                self.compiler = compiler  # a new compiler for the retry, as the first run had
                 try:
                     super().run()
                     return

@@ -372,15 +372,21 @@ def test_a_failed_cuda_compile_keeps_the_cpu_kernels(monkeypatch, capsys, tmp_pa
 
 
 class _FakeBuild:
-    """A build command whose compile fails for every extension named in ``failing``."""
+    """A build command whose compile fails for every extension named in ``failing``. Like
+    setuptools' build_ext, a run replaces ``compiler`` (the name given, or None) with the
+    compiler object it makes, and fails when given such an object."""
 
     failing: tuple = ()
 
     def __init__(self, extensions):
         self.extensions = list(extensions)
         self.built = []
+        self.compiler = None
 
     def run(self):
+        if self.compiler is not None:
+            raise TypeError("don't know how to compile C/C++ code with <Compiler object>")
+        self.compiler = object()
         if any(name in self.failing for name in self.extensions):
             raise RuntimeError("Error compiling objects for extension")
         self.built.append(list(self.extensions))
