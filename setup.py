@@ -88,6 +88,20 @@ def cpu_target(compiler: str) -> tuple[list[str], list[tuple[str, str]]]:
     return X86_64_V3_FLAGS, []
 
 
+def _takes_place_of(extension, original, command) -> None:
+    """``extension`` (of the same name) replaces ``original`` in ``command`` after its options
+    were finalized: it gets what setuptools' build_ext.finalize_options set on ``original``
+    (``_full_name``, ``_needs_stub``, ...) and its entry in ``ext_map``."""
+    for name, value in vars(original).items():
+        if name.startswith("_") and not hasattr(extension, name):
+            setattr(extension, name, value)
+    ext_map = getattr(command, "ext_map", None)
+    if isinstance(ext_map, dict):
+        for key, value in list(ext_map.items()):
+            if value is original:
+                ext_map[key] = extension
+
+
 def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: bool, cpu_alone):
     """``build_command`` that, when the CUDA kernels fail to compile and were not required, builds
     ``cpu_alone`` (the extension without them; None when there is none to fall back to) instead,
@@ -112,6 +126,7 @@ def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: 
                     "`python -m pini_kernels.build` names the first error.",
                     stacklevel=1,
                 )
+                _takes_place_of(cpu_alone, self.extensions[0], self)
                 self.extensions = [cpu_alone]
                 self.compiler = compiler  # a new compiler for the retry, as the first run had
                 try:

@@ -371,15 +371,24 @@ def test_a_failed_cuda_compile_keeps_the_cpu_kernels(monkeypatch, capsys, tmp_pa
     assert capsys.readouterr().out.strip().endswith("the first error: a.cpp:1: error: x")
 
 
+class _FakeExtension:
+    def __init__(self, name: str):
+        self.name = name
+
+
 class _FakeBuild:
     """A build command whose compile fails for every extension named in ``failing``. Like
-    setuptools' build_ext, a run replaces ``compiler`` (the name given, or None) with the
-    compiler object it makes, and fails when given such an object."""
+    setuptools' build_ext: its options' finalizing sets ``_needs_stub`` on each extension and
+    fills ``ext_map``, which a run needs; a run replaces ``compiler`` (the name given, or None)
+    with the compiler object it makes, and fails when given such an object."""
 
     failing: tuple = ()
 
     def __init__(self, extensions):
         self.extensions = list(extensions)
+        for extension in self.extensions:
+            extension._needs_stub = False
+        self.ext_map = {"pini_kernels._C": self.extensions[0]}
         self.built = []
         self.compiler = None
 
@@ -387,9 +396,13 @@ class _FakeBuild:
         if self.compiler is not None:
             raise TypeError("don't know how to compile C/C++ code with <Compiler object>")
         self.compiler = object()
-        if any(name in self.failing for name in self.extensions):
+        for extension in self.extensions:
+            extension._needs_stub  # noqa: B018 (AttributeError when not finalized)
+            assert self.ext_map["pini_kernels._C"] is extension
+        names = [extension.name for extension in self.extensions]
+        if any(name in self.failing for name in names):
             raise RuntimeError("Error compiling objects for extension")
-        self.built.append(list(self.extensions))
+        self.built.append(names)
 
 
 @pytest.mark.parametrize(
@@ -410,9 +423,14 @@ def test_pip_installs_keep_the_cpu_kernels_when_the_cuda_ones_fail_to_compile(
     builds the CPU kernels alone (with a warning), rather than leaving no native backend."""
     import warnings
 
-    wrap = _setup_function("warn_when_compiling_fails", warnings=warnings)
+    takes_place_of = _setup_function("_takes_place_of")
+    wrap = _setup_function(
+        "warn_when_compiling_fails", warnings=warnings, _takes_place_of=takes_place_of
+    )
     base = type("Failing", (_FakeBuild,), {"failing": failing})
-    command = wrap(base, cpu_required, cuda_required, "cpu")(["cpu+cuda"])
+    command = wrap(base, cpu_required, cuda_required, _FakeExtension("cpu"))(
+        [_FakeExtension("cpu+cuda")]
+    )
     if expected is RuntimeError:
         with pytest.raises(RuntimeError):
             command.run()
@@ -421,7 +439,9 @@ def test_pip_installs_keep_the_cpu_kernels_when_the_cuda_ones_fail_to_compile(
         warnings.simplefilter("always")
         command.run()
     assert command.built == expected
-    assert command.extensions == (expected[-1] if expected else [])
+    assert [extension.name for extension in command.extensions] == (
+        expected[-1] if expected else []
+    )
     said = " ".join(str(warning.message) for warning in caught)
     if failing:
         assert "CUDA kernels failed" in said and "'cuda' backend is missing" in said
