@@ -411,8 +411,8 @@ DOCS_QUOTES = {
         ("fused_inject, forward+backward", "feature-B32-D512-m1", "vs eager"),
     ],
     "per-row / per-feature mu and sigma, forward+backward | {} / {} |": [
-        ("fused_inject, forward+backward", "feature-B32-D512-per-row", "vs eager"),
-        ("fused_inject, forward+backward", "feature-B32-D512-per-feature", "vs eager"),
+        ("fused_inject, forward+backward", f"feature-B32-D512-per-{kind}", "vs eager")
+        for kind in ("row", "feature")
     ],
     "m=4, forward / forward+backward | {} / {} |": [
         ("fused_inject, forward", "image-B8-m4", "vs eager"),
