@@ -111,7 +111,10 @@ def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: 
     class BuildNativeOrWarn(build_command):
         def run(self):
             with_cuda = cpu_alone is not None
-            compiler = self.compiler  # build_ext.run replaces it with the compiler it made
+            # What a run changes and does not put back when the compile fails: the compiler
+            # (replaced by the one it made) and setuptools' inplace (cleared while building, so
+            # an editable install's copy into the source tree would be skipped).
+            state = {name: getattr(self, name) for name in ("compiler", "inplace")}
             try:
                 super().run()
                 return
@@ -128,7 +131,8 @@ def warn_when_compiling_fails(build_command, cpu_required: bool, cuda_required: 
                 )
                 _takes_place_of(cpu_alone, self.extensions[0], self)
                 self.extensions = [cpu_alone]
-                self.compiler = compiler  # a new compiler for the retry, as the first run had
+                for name, value in state.items():
+                    setattr(self, name, value)
                 try:
                     super().run()
                     return

@@ -380,7 +380,9 @@ class _FakeBuild:
     """A build command whose compile fails for every extension named in ``failing``. Like
     setuptools' build_ext: its options' finalizing sets ``_needs_stub`` on each extension and
     fills ``ext_map``, which a run needs; a run replaces ``compiler`` (the name given, or None)
-    with the compiler object it makes, and fails when given such an object."""
+    with the compiler object it makes, and fails when given such an object; it clears
+    ``inplace`` while building and copies the built extensions into the source tree after, when
+    it was set (an editable install)."""
 
     failing: tuple = ()
 
@@ -389,13 +391,15 @@ class _FakeBuild:
         for extension in self.extensions:
             extension._needs_stub = False
         self.ext_map = {"pini_kernels._C": self.extensions[0]}
-        self.built = []
+        self.built, self.copied = [], []
         self.compiler = None
+        self.inplace = True
 
     def run(self):
         if self.compiler is not None:
             raise TypeError("don't know how to compile C/C++ code with <Compiler object>")
         self.compiler = object()
+        inplace, self.inplace = self.inplace, False
         for extension in self.extensions:
             extension._needs_stub  # noqa: B018 (AttributeError when not finalized)
             assert self.ext_map["pini_kernels._C"] is extension
@@ -403,6 +407,9 @@ class _FakeBuild:
         if any(name in self.failing for name in names):
             raise RuntimeError("Error compiling objects for extension")
         self.built.append(names)
+        self.inplace = inplace
+        if inplace:
+            self.copied.append(names)
 
 
 @pytest.mark.parametrize(
@@ -439,6 +446,7 @@ def test_pip_installs_keep_the_cpu_kernels_when_the_cuda_ones_fail_to_compile(
         warnings.simplefilter("always")
         command.run()
     assert command.built == expected
+    assert command.copied == expected  # into the source tree: an editable install imports it
     assert [extension.name for extension in command.extensions] == (
         expected[-1] if expected else []
     )
