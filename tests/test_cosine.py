@@ -319,7 +319,11 @@ def test_device_targets_checked_without_reading_them_back():
     ("change", "error", "words"),
     [
         (dict(text=torch.randn(6, 9)), ValueError, "same feature dimension D, got 8 and 9"),
-        (dict(image=torch.randn(2, 4, 8)), ValueError, r"image_features must be 2-D \(B, D\)"),
+        (
+            dict(image=torch.randn(1, 2, 4, 8)),
+            ValueError,
+            r"image_features must be \(B, D\) or \(num_samples, B, D\)",
+        ),
         (dict(image_noise=(torch.randn(3),)), TypeError, "image_noise must be None or a"),
         (dict(text_noise=(torch.randn(5, 8), 1.0)), ValueError, r"text_noise\[0\] \(mu\) of shape"),
         (dict(logit_scale=torch.ones(2)), ValueError, "logit_scale must be a scalar"),
