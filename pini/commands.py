@@ -24,8 +24,8 @@ from .progress import say
 from .run_flags import CONFIG_FLAGS
 from .run_folders import SUMMARY, lock_folder, unlock_folder, write_json
 from .runner import (
-    check_classes,
     evaluate_stored,
+    evaluation_split,
     execute,
     load_stored_method,
     load_stored_pini,
@@ -136,7 +136,7 @@ def sweep_command(args) -> int:
         run_args = _run_arguments(args, row, backbone)
         plan = plan_sweep_run(run_args, row.method, shots, seed, folder, split)
         for target in targets:
-            check_classes(plan.run, target)
+            evaluation_split(plan.run, target)
         runs.append(_SweepRun(plan, row, backbone, run_args))
     rank, _ = distributed_rank_world()
     if rank == 0:

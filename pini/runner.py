@@ -441,12 +441,12 @@ def load_stored_method(args, command: str, *, inference: bool = False):
         root, dataset = args.root, args.dataset
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
-    split = check_classes(run, load_split(root, dataset, "test"))
+    split = evaluation_split(run, load_split(root, dataset, "test"))
     model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
     return run, split, with_inference(model, run, args.checkpoint, **given), clip
 
 
-def check_classes(run: dict, split):
+def evaluation_split(run: dict, split):
     """The split a stored run is evaluated on: a run that learned something per class only on
     data of its own classes (with their logits restricted to a dataset's class subset); any
     other run on the subset's classes alone (ImageNet-A, -R: the model is built on those
@@ -462,10 +462,10 @@ def check_classes(run: dict, split):
 
 def restore_on(checkpoint, split, device: str, *, progress: bool, trusted: bool):
     """(run record, the split it is evaluated on, model with the checkpoint's state, frozen
-    CLIP): the stored method rebuilt on ``split`` (on its class subset, ``check_classes``), as
+    CLIP): the stored method rebuilt on ``split`` (on its class subset, ``evaluation_split``), as
     ``load_stored_method`` rebuilds it for ``pini eval --dataset``."""
     state, run = _stored_run(checkpoint)
-    split = check_classes(run, split)
+    split = evaluation_split(run, split)
     return (run, split, *_restored(state, run, split, device, progress, trusted))
 
 
