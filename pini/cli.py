@@ -206,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
         "(the authors', default); --no-prompt-noise-per-step draws it per sample",
     )
     model.add_argument(
+        "--text-feature-noise-per-step",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="training with --num-samples m and text-feature noise: the m samples share one "
+        "draw of it per step (the authors', default); --no-text-feature-noise-per-step draws it "
+        "per sample",
+    )
+    model.add_argument(
         "--fixed-prompt",
         default=None,
         choices=FIXED_PROMPTS,
@@ -446,7 +454,8 @@ def _parser() -> argparse.ArgumentParser:
         "Noise flags apply to the pini runs; the training flags (--epochs, --lr, --batch-size, "
         "--optimizer, --weight-decay, --warmup-epochs, --warmup-lr) to every trained method, "
         "--momentum to those trained with SGD. With no --root: every method on the bundled "
-        "digits. One command per table: --noise-rows table1 (Table 1: a row per noise row), "
+        "digits. One command per table: --noise-rows table1 (Table 1: a row per location and "
+        "generator), "
         "--dataset imagenet --eval-datasets imagenetv2 imagenet-sketch imagenet-a imagenet-r "
         "(Table 3: source, targets, target average), --models A B (Table 4: methods against "
         "backbones, runs in OUTPUT/<backbone>/).",
@@ -465,9 +474,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ROW",
         help="Table 1: PiNI once per noise row, each a --noise row whose locations may name "
-        "their generator (image:attention, feature:mlp+prompt), or a preset: table1 (its "
-        "eight rows), generators (each location alone with each generator); one table row "
-        "each (default: PiNI once, with the noise flags)",
+        "their generator (image:attention, feature:mlp+prompt), or a preset: table1 (each "
+        "location alone with each of the paper's generators for it), locations (the eight "
+        "--noise rows), generators (each location alone with each generator pini has); one "
+        "table row each (default: PiNI once, with the noise flags)",
     )
     sweep.add_argument(
         "--models",

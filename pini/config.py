@@ -18,6 +18,15 @@ VISUAL_GENERATORS = {
     "feature": ("attention", "mlp"),
 }
 TEXT_GENERATORS = {"prompt": ("embedding",), "feature": ("embedding", "mlp")}
+# The generators the paper gives each location (Section 4.2, Fig. 3), as pini builds them: the
+# rows of its Table 1 (noise location x generator), `pini sweep --noise-rows table1`. For raw
+# images its residual CNN (the authors' build) and the patch tokens' cross-attention; for the
+# visual features the cross-attention and an MLP; learnable (mu, sigma) for the prompt; an MLP
+# and learnable (mu, sigma) for the text features.
+PAPER_GENERATORS = {
+    "visual": {"image": ("cnn-authors", "attention"), "feature": ("attention", "mlp")},
+    "text": {"prompt": ("embedding",), "feature": ("mlp", "embedding")},
+}
 INFERENCE_MODES = ("sample", "mean", "average")
 # "shared": one (L, width) prompt noise draw per sample added to every class's prompt (the paper:
 # the template is the random variable); "per-class": each class's prompt gets its own draw.
@@ -51,6 +60,7 @@ class PiNIConfig:
     prompt_noise_draw: "shared" (the paper) or "per-class" (each class its own draw).
     prompt_noise_per_step: in training, one prompt noise draw per step that all m samples share
     (the authors'), or with False one per sample; inference draws one per sample either way.
+    text_feature_noise_per_step: the same for the text-feature noise (``text="feature"``).
     fixed_prompt: the text of the rows without prompt noise, "hand-written" (the dataset's
     zero-shot prompt, the authors') or "placeholder" (PiNI's prompt without noise).
     precision: "fp32"; "bf16" / "fp16" autocast the frozen towers; "fp16-all" casts CLIP and the
@@ -69,6 +79,7 @@ class PiNIConfig:
     inference_samples: int = 8
     prompt_noise_draw: str = "shared"  # or "per-class"
     prompt_noise_per_step: bool = True  # training: m samples share one prompt noise draw
+    text_feature_noise_per_step: bool = True  # training: ... and one text-feature noise draw
     fixed_prompt: str = "hand-written"  # rows without prompt noise; or "placeholder"
     scaled_attention: bool = False
     sigma_activation: str = "abs"
@@ -89,10 +100,9 @@ class PiNIConfig:
         _choice("sigma_activation", self.sigma_activation, gen.SIGMA_ACTIVATIONS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("fixed_prompt", self.fixed_prompt, FIXED_PROMPTS)
-        if not isinstance(self.prompt_noise_per_step, bool):
-            raise ValueError(
-                f"prompt_noise_per_step must be True or False, got {self.prompt_noise_per_step!r}"
-            )
+        for name in ("prompt_noise_per_step", "text_feature_noise_per_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _choice("noise_path", self.noise_path, NOISE_PATHS)
         _choice("head_init", self.head_init, gen.HEAD_INITS)
         for name in ("num_samples", "inference_samples"):

@@ -7,10 +7,11 @@ train; CLIP is frozen and kept in eval mode. Every noise path calls ``pini_kerne
 ``FusedNoisePath``; ``noise_path="eager"`` swaps in ``EagerNoisePath``, the same noise and loss in
 plain PyTorch as the authors write it.
 
-Eq. (13) averages over ``num_samples`` = m noise samples. The image or feature noise and the
-text-feature noise are drawn anew for each sample; the prompt noise (one (L, width) draw shared by
-every class) once per training step, shared by the m samples as in the authors' code, or with
-``prompt_noise_per_step=False`` once per sample (inference always draws it per sample). One
+Eq. (13) averages over ``num_samples`` = m noise samples. The image or feature noise is drawn
+anew for each sample; the prompt noise (one (L, width) draw shared by every class) and the
+text-feature noise once per training step, shared by the m samples as in the authors' code, which
+repeats only the visual noise, or with ``prompt_noise_per_step=False`` /
+``text_feature_noise_per_step=False`` once per sample (inference always draws them per sample). One
 step's seed s drives them all (docs/spec.md §4): image features s, text features s + 1, prompt
 embeddings s + 2, raw images s + 3.
 
@@ -43,6 +44,7 @@ from .noise_paths import (
     IMAGE_STREAM,
     NOISE_PATH_OPS,
     PROMPT_STREAM,
+    TEXT_FEATURE_STREAM,
     EagerNoisePath,
     FusedNoisePath,
     step_seed,
@@ -347,10 +349,14 @@ class PiNI(nn.Module):
         sigma_scale: float,
         seed: int,
         one_prompt_draw: bool = False,
+        one_text_feature_draw: bool = False,
     ) -> dict:
         """Keyword arguments of the one pini_kernels logits/loss call that covers
         ``num_samples`` noise samples of the batch ``images`` (B, 3, H, W), every Table 1 row;
-        ``one_prompt_draw``: the samples share one prompt noise draw (``text_features``).
+        ``one_prompt_draw``: the samples share one prompt noise draw (``text_features``);
+        ``one_text_feature_draw``: they share one text-feature noise draw, sample 0 of the
+        stream below, injected here (the op then gets noisy (C, D) text features and no text
+        noise), after the visual generator has read the text features without it.
 
         The op draws the text features' noise (stream ``seed + 1`` over (num_samples, C, D)) and
         takes per-sample text features (num_samples, C, D) as they are. It draws the image
@@ -364,8 +370,6 @@ class PiNI(nn.Module):
             num_samples, sigma_scale=sigma_scale, seed=seed, one_prompt_draw=one_prompt_draw
         )
         call = dict(
-            text_features=text,
-            text_noise=text_noise,
             logit_scale=self.clip.logit_scale.exp(),
             mode=self.config.mode,
             seed=seed,
@@ -374,25 +378,36 @@ class PiNI(nn.Module):
         visual = self.config.visual
         if visual == "image":
             features = self._noisy_image_features(images, text, num_samples, sigma_scale, seed)
-            return dict(image_features=features, **call)
-        features = self.encode_image(images)
-        image_noise = None
-        if visual == "feature":
-            image_noise = self._feature_noise(features, text, sigma_scale)
-        if text.dim() == 3 and self._reads_text():  # (mu, sigma) of each sample's text
-            features = self._inject_samples(
-                features, *image_noise, num_samples, seed + IMAGE_FEATURE_STREAM
-            )
             image_noise = None
-        return dict(image_features=features, image_noise=image_noise, **call)
+        else:
+            features = self.encode_image(images)
+            image_noise = None
+            if visual == "feature":
+                image_noise = self._feature_noise(features, text, sigma_scale)
+            if text.dim() == 3 and self._reads_text():  # (mu, sigma) of each sample's text
+                features = self._inject_samples(
+                    features, *image_noise, num_samples, seed + IMAGE_FEATURE_STREAM
+                )
+                image_noise = None
+        if one_text_feature_draw and text_noise is not None and num_samples > 1:
+            text = self._inject_samples(text, *text_noise, 1, seed + TEXT_FEATURE_STREAM)[0]
+            text_noise = None
+        return dict(
+            image_features=features,
+            image_noise=image_noise,
+            text_features=text,
+            text_noise=text_noise,
+            **call,
+        )
 
     def loss(
         self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None
     ) -> torch.Tensor:
         """Eq. (13): cross-entropy of the noisy cosine logits, averaged over the batch and over
         ``num_samples`` noise samples per image, in one op call: each sample with its own image
-        (or feature) and text-feature noise, the prompt noise drawn once for the step
-        (``prompt_noise_per_step``, the authors') or per sample. images: (B, 3, H, W); labels:
+        (or feature) noise, the prompt or text-feature noise drawn once for the step
+        (``prompt_noise_per_step``, ``text_feature_noise_per_step``: the authors') or per
+        sample. images: (B, 3, H, W); labels:
         (B,). Returns a float32 scalar."""
         call = self._logits_op_call(
             images,
@@ -400,6 +415,7 @@ class PiNI(nn.Module):
             1.0,
             step_seed(seed),
             one_prompt_draw=self.config.prompt_noise_per_step,
+            one_text_feature_draw=self.config.text_feature_noise_per_step,
         )
         return self.noise_ops.noisy_cross_entropy(target=labels, **call)
 

@@ -21,6 +21,7 @@ CONFIG_FLAGS = {
     "precision": "--precision",
     "prompt_noise_draw": "--prompt-noise-draw",
     "prompt_noise_per_step": "--prompt-noise-per-step",
+    "text_feature_noise_per_step": "--text-feature-noise-per-step",
     "fixed_prompt": "--fixed-prompt",
     "sigma_activation": "--sigma-activation",
     "scaled_attention": "--scaled-attention",

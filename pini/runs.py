@@ -40,19 +40,24 @@ VALIDATION_SHOTS = 4
 DEFAULT_ROW = "feature+prompt"  # the Table 1 row of a run without noise flags
 RUN_FORMAT = "pini-run/1"
 MAX_SEED = 1 << 62
-# PiNIConfig fields that only a run with prompt noise uses: refused for any other when given.
-PROMPT_ROW_OPTIONS = ("prompt_noise_per_step",)
+# PiNIConfig fields that only a run with that text noise uses ("prompt" or text "feature"),
+# with the noise's name in a message: refused for any other run when given.
+TEXT_ROW_OPTIONS = {
+    "prompt_noise_per_step": ("prompt", "the prompt noise"),
+    "text_feature_noise_per_step": ("feature", "the text-feature noise"),
+}
 # Options added to the run record after runs were written without them, each with the value
 # that is what such a run did: a record without one reads as that value, so an older run
 # resumes, evaluates and predicts exactly as it was trained (docs/spec.md §11). Today's defaults
 # differ (Dassl's schedule and loader, PyTorch's initialisation of the output layers, the
-# authors' prompts and one prompt noise draw per step).
+# authors' prompts and one prompt or text-feature noise draw per step).
 OPTIONS_ADDED = {
     "train_config": {"cosine_from": "start", "drop_last": False},
     "pini_config": {
         "head_init": "small",
         "fixed_prompt": "placeholder",
         "prompt_noise_per_step": False,
+        "text_feature_noise_per_step": False,
     },
 }
 
@@ -73,12 +78,11 @@ def _pini_config(request: dict) -> PiNIConfig:
             "--scaled-attention scales the cross-attention generators, and this run has none "
             f"(--visual {config.visual}, --visual-generator {config.visual_generator})"
         )
-    prompt_flags = [CONFIG_FLAGS[key] for key in PROMPT_ROW_OPTIONS if key in request]
-    if prompt_flags and config.text != "prompt":
-        raise InputError(
-            f"{', '.join(prompt_flags)} shape{'s' if len(prompt_flags) == 1 else ''} the prompt "
-            f"noise, and this run has none (--text {config.text})"
-        )
+    for key, (text, noise) in TEXT_ROW_OPTIONS.items():
+        if key in request and config.text != text:
+            raise InputError(
+                f"{CONFIG_FLAGS[key]} shapes {noise}, and this run has none (--text {config.text})"
+            )
     if "fixed_prompt" in request and config.text == "prompt":
         raise InputError(
             "--fixed-prompt is the prompt of the rows without prompt noise, and this run's prompt "

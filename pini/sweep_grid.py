@@ -5,8 +5,9 @@ methods, PiNI once per ``--noise-rows`` row: the paper's Table 1) and its backbo
 A noise row is a row of the paper's Table 1 by its ``--noise`` name, each location optionally
 with its generator after a colon: ``image``, ``image:attention``, ``feature:mlp+prompt``,
 ``text-feature:embedding``; a location's first generator (Table 1's) is left out of the row's
-name. Presets: ``table1`` (Table 1's eight rows) and ``generators`` (each location alone with
-each of its generators).
+name. Presets: ``table1`` (Table 1: each location alone with each of the paper's generators for
+it), ``locations`` (the eight ``--noise`` rows: each location alone and each visual x text pair)
+and ``generators`` (each location alone with each generator pini has, the lighter ones too).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .config import TABLE1, TEXT_GENERATORS, VISUAL_GENERATORS
+from .config import PAPER_GENERATORS, TABLE1, TEXT_GENERATORS, VISUAL_GENERATORS
 from .errors import InputError
 
 # --noise-rows' locations: the name in a row -> (the PiNIConfig side, its location there).
@@ -26,7 +27,12 @@ LOCATIONS = {
 }
 _GENERATORS = {"visual": VISUAL_GENERATORS, "text": TEXT_GENERATORS}
 NOISE_ROW_PRESETS = {
-    "table1": list(TABLE1),
+    "table1": [
+        f"{name}:{generator}"
+        for name, (side, where) in LOCATIONS.items()
+        for generator in PAPER_GENERATORS[side][where]
+    ],
+    "locations": list(TABLE1),
     "generators": [
         f"{name}:{generator}"
         for name, (side, where) in LOCATIONS.items()

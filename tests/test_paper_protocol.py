@@ -1,6 +1,7 @@
 """The paper's protocol as the authors run it (docs/training.md, "Differences from the paper and
 the authors' code"): the prompt of the rows without prompt noise, ImageNet-A/-R models built on
-their 200 classes, fp16 everywhere as an option, one prompt noise draw per training step."""
+their 200 classes, fp16 everywhere as an option, one prompt and one text-feature noise draw per
+training step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 import pini
 import pini.noise_paths
+import pini_kernels
 from pini import cli, runner
 from pini.config import TABLE1
 from pini.data.load import load_dataset
@@ -135,7 +137,9 @@ def test_a_run_from_before_these_options_reads_as_it_was_trained(tmp_path, capsy
     evaluate = ["eval", "--checkpoint", output / "checkpoint.pt"]
     status, before, _ = run_cli(evaluate, capsys)
     assert status == 0
-    _strip_from_record(output, ("fixed_prompt", "prompt_noise_per_step"))
+    _strip_from_record(
+        output, ("fixed_prompt", "prompt_noise_per_step", "text_feature_noise_per_step")
+    )
     status, after, err = run_cli(evaluate, capsys)
     assert status == 0, err
     assert after == before
@@ -333,6 +337,128 @@ def test_inference_draws_prompt_noise_per_sample_under_either_option(monkeypatch
         model(_images(), seed=2)
     (text,) = seen
     assert text.shape[0] == 3 and not torch.allclose(text[0], text[1])
+
+
+def _loss_call(monkeypatch, model, seed: int = 11) -> dict:
+    """The keyword arguments of the loss's one op call, and the loss it returned."""
+    seen = []
+    ops = pini.noise_paths.NOISE_PATH_OPS[model.config.noise_path]
+    original = ops.noisy_cross_entropy
+
+    def spy(**call):
+        seen.append(call)
+        return original(**call)
+
+    monkeypatch.setattr(ops, "noisy_cross_entropy", spy)
+    loss = model.loss(_images(), torch.tensor([0, 1, 2, 0]), seed=seed)
+    monkeypatch.undo()
+    (call,) = seen
+    return dict(call, loss=loss)
+
+
+@pytest.mark.parametrize("noise_path", ["fused", "eager"])
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("row", ["text-feature", "image+text-feature", "feature+text-feature"])
+@pytest.mark.parametrize("generator", ["mlp", "embedding"])
+def test_text_feature_noise_per_step_is_sample_0_of_its_stream_for_every_sample(
+    monkeypatch, noise_path, mode, row, generator
+):
+    """The authors' repeat of the visual noise alone: the m samples are scored against one draw
+    of the text-feature noise, noise((m, C, D), seed + 1)[0], and each keeps its own visual
+    noise; with text_feature_noise_per_step=False the op draws it per sample as before."""
+    options = dict(num_samples=3, noise_path=noise_path, mode=mode, text_generator=generator)
+    if row.startswith("image"):
+        options["visual_generator"] = "cnn-light"  # a small one: the draw is the point
+    model = _model(row, **options)
+    assert model.config.text_feature_noise_per_step  # the authors' default
+    call = _loss_call(monkeypatch, model)
+    assert call["text_noise"] is None and call["text_features"].shape == (3, 32)
+    text, (mu, sigma) = model.text_features(seed=11)
+    eps = pini_kernels.noise((3, *text.shape), seed=11 + 1)[0]
+    expected = (text * (mu + sigma * eps)) if mode == "mul" else text + mu + sigma * eps
+    torch.testing.assert_close(call["text_features"], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(call["text_features"], text)
+    if row != "text-feature":  # the visual noise is still per sample
+        image = call["image_features"] if call["image_noise"] is None else None
+        if image is not None:
+            assert image.shape[0] == 3 and not torch.allclose(image[0], image[1])
+        else:
+            assert call["num_samples"] == 3
+    per_sample = _model(row, text_feature_noise_per_step=False, **options)
+    old = _loss_call(monkeypatch, per_sample)
+    assert old["text_noise"] is not None and old["num_samples"] == 3
+    assert not torch.allclose(old["loss"], call["loss"])
+
+
+def test_text_feature_noise_per_step_is_the_per_sample_loss_with_every_draw_the_first():
+    """By value: the per-step loss is the per-sample loss whose m text-feature draws are all
+    sample 0 (the op given one noisy (C, D) text and no text noise), on the fused and eager
+    paths alike, and its gradients reach the text generator."""
+    images, labels = _images(), torch.tensor([0, 1, 2, 0])
+    losses = {}
+    for path in ("fused", "eager"):
+        model = _model("feature+text-feature", num_samples=4, noise_path=path)
+        loss = model.loss(images, labels, seed=5)
+        loss.backward()
+        grads = [p.grad for p in model.text_generator.parameters()]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+        losses[path] = loss.detach()
+        text, (mu, sigma) = model.text_features(seed=5)
+        noisy = text + mu + sigma * pini_kernels.noise((1, *text.shape), seed=6)[0]
+        features = model.encode_image(images.to(model.compute_dtype))
+        image_noise = model._feature_noise(features, text, 1.0)
+        by_hand = model.noise_ops.noisy_cross_entropy(
+            target=labels,
+            image_features=features,
+            image_noise=image_noise,
+            text_features=noisy,
+            text_noise=None,
+            logit_scale=model.clip.logit_scale.exp(),
+            mode="add",
+            seed=5,
+            num_samples=4,
+        )
+        torch.testing.assert_close(loss.detach(), by_hand.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["fused"], losses["eager"], rtol=1e-5, atol=1e-6)
+
+
+def test_with_one_sample_both_text_feature_noise_options_give_the_same_loss():
+    images, labels = _images(), torch.tensor([0, 1, 2, 0])
+    losses = [
+        _model("feature+text-feature", text_feature_noise_per_step=per_step).loss(
+            images, labels, seed=4
+        )
+        for per_step in (True, False)
+    ]
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_inference_draws_text_feature_noise_per_sample():
+    model = _model("text-feature", inference="average", inference_samples=3)
+    assert model.config.text_feature_noise_per_step
+    call = model._logits_op_call(_images(), 3, 1.0, seed=2)
+    assert call["text_noise"] is not None and call["num_samples"] == 3
+
+
+def test_the_text_feature_noise_option_needs_text_feature_noise(tmp_path, capsys):
+    data = make_folder(tmp_path / "data" / "toy").parent
+    for row in ("feature", "prompt"):
+        result = run_cli(
+            toy_train(data, tmp_path / row, "--noise", row, "--no-text-feature-noise-per-step"),
+            capsys,
+        )
+        text = "none" if row == "feature" else "prompt"
+        assert_one_line_error(
+            result, "--text-feature-noise-per-step", f"has none (--text {text})"
+        )
+    output = tmp_path / "ok"
+    flags = ("--noise", "text-feature", "--num-samples", "2", "--no-text-feature-noise-per-step")
+    status, _, err = run_cli(toy_train(data, output, *flags), capsys)
+    assert status == 0, err
+    record = json.loads((output / "run.json").read_text())["pini_config"]
+    assert record["text_feature_noise_per_step"] is False
+    with pytest.raises(ValueError, match="text_feature_noise_per_step must be True or False"):
+        pini.PiNIConfig(text_feature_noise_per_step=1)
 
 
 def test_prompt_noise_per_step_must_be_a_bool():

@@ -222,8 +222,8 @@ def test_feature_prompt_row_by_hand_with_three_samples(backbone, per_step):
 )
 def test_image_rows_by_hand_with_two_samples(backbone, visual_generator, text, mode):
     """Raw-image noise of sample j is noise((m, B, 3, H, W), seed + 3)[j]; text-feature noise
-    noise((m, C, D), seed + 1)[j]; prompt noise as documented, drawn per sample in the loss too
-    (prompt_noise_per_step=False)."""
+    noise((m, C, D), seed + 1)[j]; prompt noise as documented; both drawn per sample in the
+    loss too (prompt_noise_per_step=False, text_feature_noise_per_step=False)."""
     samples = 2
     model = _model(
         backbone,
@@ -234,6 +234,7 @@ def test_image_rows_by_hand_with_two_samples(backbone, visual_generator, text, m
         mode=mode,
         num_samples=samples,
         prompt_noise_per_step=False,
+        text_feature_noise_per_step=False,
     ).eval()
     images, labels = _batch()
     logits = model.sample_logits(images, samples, seed=SEED)

@@ -16,6 +16,7 @@ from test_cli import TINY, assert_one_line_error, make_folder, run_cli
 from test_user_numbers import _markdown_rows
 
 from pini import sweep_grid
+from pini.config import TABLE1
 from pini.errors import InputError
 
 SEEDS = [1, 2]
@@ -49,22 +50,26 @@ def _mtimes(folder) -> dict:
 
 def test_noise_rows_parse_presets_generators_and_drop_repeats():
     rows = sweep_grid.rows(
-        ["pini", "coop"], ["table1", "image:cnn-authors", "text-feature:embedding"]
+        ["pini", "coop"], ["table1", "image:cnn-authors", "feature+prompt", "prompt:embedding"]
     )
     keys = [row.key for row in rows]
-    assert keys[:8] == [
+    assert keys[:7] == [
         "pini image",
+        "pini image:attention",
         "pini feature",
+        "pini feature:mlp",
         "pini prompt",
         "pini text-feature",
-        "pini image+prompt",
-        "pini image+text-feature",
-        "pini feature+prompt",
-        "pini feature+text-feature",
-    ]  # image:cnn-authors is Table 1's image row: not a second one
-    assert keys[8:] == ["pini text-feature:embedding", "coop"]
-    assert rows[8].noise == {"noise": "text-feature", "text_generator": "embedding"}
-    assert rows[8].folder == "pini-text-feature:embedding"
+        "pini text-feature:embedding",
+    ]  # Table 1: one location each, with each of the paper's generators for it; image is
+    # image:cnn-authors and prompt is prompt:embedding, not second rows
+    assert keys[7:] == ["pini feature+prompt", "coop"]
+    assert rows[1].noise == {"noise": "image", "visual_generator": "attention"}
+    assert rows[6].noise == {"noise": "text-feature", "text_generator": "embedding"}
+    assert rows[6].folder == "pini-text-feature:embedding"
+    locations = [row.key for row in sweep_grid.rows(["pini"], ["locations"])]
+    assert locations == [f"pini {row}" for row in TABLE1]  # the eight --noise rows
+    assert len(locations) == 8 and "pini feature+text-feature" in locations
     (prompt_first,) = sweep_grid.rows(["pini"], ["prompt+feature:mlp"])
     assert prompt_first.key == "pini feature:mlp+prompt"
     assert prompt_first.noise == {"noise": "feature+prompt", "visual_generator": "mlp"}
