@@ -448,9 +448,7 @@ def test_the_text_feature_noise_option_needs_text_feature_noise(tmp_path, capsys
             capsys,
         )
         text = "none" if row == "feature" else "prompt"
-        assert_one_line_error(
-            result, "--text-feature-noise-per-step", f"has none (--text {text})"
-        )
+        assert_one_line_error(result, "--text-feature-noise-per-step", f"has none (--text {text})")
     output = tmp_path / "ok"
     flags = ("--noise", "text-feature", "--num-samples", "2", "--no-text-feature-noise-per-step")
     status, _, err = run_cli(toy_train(data, output, *flags), capsys)
