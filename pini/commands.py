@@ -249,7 +249,9 @@ def _run_sweep(args, runs, output: Path, rows, backbones, splits, targets, rank:
 def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
     """(the evaluation of the finished run in ``folder`` on ``target``, "evaluated" or "done
     before"): ``pini eval --dataset``'s numbers, kept in RUN/eval-<target>.json; one kept there
-    is reused while the target's test listing is the same."""
+    is reused while the target's test listing is the same, if it records the classes its model
+    was built on (an entry without ``model_classes`` predates per-class noise cut to a class
+    subset, so it is evaluated again)."""
     path = folder / f"eval-{target.name}.json"
     listing = listing_fingerprint(target.test, target.directory)
     if path.is_file():
@@ -257,7 +259,11 @@ def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = None
-        if isinstance(stored, dict) and stored.get("listing") == listing:
+        if (
+            isinstance(stored, dict)
+            and stored.get("listing") == listing
+            and ("model_classes" in stored)
+        ):
             return stored, "done before"
     progress = not args.no_progress
     lock_folder(folder)
@@ -279,6 +285,7 @@ def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
             "test_images": result["samples"],
             "skipped_images": result["skipped_images"],
             "listing": listing,
+            "model_classes": len(target.classnames),
         }
         write_json(path, entry)
     finally:

@@ -441,23 +441,37 @@ def load_stored_method(args, command: str, *, inference: bool = False):
         root, dataset = args.root, args.dataset
     if root is None:
         dataset = None if dataset in (None, "digits") else dataset
-    split = evaluation_split(run, load_split(root, dataset, "test"))
+    state, split = _on_evaluation_classes(state, run, load_split(root, dataset, "test"))
     model, clip = _restored(state, run, split, args.device, not args.no_progress, args.trusted)
     return run, split, with_inference(model, run, args.checkpoint, **given), clip
 
 
 def evaluation_split(run: dict, split):
-    """The split a stored run is evaluated on: a run that learned something per class only on
-    data of its own classes (with their logits restricted to a dataset's class subset); any
-    other run on the subset's classes alone (ImageNet-A, -R: the model is built on those
-    classes, as the authors build it; docs/spec.md §11)."""
-    learned = METHODS[run["method"]].learned(run)
+    """The split a stored run is evaluated on: on a dataset's class subset (ImageNet-A, -R)
+    the subset's classes alone, the model built on those classes as the authors build it
+    (docs/spec.md §11), where what the run learned per class can be cut to them (PiNI's
+    per-class text noise); else, for a run that learned something per class (the linear probe,
+    Tip-Adapter), the split with the run's own classes, its logits restricted to the subset. Such
+    a run is evaluated only on data of its own classes."""
+    method = METHODS[run["method"]]
+    learned = method.learned(run)
     if learned and list(split.classnames) != run["classnames"]:
         raise InputError(
             f"the run learned {learned} of {run['dataset']}; {split.name} has other classes, "
             "so it cannot be evaluated there"
         )
-    return split if learned else split.on_class_subset()
+    return split.on_class_subset() if method.builds_on_class_subsets(run) else split
+
+
+def _on_evaluation_classes(state: dict, run: dict, split) -> tuple[dict, object]:
+    """(checkpoint state, split) for evaluating ``run`` on ``split`` (``evaluation_split``):
+    the state cut to the class subset where the model is built on it."""
+    evaluated = evaluation_split(run, split)
+    subset = getattr(split, "class_subset", None)
+    if subset is None or evaluated is split:
+        return state, evaluated
+    cut = METHODS[run["method"]].state_on_classes(state["trained_state"], run, list(subset))
+    return dict(state, trained_state=cut), evaluated
 
 
 def restore_on(checkpoint, split, device: str, *, progress: bool, trusted: bool):
@@ -465,7 +479,7 @@ def restore_on(checkpoint, split, device: str, *, progress: bool, trusted: bool)
     CLIP): the stored method rebuilt on ``split`` (on its class subset, ``evaluation_split``), as
     ``load_stored_method`` rebuilds it for ``pini eval --dataset``."""
     state, run = _stored_run(checkpoint)
-    split = evaluation_split(run, split)
+    state, split = _on_evaluation_classes(state, run, split)
     return (run, split, *_restored(state, run, split, device, progress, trusted))
 
 

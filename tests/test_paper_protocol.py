@@ -189,17 +189,21 @@ def test_on_class_subset_keeps_the_subset_classes_relabelled():
 
 @pytest.mark.parametrize(
     "row, classes",
-    [("feature", 2), ("feature+prompt", 2), ("image+text-feature", 2), ("text-feature-emb", 4)],
+    [
+        ("feature", 2),
+        ("feature+prompt", 2),
+        ("image+text-feature", 2),
+        ("text-feature-emb", 2),
+        ("feature+text-feature-emb", 2),
+    ],
 )
 def test_an_imagenet_run_on_imagenet_a_is_built_on_its_classes(tmp_path, capsys, row, classes):
     """The feature cross-attention reads the 2 classes of ImageNet-A's subset, not ImageNet's 4;
-    a run that learned noise per class keeps its 4 and the logits are restricted."""
+    a run that learned noise per class is built on the 2 with its rows of that noise."""
     root = _imagenet_root(tmp_path / "data")
-    noise = (
-        ["--noise", "text-feature", "--text-generator", "embedding"]
-        if row == "text-feature-emb"
-        else ["--noise", row]
-    )
+    noise = ["--noise", row.removesuffix("-emb")]
+    if row.endswith("-emb"):
+        noise += ["--text-generator", "embedding"]
     output = tmp_path / "run"
     argv = ["train", "--model", "pini-tiny", "--no-progress", "--batch-size", "4", "--epochs", "1"]
     argv += ["--root", root, "--dataset", "imagenet", "--shots", "2", "--output", output, *noise]
@@ -222,9 +226,53 @@ def test_an_imagenet_run_on_imagenet_a_is_built_on_its_classes(tmp_path, capsys,
     assert status == 0, err
     assert out.startswith("imagenet-adversarial: accuracy") and "on 4 images" in out
     assert len(out.splitlines()) == 1 + classes  # one line per class of the model
-    if row == "feature":  # the cross-attention read the subset's text features
+    if row.startswith("feature"):  # the cross-attention read the subset's text features
         model(torch.randn(2, 3, 32, 32), seed=0)
         assert seen == [2]
+    if row.endswith("-emb"):  # classes 1 and 3's rows of the learned (mu, sigma), in order
+        stored = torch.load(output / "checkpoint.pt", weights_only=False)["trained_state"]
+        for name in ("mu", "raw_sigma"):
+            learned = stored[f"text_generator.{name}"]
+            assert learned.shape[0] == 4
+            assert torch.equal(getattr(model.text_generator, name).detach(), learned[[1, 3]])
+
+
+def test_per_class_text_noise_cut_to_a_class_subset_gives_those_classes_logits(tmp_path, capsys):
+    """By value: with per-class text noise alone, class c's logit reads only class c's text and
+    noise, so the 2-class model's logits (noise mean) are the 4-class model's columns 1 and 3."""
+    root = _imagenet_root(tmp_path / "data")
+    output = tmp_path / "run"
+    argv = ["train", "--model", "pini-tiny", "--no-progress", "--batch-size", "4", "--epochs", "2"]
+    argv += ["--root", root, "--dataset", "imagenet", "--shots", "2", "--output", output]
+    argv += ["--noise", "text-feature", "--text-generator", "embedding"]
+    assert run_cli(argv, capsys)[0] == 0
+    models = {}
+    for dataset in ("imagenet", "imagenet-a"):
+        flags = ["--checkpoint", output / "checkpoint.pt", "--root", root, "--dataset", dataset]
+        args = cli._parser().parse_args(["eval", *map(str, flags), "--inference", "mean"])
+        _, _, models[dataset], _ = runner.load_stored_method(args, "eval", inference=True)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full, subset = (models[name](images, seed=0) for name in ("imagenet", "imagenet-a"))
+    assert full.shape == (3, 4) and subset.shape == (3, 2)
+    torch.testing.assert_close(subset, full[:, [1, 3]], rtol=1e-5, atol=1e-5)
+
+
+def test_a_linear_probe_on_imagenet_a_keeps_its_classes_with_restricted_logits(tmp_path, capsys):
+    """Its per-class weights are not cut: the model keeps ImageNet's 4 classes and the logits
+    are restricted to ImageNet-A's 2 (the same predictions: a class's logit reads its own row)."""
+    root = _imagenet_root(tmp_path / "data")
+    output = tmp_path / "probe"
+    argv = ["train", "--model", "pini-tiny", "--no-progress", "--method", "linear-probe"]
+    argv += ["--root", root, "--dataset", "imagenet", "--shots", "2", "--output", output]
+    assert run_cli(argv, capsys)[0] == 0
+    flags = ["--checkpoint", output / "checkpoint.pt", "--root", root, "--dataset", "imagenet-a"]
+    args = cli._parser().parse_args(["eval", *map(str, flags)])
+    _, split, _, _ = runner.load_stored_method(args, "eval")
+    assert split.classnames == NAMES and split.class_subset == [1, 3]
+    status, out, err = run_cli(["eval", *flags, "--no-progress"], capsys)
+    assert status == 0, err
+    assert "on 4 images" in out
 
 
 def test_imagenet_a_loads_with_a_class_subset_that_on_class_subset_resolves(tmp_path):

@@ -249,6 +249,18 @@ def test_table3_trains_on_imagenet_and_tabulates_pini_evals_on_its_variants(tmp_
     assert re.findall(r" on (\S+): [\d.]+% \(evaluated\)", changed) == ["imagenet-sketch"] * 4
     assert changed.count("(done before)") == 4 * len(TARGETS)
     assert json.loads((run / "eval-imagenet-sketch.json").read_text())["listing"] != listing
+    # an entry from before model_classes was recorded is evaluated again, on the 2 classes
+    path = run / "eval-imagenet-adversarial.json"
+    entry = json.loads(path.read_text())
+    assert entry["model_classes"] == 2
+    assert json.loads((run / "eval-imagenetv2.json").read_text())["model_classes"] == 3
+    del entry["model_classes"]
+    path.write_text(json.dumps(entry))
+    status, rerun, err = run_cli(argv, capsys)
+    assert status == 0, err
+    evaluated = re.findall(r"seed (\d) on (\S+): [\d.]+% \(evaluated\)", rerun)
+    assert evaluated == [("2", "imagenet-adversarial")]
+    assert json.loads(path.read_text()) == dict(entry, model_classes=2)
 
 
 @pytest.mark.parametrize(

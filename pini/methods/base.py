@@ -61,13 +61,17 @@ class Training:
     embedded demo (tiny model, digits) overrides, chosen from the training loss on the demo
     (docs/baselines.md); ``searches``: alpha and beta are searched on a validation split after
     training (Tip-Adapter-F); ``cache``: the model starts from Tip-Adapter's cache of augmented
-    views; ``learned``: what a run learned per class, from its record (``Method.learned``)."""
+    views; ``learned``: what a run learned per class, from its record (``Method.learned``);
+    ``on_classes(trained_state, run, classes)``: that state cut to some of the run's classes
+    (their positions in its class list, in order), for a model built on those classes alone
+    (``Method.state_on_classes``); None where it cannot be cut."""
 
     settings: Callable[[int, str | None, int], dict]
     demo: dict = dataclasses.field(default_factory=dict)
     searches: bool = False
     cache: bool = False
     learned: Callable[[dict], str | None] | None = None
+    on_classes: Callable[[dict, dict, list[int]], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +130,22 @@ class Method:
         if self.training is not None and self.training.learned is not None:
             return self.training.learned(run)
         return None
+
+    def builds_on_class_subsets(self, run: dict) -> bool:
+        """Whether ``run``'s model can be built on some of its classes alone: it learned
+        nothing per class, or what it learned can be cut to them (``Training.on_classes``)."""
+        if not self.learned(run):
+            return True
+        return self.training is not None and self.training.on_classes is not None
+
+    def state_on_classes(self, trained_state: dict, run: dict, classes: list[int]) -> dict:
+        """``run``'s trained state for its model built on ``classes`` (positions in its class
+        list) alone; only where ``builds_on_class_subsets``."""
+        if not self.learned(run):
+            return trained_state
+        if not self.builds_on_class_subsets(run):
+            raise ValueError(f"a {self.name} run's per-class state cannot be cut to a class subset")
+        return self.training.on_classes(trained_state, run, classes)
 
     def default_options(self) -> dict:
         """The run record's ``method_config``: the options' defaults as JSON values ({} for

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..config import PiNIConfig
 from ..model import PiNI
 from .base import Method, MethodSetup, Training
@@ -34,8 +36,24 @@ def _classes_learned(run: dict) -> str | None:
     return None
 
 
+PER_CLASS_STATE = "text_generator."  # the (C, D) mu and sigma of per-class text noise
+
+
+def _on_classes(trained_state: dict, run: dict, classes: list[int]) -> dict:
+    """The trained state of a model built on ``classes`` of the run's: the per-class text
+    noise's rows of those classes (row c is class c's (mu, sigma)), in order; the rest as it is."""
+    index = torch.tensor(classes, dtype=torch.long)
+    return {
+        name: value.index_select(0, index) if name.startswith(PER_CLASS_STATE) else value
+        for name, value in trained_state.items()
+    }
+
+
 TRAINING = Training(
-    _train_settings, demo=dict(epochs=200, lr=0.01, batch_size=32), learned=_classes_learned
+    _train_settings,
+    demo=dict(epochs=200, lr=0.01, batch_size=32),
+    learned=_classes_learned,
+    on_classes=_on_classes,
 )
 DASSL_CROP_SCALE = (0.08, 1.0)  # Dassl's default, the authors' code base
 METHOD = Method(
