@@ -17,7 +17,7 @@ from .checkpoint import (
     CHECKPOINT,
     read_checkpoint,
 )
-from .config import TABLE1, PiNIConfig
+from .config import TABLE1, TEXT_LOCATIONS, PiNIConfig
 from .data.load import load_dataset
 from .errors import InputError
 from .methods import METHODS
@@ -349,14 +349,30 @@ def _check_record(run: dict, source) -> None:
             raise InputError(f"run record {source}: {key!r}: {error}") from None
 
 
+def _unused_options(pini_config: dict) -> dict:
+    """The options ``pini_config``'s row does not use, with the value a new record of that row
+    holds (the default: a flag for an unused option is refused): the per-step draw of a text
+    noise the row has not, the fixed prompt of a row whose prompt carries noise."""
+    defaults = PiNIConfig()
+    unused = [key for key, (text, _) in TEXT_ROW_OPTIONS.items() if pini_config["text"] != text]
+    if pini_config["text"] == "prompt":
+        unused.append("fixed_prompt")
+    return {key: getattr(defaults, key) for key in unused}
+
+
 def normalized_run(run: dict, source=None) -> dict:
     """A run record with its training options complete and as JSON values, comparable with a
-    new one; an option it was written without (``OPTIONS_ADDED``) reads as what the run did.
-    ``source``: the file it was read from; the record is then checked (``_check_record``)."""
+    new one; an option it was written without (``OPTIONS_ADDED``) reads as what the run did, and
+    one its row does not use as a new record of that row holds it (``_unused_options``), so an
+    older run differs from a new one only where it trained differently. ``source``: the file it
+    was read from; the record is then checked (``_check_record``)."""
     run = dict(run)
     for section, added in OPTIONS_ADDED.items():
         if isinstance(run.get(section), dict):
             run[section] = {**added, **run[section]}
+    config = run.get("pini_config")
+    if isinstance(config, dict) and config.get("text") in TEXT_LOCATIONS:
+        run["pini_config"] = {**config, **_unused_options(config)}
     if source is not None:
         _check_record(run, source)
     if run.get("train_config") is not None:

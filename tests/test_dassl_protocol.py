@@ -18,6 +18,7 @@ from test_cli import assert_one_line_error, make_folder, resume, run_cli, toy_tr
 
 import pini
 import pini.generators as gen
+import pini.runs
 import pini.train
 from pini.checkpoint import read_checkpoint
 from pini.data.few_shot import few_shot
@@ -175,11 +176,11 @@ def test_the_pini_model_takes_head_init_from_its_config():
 
 # --- runs written before these defaults ---------------------------------------------------------
 
-ADDED = {"train_config": ("cosine_from", "drop_last"), "pini_config": ("head_init",)}
+ADDED = {key: tuple(added) for key, added in pini.runs.OPTIONS_ADDED.items()}
 
 
 def _as_written_before(folder) -> None:
-    """Removes the options added since from the run's record and its checkpoint's copy."""
+    """Removes every option added since from the run's record and its checkpoint's copy."""
     record = json.loads((folder / "run.json").read_text())
     for section, keys in ADDED.items():
         for key in keys:
@@ -352,17 +353,59 @@ def test_a_sweep_written_before_is_refused_in_one_line_or_continued_with_its_opt
     argv += ["1", "--root", data, "--dataset", "toy", "--output", output, "--methods", "pini"]
     argv += ["--shot-list", "2", "--seeds", "1"]
     before = ["--cosine-from", "start", "--no-drop-last", "--head-init", "small"]
+    before += ["--no-prompt-noise-per-step"]
     status, _, err = run_cli([*argv, *before], capsys)
     assert status == 0, err
     _as_written_before(output / "toy" / "pini" / "2shot-seed1")
     result = run_cli(argv, capsys)
+    # what this feature+prompt run does not use (the fixed prompt, the text-feature noise's
+    # draw) reads as today's record of the row holds it: not a difference
     assert_one_line_error(
         result,
         "another configuration",
         "pini_config.head_init small -> default",
+        "pini_config.prompt_noise_per_step False -> True",
         "train_config.cosine_from start -> warmup-end",
         "train_config.drop_last False -> True",
     )
     status, out, err = run_cli([*argv, *before], capsys)
     assert status == 0, err
     assert "| PiNI |" in out
+
+
+@pytest.mark.parametrize(
+    "row, uses, differs",
+    [
+        ("feature", ["--fixed-prompt", "placeholder"], "fixed_prompt placeholder -> hand-written"),
+        ("prompt", ["--no-prompt-noise-per-step"], "prompt_noise_per_step False -> True"),
+        (
+            "text-feature",
+            ["--fixed-prompt", "placeholder", "--no-text-feature-noise-per-step"],
+            "text_feature_noise_per_step False -> True",
+        ),
+    ],
+)
+def test_an_old_run_differs_only_in_the_options_its_row_uses(
+    data, tmp_path, capsys, row, uses, differs
+):
+    """A record from before every added option reads the options its row does not use as a new
+    record of that row holds them (a flag for one is refused, so none could match otherwise):
+    the sweep reuses it given the old behaviour's flags for what the row does use."""
+    output = tmp_path / "sweep"
+    argv = ["sweep", "--model", "pini-tiny", "--no-progress", "--batch-size", "4", "--epochs"]
+    argv += ["1", "--root", data, "--dataset", "toy", "--output", output, "--methods", "pini"]
+    argv += ["--shot-list", "2", "--seeds", "1", "--noise", row]
+    before = ["--cosine-from", "start", "--no-drop-last", "--head-init", "small", *uses]
+    status, _, err = run_cli([*argv, *before], capsys)
+    assert status == 0, err
+    folder = output / "toy" / "pini" / "2shot-seed1"
+    written = json.loads((folder / "run.json").read_text())["pini_config"]
+    _as_written_before(folder)
+    status, out, err = run_cli([*argv, *before], capsys)
+    assert status == 0, err
+    assert "(done before)" in out
+    stored = pini.runs.read_stored_run(folder)["pini_config"]
+    assert stored == written  # the unused options as written, the used ones as trained
+    last = 2 if before[-1] == "placeholder" else 1
+    result = run_cli([*argv, *before[:-last]], capsys)  # a used option still differs
+    assert_one_line_error(result, "another configuration", differs)
