@@ -13,6 +13,7 @@ from pathlib import Path
 from . import sweep_grid
 from .backbone import preprocessing_of, register_model_configs
 from .checkpoint import CHECKPOINT, read_checkpoint
+from .config import TABLE1
 from .data.names import TEST_ONLY_DATASETS, canonical_name
 from .data.sample_ids import listing_fingerprint
 from .data.transforms import clip_transforms
@@ -32,6 +33,7 @@ from .runner import (
     restore_on,
 )
 from .runs import (
+    TEXT_ROW_OPTIONS,
     RunPlan,
     check_data_args,
     check_method_flags,
@@ -40,6 +42,7 @@ from .runs import (
     plan_run,
     plan_sweep_run,
     read_stored_run,
+    unused_options,
 )
 from .sweep import shots_text
 from .train import distributed_rank_world
@@ -124,6 +127,7 @@ def sweep_command(args) -> int:
     methods = sweep_methods(args)
     check_method_flags(args, methods, sweep=True)
     rows = sweep_grid.rows(methods, args.noise_rows)
+    _check_row_options(args, rows)
     backbones = sweep_grid.backbones(args.models, args.pretrained)
     output = Path(args.output or "runs/sweep")
     splits = [_training_split(args.root, name) for name in names]
@@ -179,9 +183,34 @@ def _target_splits(args, splits) -> list:
     return list(targets.values())
 
 
+def _row_text(row: sweep_grid.Row) -> str:
+    """Where a noise row's text noise goes ("none", "prompt", "feature")."""
+    return TABLE1[row.noise["noise"]]["text"]
+
+
+def _check_row_options(args, rows: list[sweep_grid.Row]) -> None:
+    """A flag of a text noise's option (``--fixed-prompt``, ``--[no-]prompt-noise-per-step``,
+    ``--[no-]text-feature-noise-per-step``) applies to the noise rows that use it; one that no
+    row uses is refused, as ``pini train`` refuses it."""
+    noise_rows = [row for row in rows if row.noise is not None]
+    if not noise_rows:
+        return
+    for key in ("fixed_prompt", *TEXT_ROW_OPTIONS):
+        if getattr(args, key, None) is not None and all(
+            key in unused_options(_row_text(row)) for row in noise_rows
+        ):
+            raise InputError(
+                f"{CONFIG_FLAGS[key]} shapes a noise that none of the --noise-rows has "
+                f"({', '.join(row.key.removeprefix('pini ') for row in noise_rows)})"
+            )
+
+
 def _run_arguments(args, row: sweep_grid.Row, backbone: sweep_grid.Backbone):
-    """The sweep's arguments with the backbone's model and weights and the row's noise flags."""
+    """The sweep's arguments with the backbone's model and weights and the row's noise flags;
+    for a noise row, without the text noise options it does not use (``_check_row_options``)."""
     changes = dict(row.noise or {})
+    if row.noise is not None:
+        changes.update(dict.fromkeys(unused_options(_row_text(row))))
     if backbone.model is not None:
         changes.update(model=backbone.model, pretrained=backbone.pretrained)
     return argparse.Namespace(**{**vars(args), **changes})

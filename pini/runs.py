@@ -349,15 +349,19 @@ def _check_record(run: dict, source) -> None:
             raise InputError(f"run record {source}: {key!r}: {error}") from None
 
 
+def unused_options(text: str) -> list[str]:
+    """The PiNIConfig options a row with ``text`` noise ("none", "prompt", "feature") does not
+    use: the per-step draw of a text noise it has not, the fixed prompt of a row whose prompt
+    carries noise. A flag for one is refused."""
+    unused = [key for key, (where, _) in TEXT_ROW_OPTIONS.items() if text != where]
+    return [*unused, "fixed_prompt"] if text == "prompt" else unused
+
+
 def _unused_options(pini_config: dict) -> dict:
     """The options ``pini_config``'s row does not use, with the value a new record of that row
-    holds (the default: a flag for an unused option is refused): the per-step draw of a text
-    noise the row has not, the fixed prompt of a row whose prompt carries noise."""
+    holds (the default, since a flag for one is refused)."""
     defaults = PiNIConfig()
-    unused = [key for key, (text, _) in TEXT_ROW_OPTIONS.items() if pini_config["text"] != text]
-    if pini_config["text"] == "prompt":
-        unused.append("fixed_prompt")
-    return {key: getattr(defaults, key) for key in unused}
+    return {key: getattr(defaults, key) for key in unused_options(pini_config["text"])}
 
 
 def normalized_run(run: dict, source=None) -> dict:

@@ -97,6 +97,39 @@ def test_noise_rows_parse_presets_generators_and_drop_repeats():
             sweep_grid.rows(["pini"], [spec])
 
 
+def test_a_text_noise_option_applies_to_the_noise_rows_that_use_it(tmp_path, capsys):
+    """--fixed-prompt and the per-step draws are options of one text noise: each row that uses
+    one is recorded with it, the others with their default; one that no row uses is refused."""
+    data = make_folder(tmp_path / "data" / "toy").parent
+    output = tmp_path / "rows"
+    argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output]
+    argv += ["--noise-rows", "feature", "prompt", "text-feature", "--num-samples", "2"]
+    argv += ["--shot-list", "1", "--seeds", "1", "--methods", "pini"]
+    options = ["--fixed-prompt", "placeholder", "--no-prompt-noise-per-step"]
+    options += ["--no-text-feature-noise-per-step"]
+    status, _, err = run_cli([*argv, *options], capsys)
+    assert status == 0, err
+
+    def config(row):
+        path = output / "toy" / f"pini-{row}" / "1shot-seed1" / "run.json"
+        return json.loads(path.read_text())["pini_config"]
+
+    keys = ("fixed_prompt", "prompt_noise_per_step", "text_feature_noise_per_step")
+    recorded = {row: [config(row)[key] for key in keys] for row in ("feature", "prompt")}
+    assert recorded == {
+        "feature": ["placeholder", True, True],
+        "prompt": ["hand-written", False, True],
+    }
+    assert [config("text-feature")[key] for key in keys] == ["placeholder", True, False]
+    refused = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", tmp_path / "x"]
+    refused += ["--noise-rows", "feature", "image", "--no-text-feature-noise-per-step"]
+    assert_one_line_error(
+        run_cli(refused, capsys),
+        "--text-feature-noise-per-step shapes a noise that none of the --noise-rows has",
+        "(feature, image)",
+    )
+
+
 def test_table1_sweep_writes_one_row_per_noise_row_and_resumes(tmp_path, capsys):
     data = make_folder(tmp_path / "data" / "toy").parent
     output = tmp_path / "table1"
