@@ -198,21 +198,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["abs", "softplus"],
         help="sigma from the generators' output: abs (the authors', default) or softplus",
     )
-    model.add_argument(
-        "--prompt-noise-per-step",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="training with --num-samples m: the m samples share one prompt noise draw per step "
-        "(the authors', default); --no-prompt-noise-per-step draws it per sample",
-    )
-    model.add_argument(
-        "--text-feature-noise-per-step",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="training with --num-samples m and text-feature noise: the m samples share one "
-        "draw of it per step (the authors', default); --no-text-feature-noise-per-step draws it "
-        "per sample",
-    )
+    for noise in ("prompt", "text-feature"):  # --prompt-noise-per-step, --text-feature-...
+        model.add_argument(
+            f"--{noise}-noise-per-step",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"training with --num-samples m: the m samples share one {noise} noise draw "
+            f"per step (the authors', default); --no-{noise}-noise-per-step draws it per sample",
+        )
     model.add_argument(
         "--fixed-prompt",
         default=None,
@@ -454,8 +447,7 @@ def _parser() -> argparse.ArgumentParser:
         "Noise flags apply to the pini runs; the training flags (--epochs, --lr, --batch-size, "
         "--optimizer, --weight-decay, --warmup-epochs, --warmup-lr) to every trained method, "
         "--momentum to those trained with SGD. With no --root: every method on the bundled "
-        "digits. One command per table: --noise-rows table1 (Table 1: a row per location and "
-        "generator), "
+        "digits. One command per table: --noise-rows table1 (Table 1: location x generator), "
         "--dataset imagenet --eval-datasets imagenetv2 imagenet-sketch imagenet-a imagenet-r "
         "(Table 3: source, targets, target average), --models A B (Table 4: methods against "
         "backbones, runs in OUTPUT/<backbone>/).",
@@ -473,11 +465,10 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="ROW",
-        help="Table 1: PiNI once per noise row, each a --noise row whose locations may name "
-        "their generator (image:attention, feature:mlp+prompt), or a preset: table1 (each "
-        "location alone with each of the paper's generators for it), locations (the eight "
-        "--noise rows), generators (each location alone with each generator pini has); one "
-        "table row each (default: PiNI once, with the noise flags)",
+        help="Table 1: PiNI once per row (a --noise row, locations may name a generator: "
+        "image:attention, feature:mlp+prompt) or preset: table1 (each location with each of "
+        "the paper's generators), locations (the 8 --noise rows), generators (every one); "
+        "default: PiNI once, with the noise flags",
     )
     sweep.add_argument(
         "--models",

@@ -90,8 +90,11 @@ def test_noise_off_reproduces_the_frozen_clip_on_the_rows_prompt(
         torch.testing.assert_close(model(images), frozen(images), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_step", [True, False])
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_loss_is_equation_13_by_hand(backbone, num_samples):
+def test_loss_is_equation_13_by_hand(backbone, num_samples, per_step):
+    """With text_feature_noise_per_step (the authors') every sample reads the text-feature
+    noise's sample 0; without, sample j reads its own."""
     model = _model(
         backbone,
         visual="feature",
@@ -99,6 +102,7 @@ def test_loss_is_equation_13_by_hand(backbone, num_samples):
         text_generator="mlp",
         num_samples=num_samples,
         mode="mul",
+        text_feature_noise_per_step=per_step,
     )
     images, labels = _batch()
     seed = 1234
@@ -111,6 +115,8 @@ def test_loss_is_equation_13_by_hand(backbone, num_samples):
         batch, classes, dim = image.shape[0], text.shape[0], image.shape[1]
         image_eps = pini_kernels.noise((num_samples, batch, dim), seed=seed)
         text_eps = pini_kernels.noise((num_samples, classes, dim), seed=seed + 1)
+        if per_step:
+            text_eps = text_eps[:1].expand_as(text_eps)
         noisy_image = image * (image_mu + 1 + image_sigma * image_eps)  # "mul": noise around 1
         noisy_text = text * (text_mu + 1 + text_sigma * text_eps)
         logits = model.clip.logit_scale.exp() * (
