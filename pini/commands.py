@@ -13,7 +13,7 @@ from pathlib import Path
 from . import sweep_grid
 from .backbone import preprocessing_of, register_model_configs
 from .checkpoint import CHECKPOINT, read_checkpoint
-from .config import TABLE1
+from .config import TABLE1, PiNIConfig
 from .data.names import TEST_ONLY_DATASETS, canonical_name
 from .data.sample_ids import listing_fingerprint
 from .data.transforms import clip_transforms
@@ -22,7 +22,7 @@ from .methods import METHODS, PAPER_METHODS
 from .metrics_log import check_tensorboard
 from .model import PiNI
 from .progress import say
-from .run_flags import CONFIG_FLAGS
+from .run_flags import CONFIG_FLAGS, ROW_OPTIONS, unused_options
 from .run_folders import SUMMARY, lock_folder, unlock_folder, write_json
 from .runner import (
     evaluate_stored,
@@ -33,7 +33,6 @@ from .runner import (
     restore_on,
 )
 from .runs import (
-    TEXT_ROW_OPTIONS,
     RunPlan,
     check_data_args,
     check_method_flags,
@@ -42,7 +41,6 @@ from .runs import (
     plan_run,
     plan_sweep_run,
     read_stored_run,
-    unused_options,
 )
 from .sweep import shots_text
 from .train import distributed_rank_world
@@ -183,34 +181,36 @@ def _target_splits(args, splits) -> list:
     return list(targets.values())
 
 
-def _row_text(row: sweep_grid.Row) -> str:
-    """Where a noise row's text noise goes ("none", "prompt", "feature")."""
-    return TABLE1[row.noise["noise"]]["text"]
+def _row_config(args, row: sweep_grid.Row) -> dict:
+    """A noise row's PiNIConfig fields as far as ``ROW_OPTIONS`` read them: the row's
+    locations and generators, the sweep's --num-samples."""
+    config = {**dataclasses.asdict(PiNIConfig()), **TABLE1[row.noise["noise"]]}
+    config.update({key: value for key, value in row.noise.items() if key != "noise"})
+    return {**config, "num_samples": args.num_samples or 1}
 
 
 def _check_row_options(args, rows: list[sweep_grid.Row]) -> None:
-    """A flag of a text noise's option (``--fixed-prompt``, ``--[no-]prompt-noise-per-step``,
-    ``--[no-]text-feature-noise-per-step``) applies to the noise rows that use it; one that no
+    """A flag of an option that some rows do not use (``ROW_OPTIONS``: e.g. --fixed-prompt,
+    --[no-]prompt-noise-per-step, --head-init) applies to the noise rows that use it; one that no
     row uses is refused, as ``pini train`` refuses it."""
     noise_rows = [row for row in rows if row.noise is not None]
-    if not noise_rows:
+    if not noise_rows:  # PiNI once: pini train's checks
         return
-    for key in ("fixed_prompt", *TEXT_ROW_OPTIONS):
+    configs = [_row_config(args, row) for row in noise_rows]
+    for key in ROW_OPTIONS:
         if getattr(args, key, None) is not None and all(
-            key in unused_options(_row_text(row)) for row in noise_rows
+            key in unused_options(config) for config in configs
         ):
-            raise InputError(
-                f"{CONFIG_FLAGS[key]} shapes a noise that none of the --noise-rows has "
-                f"({', '.join(row.key.removeprefix('pini ') for row in noise_rows)})"
-            )
+            names = ", ".join(row.key.removeprefix("pini ") for row in noise_rows)
+            raise InputError(f"{CONFIG_FLAGS[key]}: none of the --noise-rows uses it ({names})")
 
 
 def _run_arguments(args, row: sweep_grid.Row, backbone: sweep_grid.Backbone):
     """The sweep's arguments with the backbone's model and weights and the row's noise flags;
-    for a noise row, without the text noise options it does not use (``_check_row_options``)."""
+    for a noise row, without the options it does not use (``_check_row_options``)."""
     changes = dict(row.noise or {})
     if row.noise is not None:
-        changes.update(dict.fromkeys(unused_options(_row_text(row))))
+        changes.update(dict.fromkeys(unused_options(_row_config(args, row))))
     if backbone.model is not None:
         changes.update(model=backbone.model, pretrained=backbone.pretrained)
     return argparse.Namespace(**{**vars(args), **changes})
@@ -278,9 +278,9 @@ def _run_sweep(args, runs, output: Path, rows, backbones, splits, targets, rank:
 def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
     """(the evaluation of the finished run in ``folder`` on ``target``, "evaluated" or "done
     before"): ``pini eval --dataset``'s numbers, kept in RUN/eval-<target>.json; one kept there
-    is reused while the target's test listing is the same, if it records the classes its model
-    was built on (an entry without ``model_classes`` predates per-class noise cut to a class
-    subset, so it is evaluated again)."""
+    is reused while the target's test listing is the same and, on a dataset with a class subset,
+    if it records the number of classes its model was built on (an entry without
+    ``model_classes`` predates per-class noise cut to the subset: it is evaluated again)."""
     path = folder / f"eval-{target.name}.json"
     listing = listing_fingerprint(target.test, target.directory)
     if path.is_file():
@@ -288,10 +288,11 @@ def _evaluate_target(args, folder: Path, target) -> tuple[dict, str]:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = None
+        subset = getattr(target, "class_subset", None)
         if (
             isinstance(stored, dict)
             and stored.get("listing") == listing
-            and ("model_classes" in stored)
+            and (subset is None or "model_classes" in stored)
         ):
             return stored, "done before"
     progress = not args.no_progress

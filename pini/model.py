@@ -390,7 +390,9 @@ class PiNI(nn.Module):
                 )
                 image_noise = None
         if one_text_feature_draw and text_noise is not None and num_samples > 1:
-            text = self._inject_samples(text, *text_noise, 1, seed + TEXT_FEATURE_STREAM)[0]
+            # in float32, as the op injects it (fp16-all: no rounding to float16 in between)
+            mu, sigma = (value.float() for value in text_noise)
+            text = self._inject_samples(text.float(), mu, sigma, 1, seed + TEXT_FEATURE_STREAM)[0]
             text_noise = None
         return dict(
             image_features=features,

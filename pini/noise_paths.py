@@ -145,10 +145,11 @@ class EagerNoisePath:
         seed: int,
     ) -> torch.Tensor:
         """(num_samples, B, C) logits; image_features (B, D), text_features (C, D) or
-        (num_samples, C, D). Image noise on the stream of ``seed``, text noise on ``seed + 1``."""
+        (num_samples, C, D). Image noise on the stream of ``seed``, text noise on ``seed + 1``.
+        In float32 (the fused op's arithmetic), whatever the features' dtypes."""
         image = self._noisy(image_features, image_noise, mode, num_samples, seed)
         text = self._noisy(text_features, text_noise, mode, num_samples, seed + 1)
-        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         logits = logit_scale * (image @ text.transpose(-1, -2))
         return logits.expand(num_samples, *logits.shape[-2:])
 

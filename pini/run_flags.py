@@ -1,10 +1,10 @@
 """The flags that shape a run: which run-record key, PiNIConfig field or TrainConfig field each
-sets, how one is shown in a message, and which methods take them (docs/spec.md §11). The run
-record itself is ``pini.runs``."""
+sets, how one is shown in a message, which methods take them, and which runs use PiNI's options
+(``ROW_OPTIONS``; docs/spec.md §11). The run record itself is ``pini.runs``."""
 
 from __future__ import annotations
 
-from .config import TABLE1
+from .config import TABLE1, PiNIConfig
 from .errors import InputError
 from .methods import METHODS
 
@@ -56,6 +56,76 @@ ATTENTION_GENERATORS = {
     ("image", "attention"),
     ("image", "attention-pixels"),
 }
+
+
+def _with_output_layers(config: dict) -> bool:
+    """Whether a generator of the run has output layers (all but learnable mu and sigma)."""
+    return config["visual"] != "none" or (
+        config["text"] == "feature" and config["text_generator"] != "embedding"
+    )
+
+
+# PiNIConfig fields that some runs do not use: whether a run (its pini_config as a dict) uses
+# it, and the message for its flag given to one that does not (a flag for an unused option is
+# refused; a record reads it as the default, ``unused_defaults``).
+ROW_OPTIONS = {
+    "prompt_noise_draw": (
+        lambda c: c["text"] == "prompt",
+        lambda c: f"shapes the prompt noise, and this run has none (--text {c['text']})",
+    ),
+    "prompt_noise_per_step": (
+        lambda c: c["text"] == "prompt" and c["num_samples"] > 1,
+        lambda c: (
+            "shapes the prompt noise's draws over --num-samples m > 1, and this run has "
+            f"none (--text {c['text']}, --num-samples {c['num_samples']})"
+        ),
+    ),
+    "text_feature_noise_per_step": (
+        lambda c: c["text"] == "feature" and c["num_samples"] > 1,
+        lambda c: (
+            "shapes the text-feature noise's draws over --num-samples m > 1, and this run "
+            f"has none (--text {c['text']}, --num-samples {c['num_samples']})"
+        ),
+    ),
+    "fixed_prompt": (
+        lambda c: c["text"] != "prompt",
+        lambda c: (
+            "is the prompt of the rows without prompt noise, and this run's prompt carries "
+            "noise (--text prompt: PiNI's 16-placeholder prompt)"
+        ),
+    ),
+    "head_init": (
+        _with_output_layers,
+        lambda c: (
+            "initialises the generators' output layers, and this run has none (learnable "
+            f"mu and sigma alone: --visual {c['visual']}, --text {c['text']} with "
+            f"--text-generator {c['text_generator']})"
+        ),
+    ),
+    "scaled_attention": (
+        lambda c: (c["visual"], c["visual_generator"]) in ATTENTION_GENERATORS,
+        lambda c: (
+            "scales the cross-attention generators, and this run has none "
+            f"(--visual {c['visual']}, --visual-generator {c['visual_generator']})"
+        ),
+    ),
+}
+
+
+READ_BY_ROW_OPTIONS = {"visual", "visual_generator", "text", "text_generator", "num_samples"}
+
+
+def unused_options(pini_config: dict) -> list[str]:
+    """The ``ROW_OPTIONS`` a run with ``pini_config`` (a dict of PiNIConfig's fields) does not
+    use."""
+    return [key for key, (uses, _) in ROW_OPTIONS.items() if not uses(pini_config)]
+
+
+def unused_defaults(pini_config: dict) -> dict:
+    """The options a run with ``pini_config`` does not use (``ROW_OPTIONS``), with the value a
+    new record of that run holds (the default, since a flag for one is refused)."""
+    defaults = PiNIConfig()
+    return {key: getattr(defaults, key) for key in unused_options(pini_config)}
 
 
 def given_options(args, keys) -> dict:

@@ -17,13 +17,14 @@ from .checkpoint import (
     CHECKPOINT,
     read_checkpoint,
 )
-from .config import TABLE1, TEXT_LOCATIONS, PiNIConfig
+from .config import TABLE1, PiNIConfig
 from .data.load import load_dataset
 from .errors import InputError
 from .methods import METHODS
 from .run_flags import (
-    ATTENTION_GENERATORS,
     CONFIG_FLAGS,
+    READ_BY_ROW_OPTIONS,
+    ROW_OPTIONS,
     RUN_FLAGS,
     TRAIN_FLAGS,
     check_method_flags,
@@ -31,6 +32,8 @@ from .run_flags import (
     flag_for,
     given_options,
     shown,
+    unused_defaults,
+    unused_options,
 )
 from .run_folders import RUN_FILE, SUMMARY, check_folder, folder_entries
 from .train import TrainConfig
@@ -40,12 +43,8 @@ VALIDATION_SHOTS = 4
 DEFAULT_ROW = "feature+prompt"  # the Table 1 row of a run without noise flags
 RUN_FORMAT = "pini-run/1"
 MAX_SEED = 1 << 62
-# PiNIConfig fields that only a run with that text noise uses ("prompt" or text "feature"),
-# with the noise's name in a message: refused for any other run when given.
-TEXT_ROW_OPTIONS = {
-    "prompt_noise_per_step": ("prompt", "the prompt noise"),
-    "text_feature_noise_per_step": ("feature", "the text-feature noise"),
-}
+
+
 # Options added to the run record after runs were written without them, each with the value
 # that is what such a run did: a record without one reads as that value, so an older run
 # resumes, evaluates and predicts exactly as it was trained (docs/spec.md §11). Today's defaults
@@ -71,23 +70,10 @@ def _pini_config(request: dict) -> PiNIConfig:
         config = PiNIConfig(**base)
     except ValueError as error:
         raise InputError(str(error)) from None
-    if config.scaled_attention and (config.visual, config.visual_generator) not in (
-        ATTENTION_GENERATORS
-    ):
-        raise InputError(
-            "--scaled-attention scales the cross-attention generators, and this run has none "
-            f"(--visual {config.visual}, --visual-generator {config.visual_generator})"
-        )
-    for key, (text, noise) in TEXT_ROW_OPTIONS.items():
-        if key in request and config.text != text:
-            raise InputError(
-                f"{CONFIG_FLAGS[key]} shapes {noise}, and this run has none (--text {config.text})"
-            )
-    if "fixed_prompt" in request and config.text == "prompt":
-        raise InputError(
-            "--fixed-prompt is the prompt of the rows without prompt noise, and this run's prompt "
-            "carries noise (--text prompt: PiNI's 16-placeholder prompt)"
-        )
+    fields = dataclasses.asdict(config)
+    for key in unused_options(fields):
+        if key in request:
+            raise InputError(f"{CONFIG_FLAGS[key]} {ROW_OPTIONS[key][1](fields)}")
     return config
 
 
@@ -349,25 +335,10 @@ def _check_record(run: dict, source) -> None:
             raise InputError(f"run record {source}: {key!r}: {error}") from None
 
 
-def unused_options(text: str) -> list[str]:
-    """The PiNIConfig options a row with ``text`` noise ("none", "prompt", "feature") does not
-    use: the per-step draw of a text noise it has not, the fixed prompt of a row whose prompt
-    carries noise. A flag for one is refused."""
-    unused = [key for key, (where, _) in TEXT_ROW_OPTIONS.items() if text != where]
-    return [*unused, "fixed_prompt"] if text == "prompt" else unused
-
-
-def _unused_options(pini_config: dict) -> dict:
-    """The options ``pini_config``'s row does not use, with the value a new record of that row
-    holds (the default, since a flag for one is refused)."""
-    defaults = PiNIConfig()
-    return {key: getattr(defaults, key) for key in unused_options(pini_config["text"])}
-
-
 def normalized_run(run: dict, source=None) -> dict:
     """A run record with its training options complete and as JSON values, comparable with a
     new one; an option it was written without (``OPTIONS_ADDED``) reads as what the run did, and
-    one its row does not use as a new record of that row holds it (``_unused_options``), so an
+    one its row does not use as a new record of that row holds it (``unused_defaults``), so an
     older run differs from a new one only where it trained differently. ``source``: the file it
     was read from; the record is then checked (``_check_record``)."""
     run = dict(run)
@@ -375,8 +346,12 @@ def normalized_run(run: dict, source=None) -> dict:
         if isinstance(run.get(section), dict):
             run[section] = {**added, **run[section]}
     config = run.get("pini_config")
-    if isinstance(config, dict) and config.get("text") in TEXT_LOCATIONS:
-        run["pini_config"] = {**config, **_unused_options(config)}
+    if (  # else _check_record refuses it
+        isinstance(config, dict)
+        and set(config) >= READ_BY_ROW_OPTIONS
+        and type(config["num_samples"]) is int
+    ):
+        run["pini_config"] = {**config, **unused_defaults(config)}
     if source is not None:
         _check_record(run, source)
     if run.get("train_config") is not None:

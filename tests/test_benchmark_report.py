@@ -339,7 +339,8 @@ def test_the_profiled_share_counts_nested_ranges_once_and_their_backward():
     the profiler keeps both), 120 ms outside, 80 ms in the backward of the labelled op. The
     labelled time is the forward and backward as slept, (40 + 80) / 240 = 0.5 of the step (the
     nested range counted twice: 0.67; without the backward: 0.17). Compared with the sleeps'
-    measured lengths, with half the forward's as the margin, so load cannot fail it."""
+    measured lengths, with half the forward's as the margin, so a sleep that overshoots on a
+    loaded machine does not fail it."""
     if harness.DEVICE.type != "cpu":
         pytest.skip("the CPU's wall time")
     x = torch.randn(4, requires_grad=True)

@@ -353,20 +353,16 @@ def test_a_sweep_written_before_is_refused_in_one_line_or_continued_with_its_opt
     argv += ["1", "--root", data, "--dataset", "toy", "--output", output, "--methods", "pini"]
     argv += ["--shot-list", "2", "--seeds", "1"]
     before = ["--cosine-from", "start", "--no-drop-last", "--head-init", "small"]
-    before += ["--no-prompt-noise-per-step"]
     status, _, err = run_cli([*argv, *before], capsys)
     assert status == 0, err
     _as_written_before(output / "toy" / "pini" / "2shot-seed1")
     result = run_cli(argv, capsys)
-    # what this feature+prompt run does not use (the fixed prompt, the text-feature noise's
-    # draw) reads as today's record of the row holds it: not a difference
+    # what this feature+prompt run at m = 1 does not use (the fixed prompt, the per-step
+    # draws) reads as today's record of the row holds it: not a difference
     assert_one_line_error(
         result,
-        "another configuration",
-        "pini_config.head_init small -> default",
-        "pini_config.prompt_noise_per_step False -> True",
-        "train_config.cosine_from start -> warmup-end",
-        "train_config.drop_last False -> True",
+        "another configuration (pini_config.head_init small -> default; "
+        "train_config.cosine_from start -> warmup-end; train_config.drop_last False -> True)",
     )
     status, out, err = run_cli([*argv, *before], capsys)
     assert status == 0, err
@@ -374,38 +370,43 @@ def test_a_sweep_written_before_is_refused_in_one_line_or_continued_with_its_opt
 
 
 @pytest.mark.parametrize(
-    "row, uses, differs",
+    "row, samples, uses, differs",
     [
-        ("feature", ["--fixed-prompt", "placeholder"], "fixed_prompt placeholder -> hand-written"),
-        ("prompt", ["--no-prompt-noise-per-step"], "prompt_noise_per_step False -> True"),
+        ("feature", 1, ["--head-init", "small", "--fixed-prompt", "placeholder"], "fixed_prompt"),
+        ("prompt", 1, [], None),  # learnable mu and sigma alone, one sample: nothing to match
+        ("prompt", 2, ["--no-prompt-noise-per-step"], "prompt_noise_per_step False -> True"),
         (
             "text-feature",
-            ["--fixed-prompt", "placeholder", "--no-text-feature-noise-per-step"],
+            2,
+            [
+                *("--head-init", "small", "--fixed-prompt", "placeholder"),
+                "--no-text-feature-noise-per-step",
+            ],
             "text_feature_noise_per_step False -> True",
         ),
     ],
 )
-def test_an_old_run_differs_only_in_the_options_its_row_uses(
-    data, tmp_path, capsys, row, uses, differs
+def test_an_old_run_differs_only_in_the_options_its_run_uses(
+    data, tmp_path, capsys, row, samples, uses, differs
 ):
-    """A record from before every added option reads the options its row does not use as a new
-    record of that row holds them (a flag for one is refused, so none could match otherwise):
-    the sweep reuses it given the old behaviour's flags for what the row does use."""
+    """A record from before every added option reads the options its run does not use (its row,
+    its number of samples) as a new record of that run holds them (a flag for one is refused,
+    so none could match otherwise): the sweep reuses it given the old behaviour's flags for
+    what the run does use, and without them names what differs."""
     output = tmp_path / "sweep"
     argv = ["sweep", "--model", "pini-tiny", "--no-progress", "--batch-size", "4", "--epochs"]
     argv += ["1", "--root", data, "--dataset", "toy", "--output", output, "--methods", "pini"]
-    argv += ["--shot-list", "2", "--seeds", "1", "--noise", row]
-    before = ["--cosine-from", "start", "--no-drop-last", "--head-init", "small", *uses]
-    status, _, err = run_cli([*argv, *before], capsys)
+    argv += ["--shot-list", "2", "--seeds", "1", "--noise", row, "--num-samples", str(samples)]
+    argv += ["--cosine-from", "start", "--no-drop-last"]
+    status, _, err = run_cli([*argv, *uses], capsys)
     assert status == 0, err
     folder = output / "toy" / "pini" / "2shot-seed1"
     written = json.loads((folder / "run.json").read_text())["pini_config"]
     _as_written_before(folder)
-    status, out, err = run_cli([*argv, *before], capsys)
+    status, out, err = run_cli([*argv, *uses], capsys)
     assert status == 0, err
     assert "(done before)" in out
     stored = pini.runs.read_stored_run(folder)["pini_config"]
     assert stored == written  # the unused options as written, the used ones as trained
-    last = 2 if before[-1] == "placeholder" else 1
-    result = run_cli([*argv, *before[:-last]], capsys)  # a used option still differs
-    assert_one_line_error(result, "another configuration", differs)
+    if differs is not None:
+        assert_one_line_error(run_cli(argv, capsys), "another configuration", differs)

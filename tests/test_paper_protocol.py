@@ -107,7 +107,9 @@ def test_fixed_prompt_flag_is_stored_and_refused_on_prompt_rows(tmp_path, capsys
         toy_train(data, tmp_path / "y", "--noise", "feature", "--no-prompt-noise-per-step"),
         capsys,
     )
-    assert_one_line_error(result, "--prompt-noise-per-step", "has none (--text none)")
+    assert_one_line_error(
+        result, "--prompt-noise-per-step", "has none (--text none, --num-samples 1)"
+    )
 
 
 def _strip_from_record(output, keys) -> None:
@@ -481,22 +483,61 @@ def test_with_one_sample_both_text_feature_noise_options_give_the_same_loss():
     assert torch.equal(losses[0], losses[1])
 
 
-def test_inference_draws_text_feature_noise_per_sample():
+def test_inference_draws_text_feature_noise_per_sample(monkeypatch):
+    """Averaged inference redraws the text-feature noise for each sample: the logits op gets
+    the noise and draws it over (k, C, D), whatever the training option."""
     model = _model("text-feature", inference="average", inference_samples=3)
     assert model.config.text_feature_noise_per_step
-    call = model._logits_op_call(_images(), 3, 1.0, seed=2)
+    seen = []
+    ops = pini.noise_paths.NOISE_PATH_OPS[model.config.noise_path]
+    original = ops.noisy_cosine_logits
+
+    def spy(**call):
+        seen.append(call)
+        return original(**call)
+
+    monkeypatch.setattr(ops, "noisy_cosine_logits", spy)
+    with torch.no_grad():
+        model(_images(), seed=2)
+    (call,) = seen
     assert call["text_noise"] is not None and call["num_samples"] == 3
 
 
-def test_the_text_feature_noise_option_needs_text_feature_noise(tmp_path, capsys):
+@pytest.mark.parametrize("row", ["text-feature", "feature+text-feature"])
+def test_fp16_all_injects_the_per_step_text_feature_noise_in_float32(row):
+    """As the op injects it: the fused and eager paths give the same loss and gradients."""
+    images, labels = _images(), torch.tensor([0, 1, 2, 0])
+    results = []
+    for path in ("fused", "eager"):
+        model = _model(row, num_samples=3, noise_path=path, precision="fp16-all")
+        loss = model.loss(images, labels, seed=7)
+        loss.backward()
+        grads = [p.grad.float() for p in model.text_generator.parameters()]
+        results.append((loss.detach(), grads))
+    (fused, fused_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_the_text_feature_noise_option_needs_text_feature_noise_and_samples(tmp_path, capsys):
     data = make_folder(tmp_path / "data" / "toy").parent
-    for row in ("feature", "prompt"):
+    for row, samples, text in (
+        ("feature", 2, "none"),
+        ("prompt", 2, "prompt"),
+        ("text-feature", 1, "feature"),
+    ):
         result = run_cli(
-            toy_train(data, tmp_path / row, "--noise", row, "--no-text-feature-noise-per-step"),
+            toy_train(
+                data,
+                tmp_path / f"{row}{samples}",
+                *("--noise", row, "--num-samples", str(samples)),
+                "--no-text-feature-noise-per-step",
+            ),
             capsys,
         )
-        text = "none" if row == "feature" else "prompt"
-        assert_one_line_error(result, "--text-feature-noise-per-step", f"has none (--text {text})")
+        expected = f"has none (--text {text}, --num-samples {samples})"
+        assert_one_line_error(result, "--text-feature-noise-per-step", expected)
     output = tmp_path / "ok"
     flags = ("--noise", "text-feature", "--num-samples", "2", "--no-text-feature-noise-per-step")
     status, _, err = run_cli(toy_train(data, output, *flags), capsys)
@@ -534,3 +575,37 @@ def test_the_new_options_are_keys_of_a_config_file(tmp_path, capsys):
     config.write_text('fixed-prompt = "nothing"\n')
     result = run_cli(toy_train(data, tmp_path / "bad", "--config", config), capsys)
     assert_one_line_error(result, "fixed-prompt", "hand-written, placeholder")
+
+
+@pytest.mark.parametrize(
+    "row_flags, flag, fragment",
+    [
+        (["--noise", "feature"], ["--prompt-noise-draw", "per-class"], "(--text none)"),
+        (["--noise", "prompt"], ["--no-prompt-noise-per-step"], "(--text prompt, --num-samples 1)"),
+        (["--noise", "prompt"], ["--fixed-prompt", "placeholder"], "carries noise (--text prompt"),
+        (["--noise", "prompt"], ["--head-init", "small"], "learnable mu and sigma alone"),
+        (
+            ["--noise", "text-feature", "--text-generator", "embedding"],
+            ["--head-init", "default"],
+            "--text feature with --text-generator embedding",
+        ),
+        (["--noise", "image"], ["--no-scaled-attention"], "(--visual image, --visual-generator"),
+    ],
+)
+def test_a_flag_for_an_option_the_run_does_not_use_is_refused(
+    tmp_path, capsys, row_flags, flag, fragment
+):
+    """Every ROW_OPTIONS entry: one line naming the flag and why, before any work."""
+    data = make_folder(tmp_path / "data" / "toy").parent
+    output = tmp_path / "run"
+    result = run_cli(toy_train(data, output, *row_flags, *flag), capsys)
+    assert_one_line_error(result, flag[0].replace("--no-", "--"), fragment)
+    assert not output.exists()
+
+
+def test_the_refused_flags_cover_every_option_some_runs_do_not_use():
+    from pini.run_flags import ROW_OPTIONS
+
+    covered = {"prompt_noise_draw", "prompt_noise_per_step", "fixed_prompt", "head_init"}
+    covered |= {"scaled_attention", "text_feature_noise_per_step"}  # tested above and before
+    assert set(ROW_OPTIONS) == covered

@@ -98,15 +98,16 @@ def test_noise_rows_parse_presets_generators_and_drop_repeats():
 
 
 def test_a_text_noise_option_applies_to_the_noise_rows_that_use_it(tmp_path, capsys):
-    """--fixed-prompt and the per-step draws are options of one text noise: each row that uses
-    one is recorded with it, the others with their default; one that no row uses is refused."""
+    """--fixed-prompt, the per-step draws, --head-init are options some rows do not use: each
+    row that uses one is recorded with it, the others with their default; one that no row uses
+    is refused."""
     data = make_folder(tmp_path / "data" / "toy").parent
     output = tmp_path / "rows"
     argv = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", output]
     argv += ["--noise-rows", "feature", "prompt", "text-feature", "--num-samples", "2"]
     argv += ["--shot-list", "1", "--seeds", "1", "--methods", "pini"]
     options = ["--fixed-prompt", "placeholder", "--no-prompt-noise-per-step"]
-    options += ["--no-text-feature-noise-per-step"]
+    options += ["--no-text-feature-noise-per-step", "--head-init", "small"]
     status, _, err = run_cli([*argv, *options], capsys)
     assert status == 0, err
 
@@ -114,19 +115,25 @@ def test_a_text_noise_option_applies_to_the_noise_rows_that_use_it(tmp_path, cap
         path = output / "toy" / f"pini-{row}" / "1shot-seed1" / "run.json"
         return json.loads(path.read_text())["pini_config"]
 
-    keys = ("fixed_prompt", "prompt_noise_per_step", "text_feature_noise_per_step")
+    keys = ("fixed_prompt", "prompt_noise_per_step", "text_feature_noise_per_step", "head_init")
     recorded = {row: [config(row)[key] for key in keys] for row in ("feature", "prompt")}
     assert recorded == {
-        "feature": ["placeholder", True, True],
-        "prompt": ["hand-written", False, True],
+        "feature": ["placeholder", True, True, "small"],
+        "prompt": ["hand-written", False, True, "default"],  # learnable mu, sigma: no layers
     }
-    assert [config("text-feature")[key] for key in keys] == ["placeholder", True, False]
+    assert [config("text-feature")[key] for key in keys] == ["placeholder", True, False, "small"]
     refused = ["sweep", *TINY, "--root", data, "--dataset", "toy", "--output", tmp_path / "x"]
     refused += ["--noise-rows", "feature", "image", "--no-text-feature-noise-per-step"]
     assert_one_line_error(
         run_cli(refused, capsys),
-        "--text-feature-noise-per-step shapes a noise that none of the --noise-rows has",
-        "(feature, image)",
+        "--text-feature-noise-per-step: none of the --noise-rows uses it (feature, image)",
+    )
+    refused[-1] = "--head-init=small"  # learnable mu and sigma alone have no output layers
+    refused[refused.index("feature")] = "prompt"
+    refused[refused.index("image")] = "text-feature:embedding"
+    assert_one_line_error(
+        run_cli(refused, capsys),
+        "--head-init: none of the --noise-rows uses it (prompt, text-feature:embedding)",
     )
 
 
@@ -282,13 +289,16 @@ def test_table3_trains_on_imagenet_and_tabulates_pini_evals_on_its_variants(tmp_
     assert re.findall(r" on (\S+): [\d.]+% \(evaluated\)", changed) == ["imagenet-sketch"] * 4
     assert changed.count("(done before)") == 4 * len(TARGETS)
     assert json.loads((run / "eval-imagenet-sketch.json").read_text())["listing"] != listing
-    # an entry from before model_classes was recorded is evaluated again, on the 2 classes
+    # an entry from before model_classes was recorded is evaluated again on a dataset with a
+    # class subset, now on its 2 classes
     path = run / "eval-imagenet-adversarial.json"
     entry = json.loads(path.read_text())
     assert entry["model_classes"] == 2
-    assert json.loads((run / "eval-imagenetv2.json").read_text())["model_classes"] == 3
     del entry["model_classes"]
     path.write_text(json.dumps(entry))
+    v2 = json.loads((run / "eval-imagenetv2.json").read_text())
+    assert v2.pop("model_classes") == 3  # no class subset: reused without it
+    (run / "eval-imagenetv2.json").write_text(json.dumps(v2))
     status, rerun, err = run_cli(argv, capsys)
     assert status == 0, err
     evaluated = re.findall(r"seed (\d) on (\S+): [\d.]+% \(evaluated\)", rerun)

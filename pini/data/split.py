@@ -30,8 +30,9 @@ class Split:
       ImageNet's 1000; ImageNet-Sketch with folders missing). Labels stay indices into the full
       ``classnames``, so an ImageNet-trained model's classes apply unchanged; evaluate as CoOp
       does by restricting the logits to these columns:
-      ``prediction = class_subset[logits[:, class_subset].argmax(-1)]`` (a model whose classes
-      are learned per class), or build the model on ``on_class_subset()`` (any other).
+      ``prediction = class_subset[logits[:, class_subset].argmax(-1)]`` (a model with a
+      per-class state that cannot be cut to the subset: the linear probe, Tip-Adapter), or build
+      the model on ``on_class_subset()`` (any other; ``Method.builds_on_class_subsets``).
     - ``directory``: the dataset folder that was read (None for the digits).
     """
 
