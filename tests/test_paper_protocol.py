@@ -330,19 +330,45 @@ def test_fp16_all_is_a_precision_of_the_cli_and_trains(tmp_path, capsys):
 # --- 6. m > 1: one prompt noise draw per training step -------------------------------------------
 
 
-def _loss_text_features(monkeypatch, model, num_samples: int) -> torch.Tensor:
-    """(num_samples, C, D): the text features each of the loss's samples is scored against."""
+def _op_call(monkeypatch, model, name: str, action) -> tuple[dict, object]:
+    """(the keyword arguments of the one call of the noise path's op ``name`` while
+    ``action()`` runs, what ``action()`` returned)."""
     seen = []
     ops = pini.noise_paths.NOISE_PATH_OPS[model.config.noise_path]
-    original = ops.noisy_cross_entropy
+    original = getattr(ops, name)
 
     def spy(**call):
-        seen.append(call["text_features"].detach())
+        seen.append(call)
         return original(**call)
 
-    monkeypatch.setattr(ops, "noisy_cross_entropy", spy)
-    model.loss(_images(), torch.tensor([0, 1, 2, 0]), seed=11)
-    (text,) = seen
+    monkeypatch.setattr(ops, name, spy)
+    result = action()
+    monkeypatch.undo()
+    (call,) = seen
+    return call, result
+
+
+def _loss_call(monkeypatch, model, seed: int = 11) -> dict:
+    """The keyword arguments of the loss's one op call, and the loss it returned (``loss``)."""
+
+    def loss():
+        return model.loss(_images(), torch.tensor([0, 1, 2, 0]), seed=seed)
+
+    call, value = _op_call(monkeypatch, model, "noisy_cross_entropy", loss)
+    return dict(call, loss=value)
+
+
+def _inference_call(monkeypatch, model) -> dict:
+    """The keyword arguments of the logits op's one call in ``model``'s inference."""
+    with torch.no_grad():
+        return _op_call(
+            monkeypatch, model, "noisy_cosine_logits", lambda: model(_images(), seed=2)
+        )[0]
+
+
+def _loss_text_features(monkeypatch, model, num_samples: int) -> torch.Tensor:
+    """(num_samples, C, D): the text features each of the loss's samples is scored against."""
+    text = _loss_call(monkeypatch, model)["text_features"].detach()
     return text.expand(num_samples, *text.shape[-2:])
 
 
@@ -356,7 +382,6 @@ def test_prompt_noise_per_step_is_one_draw_for_every_sample(monkeypatch, noise_p
     assert torch.equal(text[0], text[1]) and torch.equal(text[0], text[2])
     assert not torch.allclose(text[0], per_step.text_features(sigma_scale=0.0, seed=0)[0])
     per_sample = _model("feature+prompt", prompt_noise_per_step=False, **options)
-    monkeypatch.undo()
     text = _loss_text_features(monkeypatch, per_sample, 3)
     assert not torch.allclose(text[0], text[1]) and not torch.allclose(text[1], text[2])
 
@@ -374,36 +399,8 @@ def test_inference_draws_prompt_noise_per_sample_under_either_option(monkeypatch
     """Averaged inference resamples every source, the prompt noise included."""
     model = _model("prompt", inference="average", inference_samples=3)
     assert model.config.prompt_noise_per_step
-    seen = []
-    ops = pini.noise_paths.NOISE_PATH_OPS[model.config.noise_path]
-    original = ops.noisy_cosine_logits
-
-    def spy(**call):
-        seen.append(call["text_features"])
-        return original(**call)
-
-    monkeypatch.setattr(ops, "noisy_cosine_logits", spy)
-    with torch.no_grad():
-        model(_images(), seed=2)
-    (text,) = seen
+    text = _inference_call(monkeypatch, model)["text_features"]
     assert text.shape[0] == 3 and not torch.allclose(text[0], text[1])
-
-
-def _loss_call(monkeypatch, model, seed: int = 11) -> dict:
-    """The keyword arguments of the loss's one op call, and the loss it returned."""
-    seen = []
-    ops = pini.noise_paths.NOISE_PATH_OPS[model.config.noise_path]
-    original = ops.noisy_cross_entropy
-
-    def spy(**call):
-        seen.append(call)
-        return original(**call)
-
-    monkeypatch.setattr(ops, "noisy_cross_entropy", spy)
-    loss = model.loss(_images(), torch.tensor([0, 1, 2, 0]), seed=seed)
-    monkeypatch.undo()
-    (call,) = seen
-    return dict(call, loss=loss)
 
 
 @pytest.mark.parametrize("noise_path", ["fused", "eager"])
@@ -488,18 +485,7 @@ def test_inference_draws_text_feature_noise_per_sample(monkeypatch):
     the noise and draws it over (k, C, D), whatever the training option."""
     model = _model("text-feature", inference="average", inference_samples=3)
     assert model.config.text_feature_noise_per_step
-    seen = []
-    ops = pini.noise_paths.NOISE_PATH_OPS[model.config.noise_path]
-    original = ops.noisy_cosine_logits
-
-    def spy(**call):
-        seen.append(call)
-        return original(**call)
-
-    monkeypatch.setattr(ops, "noisy_cosine_logits", spy)
-    with torch.no_grad():
-        model(_images(), seed=2)
-    (call,) = seen
+    call = _inference_call(monkeypatch, model)
     assert call["text_noise"] is not None and call["num_samples"] == 3
 
 
