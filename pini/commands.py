@@ -201,8 +201,11 @@ def _check_row_options(args, rows: list[sweep_grid.Row]) -> None:
         if getattr(args, key, None) is not None and all(
             key in unused_options(config) for config in configs
         ):
-            names = ", ".join(row.key.removeprefix("pini ") for row in noise_rows)
-            raise InputError(f"{CONFIG_FLAGS[key]}: none of the --noise-rows uses it ({names})")
+            names = [row.key.removeprefix("pini ") for row in noise_rows]
+            raise InputError(
+                f"{CONFIG_FLAGS[key]}: none of the --noise-rows uses it ({', '.join(names)}); for "
+                f"{names[-1]}, {CONFIG_FLAGS[key]} {ROW_OPTIONS[key][1](configs[-1])}"
+            )
 
 
 def _run_arguments(args, row: sweep_grid.Row, backbone: sweep_grid.Backbone):

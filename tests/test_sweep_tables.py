@@ -133,7 +133,8 @@ def test_a_text_noise_option_applies_to_the_noise_rows_that_use_it(tmp_path, cap
     refused[refused.index("image")] = "text-feature:embedding"
     assert_one_line_error(
         run_cli(refused, capsys),
-        "--head-init: none of the --noise-rows uses it (prompt, text-feature:embedding)",
+        "--head-init: none of the --noise-rows uses it (prompt, text-feature:embedding); for "
+        "text-feature:embedding, --head-init initialises the generators' output layers",
     )
 
 
