@@ -13,7 +13,7 @@ from pathlib import Path
 from . import sweep_grid
 from .backbone import preprocessing_of, register_model_configs
 from .checkpoint import CHECKPOINT, read_checkpoint
-from .config import TABLE1, PiNIConfig
+from .config import PiNIConfig
 from .data.names import TEST_ONLY_DATASETS, canonical_name
 from .data.sample_ids import listing_fingerprint
 from .data.transforms import clip_transforms
@@ -184,9 +184,9 @@ def _target_splits(args, splits) -> list:
 def _row_config(args, row: sweep_grid.Row) -> dict:
     """A noise row's PiNIConfig fields as far as ``ROW_OPTIONS`` read them: the row's
     locations and generators, the sweep's --num-samples."""
-    config = {**dataclasses.asdict(PiNIConfig()), **TABLE1[row.noise["noise"]]}
-    config.update({key: value for key, value in row.noise.items() if key != "noise"})
-    return {**config, "num_samples": args.num_samples or 1}
+    generators = {key: value for key, value in row.noise.items() if key != "noise"}
+    config = PiNIConfig.table1(row.noise["noise"], num_samples=args.num_samples or 1, **generators)
+    return dataclasses.asdict(config)
 
 
 def _check_row_options(args, rows: list[sweep_grid.Row]) -> None:

@@ -348,15 +348,15 @@ class PiNI(nn.Module):
         num_samples: int,
         sigma_scale: float,
         seed: int,
-        one_prompt_draw: bool = False,
-        one_text_feature_draw: bool = False,
+        training: bool = False,
     ) -> dict:
         """Keyword arguments of the one pini_kernels logits/loss call that covers
-        ``num_samples`` noise samples of the batch ``images`` (B, 3, H, W), every Table 1 row;
-        ``one_prompt_draw``: the samples share one prompt noise draw (``text_features``);
-        ``one_text_feature_draw``: they share one text-feature noise draw, sample 0 of the
-        stream below, injected here (the op then gets noisy (C, D) text features and no text
-        noise), after the visual generator has read the text features without it.
+        ``num_samples`` noise samples of the batch ``images`` (B, 3, H, W), every Table 1 row.
+        ``training``: the samples share one prompt noise draw (``prompt_noise_per_step``, see
+        ``text_features``) and one text-feature noise draw (``text_feature_noise_per_step``:
+        sample 0 of the stream below, injected here after the visual generator has read the
+        text features without it; the op then gets noisy (C, D) text features and no text
+        noise), as the config says.
 
         The op draws the text features' noise (stream ``seed + 1`` over (num_samples, C, D)) and
         takes per-sample text features (num_samples, C, D) as they are. It draws the image
@@ -366,6 +366,7 @@ class PiNI(nn.Module):
         gets the (num_samples, B, D) noisy features, as it does for raw-image noise.
         """
         images = images.to(self.compute_dtype)
+        one_prompt_draw = training and self.config.prompt_noise_per_step
         text, text_noise = self.text_features(
             num_samples, sigma_scale=sigma_scale, seed=seed, one_prompt_draw=one_prompt_draw
         )
@@ -376,12 +377,11 @@ class PiNI(nn.Module):
             num_samples=num_samples,
         )
         visual = self.config.visual
+        image_noise = None
         if visual == "image":
             features = self._noisy_image_features(images, text, num_samples, sigma_scale, seed)
-            image_noise = None
         else:
             features = self.encode_image(images)
-            image_noise = None
             if visual == "feature":
                 image_noise = self._feature_noise(features, text, sigma_scale)
             if text.dim() == 3 and self._reads_text():  # (mu, sigma) of each sample's text
@@ -389,10 +389,14 @@ class PiNI(nn.Module):
                     features, *image_noise, num_samples, seed + IMAGE_FEATURE_STREAM
                 )
                 image_noise = None
+        one_text_feature_draw = training and self.config.text_feature_noise_per_step
         if one_text_feature_draw and text_noise is not None and num_samples > 1:
-            # in float32, as the op injects it (fp16-all: no rounding to float16 in between)
+            # noise((C, D)) is sample 0 of noise((m, C, D)); in float32, as the op injects it
+            # (fp16-all: no rounding to float16 in between)
             mu, sigma = (value.float() for value in text_noise)
-            text = self._inject_samples(text.float(), mu, sigma, 1, seed + TEXT_FEATURE_STREAM)[0]
+            text = self.noise_ops.inject(
+                text.float(), mu, sigma, mode=self.config.mode, seed=seed + TEXT_FEATURE_STREAM
+            )
             text_noise = None
         return dict(
             image_features=features,
@@ -409,15 +413,9 @@ class PiNI(nn.Module):
         ``num_samples`` noise samples per image, in one op call: each sample with its own image
         (or feature) noise, the prompt or text-feature noise drawn once for the step
         (``prompt_noise_per_step``, ``text_feature_noise_per_step``: the authors') or per
-        sample. images: (B, 3, H, W); labels:
-        (B,). Returns a float32 scalar."""
+        sample. images: (B, 3, H, W); labels: (B,). Returns a float32 scalar."""
         call = self._logits_op_call(
-            images,
-            self.config.num_samples,
-            1.0,
-            step_seed(seed),
-            one_prompt_draw=self.config.prompt_noise_per_step,
-            one_text_feature_draw=self.config.text_feature_noise_per_step,
+            images, self.config.num_samples, 1.0, step_seed(seed), training=True
         )
         return self.noise_ops.noisy_cross_entropy(target=labels, **call)
 

@@ -65,6 +65,17 @@ def _with_output_layers(config: dict) -> bool:
     )
 
 
+def _per_step_draw(text: str, noise: str) -> tuple:
+    """``ROW_OPTIONS``' entry of the per-step draw of ``text`` noise: used with m > 1."""
+    return (
+        lambda c: c["text"] == text and c["num_samples"] > 1,
+        lambda c: (
+            f"shapes {noise} draws over --num-samples m > 1, and this run has none "
+            f"(--text {c['text']}, --num-samples {c['num_samples']})"
+        ),
+    )
+
+
 # PiNIConfig fields that some runs do not use: whether a run (its pini_config as a dict) uses
 # it, and the message for its flag given to one that does not (a flag for an unused option is
 # refused; a record reads it as the default, ``unused_defaults``).
@@ -73,20 +84,8 @@ ROW_OPTIONS = {
         lambda c: c["text"] == "prompt",
         lambda c: f"shapes the prompt noise, and this run has none (--text {c['text']})",
     ),
-    "prompt_noise_per_step": (
-        lambda c: c["text"] == "prompt" and c["num_samples"] > 1,
-        lambda c: (
-            "shapes the prompt noise's draws over --num-samples m > 1, and this run has "
-            f"none (--text {c['text']}, --num-samples {c['num_samples']})"
-        ),
-    ),
-    "text_feature_noise_per_step": (
-        lambda c: c["text"] == "feature" and c["num_samples"] > 1,
-        lambda c: (
-            "shapes the text-feature noise's draws over --num-samples m > 1, and this run "
-            f"has none (--text {c['text']}, --num-samples {c['num_samples']})"
-        ),
-    ),
+    "prompt_noise_per_step": _per_step_draw("prompt", "the prompt noise's"),
+    "text_feature_noise_per_step": _per_step_draw("feature", "the text-feature noise's"),
     "fixed_prompt": (
         lambda c: c["text"] != "prompt",
         lambda c: (

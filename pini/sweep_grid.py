@@ -26,18 +26,21 @@ LOCATIONS = {
     "text-feature": ("text", "feature"),
 }
 _GENERATORS = {"visual": VISUAL_GENERATORS, "text": TEXT_GENERATORS}
+
+
+def _each_location_alone(generators: dict) -> list[str]:
+    """ "location:generator" for each location with each of its ``generators`` (by side)."""
+    return [
+        f"{name}:{generator}"
+        for name, (side, where) in LOCATIONS.items()
+        for generator in generators[side][where]
+    ]
+
+
 NOISE_ROW_PRESETS = {
-    "table1": [
-        f"{name}:{generator}"
-        for name, (side, where) in LOCATIONS.items()
-        for generator in PAPER_GENERATORS[side][where]
-    ],
+    "table1": _each_location_alone(PAPER_GENERATORS),
     "locations": list(TABLE1),
-    "generators": [
-        f"{name}:{generator}"
-        for name, (side, where) in LOCATIONS.items()
-        for generator in _GENERATORS[side][where]
-    ],
+    "generators": _each_location_alone(_GENERATORS),
 }
 
 
