@@ -23,6 +23,14 @@ SPLIT_FORMAT = "pini-few-shot-split/3"
 PREVIOUS_SPLIT_FORMAT = "pini-few-shot-split/2"
 
 
+def _by_label(samples: list[tuple]) -> dict[int, list[int]]:
+    """Each label's sample indices, labels in the order they first appear in ``samples``."""
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for index, (_, label) in enumerate(samples):
+        by_label[label].append(index)
+    return by_label
+
+
 def dassl_draw(samples: list[tuple], shots: int, rng: random.Random) -> list[int]:
     """Indices of ``shots`` samples per label, drawn as Dassl's ``generate_fewshot_dataset``
     draws them (CoOp's few-shot splits, the authors' too): labels in the order they first appear
@@ -30,11 +38,8 @@ def dassl_draw(samples: list[tuple], shots: int, rng: random.Random) -> list[int
     k=shots)`` (with repeats) for a label with fewer; the indices in the order drawn. With
     ``rng = random.Random(seed)`` and ``samples`` in Dassl's order, the same images as Dassl
     with ``random.seed(seed)``."""
-    by_label: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(samples):
-        by_label.setdefault(label, []).append(index)
     indices = []
-    for members in by_label.values():
+    for members in _by_label(samples).values():
         if len(members) >= shots:
             indices += rng.sample(members, shots)
         else:
@@ -45,9 +50,7 @@ def dassl_draw(samples: list[tuple], shots: int, rng: random.Random) -> list[int
 def _sorted_draw(samples: list[tuple], shots: int, rng: random.Random) -> list[int]:
     """The draw of format 2: labels in sorted order, each label's draw sorted, every member of
     a label with fewer than ``shots`` once."""
-    by_label: dict[int, list[int]] = defaultdict(list)
-    for index, (_, label) in enumerate(samples):
-        by_label[label].append(index)
+    by_label = _by_label(samples)
     indices = []
     for label in sorted(by_label):
         members = by_label[label]
